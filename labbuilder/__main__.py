@@ -1,0 +1,7 @@
+"""``python -m labbuilder``."""
+
+import sys
+
+from labbuilder.cli import main
+
+sys.exit(main())

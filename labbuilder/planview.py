@@ -1,0 +1,71 @@
+"""A plan as JSON (for machines) and as tables (for people). Pure: returns data or renderables."""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from labbuilder.model import Plan
+from labbuilder.sizes import format_size
+
+
+def plan_as_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON-ready data: enums as their values, tuples as lists, sizes in bytes."""
+    return _plain(dataclasses.asdict(plan))  # type: ignore[no-any-return]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def plan_tables(plan: Plan) -> Group:
+    networks = Table(title=f"Lab {plan.lab}: networks ({plan.networking} networking)")
+    for column in ("network", "kind", "cidr", "host gateway", "libvirt network", "bridge"):
+        networks.add_column(column)
+    for net in plan.networks:
+        cidr = net.cidr if not net.remapped_from else f"{net.cidr} (was {net.remapped_from})"
+        if net.floating_range:
+            cidr += f"\nfloating {net.floating_range[0]}-{net.floating_range[1]}"
+        networks.add_row(
+            net.name, str(net.kind), cidr, net.gateway or "-", net.libvirt_name, net.bridge
+        )
+
+    nodes = Table(title="nodes")
+    for column in ("node", "role", "vCPUs", "memory", "disks", "libvirt domain"):
+        nodes.add_column(column)
+    nics = Table(title="NICs, in the guide's order")
+    for column in ("node", "NIC", "network", "address", "gateway", "MAC"):
+        nics.add_column(column)
+    for node in plan.nodes:
+        disks = ", ".join(f"{d.device} {format_size(d.size)} {d.purpose}" for d in node.disks)
+        nodes.add_row(
+            node.name,
+            str(node.role),
+            str(node.vcpus),
+            format_size(node.memory),
+            disks,
+            node.domain,
+        )
+        for nic in node.nics:
+            address = f"{nic.address}/{nic.prefix}" if nic.address else "up, no address"
+            nics.add_row(node.name, nic.device, nic.network, address, nic.gateway or "-", nic.mac)
+    totals = Text(
+        f"totals: {plan.totals.vcpus} vCPUs, {format_size(plan.totals.memory)} memory, "
+        f"{format_size(plan.totals.disk)} disk (thin; the most the disks can grow to)\n"
+        f"image {plan.image}, recipe {plan.recipe}, libvirt {plan.libvirt_uri}\n"
+        "/etc/hosts: " + ", ".join(f"{address} {name}" for address, name in plan.hosts)
+    )
+    parts: list[Table | Text] = [networks, nodes, nics, totals]
+    parts += [Text(f"warning: {warning}", style="yellow") for warning in plan.warnings]
+    return Group(*parts)
