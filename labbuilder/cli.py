@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     labs = commands.add_parser(
         "labs",
         help="list the built-in labs",
-        description="List the built-in labs, named after the guide's architectures.",
+        description=(
+            "List the built-in labs, named after the guide's architectures. Use one with "
+            "`labbuilder plan --lab NAME`, or write a lab file of your own: every key you leave "
+            "out takes the guide's value (README: lab file reference)."
+        ),
     )
     labs.add_argument("--json", action="store_true", help="print the list as JSON")
     labs.set_defaults(handler=cmd_labs)
@@ -91,7 +95,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         data["host_notes"] = list(result.notes)
         console.print_json(json.dumps(data))
         return 0
-    console.print(plan_tables(result.plan))
+    console.print(plan_tables(result.plan), soft_wrap=True)
     for note in result.notes:
         console.print(f"note: {note}", style="yellow")
     return 0

@@ -97,6 +97,11 @@ def parse_lab(text: str, *, source: str, force: bool = False) -> Lab:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise LabFileError(f"{source}: not valid TOML: {err}") from None
+    return lab_from_data(data, source=source, force=force)
+
+
+def lab_from_data(data: dict[str, Any], *, source: str, force: bool = False) -> Lab:
+    """Build a Lab from a lab file's parsed TOML (a dict as ``tomllib`` returns it)."""
     where = Where(source)
     check_keys(data, TOP_KEYS + TABLE_KEYS, where)
 
@@ -130,6 +135,7 @@ def check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: Where)
     for key in table:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
+            close = close or [name for name in allowed if name.startswith(key[:3])][:1]
             hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
             place = where.key(key)
             raise LabFileError(f"{place.source}: unknown key {place.path!r}", hint)
@@ -249,7 +255,8 @@ def parse_networks(value: object, networking: Networking, where: Where) -> tuple
         table = parse_table(tables.get(name, {}), place)
         check_keys(table, NETWORK_KEYS, place)
         default = defaults.get(name)
-        role_value = table.get("role", name if default else None)
+        named_role = name if name in {role.value for role in NicRole} else None
+        role_value = table.get("role", named_role)
         if role_value is None:
             raise LabFileError(
                 f"{place.source}: {place.path} needs a role",

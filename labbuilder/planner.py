@@ -23,6 +23,7 @@ from labbuilder.model import (
     NetworkKind,
     NetworkSpec,
     NicRole,
+    NodeSpec,
     Plan,
     PlannedDisk,
     PlannedNetwork,
@@ -48,7 +49,9 @@ class Conflict:
 def plan(lab: Lab, host: HostFacts, *, auto_subnets: bool = False) -> Plan:
     """Plan ``lab`` on a host described by ``host``. Raises PlanError on any conflict."""
     networks, moves = place_networks(lab, host, auto_subnets)
-    lab = replace(lab, networks=networks)
+    lab = replace(
+        lab, networks=networks, nodes=tuple(move_node(lab, node, moves) for node in lab.nodes)
+    )
     planned_networks = tuple(plan_network(lab, net, moves.get(net.name)) for net in lab.networks)
     check_bridges(lab, planned_networks, host)
     macs = plan_macs(lab, host)
@@ -88,7 +91,7 @@ def host_subnets(lab: Lab, host: HostFacts) -> list[tuple[str, str]]:
     """
     own_bridges = {bridge_name(lab, net) for net in lab.networks}
     used = [
-        (route.destination, f"the host's route to {route.destination} via {route.dev}")
+        (route.destination, f"the host's route {route.destination} via {route.dev}")
         for route in host.routes
         if route.destination != "0.0.0.0/0" and route.dev not in own_bridges
     ]
@@ -96,8 +99,12 @@ def host_subnets(lab: Lab, host: HostFacts) -> list[tuple[str, str]]:
         if network.lab == lab.name:
             continue
         owner = f"lab {network.lab}'s" if network.lab else "the"
-        used += [(cidr, f"{owner} libvirt network {network.name}") for cidr in network.cidrs]
-    used += [(f"{address}/32", what) for what, address in host.protected_addresses]
+        used += [
+            (cidr, f"{owner} libvirt network {network.name} ({cidr})") for cidr in network.cidrs
+        ]
+    used += [
+        (f"{address}/32", f"{what} at {address}") for what, address in host.protected_addresses
+    ]
     return used
 
 
@@ -105,11 +112,7 @@ def network_conflicts(net: NetworkSpec, used: list[tuple[str, str]]) -> list[Con
     # An isolated network gets no host address and so adds no route: it cannot clash.
     if net.kind == NetworkKind.ISOLATED:
         return []
-    return [
-        Conflict(net, f"overlaps {what} ({cidr})")
-        for cidr, what in used
-        if overlaps(net.cidr, cidr)
-    ]
+    return [Conflict(net, f"overlaps {what}") for cidr, what in used if overlaps(net.cidr, cidr)]
 
 
 def place_networks(
@@ -126,7 +129,10 @@ def place_networks(
         for conflict in conflicts:
             net = conflict.network
             free = next(free_subnets(ip_network(net.cidr).prefixlen, taken), None)
-            suggestion = f'; set networks.{net.name}.cidr = "{free}"' if free else ""
+            suggestion = ""
+            if free is not None:
+                taken.append(free)
+                suggestion = f'; set networks.{net.name}.cidr = "{free}"'
             lines.append(
                 f'{lab.source}: networks.{net.name}.cidr = "{net.cidr}" {conflict.reason}'
                 f"{suggestion}"
@@ -175,6 +181,17 @@ def move_network(net: NetworkSpec, cidr: str) -> NetworkSpec:
         dhcp_range=move_range(net.dhcp_range),
         floating_range=move_range(net.floating_range),
     )
+
+
+def move_node(lab: Lab, node: NodeSpec, moves: dict[str, tuple[str, str]]) -> NodeSpec:
+    """The node with its explicit addresses moved along with their networks."""
+    addresses = []
+    for role, address in node.addresses:
+        net = lab.network(role)
+        if net is not None and net.name in moves:
+            address = move_address(address, *moves[net.name])
+        addresses.append((role, address))
+    return replace(node, addresses=tuple(addresses))
 
 
 def lab_tag(lab_name: str, length: int = 6) -> str:

@@ -1,0 +1,147 @@
+"""The command line as a user runs it: output, JSON, exit codes (0 ok, 2 bad input)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labbuilder import __version__
+from labbuilder.cli import main
+from labbuilder.hostfacts import read_routes
+
+SUBCOMMANDS = ("plan", "labs")
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_json_of_the_default_lab(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["plan", "--no-host-check", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["lab"] == "guide-3node"
+    nics = {n["name"]: [nic["address"] for nic in n["nics"]] for n in data["nodes"]}
+    assert nics == {
+        "controller": ["10.0.0.11"],
+        "network": ["10.0.0.21", "10.0.1.21", None],
+        "compute1": ["10.0.0.31", "10.0.1.31"],
+    }
+    assert [n["memory"] for n in data["nodes"]] == [2 * 2**30, 512 * 2**20, 2 * 2**30]
+
+
+def test_plan_tables_show_the_guides_addresses_and_sizes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(["plan", "--no-host-check"], capsys)
+    assert code == 0
+    for text in ("10.0.0.11/24", "10.0.1.21/24", "10.0.0.31/24", "up, no address", "512 MB",
+                 "vda 10 GB root", "203.0.113.101-203.0.113.200", "lb1663ab-ext"):  # fmt: skip
+        assert text in out
+    assert "…" not in out  # nothing cut off when the output is not a terminal
+
+
+def test_a_typo_in_a_lab_file_is_one_error_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab = tmp_path / "lab.toml"
+    lab.write_text('name = "typo"\n[nodes.compute1]\nmemroy = "2 GB"\n')
+    code, out, err = run(["plan", str(lab), "--no-host-check"], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.splitlines() == [
+        f"error: {lab}: unknown key 'nodes.compute1.memroy'",
+        "hint: did you mean 'memory'?",
+    ]
+
+
+def test_a_subnet_the_host_routes_is_refused_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    route = next((r for r in read_routes() if r.destination != "0.0.0.0/0"), None)
+    if route is None:
+        pytest.skip("this host has no route besides the default one")
+    prefix = int(route.destination.split("/")[1])
+    if prefix > 28:
+        pytest.skip(f"the host's route {route.destination} is too small for a lab network")
+    lab = tmp_path / "lab.toml"
+    lab.write_text(
+        f'name = "clash"\n[networks.management]\ncidr = "{route.destination}"\n'
+        f'gateway = "{route.destination.split("/")[0][:-1]}1"\n'
+        '[nodes.controller]\naddresses = { management = "'
+        + route.destination.split("/")[0][:-1]
+        + '2" }\n'
+        "[nodes.network]\ncount = 0\n[nodes.compute]\ncount = 0\n"
+    )
+    code, _, err = run(["plan", str(lab)], capsys)
+    assert code == 2, err
+    first = err.splitlines()[0]
+    assert first.startswith(
+        f'error: {lab}: networks.management.cidr = "{route.destination}" overlaps the host\'s route'
+    )
+    assert "set networks.management.cidr" in first
+
+
+def test_force_allows_small_nodes_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab = tmp_path / "lab.toml"
+    lab.write_text('name = "tiny"\n[nodes.compute1]\nmemory = "1 GB"\n')
+    assert run(["plan", str(lab), "--no-host-check"], capsys)[0] == 2
+    code, out, _ = run(["plan", str(lab), "--no-host-check", "--force"], capsys)
+    assert code == 0
+    assert "below the guide's minimum of 2 GB for a compute node" in out
+
+
+def test_lab_file_and_lab_name_together_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab = tmp_path / "lab.toml"
+    lab.write_text('name = "x"\n')
+    code, _, err = run(["plan", str(lab), "--lab", "guide-3node"], capsys)
+    assert code == 2
+    assert err.startswith("error: give a lab file or --lab NAME, not both")
+
+
+def test_labs_lists_the_builtin_labs(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["labs", "--json"], capsys)
+    assert code == 0
+    labs = {lab["name"]: lab for lab in json.loads(out)}
+    assert labs["guide-3node"]["nodes"] == ["controller", "network", "compute1"]
+    assert labs["guide-2node-legacy"]["networking"] == "legacy"
+    code, out, _ = run(["labs"], capsys)
+    assert "guide-full" in out
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"labbuilder {__version__}"
+    for command in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert len(capsys.readouterr().out) > 200
+    with pytest.raises(SystemExit) as exit_:
+        main(["no-such-command"])
+    assert exit_.value.code == 2
+
+
+def test_the_console_script_runs() -> None:
+    script = shutil.which("labbuilder", path=str(Path(sys.executable).parent))
+    assert script is not None, "the package is not installed with its console script"
+    result = subprocess.run(
+        [script, "plan", "--lab", "guide-2node-legacy", "--no-host-check", "--json"],
+        capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "80"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["networking"] == "legacy"

@@ -1,0 +1,147 @@
+"""The planner, pyinfra-style: ``tests/plans/<case>/lab.toml`` (+ optional ``host.json``) →
+``expected.json`` (the plan, or ``{"error": ..., "hint": ...}``). One test per folder.
+
+After a deliberate change, regenerate with ``LABBUILDER_UPDATE_GOLDEN=1 pytest tests/test_planner.py``
+and review the diff like code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labbuilder.errors import PlanError
+from labbuilder.labfile import load_builtin_lab, parse_lab
+from labbuilder.model import (
+    GiB,
+    HostFacts,
+    HostRoute,
+    LibvirtNetworkFact,
+)
+from labbuilder.planner import derive_mac, plan
+from labbuilder.planview import plan_as_dict
+
+CASES = Path(__file__).parent / "plans"
+UPDATE = os.environ.get("LABBUILDER_UPDATE_GOLDEN") == "1"
+
+
+def host_from_json(data: dict[str, Any]) -> HostFacts:
+    return HostFacts(
+        routes=tuple(HostRoute(*route) for route in data.get("routes", [])),
+        libvirt_networks=tuple(
+            LibvirtNetworkFact(n["name"], n["bridge"], tuple(n["cidrs"]), n["lab"])
+            for n in data.get("libvirt_networks", [])
+        ),
+        protected_addresses=tuple(tuple(p) for p in data.get("protected_addresses", [])),  # type: ignore[misc]
+        used_macs=tuple(tuple(m) for m in data.get("used_macs", [])),  # type: ignore[misc]
+        cpus=data.get("cpus"),
+        memory_available=data.get("memory_available"),
+        disk_free=data.get("disk_free"),
+    )
+
+
+def run_case(case: Path) -> dict[str, Any]:
+    host_file = case / "host.json"
+    host_data = json.loads(host_file.read_text()) if host_file.exists() else {}
+    lab = parse_lab((case / "lab.toml").read_text(), source="lab.toml")
+    try:
+        result = plan(
+            lab, host_from_json(host_data), auto_subnets=host_data.get("auto_subnets", False)
+        )
+    except PlanError as err:
+        return {"error": err.message, "hint": err.hint}
+    return plan_as_dict(result)
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in CASES.iterdir() if p.is_dir()))
+def test_golden_plan(case: str) -> None:
+    got = run_case(CASES / case)
+    expected_file = CASES / case / "expected.json"
+    if UPDATE:
+        expected_file.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(expected_file.read_text())
+
+
+def test_default_plan_has_the_guides_addresses_nics_and_sizes() -> None:
+    result = plan(load_builtin_lab("guide-3node"), HostFacts())
+    addresses = {
+        node.name: [(nic.device, nic.network, nic.address) for nic in node.nics]
+        for node in result.nodes
+    }
+    assert addresses == {
+        "controller": [("eth0", "management", "10.0.0.11")],
+        "network": [
+            ("eth0", "management", "10.0.0.21"),
+            ("eth1", "tunnel", "10.0.1.21"),
+            ("eth2", "external", None),
+        ],
+        "compute1": [("eth0", "management", "10.0.0.31"), ("eth1", "tunnel", "10.0.1.31")],
+    }
+    assert result.hosts == (
+        ("10.0.0.11", "controller"),
+        ("10.0.0.21", "network"),
+        ("10.0.0.31", "compute1"),
+    )
+    assert [(n.vcpus, n.memory, n.disks[0].size) for n in result.nodes] == [
+        (1, 2 * GiB, 5 * GiB), (1, GiB // 2, 5 * GiB), (1, 2 * GiB, 10 * GiB)
+    ]  # fmt: skip
+    # only the management NIC carries the default route
+    gateways = [nic.gateway for node in result.nodes for nic in node.nics]
+    assert gateways == ["10.0.0.1", "10.0.0.1", None, None, "10.0.0.1", None]
+
+
+def test_plan_is_deterministic() -> None:
+    lab = load_builtin_lab("guide-full")
+    assert plan(lab, HostFacts()) == plan(lab, HostFacts())
+
+
+def test_several_labs_get_disjoint_names_bridges_and_macs() -> None:
+    plans = [
+        plan(parse_lab(f'name = "class-{i}"', source=f"lab{i}.toml"), HostFacts())
+        for i in range(40)
+    ]
+    names = [net.libvirt_name for p in plans for net in p.networks]
+    bridges = [net.bridge for p in plans for net in p.networks]
+    domains = [node.domain for p in plans for node in p.nodes]
+    macs = [nic.mac for p in plans for node in p.nodes for nic in node.nics]
+    for items in (names, bridges, domains, macs):
+        assert len(items) == len(set(items))
+    assert all(len(bridge) <= 15 for bridge in bridges)
+
+
+def test_a_mac_used_on_the_host_is_derived_again() -> None:
+    lab = load_builtin_lab("guide-3node")
+    first = derive_mac("guide-3node", "controller", lab.nodes[0].nics[0])
+    host = HostFacts(used_macs=(("someone-else", first),))
+    mac = plan(lab, host).nodes[0].nics[0].mac
+    assert mac != first
+    assert mac == derive_mac("guide-3node", "controller", lab.nodes[0].nics[0], 1)
+    # the lab's own domains (left from an earlier `up`) keep their MACs
+    assert plan(lab, HostFacts(used_macs=(("guide-3node", first),))).nodes[0].nics[0].mac == first
+
+
+def test_isolated_networks_may_overlap_host_routes() -> None:
+    lab = load_builtin_lab("guide-3node")
+    host = HostFacts(routes=(HostRoute("10.0.1.0/24", "eth9"),))
+    assert plan(lab, host).network("tunnel").cidr == "10.0.1.0/24"
+
+
+def test_auto_subnets_keeps_addresses_in_place_and_avoids_everything_taken() -> None:
+    lab = load_builtin_lab("guide-3node")
+    host = HostFacts(
+        routes=(HostRoute("10.0.0.0/23", "eth1"), HostRoute("10.0.2.0/24", "eth2")),
+        protected_addresses=(("mirror", "203.0.113.80"),),
+    )
+    result = plan(lab, host, auto_subnets=True)
+    management, external = result.network("management"), result.network("external")
+    assert management.remapped_from == "10.0.0.0/24"
+    assert management.cidr == "10.0.3.0/24" and management.gateway == "10.0.3.1"
+    assert external.cidr == "10.0.4.0/24"
+    assert external.floating_range == ("10.0.4.101", "10.0.4.200")
+    assert result.node("controller").nics[0].address == "10.0.3.11"
+    assert result.hosts[0] == ("10.0.3.11", "controller")
+    assert len(result.warnings) == 2
