@@ -22,6 +22,7 @@ from labbuilder.addressing import (
 )
 from labbuilder.errors import LabFileError
 from labbuilder.model import Egress, Lab, Networking, NetworkKind, NetworkSpec, NicRole, NodeSpec
+from labbuilder.tomlread import show
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -35,19 +36,6 @@ def check_lab(lab: Lab) -> None:
     check_unique_addresses(lab)
     check_unique_macs(lab)
     check_options(lab)
-
-
-def show(value: object) -> str:
-    """A value as it would be written in TOML."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(show(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {show(v)}" for k, v in value.items()) + "}"
-    return str(value)
 
 
 def fail(lab: Lab, path: str, value: object, rule: str, hint: str | None = None) -> LabFileError:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import difflib
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from labbuilder import guide
 from labbuilder.errors import LabFileError
-from labbuilder.labcheck import check_lab, show
+from labbuilder.labcheck import check_lab
 from labbuilder.model import (
     DiskSpec,
     Egress,
@@ -30,9 +30,21 @@ from labbuilder.model import (
     Role,
 )
 from labbuilder.resources import data_dir
-from labbuilder.sizes import format_size, parse_size
-
-T = TypeVar("T")
+from labbuilder.sizes import format_size
+from labbuilder.tomlread import (
+    Where,
+    check_keys,
+    expect,
+    parse_bool,
+    parse_enum,
+    parse_int,
+    parse_name,
+    parse_range,
+    parse_size_value,
+    parse_str,
+    parse_str_list,
+    parse_table,
+)
 
 TOP_KEYS = ("name", "description", "networking", "image", "recipe", "libvirt_uri")
 TABLE_KEYS = ("options", "networks", "nodes")
@@ -40,23 +52,6 @@ OPTION_KEYS = ("ntp_servers", "apt_proxy", "apt_mirror", "internet", "egress", "
 NETWORK_KEYS = ("role", "kind", "cidr", "gateway", "dhcp_range", "floating_range")
 NODE_KEYS = ("role", "count", "vcpus", "memory", "disk", "extra_disks", "nics", "addresses", "macs")
 DISK_KEYS = ("size", "purpose")
-
-
-@dataclass(frozen=True)
-class Where:
-    """A place in a lab file, for error messages: the file and the key path."""
-
-    source: str
-    path: str = ""
-
-    def key(self, name: str) -> Where:
-        return Where(self.source, f"{self.path}.{name}" if self.path else name)
-
-    def item(self, index: int) -> Where:
-        return Where(self.source, f"{self.path}[{index}]")
-
-    def error(self, value: object, rule: str, hint: str | None = None) -> LabFileError:
-        return LabFileError(f"{self.source}: {self.path} = {show(value)} {rule}", hint)
 
 
 # --- entry points ---------------------------------------------------------------------------
@@ -126,105 +121,6 @@ def lab_from_data(data: dict[str, Any], *, source: str, force: bool = False) -> 
     )
     check_lab(lab)
     return replace(lab, warnings=tuple(warnings))
-
-
-# --- small typed readers --------------------------------------------------------------------
-
-
-def check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: Where) -> None:
-    for key in table:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            close = close or [name for name in allowed if name.startswith(key[:3])][:1]
-            hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
-            place = where.key(key)
-            raise LabFileError(f"{place.source}: unknown key {place.path!r}", hint)
-
-
-def expect(value: object, kind: type[T], what: str, where: Where) -> T:
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise where.error(value, f"is not {what}")
-    return value
-
-
-def parse_str(value: object, where: Where) -> str:
-    return expect(value, str, "a string", where)
-
-
-def parse_table(value: object, where: Where) -> dict[str, Any]:
-    return expect(value, dict, "a table", where)
-
-
-def parse_name(value: object, where: Where, *, max_length: int = 63) -> str:
-    """A hostname label (RFC 1123), lower case, starting with a letter."""
-    text = parse_str(value, where)
-    if not is_hostname(text) or len(text) > max_length:
-        raise where.error(
-            text,
-            "is not a valid name",
-            f"use lower-case letters, digits and '-', starting with a letter, "
-            f"at most {max_length} characters",
-        )
-    return text
-
-
-def is_hostname(text: str) -> bool:
-    return (
-        0 < len(text) <= 63
-        and text[0].isascii()
-        and text[0].isalpha()
-        and text[-1] != "-"
-        and all(c.isascii() and (c.isdigit() or c.islower() or c == "-") for c in text)
-    )
-
-
-def parse_enum(value: object, kind: Callable[[str], T], where: Where) -> T:
-    text = parse_str(value, where)
-    try:
-        return kind(text)
-    except ValueError:
-        choices = [str(member) for member in kind]  # type: ignore[attr-defined]
-        raise where.error(text, f"is not one of {', '.join(choices)}") from None
-
-
-def parse_int(value: object, where: Where, *, minimum: int) -> int:
-    number = expect(value, int, "a whole number", where)
-    if number < minimum:
-        raise where.error(number, f"is below {minimum}")
-    return number
-
-
-def parse_bool(value: object, where: Where) -> bool:
-    return expect(value, bool, "true or false", where)
-
-
-def parse_size_value(value: object, where: Where) -> int:
-    text = expect(value, str, 'a size such as "2 GB"', where)
-    try:
-        size = parse_size(text)
-    except ValueError as err:
-        raise where.error(text, str(err)) from None
-    if size <= 0:
-        raise where.error(text, "must be more than zero")
-    return size
-
-
-def parse_str_list(value: object, where: Where) -> tuple[str, ...]:
-    items = expect(value, list, "a list of strings", where)
-    return tuple(parse_str(item, where.item(i)) for i, item in enumerate(items))
-
-
-def parse_range(value: object, where: Where) -> tuple[str, str]:
-    """An address range, "first-last" or ["first", "last"]. Addresses are checked later."""
-    if isinstance(value, str):
-        parts = [part.strip() for part in value.split("-")]
-    elif isinstance(value, list):
-        parts = [parse_str(item, where.item(i)) for i, item in enumerate(value)]
-    else:
-        raise where.error(value, 'is not a range such as "203.0.113.101-203.0.113.200"')
-    if len(parts) != 2 or not all(parts):
-        raise where.error(value, 'is not a range such as "203.0.113.101-203.0.113.200"')
-    return parts[0], parts[1]
 
 
 # --- sections -------------------------------------------------------------------------------
