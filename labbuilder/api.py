@@ -1,16 +1,23 @@
-"""What the CLI does, as functions usable from Python: load a lab, plan it, ..."""
+"""What the CLI does, as functions usable from Python: load a lab, plan it, bring it up, ..."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from labbuilder import bringup, labstatus, teardown
+from labbuilder.adapters import libvirt as lv
+from labbuilder.bringup import UpResult
 from labbuilder.errors import UsageError
 from labbuilder.hostfacts import gather_host_facts
 from labbuilder.labfile import builtin_lab_names, load_builtin_lab, load_lab_file
+from labbuilder.labstate import lab_state
+from labbuilder.labstatus import LabStatus
 from labbuilder.model import HostFacts, Lab, Plan
 from labbuilder.paths import state_root
 from labbuilder.planner import plan
+from labbuilder.teardown import Removed
 
 DEFAULT_LAB = "guide-3node"
 
@@ -40,3 +47,54 @@ def plan_lab(lab: Lab, *, auto_subnets: bool = False, host_check: bool = True) -
         return PlanResult(plan(lab, HostFacts(), auto_subnets=auto_subnets), ())
     gathered = gather_host_facts(lab, state_root())
     return PlanResult(plan(lab, gathered.facts, auto_subnets=auto_subnets), gathered.notes)
+
+
+def up(
+    lab: Lab,
+    *,
+    auto_subnets: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_rung: Callable[[str, str, float], None] | None = None,
+    timeouts: dict[str, float] | None = None,
+) -> UpResult:
+    """Bring the lab up (see ``labbuilder.bringup``)."""
+    return bringup.up(lab, auto_subnets=auto_subnets, log=log, on_rung=on_rung, timeouts=timeouts)
+
+
+def down(lab: Lab) -> Removed:
+    return teardown.down(lab.name, lab.libvirt_uri)
+
+
+def status(lab: Lab) -> LabStatus:
+    return labstatus.lab_status(lab.name, lab.libvirt_uri, lab_state(lab.name))
+
+
+def ssh_config(lab: Lab) -> str:
+    return labstatus.render_ssh_config(lab_state(lab.name))
+
+
+def write_ssh_config(lab: Lab) -> Path:
+    """Write the lab's ssh_config into its state directory and return the file's path."""
+    state = lab_state(lab.name)
+    state.ssh_config_path.write_text(labstatus.render_ssh_config(state))
+    return state.ssh_config_path
+
+
+def node_domain(lab: Lab, node: str) -> str:
+    """The libvirt domain of a node of a lab that is up."""
+    for entry in labstatus.lab_status(lab.name, lab.libvirt_uri, lab_state(lab.name)).nodes:
+        if entry.name == node:
+            return entry.domain
+    raise UsageError(f"lab {lab.name} has no node {node!r} on this host")
+
+
+def labs_on_host(uri: str) -> dict[str, dict[str, int]]:
+    conn = lv.connect(uri)
+    try:
+        return teardown.labs_on_host(conn)
+    finally:
+        conn.close()
+
+
+def gc(uri: str) -> dict[str, Removed]:
+    return teardown.gc(uri)

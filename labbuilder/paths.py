@@ -19,3 +19,14 @@ def state_root(environ: dict[str, str] | None = None) -> Path:
 
 def lab_dir(lab: str, environ: dict[str, str] | None = None) -> Path:
     return state_root(environ) / "labs" / lab
+
+
+def pool_name(environ: dict[str, str] | None = None) -> str:
+    """The libvirt storage pool that holds every lab's disks: ``$LABBUILDER_POOL`` or
+    ``labbuilder``. Shared by the labs of a host; base images in it are never modified."""
+    env = os.environ if environ is None else environ
+    return env.get("LABBUILDER_POOL") or "labbuilder"
+
+
+def pool_dir(environ: dict[str, str] | None = None) -> Path:
+    return state_root(environ) / "pools" / pool_name(environ)

@@ -76,3 +76,129 @@ def used_macs(conn: Any) -> tuple[tuple[str, str], ...]:
         for mac in ET.fromstring(xml).findall("devices/interface/mac"):
             macs.append((owner, mac.get("address", "").lower()))
     return tuple(macs)
+
+
+# --- ownership ------------------------------------------------------------------------------
+
+
+def lab_metadata(xml: str) -> dict[str, str]:
+    """All attributes of an object's labbuilder metadata (lab, node, role, plan, ...)."""
+    root = ET.fromstring(xml)
+    element = root.find(f"metadata/{{{METADATA_NS}}}lab")
+    return dict(element.attrib) if element is not None else {}
+
+
+def owned_domains(conn: Any, lab: str | None = None) -> list[Any]:
+    """Domains carrying labbuilder metadata (of ``lab``, or of any lab)."""
+    found = []
+    for domain in conn.listAllDomains():
+        owner = owner_lab(domain.XMLDesc(0))
+        if owner is not None and (lab is None or owner == lab):
+            found.append(domain)
+    return found
+
+
+def owned_networks(conn: Any, lab: str | None = None) -> list[Any]:
+    found = []
+    for network in conn.listAllNetworks():
+        owner = owner_lab(network.XMLDesc(0))
+        if owner is not None and (lab is None or owner == lab):
+            found.append(network)
+    return found
+
+
+# --- networks -------------------------------------------------------------------------------
+
+
+def ensure_network(conn: Any, name: str, xml: str) -> Any:
+    """Define and start a persistent network; an existing one of the same name is kept."""
+    try:
+        network = conn.networkLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+            raise _error(f"cannot look up network {name}", err) from None
+        try:
+            network = conn.networkDefineXML(xml)
+        except libvirt.libvirtError as err:
+            raise _error(f"cannot define network {name}", err) from None
+    if not network.isActive():
+        try:
+            network.create()
+        except libvirt.libvirtError as err:
+            raise _error(
+                f"cannot start network {name}",
+                err,
+                "another network or interface may hold its bridge or subnet; "
+                "`labbuilder doctor` lists the host's networks",
+            ) from None
+    return network
+
+
+def remove_network(network: Any) -> None:
+    try:
+        if network.isActive():
+            network.destroy()
+        network.undefine()
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+            raise _error("cannot remove network", err) from None
+
+
+# --- domains --------------------------------------------------------------------------------
+
+
+def find_domain(conn: Any, name: str) -> Any | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise _error(f"cannot look up domain {name}", err) from None
+
+
+def ensure_domain(conn: Any, name: str, xml: str) -> Any:
+    """Define the domain unless it exists, and start it unless it runs."""
+    domain = find_domain(conn, name)
+    if domain is None:
+        try:
+            domain = conn.defineXML(xml)
+        except libvirt.libvirtError as err:
+            raise _error(f"cannot define domain {name}", err) from None
+    if not domain.isActive():
+        try:
+            domain.create()
+        except libvirt.libvirtError as err:
+            raise _error(f"cannot start domain {name}", err) from None
+    return domain
+
+
+def remove_domain(domain: Any) -> None:
+    flags = (
+        libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    )
+    try:
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(flags)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise _error("cannot remove domain", err) from None
+
+
+def domain_state(domain: Any) -> str:
+    state = domain.state()[0]
+    return {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_BLOCKED: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+    }.get(state, "unknown")
+
+
+def _error(what: str, err: Any, hint: str | None = None) -> HypervisorError:
+    return HypervisorError(f"{what}: {err.get_error_message()}", hint)

@@ -1,0 +1,199 @@
+"""Disks as libvirt storage volumes in labbuilder's own pool, through libvirt's volume API only.
+
+Base images, kernels and seeds are uploaded by stream and overlays are created by libvirt, so
+the same code drives a remote host (``qemu+ssh://host/system``). Volume names say who owns
+them: ``base-*`` are shared by every lab on the host and never modified; a lab's volumes are
+``<lab>__<node>__<disk>`` (a lab name has no ``_``, so the prefix is unambiguous).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import libvirt
+
+from labbuilder.errors import HypervisorError
+
+CHUNK = 4 * 1024 * 1024
+
+
+def lab_volume_name(lab: str, node: str, disk: str) -> str:
+    return f"{lab}__{node}__{disk}"
+
+
+def volume_lab(name: str) -> str | None:
+    """The lab a volume belongs to, from its name; None for shared (base) volumes."""
+    return name.split("__", 1)[0] if "__" in name else None
+
+
+def find_pool(conn: Any, name: str) -> Any | None:
+    """The pool ``name`` (started), or None if the host has none of that name."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+            return None
+        raise _error(f"cannot look up storage pool {name}", err) from None
+    if not pool.isActive():
+        pool.create(0)
+    return pool
+
+
+def ensure_pool(conn: Any, name: str, path: str) -> Any:
+    """labbuilder's directory pool ``name`` at ``path``, defined, built and started if needed."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            raise _error("cannot look up the labbuilder storage pool", err) from None
+        root = ET.Element("pool", type="dir")
+        ET.SubElement(root, "name").text = name
+        ET.SubElement(ET.SubElement(root, "target"), "path").text = path
+        try:
+            pool = conn.storagePoolDefineXML(ET.tostring(root, encoding="unicode"), 0)
+            pool.build(0)
+        except libvirt.libvirtError as err:
+            raise _error(f"cannot create the labbuilder storage pool at {path}", err) from None
+    if not pool.isActive():
+        try:
+            pool.create(0)
+        except libvirt.libvirtError as err:
+            raise _error("cannot start the labbuilder storage pool", err) from None
+    pool.setAutostart(1)
+    return pool
+
+
+def find_volume(pool: Any, name: str) -> Any | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None
+        raise _error(f"cannot look up volume {name}", err) from None
+
+
+def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
+    root = ET.Element("volume")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "capacity", unit="bytes").text = str(capacity)
+    ET.SubElement(root, "allocation", unit="bytes").text = "0"
+    ET.SubElement(ET.SubElement(root, "target"), "format", type=fmt)
+    if backing is not None:
+        store = ET.SubElement(root, "backingStore")
+        ET.SubElement(store, "path").text = backing[0]
+        ET.SubElement(store, "format", type=backing[1])
+    return ET.tostring(root, encoding="unicode")
+
+
+def upload(
+    conn: Any,
+    pool: Any,
+    name: str,
+    source: BinaryIO,
+    size: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Any:
+    """Create volume ``name`` holding exactly the ``size`` bytes read from ``source``.
+
+    The volume appears under its name only when the upload completed: a failed upload
+    deletes it, so a half-written base never serves an overlay.
+    """
+    try:
+        volume = pool.createXML(_volume_xml(name, size, "raw"), 0)
+    except libvirt.libvirtError as err:
+        raise _error(f"cannot create volume {name}", err) from None
+    sent = 0
+
+    def read(_stream: Any, nbytes: int, _opaque: object) -> bytes:
+        nonlocal sent
+        data = source.read(min(nbytes, CHUNK))
+        sent += len(data)
+        if progress is not None:
+            progress(sent)
+        return data
+
+    stream = conn.newStream(0)
+    try:
+        volume.upload(stream, 0, size, 0)
+        stream.sendAll(read, None)
+        stream.finish()
+    except (libvirt.libvirtError, OSError) as err:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        volume.delete(0)
+        message = err.get_error_message() if isinstance(err, libvirt.libvirtError) else str(err)
+        raise HypervisorError(f"cannot upload volume {name}: {message}") from None
+    pool.refresh(0)
+    return pool.storageVolLookupByName(name)
+
+
+def ensure_uploaded_file(
+    conn: Any, pool: Any, name: str, path: Path, *, progress: Callable[[int], None] | None = None
+) -> Any:
+    """A shared volume with the content of a local file (kept if it already exists)."""
+    existing = find_volume(pool, name)
+    if existing is not None:
+        return existing
+    with path.open("rb") as source:
+        return upload(conn, pool, name, source, path.stat().st_size, progress=progress)
+
+
+def ensure_overlay(pool: Any, name: str, backing: Any, capacity: int) -> Any:
+    """A thin qcow2 overlay of ``capacity`` bytes on the (read-only) volume ``backing``."""
+    existing = find_volume(pool, name)
+    if existing is not None:
+        return existing
+    xml = _volume_xml(name, capacity, "qcow2", (backing.path(), "qcow2"))
+    try:
+        return pool.createXML(xml, 0)
+    except libvirt.libvirtError as err:
+        raise _error(f"cannot create overlay {name}", err) from None
+
+
+def ensure_empty_disk(pool: Any, name: str, capacity: int) -> Any:
+    """An empty qcow2 disk (qcow2 so that live internal snapshots cover it)."""
+    existing = find_volume(pool, name)
+    if existing is not None:
+        return existing
+    try:
+        return pool.createXML(_volume_xml(name, capacity, "qcow2"), 0)
+    except libvirt.libvirtError as err:
+        raise _error(f"cannot create disk {name}", err) from None
+
+
+def lab_volumes(pool: Any, lab: str | None = None) -> list[Any]:
+    """Volumes of ``lab`` (or of every lab) in the pool."""
+    with contextlib.suppress(libvirt.libvirtError):  # a read-only connection cannot refresh
+        pool.refresh(0)
+    return [
+        volume
+        for volume in pool.listAllVolumes(0)
+        if (owner := volume_lab(volume.name())) is not None and (lab is None or owner == lab)
+    ]
+
+
+def remove_pool(pool: Any) -> None:
+    """Delete a pool with all its volumes (for tests and hosts giving labbuilder up)."""
+    for volume in pool.listAllVolumes(0):
+        delete_volume(volume)
+    if pool.isActive():
+        pool.destroy()
+    pool.delete(0)
+    pool.undefine()
+
+
+def delete_volume(volume: Any) -> None:
+    try:
+        volume.delete(0)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+            raise _error(f"cannot delete volume {volume.name()}", err) from None
+
+
+def _error(what: str, err: Any) -> HypervisorError:
+    return HypervisorError(f"{what}: {err.get_error_message()}")

@@ -1,0 +1,257 @@
+"""``up``: from a lab to running, reachable nodes — networks, volumes, seeds, domains, readiness.
+
+Idempotent: what exists and matches the plan is kept, what is missing is created, so a running
+lab is a no-op and a partial one (say, after a killed ``up``) is completed. If creating the lab
+fails and the lab did not exist before, everything made so far is removed again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters import storage
+from labbuilder.baseimage import BaseImage, resolve_base_image
+from labbuilder.errors import PlanError
+from labbuilder.hostfacts import gather_host_facts
+from labbuilder.labstate import (
+    LabState,
+    ensure_secrets,
+    ensure_ssh_key,
+    lab_lock,
+    lab_state,
+    password_hash,
+    write_secret_file,
+)
+from labbuilder.model import Lab, Plan, PlannedNode
+from labbuilder.paths import pool_dir, pool_name, state_root
+from labbuilder.planner import plan as make_plan
+from labbuilder.planview import plan_as_dict
+from labbuilder.probe import HostProbe, probe_host
+from labbuilder.readiness import NodeTarget, RungCallback, wait_ready
+from labbuilder.render import (
+    BootSpec,
+    DiskAttachment,
+    SeedInput,
+    plan_hash,
+    render_domain_xml,
+    render_network_xml,
+    render_seed_files,
+)
+from labbuilder.seed_iso import build_seed_iso
+from labbuilder.teardown import remove_lab_objects
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class UpResult:
+    plan: Plan
+    probe: HostProbe
+    seconds: float
+    rungs: dict[str, dict[str, float]]  # node -> rung -> seconds from its start
+    created: bool  # False when the lab was already up
+
+
+def up(
+    lab: Lab,
+    *,
+    auto_subnets: bool = False,
+    log: Log | None = None,
+    on_rung: RungCallback | None = None,
+    timeouts: dict[str, float] | None = None,
+    state: LabState | None = None,
+) -> UpResult:
+    emit = log or (lambda _message: None)
+    start = time.monotonic()
+    state = state or lab_state(lab.name)
+    with lab_lock(state, "labbuilder up"):
+        gathered = gather_host_facts(lab, state_root())
+        plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
+        digest = plan_hash(plan)
+        emit("probing the host")
+        probe = probe_host(lab.libvirt_uri, storage=state_root())
+        emit(
+            f"guests run under {probe.acceleration}; compute nodes use virt_type {probe.virt_type}"
+        )
+        base = resolve_base_image(lab.image, log=emit)
+        conn = lv.connect(lab.libvirt_uri)
+        try:
+            existing = lv.owned_domains(conn, lab.name)
+            check_same_plan(lab, existing, digest)
+            fresh = not existing and not lv.owned_networks(conn, lab.name)
+            try:
+                domains = create_lab(conn, lab, plan, digest, probe, base, state, emit)
+            except BaseException:
+                if fresh:
+                    emit("creating the lab failed; removing what was made")
+                    remove_lab_objects(conn, lab.name)
+                raise
+            save_state(state, lab, plan, probe, base)
+            targets = {
+                node.name: NodeTarget(
+                    name=node.name,
+                    address=node.management_address,
+                    mac=node.nics[0].mac,
+                    user=base.default_user,
+                    key_path=state.key_path,
+                    console_log=state.console_log(node.name),
+                )
+                for node in plan.nodes
+            }
+            with ThreadPoolExecutor(max_workers=len(plan.nodes)) as pool:
+                futures = {
+                    name: pool.submit(
+                        wait_ready, domains[name], target, timeouts=timeouts, on_rung=on_rung
+                    )
+                    for name, target in targets.items()
+                }
+                rungs = {name: future.result() for name, future in futures.items()}
+        finally:
+            conn.close()
+    return UpResult(plan, probe, time.monotonic() - start, rungs, created=fresh)
+
+
+def check_same_plan(lab: Lab, domains: list[Any], digest: str) -> None:
+    for domain in domains:
+        running = lv.lab_metadata(domain.XMLDesc(0)).get("plan")
+        if running != digest:
+            raise PlanError(
+                f"lab {lab.name} is up with a different plan than {lab.source} gives now "
+                f"(domain {domain.name()})",
+                "run `labbuilder down` first to rebuild it from the lab file",
+            )
+
+
+def create_lab(
+    conn: Any,
+    lab: Lab,
+    plan: Plan,
+    digest: str,
+    probe: HostProbe,
+    base: BaseImage,
+    state: LabState,
+    emit: Log,
+) -> dict[str, Any]:
+    """Networks, volumes and domains of the lab (existing ones kept); domains by node name."""
+    for net in plan.networks:
+        emit(f"network {net.libvirt_name} ({net.kind}, {net.cidr})")
+        lv.ensure_network(conn, net.libvirt_name, render_network_xml(plan, net, digest))
+    apply_egress(lab, plan)
+
+    pool = storage.ensure_pool(conn, pool_name(), str(pool_dir()))
+    emit(f"base image {base.name} ({base.disk.name})")
+    base_volume = storage.ensure_uploaded_file(conn, pool, f"{base.volume_stem}.qcow2", base.disk)
+    boot = BootSpec()
+    if base.kernel is not None and base.initrd is not None:
+        kernel = storage.ensure_uploaded_file(
+            conn, pool, f"{base.volume_stem}.vmlinuz", base.kernel
+        )
+        initrd = storage.ensure_uploaded_file(conn, pool, f"{base.volume_stem}.initrd", base.initrd)
+        boot = BootSpec(kernel.path(), initrd.path(), base.cmdline)
+
+    public_key = ensure_ssh_key(state)
+    console_password = ensure_secrets(state, ("console_password",))["console_password"]
+    seed = SeedInput(
+        user=base.default_user,
+        password_hash=password_hash(console_password),
+        ssh_public_key=public_key,
+        apt_proxy=lab.options.apt_proxy,
+    )
+    state.console_dir.mkdir(parents=True, exist_ok=True)
+
+    def create_node(node: PlannedNode) -> Any:
+        domain = lv.find_domain(conn, node.domain)
+        if domain is None:
+            emit(f"node {node.name}: disks, seed and domain")
+            xml = node_domain_xml(
+                conn, pool, plan, node, digest, probe, base, base_volume, boot, seed, state
+            )
+            domain = lv.ensure_domain(conn, node.domain, xml)
+        elif not domain.isActive():
+            domain = lv.ensure_domain(conn, node.domain, "")
+        return domain
+
+    # All nodes are created and started together: QEMU's start-up is the slow part.
+    with ThreadPoolExecutor(max_workers=len(plan.nodes)) as workers:
+        futures = {node.name: workers.submit(create_node, node) for node in plan.nodes}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def node_domain_xml(
+    conn: Any,
+    pool: Any,
+    plan: Plan,
+    node: PlannedNode,
+    digest: str,
+    probe: HostProbe,
+    base: BaseImage,
+    base_volume: Any,
+    boot: BootSpec,
+    seed: SeedInput,
+    state: LabState,
+) -> str:
+    disks = []
+    for disk in node.disks:
+        name = storage.lab_volume_name(plan.lab, node.name, f"{disk.device}.qcow2")
+        if disk.purpose == "root":
+            storage.ensure_overlay(pool, name, base_volume, disk.size)
+        else:
+            storage.ensure_empty_disk(pool, name, disk.size)
+        disks.append(DiskAttachment(disk.device, pool.name(), name, "qcow2"))
+    # The seed is made anew: a seed left by an interrupted `up` may be incomplete.
+    seed_name = storage.lab_volume_name(plan.lab, node.name, "seed.iso")
+    if (old := storage.find_volume(pool, seed_name)) is not None:
+        storage.delete_volume(old)
+    files = render_seed_files(plan, node, digest=digest, seed=seed, flavour=base.cloud_init)
+    iso = build_seed_iso(files)
+    storage.upload(conn, pool, seed_name, io.BytesIO(iso), len(iso))
+    seed_device = f"vd{chr(ord('a') + len(node.disks))}"
+    disks.append(DiskAttachment(seed_device, pool.name(), seed_name, "raw", readonly=True))
+    compute_passthrough = probe.cpu_passthrough and node.role == "compute"
+    return render_domain_xml(
+        plan,
+        node,
+        digest=digest,
+        domain_type=probe.domain_type,
+        cpu_passthrough=compute_passthrough,
+        disks=tuple(disks),
+        boot=boot,
+        console_log=str(state.console_log(node.name)),
+    )
+
+
+def apply_egress(lab: Lab, plan: Plan) -> None:
+    from labbuilder.adapters import firewall
+
+    bridges = [net.bridge for net in plan.networks]
+    cidrs = [net.cidr for net in plan.networks]
+    firewall.ensure_egress(lab.name, bridges, cidrs, lab.options.egress, lab.options.egress_allow)
+
+
+def save_state(state: LabState, lab: Lab, plan: Plan, probe: HostProbe, base: BaseImage) -> None:
+    """What later commands (ssh, status, install) read back: the plan and the host's facts."""
+    record = {
+        "lab": lab.name,
+        "source": lab.source,
+        "plan": plan_as_dict(plan),
+        "acceleration": str(probe.acceleration),
+        "virt_type": str(probe.virt_type),
+        "user": base.default_user,
+        "image": {"name": base.name, "digest": base.digest},
+    }
+    write_secret_file(state.directory / "lab.json", json.dumps(record, indent=1).encode())
+
+
+def load_state_record(state: LabState) -> dict[str, Any] | None:
+    path = state.directory / "lab.json"
+    if not path.exists():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text())
+    return record

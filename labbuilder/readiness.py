@@ -1,0 +1,184 @@
+"""The readiness ladder of one node: domain running → NIC link → port 22 open → SSH login →
+cloud-init finished. Each rung has its own timeout and its own diagnosis; a failure names the
+node and the rung and shows the last console lines (kernel panic, cloud-init error).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import paramiko
+
+from labbuilder.adapters.libvirt import domain_state
+from labbuilder.adapters.ssh import SSHSession, port_open
+from labbuilder.errors import HypervisorError
+
+RUNGS = ("running", "link", "port 22", "ssh login", "cloud-init")
+# Seconds per rung; generous enough for emulated (TCG) guests on a busy two-core host.
+DEFAULT_TIMEOUTS = {
+    "running": 60.0,
+    "link": 300.0,
+    "port 22": 300.0,
+    "ssh login": 180.0,
+    "cloud-init": 600.0,
+}
+CONSOLE_LINES = 15
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+_FATAL = re.compile(
+    r"Kernel panic|end Kernel panic|VFS: Unable to mount root|Attempted to kill init"
+)
+
+RungCallback = Callable[[str, str, float], None]  # node, rung, seconds since the node started
+
+
+class NodeNotReadyError(HypervisorError):
+    """A node did not reach a rung of the readiness ladder."""
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """What the ladder needs to know about one node."""
+
+    name: str
+    address: str  # management address, reachable from the host
+    mac: str  # management NIC's MAC
+    user: str
+    key_path: Path
+    console_log: Path
+
+
+def console_tail(path: Path, lines: int = CONSOLE_LINES) -> str:
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError:
+        return "(no console log)"
+    kept = [_ANSI.sub("", line).rstrip() for line in text.splitlines()[-lines:]]
+    return "\n".join(kept) or "(the console printed nothing)"
+
+
+def wait_ready(
+    domain: Any,
+    node: NodeTarget,
+    *,
+    timeouts: dict[str, float] | None = None,
+    on_rung: RungCallback | None = None,
+) -> dict[str, float]:
+    """Climb the ladder; return the seconds at which each rung was reached."""
+    limits = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
+    start = time.monotonic()
+    reached: dict[str, float] = {}
+    checks: dict[str, Callable[[], str | None]] = {
+        "running": lambda: _running(domain),
+        "link": lambda: _link(domain, node),
+        "port 22": lambda: None if port_open(node.address, 22, timeout=2.0) else "closed",
+        "ssh login": lambda: _login(node),
+        "cloud-init": lambda: _cloud_init(node),
+    }
+    for rung in RUNGS:
+        if on_rung is not None:
+            on_rung(node.name, rung, time.monotonic() - start)
+        deadline = time.monotonic() + limits[rung]
+        problem: str | None = "not checked yet"
+        while True:
+            _raise_on_fatal_console(node, rung)
+            problem = checks[rung]()
+            if problem is None:
+                break
+            if problem.startswith("fatal: ") or time.monotonic() > deadline:
+                raise _not_ready(node, rung, limits[rung], problem.removeprefix("fatal: "))
+            time.sleep(1.0)
+        reached[rung] = time.monotonic() - start
+    if on_rung is not None:
+        on_rung(node.name, "ready", time.monotonic() - start)
+    return reached
+
+
+def _not_ready(node: NodeTarget, rung: str, limit: float, problem: str) -> NodeNotReadyError:
+    return NodeNotReadyError(
+        f"node {node.name} did not reach '{rung}' within {limit:.0f} s: {problem}\n"
+        f"last console lines ({node.console_log}):\n{console_tail(node.console_log)}",
+        f"look at the whole console with `labbuilder console {node.name}` or in "
+        f"{node.console_log}; `labbuilder down` removes the lab",
+    )
+
+
+def _raise_on_fatal_console(node: NodeTarget, rung: str) -> None:
+    tail = console_tail(node.console_log, 60)
+    if _FATAL.search(tail):
+        raise _not_ready(node, rung, 0, "the guest's kernel failed (see the console)")
+
+
+def _running(domain: Any) -> str | None:
+    try:
+        state = domain_state(domain)
+    except libvirt.libvirtError as err:
+        return f"fatal: libvirt lost the domain: {err.get_error_message()}"
+    if state == "running":
+        return None
+    if state in ("crashed", "shut off"):
+        return f"fatal: the domain is {state}"
+    return f"the domain is {state}"
+
+
+def _link(domain: Any, node: NodeTarget) -> str | None:
+    """The host has seen the node's management MAC answer at its planned address."""
+    # A connection attempt makes the host resolve the address; the answer lands in its ARP
+    # table, which libvirt reads for us.
+    try:
+        with socket.create_connection((node.address, 22), timeout=1.0):
+            return None
+    except OSError:
+        pass
+    try:
+        interfaces = domain.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP, 0)
+    except libvirt.libvirtError as err:
+        return f"cannot read the host's ARP table: {err.get_error_message()}"
+    for interface in (interfaces or {}).values():
+        if (interface.get("hwaddr") or "").lower() != node.mac:
+            continue
+        if any(entry.get("addr") == node.address for entry in interface.get("addrs") or []):
+            return None
+    return f"no answer from {node.mac} at {node.address}: the guest's network is not up yet"
+
+
+def _login(node: NodeTarget) -> str | None:
+    try:
+        with SSHSession(node.address, node.user, node.key_path, timeout=10.0) as session:
+            result = session.run("true", timeout=30.0)
+            return None if result.rc == 0 else f"`true` exited {result.rc}"
+    except paramiko.AuthenticationException:
+        return f"the lab key is not accepted for user {node.user} yet"
+    except (paramiko.SSHException, OSError) as err:
+        return f"ssh: {err}"
+
+
+_CLOUD_INIT_STATUS = (
+    "if [ -e /var/lib/cloud/instance/boot-finished ]; then "
+    "cat /var/lib/cloud/data/result.json 2>/dev/null || echo '{}'; else echo waiting; fi"
+)
+
+
+def _cloud_init(node: NodeTarget) -> str | None:
+    try:
+        with SSHSession(node.address, node.user, node.key_path, timeout=10.0) as session:
+            result = session.run(_CLOUD_INIT_STATUS, timeout=60.0)
+    except (paramiko.SSHException, OSError) as err:
+        return f"ssh: {err}"
+    output = result.stdout.strip()
+    if output == "waiting" or result.rc != 0:
+        return "cloud-init has not finished"
+    try:
+        errors = json.loads(output or "{}").get("v1", {}).get("errors", [])
+    except json.JSONDecodeError:
+        return None
+    if errors:
+        return "fatal: cloud-init reported errors: " + "; ".join(str(e) for e in errors)
+    return None

@@ -1,0 +1,95 @@
+"""Helpers for tests that bring labs up on the real libvirtd: free subnets, lab files, and an
+environment that keeps test state, pools and names apart from a user's (``lbtest`` prefix)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from labbuilder.adapters import libvirt as lv
+from labbuilder.hostfacts import read_routes
+
+TEST_POOL = "lbtest-pool"
+TEST_CACHE = Path(os.environ.get("LABBUILDER_TEST_CACHE") or "/var/cache/labbuilder-test")
+
+
+def free_subnets(count: int, start: str = "10.240.0.0/12") -> list[str]:
+    """``count`` /24 subnets that nothing on this host routes or holds."""
+    taken = [
+        ipaddress.ip_network(r.destination) for r in read_routes() if r.destination != "0.0.0.0/0"
+    ]
+    conn = lv.connect("qemu:///system", readonly=True)
+    try:
+        taken += [ipaddress.ip_network(c) for n in lv.network_facts(conn) for c in n.cidrs]
+    finally:
+        conn.close()
+    found = []
+    for candidate in ipaddress.ip_network(start).subnets(new_prefix=24):
+        if not any(candidate.overlaps(other) for other in taken):
+            found.append(str(candidate))
+            taken.append(candidate)
+            if len(found) == count:
+                return found
+    raise RuntimeError("no free subnets for the test lab")
+
+
+def three_node_lab(name: str, *, extra: str = "") -> str:
+    """The guide's three-node lab on free subnets (the guide's 203.0.113.0/24 may hold the
+    host's package mirror), with egress confined to the lab itself."""
+    management, tunnel, external = free_subnets(3)
+    m, t, e = (s.rsplit(".", 1)[0] for s in (management, tunnel, external))
+    return f"""
+name = "{name}"
+[networks.management]
+cidr = "{management}"
+gateway = "{m}.1"
+[networks.tunnel]
+cidr = "{tunnel}"
+[networks.external]
+cidr = "{external}"
+gateway = "{e}.1"
+floating_range = "{e}.101-{e}.200"
+[nodes.controller]
+addresses = {{ management = "{m}.11" }}
+[nodes.network]
+addresses = {{ management = "{m}.21", tunnel = "{t}.21" }}
+[nodes.compute1]
+addresses = {{ management = "{m}.31", tunnel = "{t}.31" }}
+[options]
+egress = "none"
+{extra}
+"""
+
+
+def one_node_lab(name: str) -> str:
+    management, external = free_subnets(2)
+    m, e = (s.rsplit(".", 1)[0] for s in (management, external))
+    return f"""
+name = "{name}"
+[networks.management]
+cidr = "{management}"
+gateway = "{m}.1"
+[networks.external]
+cidr = "{external}"
+gateway = "{e}.1"
+floating_range = "{e}.101-{e}.200"
+[networks.tunnel]
+cidr = "10.239.254.0/24"
+[nodes.network]
+count = 0
+[nodes.compute]
+count = 0
+[nodes.controller]
+memory = "1 GB"
+[options]
+egress = "none"
+"""
+
+
+def lab_environment(state_dir: Path) -> dict[str, str]:
+    return {
+        "LABBUILDER_STATE_DIR": str(state_dir),
+        "LABBUILDER_POOL": TEST_POOL,
+        "LABBUILDER_CACHE_DIR": str(TEST_CACHE),
+    }

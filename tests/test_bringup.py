@@ -1,0 +1,210 @@
+"""A real lab on the real libvirtd (qemu:///system, TCG): the guide's three nodes come up wired
+as the guide says, `up` again is a no-op, `down` leaves nothing; a killed `up` is cleaned up by
+`down`, and a second `up` while one runs is refused.
+
+The lab uses free subnets (the guide's external network may hold this host's package mirror),
+egress "none", its own state directory and storage pool, and names starting with ``lbtest-``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters import storage
+from labbuilder.adapters.ssh import SSHSession
+from lablib import TEST_POOL, one_node_lab, lab_environment, three_node_lab
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+LAB = "lbtest-3node"
+
+
+def labbuilder(
+    *args: str, env: dict[str, str], timeout: float = 1800
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "labbuilder", *args],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def leftovers(lab: str) -> dict[str, list[str]]:
+    conn = lv.connect("qemu:///system", readonly=True)
+    try:
+        pool = storage.find_pool(conn, TEST_POOL)
+        return {
+            "domains": [d.name() for d in conn.listAllDomains() if d.name().startswith(lab)],
+            "networks": [n.name() for n in conn.listAllNetworks() if n.name().startswith(lab)],
+            "volumes": [v.name() for v in storage.lab_volumes(pool, lab)] if pool else [],
+        }
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    state = tmp_path_factory.mktemp("state")
+    environment = lab_environment(state)
+    yield environment
+    conn = lv.connect("qemu:///system")
+    try:
+        for lab in (LAB, "lbtest-killed"):
+            from labbuilder.teardown import remove_lab_objects
+
+            old = {k: os.environ.get(k) for k in environment}
+            os.environ.update(environment)
+            try:
+                remove_lab_objects(conn, lab)
+            finally:
+                for key, value in old.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+        pool = storage.find_pool(conn, TEST_POOL)
+        if pool is not None:
+            storage.remove_pool(pool)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def lab(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("lab")
+    lab_file = folder / "lab.toml"
+    lab_file.write_text(three_node_lab(LAB))
+    started = time.monotonic()
+    result = labbuilder("up", str(lab_file), "--json", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = json.loads(result.stdout)
+    info["up_seconds"] = time.monotonic() - started
+    info["file"] = lab_file
+    state = Path(env["LABBUILDER_STATE_DIR"]) / "labs" / LAB
+    info["record"] = json.loads((state / "lab.json").read_text())
+    info["key"] = state / "id_ed25519"
+    yield info
+    labbuilder("down", str(lab_file), env=env)
+
+
+def nodes(lab: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {node["name"]: node for node in lab["record"]["plan"]["nodes"]}
+
+
+def ssh(lab: dict[str, Any], node: str, command: str) -> str:
+    address = nodes(lab)[node]["nics"][0]["address"]
+    with SSHSession(address, lab["record"]["user"], lab["key"]) as session:
+        return session.run(command, timeout=120).check(node).stdout
+
+
+def test_every_node_has_its_hostname_and_static_addresses(lab: dict[str, Any]) -> None:
+    for name, node in nodes(lab).items():
+        assert ssh(lab, name, "hostname").strip() == name
+        shown = ssh(lab, name, "ip -4 -o addr show")
+        configured = {(line.split()[1], line.split()[3]) for line in shown.splitlines()}
+        for nic in node["nics"]:
+            if nic["address"]:
+                assert (nic["device"], f"{nic['address']}/{nic['prefix']}") in configured, shown
+        hosts = ssh(lab, name, "cat /etc/hosts")
+        assert "127.0.1.1" not in hosts
+        for other in nodes(lab).values():
+            assert f"{other['nics'][0]['address']} {other['name']}" in hosts
+
+
+def test_nodes_reach_each_other_on_management_and_tunnel_networks(lab: dict[str, Any]) -> None:
+    all_nodes = nodes(lab)
+    compute = all_nodes["compute1"]
+    assert "1 received" in ssh(lab, "network", f"ping -c 1 -W 5 {compute['nics'][0]['address']}")
+    assert "1 received" in ssh(lab, "network", f"ping -c 1 -W 5 {compute['nics'][1]['address']}")
+    assert "1 received" in ssh(
+        lab, "controller", f"ping -c 1 -W 5 {all_nodes['network']['nics'][0]['address']}"
+    )
+    assert "1 received" in ssh(lab, "compute1", "ping -c 1 -W 5 controller")
+
+
+def test_the_external_nic_is_up_without_an_address(lab: dict[str, Any]) -> None:
+    link = ssh(lab, "network", "ip -o link show eth2")
+    assert "state UP" in link or "LOWER_UP" in link, link
+    assert ssh(lab, "network", "ip -4 -o addr show dev eth2").strip() == ""
+
+
+def test_ssh_config_works_with_plain_ssh(
+    lab: dict[str, Any], env: dict[str, str], tmp_path: Path
+) -> None:
+    result = labbuilder("ssh-config", str(lab["file"]), env=env)
+    assert result.returncode == 0, result.stderr
+    config = tmp_path / "ssh_config"
+    config.write_text(result.stdout)
+    answer = subprocess.run(
+        ["ssh", "-F", str(config), "-o", "BatchMode=yes", "controller", "hostname"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert answer.stdout.strip() == "controller", answer.stderr
+
+
+def test_labbuilder_ssh_runs_a_command(lab: dict[str, Any], env: dict[str, str]) -> None:
+    result = labbuilder("ssh", "--lab", str(lab["file"]), "controller", "hostname", env=env)
+    assert result.stdout.strip() == "controller", result.stderr
+
+
+def test_status_shows_running_nodes(lab: dict[str, Any], env: dict[str, str]) -> None:
+    result = labbuilder("status", str(lab["file"]), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert {n["name"]: n["state"] for n in status["nodes"]} == {
+        "controller": "running", "network": "running", "compute1": "running"
+    }  # fmt: skip
+    assert status["virt_type"] in ("kvm", "qemu")
+
+
+def test_up_again_is_a_no_op(lab: dict[str, Any], env: dict[str, str]) -> None:
+    started = time.monotonic()
+    result = labbuilder("up", str(lab["file"]), "--json", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["created"] is False
+    assert time.monotonic() - started < lab["up_seconds"]
+
+
+def test_down_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    # Runs after the module's lab tests: bring the lab down explicitly and look.
+    lab_file = tmp_path / "lab.toml"
+    lab_file.write_text(f'name = "{LAB}"\n')
+    result = labbuilder("down", "--lab", str(lab_file), env=env)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(LAB) == {"domains": [], "networks": [], "volumes": []}
+    assert not (Path(env["LABBUILDER_STATE_DIR"]) / "labs" / LAB).exists()
+
+
+def test_killed_up_is_cleaned_by_down_and_a_second_up_is_refused(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    lab_file = tmp_path / "lab.toml"
+    lab_file.write_text(one_node_lab("lbtest-killed"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "labbuilder", "up", str(lab_file)],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not leftovers("lbtest-killed")["domains"]:
+            assert process.poll() is None, "up ended before creating its domain"
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        second = labbuilder("up", str(lab_file), env=env, timeout=120)
+        assert second.returncode == 2
+        assert "another labbuilder command is changing lab lbtest-killed" in second.stderr
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    result = labbuilder("down", str(lab_file), env=env)
+    assert result.returncode == 0, result.stderr
+    assert leftovers("lbtest-killed") == {"domains": [], "networks": [], "volumes": []}
