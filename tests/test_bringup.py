@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lablib import TEST_POOL, lab_environment, one_node_lab, three_node_lab
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
 from labbuilder.adapters.ssh import SSHSession
-from lablib import TEST_POOL, one_node_lab, lab_environment, three_node_lab
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAB = "lbtest-3node"

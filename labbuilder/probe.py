@@ -1,0 +1,172 @@
+"""The host probe behind ``labbuilder doctor``: what this host offers a lab, and what follows.
+
+``probe_host`` gathers the facts (``labbuilder.adapters.hostprobe`` and ``.probeguest``), then
+``probe_from_facts`` turns them into a ``HostProbe``: ``decide`` picks the acceleration, the
+domain type and what the compute nodes' nova uses, and ``labbuilder.probefindings`` words one
+``Finding`` per check. ``render_findings`` is the table the CLI prints.
+
+Whether hardware acceleration works is not read from /dev/kvm or from libvirt's capabilities:
+a tiny guest of domain type kvm is booted and must print a marker on its serial port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import libvirt
+
+from labbuilder import hostfacts
+from labbuilder.adapters import hostprobe, probeguest
+from labbuilder.adapters import libvirt as lv
+from labbuilder.errors import HypervisorError
+from labbuilder.labfile import builtin_lab_names, load_builtin_lab
+from labbuilder.model import Lab, LibvirtNetworkFact
+from labbuilder.probefindings import findings, render_findings
+from labbuilder.probemodel import (
+    Acceleration,
+    AccelerationFacts,
+    BootResult,
+    Decision,
+    DomainType,
+    Finding,
+    HostProbe,
+    HostProbeFacts,
+    LabNeed,
+    Resolved,
+    Status,
+    VirtType,
+)
+
+__all__ = [
+    "Acceleration",
+    "AccelerationFacts",
+    "BootResult",
+    "Decision",
+    "DomainType",
+    "Finding",
+    "HostProbe",
+    "HostProbeFacts",
+    "LabNeed",
+    "Resolved",
+    "Status",
+    "VirtType",
+    "decide",
+    "gather_facts",
+    "lab_need",
+    "probe_from_facts",
+    "probe_host",
+    "render_findings",
+]
+
+LOCAL_HOSTS = frozenset({None, "", "localhost", "127.0.0.1", "::1"})
+
+
+def decide(facts: AccelerationFacts) -> Decision:
+    """How the lab's domains run, and what nova-compute on its compute nodes uses.
+
+    * no KVM guest ran: domain type qemu (TCG), virt_type qemu, no CPU passthrough;
+    * KVM runs and nests: domain type kvm, virt_type kvm, host-passthrough CPU (with vmx/svm);
+    * KVM runs but does not nest: domain type kvm, virt_type qemu (instances under TCG).
+    """
+    if not facts.kvm_guest_ran:
+        return Decision(Acceleration.TCG, VirtType.QEMU, False, DomainType.QEMU)
+    if facts.nested is True:
+        return Decision(Acceleration.KVM, VirtType.KVM, True, DomainType.KVM)
+    return Decision(Acceleration.KVM, VirtType.QEMU, False, DomainType.KVM)
+
+
+def probe_from_facts(facts: HostProbeFacts, seconds: float = 0.0) -> HostProbe:
+    decision = decide(facts.acceleration)
+    return HostProbe(
+        uri=facts.uri,
+        findings=findings(facts, decision),
+        acceleration=decision.acceleration,
+        nested=facts.nested.enabled,
+        virt_type=decision.virt_type,
+        cpu_passthrough=decision.cpu_passthrough,
+        domain_type=decision.domain_type,
+        libvirt_version=facts.libvirt_version,
+        qemu_version=facts.qemu_version,
+        seconds=seconds,
+    )
+
+
+def probe_host(uri: str, *, storage: Path, acceleration_timeout: float = 20.0) -> HostProbe:
+    """Probe this host for a lab at libvirt ``uri`` whose disks go to ``storage``.
+
+    ``acceleration_timeout`` is how long the KVM probe guest gets, once libvirt has started it,
+    to print its marker; starting it (libvirt's ``createXML``) is not counted. Never raises for
+    what it finds (an unreachable libvirt is a failed finding), only for bugs.
+    """
+    started = time.monotonic()
+    facts = gather_facts(uri, storage=storage, acceleration_timeout=acceleration_timeout)
+    return probe_from_facts(facts, time.monotonic() - started)
+
+
+def gather_facts(uri: str, *, storage: Path, acceleration_timeout: float = 20.0) -> HostProbeFacts:
+    dev_kvm = hostprobe.read_dev_kvm()
+    libvirt_version: str | None = None
+    qemu_version: str | None = None
+    libvirt_error: str | None = None
+    networks: tuple[LibvirtNetworkFact, ...] | None = None
+    boot: BootResult | None = None
+    not_tried: str | None = None
+    try:
+        conn = lv.connect(uri)
+    except HypervisorError as err:
+        libvirt_error, not_tried = err.message, "libvirt is not reachable"
+    else:
+        try:
+            libvirt_version, qemu_version = hostprobe.libvirt_versions(conn)
+            networks = lv.network_facts(conn)
+            if urlsplit(uri).hostname not in LOCAL_HOSTS:
+                not_tried = f"{uri} is another host; the probe guest's files are local"
+            elif not dev_kvm.exists:
+                not_tried = "there is no /dev/kvm"
+            else:
+                probeguest.sweep_stale_probe_guests(conn)
+                boot = probeguest.boot_probe_guest(
+                    conn, domain_type=DomainType.KVM, timeout=acceleration_timeout
+                )
+        except libvirt.libvirtError as err:
+            libvirt_error = f"libvirt at {uri} failed: {err.get_error_message()}"
+            not_tried = not_tried or "libvirt failed"
+        finally:
+            conn.close()
+    return HostProbeFacts(
+        uri=uri,
+        libvirt_version=libvirt_version,
+        qemu_version=qemu_version,
+        libvirt_error=libvirt_error,
+        dev_kvm=dev_kvm,
+        kvm_boot=boot,
+        kvm_not_tried=not_tried,
+        nested=hostprobe.read_nested(),
+        cpus=os.cpu_count(),
+        memory_available=hostfacts.read_memory_available(),
+        storage=storage,
+        disk_path=hostfacts.existing_parent(storage),
+        disk_free=shutil.disk_usage(hostfacts.existing_parent(storage)).free,
+        routes=hostfacts.read_routes(),
+        libvirt_networks=networks,
+        mirrors=tuple(
+            [hostprobe.resolve("apt source", host) for host in hostfacts.apt_source_hosts()]
+            + [hostprobe.resolve("apt proxy", host) for host in hostprobe.apt_proxy_hosts()]
+        ),
+        nameservers=tuple(hostfacts.nameservers()),
+        labs=tuple(lab_need(load_builtin_lab(name)) for name in builtin_lab_names()),
+    )
+
+
+def lab_need(lab: Lab) -> LabNeed:
+    return LabNeed(
+        name=lab.name,
+        memory=sum(node.memory for node in lab.nodes),
+        disk=sum(node.disk + sum(d.size for d in node.extra_disks) for node in lab.nodes),
+        vcpus=sum(node.vcpus for node in lab.nodes),
+        max_node_vcpus=max((node.vcpus for node in lab.nodes), default=0),
+    )

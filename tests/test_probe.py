@@ -1,0 +1,705 @@
+"""The host probe behind `labbuilder doctor`: the decision, the findings' words, the readers of
+fabricated /proc and /sys files, the nested-virtualization refusals, and (integration) probe
+guests booted by the real libvirtd."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from labbuilder.adapters import hostprobe, probeguest
+from labbuilder.adapters import libvirt as lv
+from labbuilder.errors import HostError
+from labbuilder.model import HostRoute, LibvirtNetworkFact
+from labbuilder.probe import (
+    Acceleration,
+    AccelerationFacts,
+    BootResult,
+    DomainType,
+    HostProbeFacts,
+    LabNeed,
+    Resolved,
+    Status,
+    VirtType,
+    decide,
+    probe_from_facts,
+    probe_host,
+    render_findings,
+)
+from labbuilder.probemodel import DevKvm, NestedFacts
+
+GiB = 1024**3
+URI = "qemu:///system"
+
+# --- decide ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nested", [True, False, None])
+def test_no_working_kvm_means_tcg_whatever_nesting_says(nested: bool | None) -> None:
+    decision = decide(AccelerationFacts(kvm_guest_ran=False, nested=nested))
+    assert decision == (Acceleration.TCG, VirtType.QEMU, False, DomainType.QEMU)
+
+
+def test_working_kvm_that_nests_gives_kvm_everywhere_and_host_passthrough() -> None:
+    decision = decide(AccelerationFacts(kvm_guest_ran=True, nested=True))
+    assert decision == (Acceleration.KVM, VirtType.KVM, True, DomainType.KVM)
+    assert decision.cpu_passthrough and decision.domain_type == "kvm"
+
+
+@pytest.mark.parametrize("nested", [False, None])
+def test_working_kvm_without_nesting_gives_kvm_domains_but_qemu_compute(
+    nested: bool | None,
+) -> None:
+    decision = decide(AccelerationFacts(kvm_guest_ran=True, nested=nested))
+    assert decision == (Acceleration.KVM, VirtType.QEMU, False, DomainType.KVM)
+
+
+# --- findings -------------------------------------------------------------------------------
+
+KVM_RAN = BootResult("kvm", True, "printed LBPROBE-OK 0.2 s after start", 0.4, 0.2)
+KVM_DENIED = BootResult(
+    "kvm",
+    False,
+    "libvirt could not start a guest with domain type kvm: internal error: qemu unexpectedly "
+    "closed the monitor: Could not access KVM kernel module: Permission denied",
+    1.0,
+    0.0,
+)
+INTEL_NESTED = NestedFacts("vmx", "kvm_intel", "Y")
+INTEL_NOT_NESTED = NestedFacts("vmx", "kvm_intel", "N")
+KVM_OPEN = DevKvm(True, 0o660, "root", "kvm")
+KVM_ROOT_ONLY = DevKvm(True, 0o600, "root", "root")
+LABS = (
+    LabNeed("guide-2node-legacy", 4 * GiB, 15 * GiB, 2, 1),
+    LabNeed("guide-3node", 4 * GiB + GiB // 2, 20 * GiB, 3, 1),
+)
+
+
+def facts(**changes: Any) -> HostProbeFacts:
+    """A healthy KVM host with nesting, plenty of room and no clashes; ``changes`` on top."""
+    base = HostProbeFacts(
+        uri=URI,
+        libvirt_version="9.0.0",
+        qemu_version="7.2.0",
+        dev_kvm=KVM_OPEN,
+        kvm_boot=KVM_RAN,
+        nested=INTEL_NESTED,
+        cpus=8,
+        memory_available=32 * GiB,
+        storage=Path("/var/lib/labbuilder"),
+        disk_path=Path("/var/lib/labbuilder"),
+        disk_free=500 * GiB,
+        routes=(HostRoute("0.0.0.0/0", "eth0"), HostRoute("192.0.2.0/24", "eth0")),
+        libvirt_networks=(LibvirtNetworkFact("default", "virbr0", ("192.168.122.0/24",), None),),
+        mirrors=(Resolved("apt source", "deb.debian.org", ("151.101.2.132",)),),
+        nameservers=("192.0.2.53",),
+        labs=LABS,
+    )
+    return replace(base, **changes)
+
+
+def test_a_healthy_kvm_host_has_only_ok_findings() -> None:
+    probe = probe_from_facts(facts())
+    assert [f.name for f in probe.findings] == [
+        "libvirt",
+        "acceleration",
+        "nested virtualization",
+        "CPUs",
+        "memory",
+        "disk",
+        "routes",
+        "libvirt networks",
+        "package mirror",
+        "DNS servers",
+    ]
+    assert probe.status == Status.OK, probe.findings
+    assert (probe.acceleration, probe.domain_type, probe.virt_type) == ("kvm", "kvm", "kvm")
+    assert probe.cpu_passthrough and probe.nested is True
+    assert probe.finding("libvirt").detail == "libvirt 9.0.0, QEMU 7.2.0, at qemu:///system"
+    acceleration = probe.finding("acceleration")
+    assert acceleration.detail == (
+        "a probe guest with domain type kvm printed LBPROBE-OK 0.2 s after start "
+        "(/dev/kvm crw-rw---- root:kvm)"
+    )
+    assert acceleration.consequence == "domains use KVM (domain type kvm)"
+    nested = probe.finding("nested virtualization")
+    assert nested.detail == "the CPU has vmx; kvm_intel nested=Y"
+    assert "host-passthrough" in nested.consequence and "virt_type = kvm" in nested.consequence
+
+
+def test_kvm_without_nesting_warns_and_points_at_enable_nested() -> None:
+    probe = probe_from_facts(facts(nested=INTEL_NOT_NESTED))
+    assert (probe.domain_type, probe.virt_type, probe.cpu_passthrough) == ("kvm", "qemu", False)
+    nested = probe.finding("nested virtualization")
+    assert nested.status == Status.WARN
+    assert nested.detail == "the CPU has vmx; kvm_intel nested=N"
+    assert nested.consequence.startswith("compute nodes get virt_type = qemu")
+    assert nested.fix == "labbuilder doctor --enable-nested"
+    assert probe.status == Status.WARN
+
+
+def test_kvm_on_a_cpu_without_vmx_or_svm_has_no_nested_fix() -> None:
+    probe = probe_from_facts(facts(nested=NestedFacts(None, None, None)))
+    nested = probe.finding("nested virtualization")
+    assert nested.status == Status.WARN and nested.fix is None
+    assert "neither vmx (VT-x) nor svm (AMD-V)" in nested.detail
+
+
+def test_a_kvm_guest_that_qemu_may_not_open_dev_kvm_for_is_tcg_with_the_chmod_fix() -> None:
+    probe = probe_from_facts(facts(kvm_boot=KVM_DENIED, dev_kvm=KVM_ROOT_ONLY))
+    assert (probe.acceleration, probe.domain_type, probe.virt_type) == ("tcg", "qemu", "qemu")
+    assert not probe.cpu_passthrough
+    acceleration = probe.finding("acceleration")
+    assert acceleration.status == Status.WARN
+    assert acceleration.detail.startswith(
+        "a probe guest with domain type kvm did not run: libvirt could not start"
+    )
+    assert acceleration.detail.endswith(
+        "/dev/kvm crw------- root:root (only root may open it; libvirt runs QEMU as its own user)"
+    )
+    assert acceleration.consequence == (
+        "domains use plain QEMU (TCG), many times slower than KVM; compute nodes get "
+        "virt_type = qemu"
+    )
+    assert acceleration.fix == "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm"
+    nested = probe.finding("nested virtualization")
+    assert nested.fix is None and "no effect while the domains run under TCG" in nested.consequence
+
+
+def test_no_dev_kvm_suggests_loading_the_module() -> None:
+    probe = probe_from_facts(
+        facts(kvm_boot=None, kvm_not_tried="there is no /dev/kvm", dev_kvm=DevKvm(False))
+    )
+    acceleration = probe.finding("acceleration")
+    assert acceleration.detail == "KVM not tested: there is no /dev/kvm; no /dev/kvm"
+    assert acceleration.fix == "modprobe kvm_intel"
+
+
+def test_an_unreachable_libvirt_fails_and_says_what_was_not_checked() -> None:
+    probe = probe_from_facts(
+        facts(
+            libvirt_version=None,
+            qemu_version=None,
+            libvirt_error="cannot connect to libvirt at qemu:///system: no socket",
+            kvm_boot=None,
+            kvm_not_tried="libvirt is not reachable",
+            libvirt_networks=None,
+        )
+    )
+    assert probe.status == Status.FAIL and probe.acceleration == Acceleration.TCG
+    libvirt = probe.finding("libvirt")
+    assert libvirt.status == Status.FAIL and libvirt.fix and "libvirtd" in libvirt.fix
+    assert probe.finding("acceleration").detail.startswith(
+        "KVM not tested: libvirt is not reachable"
+    )
+    assert probe.finding("libvirt networks").consequence == "not checked"
+
+
+def test_a_mirror_inside_the_guides_external_network_means_auto_subnets() -> None:
+    mirror = Resolved("apt source", "deb.debian.org", ("203.0.113.80",))
+    finding = probe_from_facts(facts(mirrors=(mirror,))).finding("package mirror")
+    assert finding.status == Status.WARN
+    assert finding.detail == (
+        "deb.debian.org resolves to 203.0.113.80, inside the guide's external network "
+        "203.0.113.0/24"
+    )
+    assert finding.consequence == "labs must move their external network (--auto-subnets)"
+
+
+def test_mirrors_outside_and_unresolvable() -> None:
+    ok = probe_from_facts(facts()).finding("package mirror")
+    assert ok.status == Status.OK
+    assert ok.detail == "deb.debian.org resolves to 151.101.2.132"
+    assert ok.consequence == "outside the guide's networks (10.0.0.0/24, 203.0.113.0/24)"
+    lost = Resolved("apt proxy", "proxy.invalid", (), "Name or service not known")
+    finding = probe_from_facts(facts(mirrors=(lost,))).finding("package mirror")
+    assert finding.status == Status.WARN
+    assert finding.detail == "could not resolve apt proxy proxy.invalid: Name or service not known"
+
+
+def test_a_dns_server_in_the_management_network() -> None:
+    finding = probe_from_facts(facts(nameservers=("10.0.0.2",))).finding("DNS servers")
+    assert finding.status == Status.WARN
+    assert finding.detail == "10.0.0.2 is inside 10.0.0.0/24"
+    assert finding.consequence == "labs must move their management network (--auto-subnets)"
+
+
+def test_routes_that_overlap_the_guides_networks() -> None:
+    routes = (HostRoute("0.0.0.0/0", "eth0"), HostRoute("10.0.0.0/16", "eth1"))
+    finding = probe_from_facts(facts(routes=routes)).finding("routes")
+    assert finding.status == Status.WARN
+    assert finding.detail == (
+        "routes: 10.0.0.0/16 via eth1; 10.0.0.0/16 via eth1 overlaps the guide's management "
+        "network 10.0.0.0/24"
+    )
+    assert finding.consequence == "labs must move their management network (--auto-subnets)"
+    only_default = probe_from_facts(facts(routes=routes[:1])).finding("routes")
+    assert only_default.status == Status.OK and only_default.detail == "only a default route"
+
+
+def test_a_labs_own_libvirt_networks_are_listed_but_not_a_clash() -> None:
+    own = LibvirtNetworkFact("guide-3node-external", "g3n-ext", ("203.0.113.0/24",), "guide-3node")
+    foreign = LibvirtNetworkFact("office", "br9", ("10.0.0.0/24",), None)
+    finding = probe_from_facts(facts(libvirt_networks=(own,))).finding("libvirt networks")
+    assert finding.status == Status.OK
+    assert finding.detail == "guide-3node-external 203.0.113.0/24, lab guide-3node's"
+    finding = probe_from_facts(facts(libvirt_networks=(own, foreign))).finding("libvirt networks")
+    assert finding.status == Status.WARN
+    assert "office overlaps the guide's management network 10.0.0.0/24" in finding.detail
+    assert finding.consequence == "labs must move their management network (--auto-subnets)"
+
+
+@pytest.mark.parametrize(
+    ("available", "status", "consequence"),
+    [
+        (
+            8 * GiB,
+            Status.OK,
+            "enough for every built-in lab: guide-2node-legacy 4 GB, guide-3node 4.5 GB",
+        ),
+        (
+            4 * GiB,
+            Status.WARN,
+            "`plan` refuses guide-3node (needs 4.5 GB); fits: guide-2node-legacy 4 GB",
+        ),
+        (
+            2 * GiB,
+            Status.FAIL,
+            "`plan` refuses guide-2node-legacy (needs 4 GB), guide-3node (needs 4.5 GB): every built-in lab",
+        ),
+    ],
+)
+def test_memory(available: int, status: Status, consequence: str) -> None:
+    finding = probe_from_facts(facts(memory_available=available)).finding("memory")
+    assert (finding.status, finding.consequence) == (status, consequence)
+    assert finding.detail.endswith("available (MemAvailable)")
+
+
+def test_disk_names_where_it_was_measured() -> None:
+    finding = probe_from_facts(facts(disk_path=Path("/var/lib"), disk_free=16 * GiB)).finding(
+        "disk"
+    )
+    assert finding.detail == "16 GB free at /var/lib (where /var/lib/labbuilder will be)"
+    assert finding.status == Status.WARN and "guide-3node (needs 20 GB)" in finding.consequence
+
+
+def test_render_findings_has_one_row_per_finding() -> None:
+    probe = probe_from_facts(facts(nested=INTEL_NOT_NESTED))
+    table = render_findings(probe)
+    assert [c.header for c in table.columns] == ["status", "check", "found", "consequence", "fix"]
+    assert table.row_count == len(probe.findings)
+    out = io.StringIO()
+    Console(file=out, width=250, color_system=None).print(table)
+    text = out.getvalue()
+    assert "labbuilder doctor --enable-nested" in text
+    assert "virt_type = qemu" in text and "[" not in probe.finding("acceleration").detail
+
+
+# --- the boot sector ------------------------------------------------------------------------
+
+
+def test_the_boot_sector_is_an_mbr_that_points_at_its_marker() -> None:
+    sector = probeguest.boot_sector()
+    assert len(sector) == 512 and sector[510:] == b"\x55\xaa"
+    text = sector.index(b"LBPROBE-OK\r\n\x00")
+    assert sector[6] == 0xBE  # mov si, imm16
+    assert int.from_bytes(sector[7:9], "little") == 0x7C00 + text
+    assert sector[9:12] == b"\xba\xf8\x03"  # mov dx, 0x3f8 (COM1)
+    assert b"LBPROBE-OK" not in probeguest.boot_sector(b"")
+    with pytest.raises(ValueError):
+        probeguest.boot_sector(b"x" * 500)
+
+
+def test_the_probe_domain_has_no_network_and_logs_its_serial_port(tmp_path: Path) -> None:
+    xml = probeguest.probe_domain_xml(
+        "lbprobe-kvm-1-abc", "kvm", tmp_path / "boot.raw", tmp_path / "serial.log"
+    )
+    root = ET.fromstring(xml)
+    assert root.get("type") == "kvm" and root.findtext("name") == "lbprobe-kvm-1-abc"
+    assert root.findtext("memory") == "16" and root.find("memory").get("unit") == "MiB"  # type: ignore[union-attr]
+    assert root.find("devices/interface") is None
+    serial = root.find("devices/serial")
+    assert serial is not None and serial.get("type") == "file"
+    assert serial.find("source").get("path") == str(tmp_path / "serial.log")  # type: ignore[union-attr]
+
+
+QEMU_LOG = """\
+2026-11-26 01:44:37.812+0000: starting up libvirt version: 9.0.0, qemu version: 7.2.22
+LC_ALL=C \\
+/usr/bin/qemu-system-x86_64 \\
+-name guest=lbprobe-kvm-1-abc,debug-threads=on \\
+-msg timestamp=on
+Could not access KVM kernel module: Permission denied
+2026-11-26T01:44:37.985545Z qemu-system-x86_64: -accel kvm: failed to initialize kvm: Permission denied
+2026-11-26T01:44:38.000000Z qemu-system-x86_64: terminating on signal 15 from pid 3362 (libvirtd)
+2026-11-26 01:44:37.994+0000: shutting down, reason=failed
+"""
+
+
+def test_qemus_own_messages_are_taken_from_libvirts_log() -> None:
+    assert probeguest.qemu_messages(QEMU_LOG) == (
+        "Could not access KVM kernel module: Permission denied "
+        "qemu-system-x86_64: -accel kvm: failed to initialize kvm: Permission denied"
+    )
+
+
+class FakeDomain:
+    def __init__(self, name: str, gone: list[str]) -> None:
+        self._name, self._gone = name, gone
+
+    def name(self) -> str:
+        return self._name
+
+    def destroy(self) -> None:
+        self._gone.append(self._name)
+
+
+class FakeConn:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.destroyed: list[str] = []
+
+    def listAllDomains(self, flags: int = 0) -> list[FakeDomain]:  # noqa: N802 (libvirt's name)
+        return [FakeDomain(name, self.destroyed) for name in self.names]
+
+    def lookupByName(self, name: str) -> FakeDomain:  # noqa: N802
+        return FakeDomain(name, self.destroyed)
+
+    def close(self) -> None:
+        pass
+
+
+def test_stale_probe_guests_of_dead_processes_are_swept() -> None:
+    dead = 2**22 + 17  # above pid_max's default range: no such process
+    conn = FakeConn(
+        [f"lbprobe-kvm-{dead}-a1b2c3", f"lbprobe-kvm-{os.getpid()}-d4e5f6", "guide-3node-compute1"]
+    )
+    assert probeguest.sweep_stale_probe_guests(conn) == [f"lbprobe-kvm-{dead}-a1b2c3"]
+    assert conn.destroyed == [f"lbprobe-kvm-{dead}-a1b2c3"]
+
+
+# --- reading the host -----------------------------------------------------------------------
+
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu vme {flag} sse2 hypervisor\n\n"
+
+
+def fake_host(tmp_path: Path, flag: str, nested: str | None) -> tuple[Path, Path]:
+    """/proc/cpuinfo with ``flag`` and /sys/module with the matching module's ``nested``."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(vendor="GenuineIntel", flag=flag) * 2)
+    sys_module = tmp_path / "module"
+    module = hostprobe.MODULE_FOR_FLAG.get(flag)
+    if module and nested is not None:
+        (sys_module / module / "parameters").mkdir(parents=True)
+        (sys_module / module / "parameters" / "nested").write_text(nested + "\n")
+    return cpuinfo, sys_module
+
+
+@pytest.mark.parametrize(
+    ("flag", "parameter", "expected", "enabled"),
+    [
+        ("vmx", "Y", NestedFacts("vmx", "kvm_intel", "Y"), True),
+        ("vmx", "N", NestedFacts("vmx", "kvm_intel", "N"), False),
+        ("svm", "1", NestedFacts("svm", "kvm_amd", "1"), True),
+        ("svm", "0", NestedFacts("svm", "kvm_amd", "0"), False),
+        ("vmx", None, NestedFacts("vmx", "kvm_intel", None), None),  # kvm_intel not loaded
+        ("pse", None, NestedFacts(None, None, None), False),  # no VT-x/AMD-V at all
+    ],
+)
+def test_nested_is_read_from_the_module_parameter_and_the_cpu_flags(
+    tmp_path: Path, flag: str, parameter: str | None, expected: NestedFacts, enabled: bool | None
+) -> None:
+    facts_read = hostprobe.read_nested(*fake_host(tmp_path, flag, parameter))
+    assert facts_read == expected and facts_read.enabled is enabled
+
+
+def test_dev_kvm_mode_and_owner(tmp_path: Path) -> None:
+    node = tmp_path / "kvm"
+    node.write_text("")
+    node.chmod(0o600)
+    found = hostprobe.read_dev_kvm(node)
+    assert found.exists and found.mode == 0o600 and found.root_only == (os.geteuid() == 0)
+    assert found.describe().startswith(f"{node} crw-------")
+    assert hostprobe.read_dev_kvm(tmp_path / "missing") == DevKvm(
+        False, path=str(tmp_path / "missing")
+    )
+
+
+def test_apt_proxies_in_both_forms(tmp_path: Path) -> None:
+    folder = tmp_path / "apt.conf.d"
+    folder.mkdir()
+    (folder / "01proxy").write_text('Acquire::http::Proxy "http://10.0.0.1:3142";\n')
+    (folder / "02block").write_text(
+        'Acquire {\n  https::Proxy "http://cache.example:3128/";\n};\n'
+        '// Acquire::http::Proxy "http://commented.example:1";\n'
+    )
+    assert hostprobe.apt_proxy_hosts([tmp_path / "apt.conf", folder]) == [
+        "10.0.0.1",
+        "cache.example",
+    ]
+
+
+# --- enabling nested virtualization ---------------------------------------------------------
+
+CONF = Path("/etc/modprobe.d/labbuilder-nested.conf")
+READY = hostprobe.NestedState(INTEL_NOT_NESTED, True, "a KVM probe guest ran", (), True)
+
+
+def test_the_nested_plan_reloads_the_module_and_persists_it() -> None:
+    assert hostprobe.nested_plan(READY, CONF) == [
+        "modprobe -r kvm_intel",
+        "modprobe kvm_intel nested=1",
+        f"echo 'options kvm_intel nested=1' > {CONF}",
+    ]
+    assert hostprobe.nested_plan(replace(READY, nested=INTEL_NESTED), CONF) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message", "hint"),
+    [
+        ({"nested": NestedFacts(None, None, None)}, "neither vmx", "firmware"),
+        (
+            {"nested": NestedFacts("vmx", "kvm_intel", None)},
+            "kvm_intel is not loaded",
+            "modprobe kvm_intel nested=1",
+        ),
+        (
+            {"kvm_works": False, "kvm_reason": "Permission denied"},
+            "KVM does not run guests on this host (Permission denied)",
+            "modprobe -r kvm_intel && modprobe kvm_intel nested=1",
+        ),
+        (
+            {"active_domains": ("guide-3node-compute1",)},
+            "1 guest(s) are running (guide-3node-compute1)",
+            "modprobe -r kvm_intel && modprobe kvm_intel nested=1 && echo 'options kvm_intel nested=1' >",
+        ),
+        ({"root": False}, "needs root", "sudo labbuilder doctor --enable-nested"),
+    ],
+)
+def test_the_nested_plan_refuses_and_says_what_to_run(
+    change: dict[str, Any], message: str, hint: str
+) -> None:
+    with pytest.raises(HostError) as err:
+        hostprobe.nested_plan(replace(READY, **change), CONF)
+    assert message in err.value.message
+    assert err.value.hint is not None and hint in err.value.hint
+
+
+@pytest.fixture
+def fabricated_intel_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """An Intel host with kvm_intel nested=N in fabricated files, whose "modprobe" only
+    records its argv (and flips the fabricated parameter as the real one would)."""
+    cpuinfo, sys_module = fake_host(tmp_path, "vmx", "N")
+    monkeypatch.setattr(hostprobe, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(hostprobe, "SYS_MODULE", sys_module)
+    monkeypatch.setattr(hostprobe, "MODPROBE_CONF", tmp_path / "labbuilder-nested.conf")
+    calls: list[list[str]] = []
+
+    def run(argv: list[str]) -> None:
+        calls.append(argv)
+        if argv == ["modprobe", "kvm_intel", "nested=1"]:
+            (sys_module / "kvm_intel" / "parameters" / "nested").write_text("Y\n")
+
+    monkeypatch.setattr(hostprobe, "_run", run)
+    return calls
+
+
+@pytest.mark.integration
+def test_refusals_on_this_host_are_real_and_touch_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # This host's KVM is kvm_pvm: no vmx/svm, no kvm_intel/kvm_amd. Whatever the host, a
+    # refusal must come before any command runs: "_run" fails the test if it is reached.
+    def forbidden(argv: list[str]) -> None:
+        pytest.fail(f"enable_nested ran {argv} on the real host")
+
+    monkeypatch.setattr(hostprobe, "_run", forbidden)
+    nested = hostprobe.read_nested()
+    if nested.cpu_flag is not None and nested.parameter is not None and not nested.enabled:
+        pytest.skip("this host could really reload its KVM module; only the sandbox may")
+    for dry_run in (True, False):
+        if nested.enabled:
+            assert hostprobe.enable_nested(dry_run=dry_run, uri=URI) == []
+            continue
+        with pytest.raises(HostError) as err:
+            hostprobe.enable_nested(dry_run=dry_run, uri=URI)
+        assert err.value.hint  # says what to do instead
+
+
+@pytest.mark.integration
+def test_dry_run_plan_against_the_real_libvirt(
+    fabricated_intel_host: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CPU facts are fabricated (this host has no kvm_intel); the guests are libvirt's real
+    # ones: with any running (other tests' guests), the plan must refuse and name them.
+    seen: list[tuple[str, ...]] = []
+    real_active_domains = hostprobe.active_domains
+
+    def spy(conn: Any) -> tuple[str, ...]:
+        seen.append(real_active_domains(conn))
+        return seen[-1]
+
+    monkeypatch.setattr(hostprobe, "active_domains", spy)
+    try:
+        actions = hostprobe.enable_nested(dry_run=True, uri=URI, kvm_works=True)
+    except HostError as err:
+        assert seen and seen[0], err
+        assert f"{len(seen[0])} guest(s) are running" in err.message
+    else:
+        assert seen == [()]
+        assert actions[:2] == ["modprobe -r kvm_intel", "modprobe kvm_intel nested=1"]
+    assert fabricated_intel_host == []  # a dry run runs nothing
+    assert not hostprobe.MODPROBE_CONF.exists()
+
+
+def test_enable_nested_runs_modprobe_then_persists(
+    fabricated_intel_host: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real reload (modprobe -r kvm_intel) cannot be exercised here: this sandbox has no
+    # kvm_intel, and reloading KVM would kill other users' guests. Its commands are recorded.
+    monkeypatch.setattr(hostprobe, "active_domains", lambda conn: ())
+    monkeypatch.setattr(lv, "connect", lambda uri: FakeConn([]))
+    actions = hostprobe.enable_nested(dry_run=False, uri=URI, kvm_works=True)
+    assert fabricated_intel_host == [
+        ["modprobe", "-r", "kvm_intel"],
+        ["modprobe", "kvm_intel", "nested=1"],
+    ]
+    assert actions[-1] == f"echo 'options kvm_intel nested=1' > {hostprobe.MODPROBE_CONF}"
+    assert "options kvm_intel nested=1\n" in hostprobe.MODPROBE_CONF.read_text()
+    assert hostprobe.read_nested().enabled is True
+
+
+def test_a_failed_reload_restores_kvm_and_persists_nothing(
+    fabricated_intel_host: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = fabricated_intel_host
+
+    def run(argv: list[str]) -> None:
+        calls.append(argv)
+        if "nested=1" in argv:
+            raise HostError("`modprobe kvm_intel nested=1` failed (exit 1): invalid parameter")
+
+    monkeypatch.setattr(hostprobe, "_run", run)
+    monkeypatch.setattr(hostprobe, "active_domains", lambda conn: ())
+    monkeypatch.setattr(lv, "connect", lambda uri: FakeConn([]))
+    with pytest.raises(HostError, match="invalid parameter"):
+        hostprobe.enable_nested(dry_run=False, uri=URI, kvm_works=True)
+    assert calls[-1] == ["modprobe", "kvm_intel"]
+    assert not hostprobe.MODPROBE_CONF.exists()
+
+
+# --- probe guests under the real libvirtd ---------------------------------------------------
+
+
+@pytest.fixture
+def conn() -> Iterator[Any]:
+    connection = lv.connect(URI)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def probe_dir() -> Iterator[Path]:
+    """Where probe guests' files go; QEMU's user must be able to reach them (not pytest's
+    0700 tmp_path)."""
+    folder = Path(tempfile.mkdtemp(prefix="lbtest-probe-", dir="/tmp"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def assert_nothing_left(conn: Any, probe_dir: Path) -> None:
+    mine = [name for name in probeguest.probe_guests(conn) if f"-{os.getpid()}-" in name]
+    assert mine == [], f"probe guests left in libvirt: {mine}"
+    assert list(probe_dir.iterdir()) == [], "probe files left behind"
+    logs = list(Path("/var/log/libvirt/qemu").glob(f"lbprobe-*-{os.getpid()}-*.log"))
+    assert logs == [], "libvirt's logs of probe guests left behind"
+
+
+@pytest.mark.integration
+def test_the_boot_sector_prints_its_marker_under_tcg(conn: Any, probe_dir: Path) -> None:
+    # The same boot sector as the KVM probe: if this passes, a KVM probe without the marker
+    # means KVM, not the boot sector, is broken.
+    result = probeguest.boot_probe_guest(conn, domain_type="qemu", timeout=30, parent=probe_dir)
+    assert result.marker_seen, result.reason
+    assert result.reason.startswith("printed LBPROBE-OK") and result.run_seconds < 30
+    assert_nothing_left(conn, probe_dir)
+
+
+@pytest.mark.integration
+def test_a_too_short_timeout_kills_the_guest(conn: Any, probe_dir: Path) -> None:
+    silent = probeguest.boot_sector(b"")  # prints only CR LF: the marker can never come
+    result = probeguest.boot_probe_guest(
+        conn, domain_type="qemu", timeout=0.5, sector=silent, parent=probe_dir
+    )
+    assert not result.marker_seen
+    assert result.reason.startswith("no LBPROBE-OK on the serial port within")
+    assert 0.5 <= result.run_seconds < 10
+    assert_nothing_left(conn, probe_dir)
+
+
+@pytest.mark.integration
+def test_the_guest_is_destroyed_when_waiting_fails(
+    conn: Any, probe_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(domain: Any, serial_log: Path, deadline: float) -> tuple[bool, str]:
+        assert domain.isActive()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probeguest, "_wait_for_marker", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        probeguest.boot_probe_guest(conn, domain_type="qemu", timeout=5, parent=probe_dir)
+    assert_nothing_left(conn, probe_dir)
+
+
+@pytest.fixture(scope="module")
+def host_probe() -> Iterator[tuple[Any, float, Path]]:
+    """One real probe_host for the module's tests, with its probe guest's files in a folder
+    of its own (so that leftovers can be told from other runs' files)."""
+    folder = Path(tempfile.mkdtemp(prefix="lbtest-probe-", dir="/tmp"))
+    folder.chmod(0o711)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(probeguest, "_default_parent", lambda: folder)
+            started = time.monotonic()
+            probe = probe_host(URI, storage=Path("/var/lib/labbuilder-probe-test/disks"))
+            yield probe, time.monotonic() - started, folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_probe_host_on_this_machine_is_complete(host_probe: Any, conn: Any) -> None:
+    probe, seconds, folder = host_probe
+    assert {f.name for f in probe.findings} >= {
+        "libvirt",
+        "acceleration",
+        "nested virtualization",
+        "CPUs",
+        "memory",
+        "disk",
+        "routes",
+        "libvirt networks",
+        "package mirror",
+    }
+    assert probe.finding("libvirt").status == Status.OK
+    assert probe.libvirt_version and probe.qemu_version
+    assert probe.acceleration in (Acceleration.KVM, Acceleration.TCG)
+    assert probe.domain_type == ("kvm" if probe.acceleration == Acceleration.KVM else "qemu")
+    assert probe.virt_type == ("kvm" if probe.cpu_passthrough else "qemu")
+    acceleration = probe.finding("acceleration")
+    assert acceleration.status == (Status.OK if probe.acceleration == "kvm" else Status.WARN)
+    if Path("/dev/kvm").exists():
+        assert "domain type kvm" in acceleration.detail  # a KVM guest was really tried
+    assert 0 < probe.seconds <= seconds
+    assert not [n for n in probeguest.probe_guests(conn) if f"-{os.getpid()}-" in n]
+    assert_nothing_left(conn, folder)
