@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from labbuilder import bringup, labstatus, teardown
+from labbuilder import bringup, labstatus, probecache, teardown
+from labbuilder.adapters import hostprobe
 from labbuilder.adapters import libvirt as lv
 from labbuilder.bringup import UpResult
 from labbuilder.errors import UsageError
@@ -17,6 +18,7 @@ from labbuilder.labstatus import LabStatus
 from labbuilder.model import HostFacts, Lab, Plan
 from labbuilder.paths import state_root
 from labbuilder.planner import plan
+from labbuilder.probe import HostProbe
 from labbuilder.teardown import Removed
 
 DEFAULT_LAB = "guide-3node"
@@ -98,3 +100,12 @@ def labs_on_host(uri: str) -> dict[str, dict[str, int]]:
 
 def gc(uri: str) -> dict[str, Removed]:
     return teardown.gc(uri)
+
+
+def doctor(uri: str) -> HostProbe:
+    """Probe the host afresh (and remember the result for `up` until the host reboots)."""
+    return probecache.probe(uri, fresh=True)
+
+
+def enable_nested(uri: str, *, kvm_works: bool, dry_run: bool) -> list[str]:
+    return hostprobe.enable_nested(dry_run=dry_run, uri=uri, kvm_works=kvm_works)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from labbuilder import probecache
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
 from labbuilder.baseimage import BaseImage, resolve_base_image
@@ -33,7 +34,7 @@ from labbuilder.model import Lab, Plan, PlannedNode
 from labbuilder.paths import pool_dir, pool_name, state_root
 from labbuilder.planner import plan as make_plan
 from labbuilder.planview import plan_as_dict
-from labbuilder.probe import HostProbe, probe_host
+from labbuilder.probe import HostProbe
 from labbuilder.readiness import NodeTarget, RungCallback, wait_ready
 from labbuilder.render import (
     BootSpec,
@@ -76,7 +77,7 @@ def up(
         plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
         digest = plan_hash(plan)
         emit("probing the host")
-        probe = probe_host(lab.libvirt_uri, storage=state_root())
+        probe = probecache.probe(lab.libvirt_uri)
         emit(
             f"guests run under {probe.acceleration}; compute nodes use virt_type {probe.virt_type}"
         )

@@ -15,11 +15,11 @@ import libvirt
 from rich.console import Console
 
 from labbuilder import __version__
-from labbuilder.commands import lab
+from labbuilder.commands import host, images, lab
 from labbuilder.commands.common import Handler
 from labbuilder.errors import LabbuilderError
 
-COMMAND_MODULES = (lab,)
+COMMAND_MODULES = (lab, images, host)
 
 
 def build_parser() -> argparse.ArgumentParser:

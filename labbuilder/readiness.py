@@ -5,6 +5,7 @@ node and the rung and shows the last console lines (kernel panic, cloud-init err
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -89,7 +90,9 @@ def wait_ready(
         problem: str | None = "not checked yet"
         while True:
             _raise_on_fatal_console(node, rung)
-            problem = checks[rung]()
+            problem = _running(domain) if rung != "running" else None
+            if problem is None or not problem.startswith("fatal: "):
+                problem = checks[rung]()
             if problem is None:
                 break
             if problem.startswith("fatal: ") or time.monotonic() > deadline:
@@ -123,30 +126,45 @@ def _running(domain: Any) -> str | None:
         return f"fatal: libvirt lost the domain: {err.get_error_message()}"
     if state == "running":
         return None
-    if state in ("crashed", "shut off"):
-        return f"fatal: the domain is {state}"
+    if state in ("crashed", "shut off", "paused"):
+        return f"fatal: the domain is {state}{qemu_reason(domain)}"
     return f"the domain is {state}"
+
+
+def qemu_reason(domain: Any) -> str:
+    """QEMU's own complaint from libvirt's log of the domain (a local host only)."""
+    log = Path("/var/log/libvirt/qemu") / f"{domain.name()}.log"
+    with contextlib.suppress(OSError):
+        lines = log.read_text(errors="replace").splitlines()
+        for line in reversed(lines[-200:]):
+            if "KVM internal error" in line or "emulation failure" in line or "error" in line:
+                return f" (QEMU: {line.strip()})"
+    return ""
 
 
 def _link(domain: Any, node: NodeTarget) -> str | None:
     """The host has seen the node's management MAC answer at its planned address."""
-    # A connection attempt makes the host resolve the address; the answer lands in its ARP
-    # table, which libvirt reads for us.
+    # A connection attempt makes the host resolve the address; the answer lands in the host's
+    # neighbour table (libvirt's own ARP reader fails on some kernels, so it is read here).
     try:
         with socket.create_connection((node.address, 22), timeout=1.0):
             return None
     except OSError:
         pass
-    try:
-        interfaces = domain.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP, 0)
-    except libvirt.libvirtError as err:
-        return f"cannot read the host's ARP table: {err.get_error_message()}"
-    for interface in (interfaces or {}).values():
-        if (interface.get("hwaddr") or "").lower() != node.mac:
-            continue
-        if any(entry.get("addr") == node.address for entry in interface.get("addrs") or []):
-            return None
+    if node.mac in neighbours(node.address):
+        return None
     return f"no answer from {node.mac} at {node.address}: the guest's network is not up yet"
+
+
+def neighbours(address: str, table: Path = Path("/proc/net/arp")) -> set[str]:
+    """MACs the host's ARP table holds for ``address`` (complete entries only)."""
+    macs = set()
+    with contextlib.suppress(OSError):
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 4 and fields[0] == address and fields[2] != "0x0":
+                macs.add(fields[3].lower())
+    return macs
 
 
 def _login(node: NodeTarget) -> str | None:

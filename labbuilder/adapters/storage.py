@@ -128,8 +128,7 @@ def upload(
         volume.delete(0)
         message = err.get_error_message() if isinstance(err, libvirt.libvirtError) else str(err)
         raise HypervisorError(f"cannot upload volume {name}: {message}") from None
-    pool.refresh(0)
-    return pool.storageVolLookupByName(name)
+    return volume
 
 
 def ensure_uploaded_file(

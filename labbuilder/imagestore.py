@@ -1,0 +1,132 @@
+"""The host's images as a user sees them: what the catalog offers, what is cached (downloaded
+or built), a build's manifest, and pruning. Used by ``labbuilder images``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labbuilder.baseimage import built_images_dir
+from labbuilder.catalog import find_image, load_catalog
+from labbuilder.download import ProgressCallback
+from labbuilder.errors import ImageError
+from labbuilder.imagebuild import BuiltImage, build_image, load_built_image
+from labbuilder.imagecache import CachedImage, list_cached, prune, pull
+from labbuilder.paths import state_root
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    name: str
+    description: str
+    sources: str  # "download", "build", "download, build"
+    cached: tuple[str, ...]  # what is in the cache: "downloaded <size>", "built <size>"
+
+
+def built_images(cache_dir: Path) -> list[BuiltImage]:
+    folder = built_images_dir(cache_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for directory in sorted(folder.iterdir()):
+        if (directory / "manifest.json").exists():
+            found.append(load_built_image(directory))
+    return found
+
+
+def image_rows(cache_dir: Path) -> list[ImageRow]:
+    downloads = list_cached(cache_dir)
+    builds = built_images(cache_dir)
+    rows = []
+    for name, entry in sorted(load_catalog().items()):
+        sources = ", ".join(
+            kind
+            for kind, present in (("download", entry.download), ("build", entry.build))
+            if present
+        )
+        cached = [f"downloaded {_mb(d.size)}" for d in downloads if d.name == name]
+        cached += [f"built {_mb(b.file_size)}" for b in builds if b.name == name]
+        rows.append(ImageRow(name, entry.description, sources, tuple(cached)))
+    return rows
+
+
+def pull_image(name: str, cache_dir: Path, progress: ProgressCallback | None = None) -> CachedImage:
+    entry = find_image(name)
+    if entry.download is None:
+        raise ImageError(
+            f"image {name} has no download source", f"build it: `labbuilder images build {name}`"
+        )
+    return pull(entry, cache_dir, progress)
+
+
+def build(name: str, cache_dir: Path, *, force: bool, log: Callable[[str], None]) -> BuiltImage:
+    entry = find_image(name)
+    if entry.build is None:
+        raise ImageError(
+            f"image {name} has no local build recipe", f"pull it: `labbuilder images pull {name}`"
+        )
+    return build_image(entry.name, entry.build, built_images_dir(cache_dir), force=force, log=log)
+
+
+def show(name: str, cache_dir: Path) -> dict[str, Any]:
+    """The provenance of a cached image: a build's manifest, or a download's record."""
+    builds = [b for b in built_images(cache_dir) if b.name == name]
+    if builds:
+        newest = max(builds, key=lambda b: str(b.manifest.get("built_at", "")))
+        return dict(newest.manifest) | {"path": str(newest.disk)}
+    downloads = [d for d in list_cached(cache_dir) if d.name == name]
+    if downloads:
+        newest_download = max(downloads, key=lambda d: d.pulled_at)
+        return {
+            "name": newest_download.name,
+            "path": str(newest_download.path),
+            "url": newest_download.url,
+            "digest": f"{newest_download.algorithm}:{newest_download.digest}",
+            "size": newest_download.size,
+            "pulled_at": newest_download.pulled_at,
+            "verified": newest_download.verified,
+        }
+    raise ImageError(
+        f"image {name} is not in the cache",
+        f"`labbuilder images build {name}` or `labbuilder images pull {name}`",
+    )
+
+
+def images_in_use() -> set[str]:
+    """Digests of the images that labs on this host were brought up with."""
+    used = set()
+    labs = state_root() / "labs"
+    if labs.is_dir():
+        for record in labs.glob("*/lab.json"):
+            image = json.loads(record.read_text()).get("image", {})
+            if image.get("digest"):
+                used.add(image["digest"])
+    return used
+
+
+def prune_images(cache_dir: Path) -> list[Path]:
+    """Remove downloads and builds that no lab uses, keeping the newest of each image."""
+    used = images_in_use()
+    keep = {d.path.name for d in list_cached(cache_dir) if d.digest in used}
+    keep |= {name for name in load_catalog()}
+    removed = prune(cache_dir, keep)
+    newest: dict[str, BuiltImage] = {}
+    for built in built_images(cache_dir):
+        current = newest.get(built.name)
+        if current is None or built.manifest.get("built_at", "") > current.manifest.get(
+            "built_at", ""
+        ):
+            newest[built.name] = built
+    for built in built_images(cache_dir):
+        if built is not newest.get(built.name) and built.sha256 not in used:
+            shutil.rmtree(built.directory)
+            removed.append(built.directory)
+    return removed
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.0f} MB"
