@@ -1,0 +1,235 @@
+"""The steps of an image build: mmdebstrap a root tree, make it a clean clone source, make a disk.
+
+Everything runs natively on the host as root, with no loop device and no mount: mmdebstrap's
+``unshare`` mode keeps its /proc, /sys and /dev mounts in a private mount namespace, and the
+tree becomes a whole-disk ext4 filesystem through ``mkfs.ext4 -d`` (no partition table, no boot
+loader: the image boots by direct kernel boot with ``KERNEL_CMDLINE``). ``labbuilder.imagebuild``
+drives these steps and caches the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from labbuilder.errors import HostError, ImageError
+from labbuilder.imagemodel import BuildRecipe
+
+Log = Callable[[str], None]
+
+ROOT_LABEL = "lbroot"
+KERNEL_CMDLINE = f"root=LABEL={ROOT_LABEL} ro console=ttyS0,115200n8 net.ifnames=0"
+VARIANT = "apt"
+# What every image needs to boot like a cloud image, whatever its recipe lists.
+BOOT_PACKAGES = (
+    "systemd-sysv",
+    "systemd-resolved",
+    "initramfs-tools",
+    "e2fsprogs",
+    "cloud-init",
+    "openssh-server",
+    "libpam-systemd",  # SSH sessions get a logind session and leave ssh.service's cgroup
+    "sudo",
+)
+# Timers that would reach outside the lab: masked in every image, never unmasked by us.
+POLICY_MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer")
+# Boot-time work with nothing to do in a lab guest (e2scrub_reap: 16 s of CPU under TCG).
+POLICY_DISABLED_UNITS = ("e2scrub_reap.service",)
+# Per-machine state that clones must not share (globs relative to the root).
+IDENTITY_FILES = (
+    "etc/ssh/ssh_host_*",
+    "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/lib/systemd/credential.secret",
+    "var/lib/rabbitmq/.erlang.cookie",
+    "var/lib/cloud/*",
+)
+# Kept in the image's dpkg configuration, so later installs in the guest skip them too.
+DPKG_EXCLUDES = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+)
+MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/maybe-merged-usr")
+CLOUD_CFG = """\
+# Written by labbuilder's image builder.
+datasource_list: [ NoCloud, None ]
+locale: C.UTF-8
+system_info:
+  network:
+    renderers: [ networkd ]
+    activators: [ networkd ]
+"""
+# cloud-init 22.4 renders static addresses for systemd-networkd without IPv6AcceptRA, so
+# networkd listens 10 s for router advertisements no lab network sends, at every boot, before
+# network-online. Drop-ins for the files it writes for eth0..eth9 (net.ifnames=0) turn that off.
+NETWORKD_DROPIN = "[Network]\nIPv6AcceptRA=no\n"
+NETWORKD_DROPIN_INTERFACES = tuple(f"eth{i}" for i in range(10))
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+FSTAB = f"LABEL={ROOT_LABEL}\t/\text4\tdefaults,errors=remount-ro\t0\t1\n"
+INITRD_MODULES = ("virtio_pci.ko", "virtio_blk.ko")
+
+_FULL = re.compile(r"No space left|Could not allocate|too small|not enough space", re.IGNORECASE)
+_log = logging.getLogger(__name__)
+
+
+def run(argv: Sequence[str | Path], *, log: Log | None = None, stream: bool = False) -> str:
+    """Run ``argv`` (an argv list, never a shell), log it, and return its combined output.
+
+    The one place the image builder starts a process. With ``stream`` each output line is
+    logged as it arrives. Raises ``HostError`` when the program is missing and ``ImageError``
+    (command, exit code, last lines of output) when it fails.
+    """
+    args = [str(a) for a in argv]
+    emit = log or _log.info
+    emit("$ " + " ".join(args))
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    tail: deque[str] = deque(maxlen=30)
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+    except FileNotFoundError as exc:
+        raise HostError(
+            f"{args[0]} is not installed on this host",
+            hint="apt-get install mmdebstrap qemu-utils e2fsprogs",
+        ) from exc
+    assert proc.stdout is not None
+    with proc:
+        for line in proc.stdout:
+            lines.append(line)
+            tail.append(line.rstrip("\n"))
+            if stream:
+                emit(line.rstrip("\n"))
+    if proc.returncode != 0:
+        raise ImageError(
+            "Command: {}\nExit code: {}\nOutput (last lines):\n{}".format(
+                " ".join(args), proc.returncode, "\n".join(tail)
+            ),
+            hint="read the output above; a network error usually means the mirror is unreachable",
+        )
+    return "".join(lines)
+
+
+def mmdebstrap_argv(recipe: BuildRecipe, packages: Sequence[str], root: Path) -> list[str]:
+    """The mmdebstrap command that installs ``packages`` into the new directory ``root``."""
+    argv = ["mmdebstrap", "--mode=unshare", f"--variant={VARIANT}", "--format=directory"]
+    if MERGED_USR_HOOKS.is_dir():  # merged /usr without the usrmerge package and its perl
+        argv.append(f"--hook-dir={MERGED_USR_HOOKS}")
+    argv.append("--include=" + ",".join(packages))
+    argv.extend(f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES)
+    argv.extend([recipe.suite, str(root), recipe.mirror])
+    return argv
+
+
+def customize_rootfs(root: Path, masked_units: Sequence[str], log: Log) -> None:
+    """Strip per-machine identity, set cloud-init's and systemd's defaults, mask units."""
+    log("customizing the root filesystem")
+    for pattern in IDENTITY_FILES:
+        for path in root.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    (root / "etc/machine-id").write_text("")  # empty: systemd generates one at first boot
+    (root / "etc/hostname").write_text("localhost\n")  # cloud-init sets the real one
+    (root / "etc/hosts").write_text(HOSTS)
+    resolv = root / "etc/resolv.conf"
+    if resolv.exists() and not resolv.is_symlink():  # the build host's copy
+        resolv.unlink()
+    (root / "etc/fstab").write_text(FSTAB)
+    (root / "etc/default/locale").write_text("LANG=C.UTF-8\n")
+    (root / "etc/cloud/cloud.cfg.d/99_labbuilder.cfg").write_text(CLOUD_CFG)
+    for interface in NETWORKD_DROPIN_INTERFACES:
+        dropins = root / f"etc/systemd/network/10-cloud-init-{interface}.network.d"
+        dropins.mkdir(parents=True, exist_ok=True)
+        (dropins / "50-labbuilder-no-ra.conf").write_text(NETWORKD_DROPIN)
+    run(["chroot", root, "systemctl", "enable", "systemd-networkd.service"], log=log)
+    run(["chroot", root, "systemctl", "disable", *POLICY_DISABLED_UNITS], log=log)
+    run(["chroot", root, "systemctl", "mask", *POLICY_MASKED_UNITS, *masked_units], log=log)
+
+
+def installed_packages(root: Path, log: Log) -> dict[str, str]:
+    """Map each package installed in ``root`` to its version (dpkg-query inside the tree)."""
+    out = run(
+        ["chroot", root, "dpkg-query", "-W", "-f=${Package}\t${Version}\t${db:Status-Abbrev}\n"],
+        log=log,
+    )
+    packages: dict[str, str] = {}
+    for line in out.splitlines():
+        package, version, status = line.split("\t")
+        if status.strip() == "ii":
+            packages[package] = version
+    return packages
+
+
+def enabled_units(root: Path) -> list[str]:
+    """The units some target in ``root`` wants at boot (enablement symlinks), less masked ones."""
+    system = root / "etc/systemd/system"
+    masked = {
+        link.name
+        for link in system.iterdir()
+        if link.is_symlink() and str(link.readlink()) == "/dev/null"
+    }
+    return sorted({link.name for link in system.glob("*.wants/*")} - masked)
+
+
+def copy_boot_files(root: Path, kernel: Path, initrd: Path, log: Log) -> str:
+    """Copy the kernel and initrd out of ``root/boot``, check the initrd, return the version."""
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise ImageError(
+            f"expected one kernel in the image's /boot, found {[k.name for k in kernels]}",
+            hint="list exactly one kernel package in the recipe",
+        )
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    source_initrd = root / "boot" / f"initrd.img-{version}"
+    if not source_initrd.is_file():
+        raise ImageError(
+            f"the image has kernel {version} but no {source_initrd.name}",
+            hint="the recipe must install initramfs-tools with the kernel",
+        )
+    listing = run(["chroot", root, "lsinitramfs", f"/boot/{source_initrd.name}"], log=log)
+    for module in INITRD_MODULES:
+        if f"/{module}" not in listing:
+            raise ImageError(
+                f"the initrd of kernel {version} lacks {module}: the root disk would be invisible",
+                hint="keep MODULES=most in /etc/initramfs-tools/initramfs.conf",
+            )
+    shutil.copyfile(kernels[0], kernel)
+    shutil.copyfile(source_initrd, initrd)
+    return version
+
+
+def make_disk(root: Path, disk: Path, virtual_size: int, log: Log) -> None:
+    """Write ``root`` as a whole-disk ext4 of ``virtual_size`` bytes into the qcow2 ``disk``."""
+    raw = disk.with_suffix(".ext4")
+    with raw.open("wb") as handle:
+        handle.truncate(virtual_size)
+    try:
+        # Inode tables are zeroed here, once, so no guest zeroes them into its overlay.
+        mkfs: list[str | Path] = ["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", root]
+        try:
+            run([*mkfs, "-E", "lazy_itable_init=0,lazy_journal_init=0", raw], log=log)
+        except ImageError as exc:
+            if not _FULL.search(exc.message):
+                raise
+            raise ImageError(
+                f"the root filesystem does not fit in {virtual_size} bytes: {exc.message}",
+                hint="raise the recipe's size",
+            ) from exc
+        run(["e2fsck", "-f", "-n", raw], log=log)
+        convert: list[str | Path] = ["qemu-img", "convert", "-c", "-o", "compression_type=zstd"]
+        run([*convert, "-f", "raw", "-O", "qcow2", raw, disk], log=log)
+    finally:
+        raw.unlink()
