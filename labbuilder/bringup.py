@@ -76,12 +76,12 @@ def up(
         gathered = gather_host_facts(lab, state_root())
         plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
         digest = plan_hash(plan)
+        base = resolve_base_image(lab.image, log=emit)
         emit("probing the host")
-        probe = probecache.probe(lab.libvirt_uri)
+        probe = probecache.probe(lab.libvirt_uri, kernel=base.kernel)
         emit(
             f"guests run under {probe.acceleration}; compute nodes use virt_type {probe.virt_type}"
         )
-        base = resolve_base_image(lab.image, log=emit)
         conn = lv.connect(lab.libvirt_uri)
         try:
             existing = lv.owned_domains(conn, lab.name)

@@ -32,6 +32,7 @@ from labbuilder.imagemodel import (
     ImageEntry,
 )
 from labbuilder.resources import data_dir
+from labbuilder.sizes import parse_size
 
 OS_FAMILIES = ("debian", "ubuntu")
 
@@ -51,8 +52,6 @@ _BUILD_KEYS = ("suite", "mirror", "packages", "kernel_package", "size")
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-# Only binary units: "2 GB" means 2 GiB to labbuilder.sizes but 2 * 10**9 to imagebuild.
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(KiB|MiB|GiB|TiB|K|M|G|T)$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
 _QCOW2_MAGIC = b"QFI\xfb"
 _RAW_SUFFIXES = (".raw", ".iso")
@@ -317,12 +316,15 @@ class _Parser:
                 "use e.g. 'http://deb.debian.org/debian'",
             )
         size = self.string(table, "size", "build.")
-        match = _SIZE_RE.match(size)
-        if not match or float(match.group(1)) <= 0:
+        try:
+            valid = parse_size(size) > 0
+        except ValueError:
+            valid = False
+        if not valid:
             raise self.fail(
                 "build.size",
                 f"is {size!r}, which is not a size",
-                "write a positive number and a binary unit, e.g. '2 GiB' or '1536 MiB'",
+                "write a positive number and a unit, e.g. '2 GiB' or '1536 MiB'",
             )
         return BuildRecipe(
             suite=self.string(table, "suite", "build."),

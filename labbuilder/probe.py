@@ -6,7 +6,13 @@ domain type and what the compute nodes' nova uses, and ``labbuilder.probefinding
 ``Finding`` per check. ``render_findings`` is the table the CLI prints.
 
 Whether hardware acceleration works is not read from /dev/kvm or from libvirt's capabilities:
-a tiny guest of domain type kvm is booted and must print a marker on its serial port.
+probe guests of domain type kvm are booted and must print a marker on their serial port
+(``labbuilder.adapters.probeguest``). First a 512-byte boot sector: it fails fast where QEMU
+may not open /dev/kvm, but proves only 16-bit real mode. Then, given a ``kernel`` (the
+direct-boot ``vmlinuz`` of a built image: ``find_probe_kernel``), that 64-bit Linux kernel,
+which must get to mounting its root file system; only then is KVM chosen. A KVM that runs the
+boot sector but pauses ("KVM internal error ... emulation failure") or hangs under Linux means
+TCG. Without a kernel the real-mode proof decides, and the finding says so.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import libvirt
@@ -22,6 +29,7 @@ import libvirt
 from labbuilder import hostfacts
 from labbuilder.adapters import hostprobe, probeguest
 from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters.hostprobe import find_probe_kernel
 from labbuilder.errors import HypervisorError
 from labbuilder.labfile import builtin_lab_names, load_builtin_lab
 from labbuilder.model import Lab, LibvirtNetworkFact
@@ -36,6 +44,7 @@ from labbuilder.probemodel import (
     HostProbe,
     HostProbeFacts,
     LabNeed,
+    Proof,
     Resolved,
     Status,
     VirtType,
@@ -51,10 +60,12 @@ __all__ = [
     "HostProbe",
     "HostProbeFacts",
     "LabNeed",
+    "Proof",
     "Resolved",
     "Status",
     "VirtType",
     "decide",
+    "find_probe_kernel",
     "gather_facts",
     "lab_need",
     "probe_from_facts",
@@ -63,6 +74,8 @@ __all__ = [
 ]
 
 LOCAL_HOSTS = frozenset({None, "", "localhost", "127.0.0.1", "::1"})
+ACCELERATION_TIMEOUT = 30.0  # s per probe guest; Linux under working KVM takes 1-3 s
+NO_KERNEL = "no Linux kernel was given to boot"
 
 
 def decide(facts: AccelerationFacts) -> Decision:
@@ -95,26 +108,45 @@ def probe_from_facts(facts: HostProbeFacts, seconds: float = 0.0) -> HostProbe:
     )
 
 
-def probe_host(uri: str, *, storage: Path, acceleration_timeout: float = 20.0) -> HostProbe:
+def probe_host(
+    uri: str,
+    *,
+    storage: Path,
+    acceleration_timeout: float = ACCELERATION_TIMEOUT,
+    kernel: Path | None = None,
+) -> HostProbe:
     """Probe this host for a lab at libvirt ``uri`` whose disks go to ``storage``.
 
-    ``acceleration_timeout`` is how long the KVM probe guest gets, once libvirt has started it,
-    to print its marker; starting it (libvirt's ``createXML``) is not counted. Never raises for
-    what it finds (an unreachable libvirt is a failed finding), only for bugs.
+    ``kernel`` is a Linux bzImage (``find_probe_kernel``) for the KVM proof: KVM counts as
+    working only if it boots that kernel to mounting its root file system. Without it, only
+    the real-mode boot sector is proven (and the acceleration finding says so).
+    ``acceleration_timeout`` is how long each KVM probe guest gets, once libvirt has started
+    it, to print its marker; starting it (libvirt's ``createXML``) is not counted. Never
+    raises for what it finds (an unreachable libvirt is a failed finding), only for bugs.
     """
     started = time.monotonic()
-    facts = gather_facts(uri, storage=storage, acceleration_timeout=acceleration_timeout)
+    facts = gather_facts(
+        uri, storage=storage, acceleration_timeout=acceleration_timeout, kernel=kernel
+    )
     return probe_from_facts(facts, time.monotonic() - started)
 
 
-def gather_facts(uri: str, *, storage: Path, acceleration_timeout: float = 20.0) -> HostProbeFacts:
+def gather_facts(
+    uri: str,
+    *,
+    storage: Path,
+    acceleration_timeout: float = ACCELERATION_TIMEOUT,
+    kernel: Path | None = None,
+) -> HostProbeFacts:
     dev_kvm = hostprobe.read_dev_kvm()
     libvirt_version: str | None = None
     qemu_version: str | None = None
     libvirt_error: str | None = None
     networks: tuple[LibvirtNetworkFact, ...] | None = None
     boot: BootResult | None = None
+    linux: BootResult | None = None
     not_tried: str | None = None
+    linux_not_tried: str | None = NO_KERNEL if kernel is None else "KVM was not tested"
     try:
         conn = lv.connect(uri)
     except HypervisorError as err:
@@ -132,6 +164,7 @@ def gather_facts(uri: str, *, storage: Path, acceleration_timeout: float = 20.0)
                 boot = probeguest.boot_probe_guest(
                     conn, domain_type=DomainType.KVM, timeout=acceleration_timeout
                 )
+                linux, linux_not_tried = _boot_linux(conn, boot, kernel, acceleration_timeout)
         except libvirt.libvirtError as err:
             libvirt_error = f"libvirt at {uri} failed: {err.get_error_message()}"
             not_tried = not_tried or "libvirt failed"
@@ -145,6 +178,9 @@ def gather_facts(uri: str, *, storage: Path, acceleration_timeout: float = 20.0)
         dev_kvm=dev_kvm,
         kvm_boot=boot,
         kvm_not_tried=not_tried,
+        kvm_linux=linux,
+        linux_not_tried=None if linux is not None else linux_not_tried,
+        kvm_modules=hostprobe.read_kvm_modules(),
         nested=hostprobe.read_nested(),
         cpus=os.cpu_count(),
         memory_available=hostfacts.read_memory_available(),
@@ -160,6 +196,22 @@ def gather_facts(uri: str, *, storage: Path, acceleration_timeout: float = 20.0)
         nameservers=tuple(hostfacts.nameservers()),
         labs=tuple(lab_need(load_builtin_lab(name)) for name in builtin_lab_names()),
     )
+
+
+def _boot_linux(
+    conn: Any, boot: BootResult, kernel: Path | None, timeout: float
+) -> tuple[BootResult | None, str | None]:
+    """The Linux proof after the boot sector's, or why it was not tried."""
+    if kernel is None:
+        return None, NO_KERNEL
+    if not boot.marker_seen:
+        return None, "the boot sector did not run"
+    try:
+        return probeguest.boot_probe_guest(
+            conn, domain_type=DomainType.KVM, timeout=timeout, kernel=kernel
+        ), None
+    except OSError as err:  # copying the kernel: a missing or unreadable file, a full disk
+        return None, f"the kernel {kernel} could not be copied for a probe guest: {err}"
 
 
 def lab_need(lab: Lab) -> LabNeed:

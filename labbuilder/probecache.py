@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from labbuilder.imagecache import default_cache_dir
 from labbuilder.labstate import write_secret_file
 from labbuilder.paths import state_root
-from labbuilder.probe import HostProbe, probe_host
+from labbuilder.probe import HostProbe, find_probe_kernel, probe_host
 from labbuilder.probemodel import Acceleration, DomainType, VirtType
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
-def host_key(uri: str) -> str:
+PROBE_VERSION = 2  # bump when the probe proves acceleration differently
+
+
+def host_key(uri: str, kernel: Path | None) -> str:
     """What the decision depends on, as one string."""
     boot = BOOT_ID.read_text().strip() if BOOT_ID.exists() else "?"
     try:
@@ -26,15 +30,18 @@ def host_key(uri: str) -> str:
         device = f"{kvm.st_mode:o}:{kvm.st_gid}"
     except OSError:
         device = "none"
-    return f"{uri}|{boot}|{device}"
+    return f"v{PROBE_VERSION}|{uri}|{boot}|{device}|{kernel}"
 
 
 def cache_path() -> Path:
     return state_root() / "probe.json"
 
 
-def probe(uri: str, *, fresh: bool = False) -> HostProbe:
-    key = host_key(uri)
+def probe(uri: str, *, kernel: Path | None = None, fresh: bool = False) -> HostProbe:
+    """The host's probe answer. ``kernel`` is the Linux kernel the lab boots: only booting it
+    under KVM proves that KVM runs the lab (without one, the cache's newest built kernel)."""
+    kernel = kernel or find_probe_kernel(default_cache_dir())
+    key = host_key(uri, kernel)
     path = cache_path()
     if not fresh and path.exists():
         try:
@@ -53,7 +60,7 @@ def probe(uri: str, *, fresh: bool = False) -> HostProbe:
                 )
         except (ValueError, KeyError):
             pass  # an unreadable cache is probed afresh
-    result = probe_host(uri, storage=state_root())
+    result = probe_host(uri, storage=state_root(), kernel=kernel)
     if result.libvirt_version is not None:  # only a real answer is worth remembering
         record = {
             "key": key,

@@ -24,6 +24,7 @@ from labbuilder.sizes import format_size
 ENABLE_NESTED = "labbuilder doctor --enable-nested"
 FIX_DEV_KVM = "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm"
 FIX_LIBVIRTD = "systemctl start libvirtd   (without systemd: libvirtd -d)"
+FULL_PROOF = "labbuilder images build debian-12 && labbuilder doctor"
 TCG = "domains use plain QEMU (TCG), many times slower than KVM; compute nodes get virt_type = qemu"
 STYLE = {Status.OK: "green", Status.WARN: "yellow", Status.FAIL: "bold red"}
 
@@ -66,16 +67,33 @@ def libvirt_finding(facts: HostProbeFacts) -> Finding:
 
 
 def acceleration_finding(facts: HostProbeFacts, decision: Decision) -> Finding:
-    boot, dev_kvm = facts.kvm_boot, facts.dev_kvm
+    boot, linux, dev_kvm = facts.kvm_boot, facts.kvm_linux, facts.dev_kvm
     if decision.acceleration == Acceleration.KVM and boot is not None:
+        if linux is not None:
+            return Finding(
+                "acceleration",
+                Status.OK,
+                f"a probe guest with domain type kvm {linux.reason} ({dev_kvm.describe()})",
+                "domains use KVM (domain type kvm)",
+            )
         return Finding(
             "acceleration",
-            Status.OK,
-            f"a probe guest with domain type kvm {boot.reason} ({dev_kvm.describe()})",
-            "domains use KVM (domain type kvm)",
+            Status.WARN,
+            f"a probe guest with domain type kvm {boot.reason} ({dev_kvm.describe()}); only "
+            f"16-bit real mode was proven, not a 64-bit Linux kernel "
+            f"({facts.linux_not_tried or 'none was booted'})",
+            "domains use KVM (domain type kvm), unproven for Linux: where KVM runs only real "
+            'mode, lab nodes hang at boot or pause with "KVM internal error"; building an '
+            "image gives doctor a kernel to boot",
+            FULL_PROOF,
         )
     if boot is None:
         detail = f"KVM not tested: {facts.kvm_not_tried or 'no probe guest was booted'}"
+    elif boot.marker_seen and linux is not None:
+        detail = (
+            f"KVM runs 16-bit real mode (a boot sector {boot.reason}) but not Linux: in a "
+            f"probe guest with domain type kvm, {linux.reason}"
+        )
     else:
         detail = f"a probe guest with domain type kvm did not run: {boot.reason}"
     detail += f"; {dev_kvm.describe()}"
@@ -87,6 +105,8 @@ def acceleration_finding(facts: HostProbeFacts, decision: Decision) -> Finding:
         fix = f"modprobe {facts.nested.module}"
     elif not dev_kvm.exists:
         detail += "; the CPU offers this host no VT-x/AMD-V (no vmx/svm in /proc/cpuinfo)"
+    if boot is not None and linux is not None and facts.kvm_modules:
+        detail += f"; KVM modules loaded: {', '.join(facts.kvm_modules)}"
     return Finding("acceleration", Status.WARN, detail, TCG, fix)
 
 

@@ -81,6 +81,13 @@ class HostProbe:
         return next(finding for finding in self.findings if finding.name == name)
 
 
+class Proof(StrEnum):
+    """What a probe guest ran (``labbuilder.adapters.probeguest``)."""
+
+    REAL_MODE = "real mode"  # a 512-byte boot sector: 16-bit real-mode code printed a marker
+    LINUX = "linux"  # a 64-bit Linux kernel booted to mounting its root file system
+
+
 class Decision(NamedTuple):
     """What ``decide`` makes of the acceleration facts."""
 
@@ -97,7 +104,7 @@ class Decision(NamedTuple):
 class AccelerationFacts:
     """The two facts the acceleration decision rests on."""
 
-    kvm_guest_ran: bool  # a domain of type kvm printed the probe's marker
+    kvm_guest_ran: bool  # a domain of type kvm ran the probe: Linux when tried, else real mode
     nested: bool | None  # the host's KVM offers VT-x/AMD-V to its guests
 
 
@@ -110,6 +117,7 @@ class BootResult:
     reason: str  # how it ran, or why it did not
     start_seconds: float  # how long libvirt took to start it (createXML)
     run_seconds: float  # from start to the marker, or to giving up
+    proof: Proof = Proof.REAL_MODE  # what it ran
 
 
 @dataclass(frozen=True)
@@ -187,8 +195,11 @@ class HostProbeFacts:
     qemu_version: str | None = None
     libvirt_error: str | None = None  # None: libvirt was reachable
     dev_kvm: DevKvm = DevKvm(exists=False)
-    kvm_boot: BootResult | None = None  # None: not tried (see ``kvm_not_tried``)
+    kvm_boot: BootResult | None = None  # the boot sector; None: not tried (``kvm_not_tried``)
     kvm_not_tried: str | None = None
+    kvm_linux: BootResult | None = None  # the Linux kernel; None: not tried (``linux_not_tried``)
+    linux_not_tried: str | None = None
+    kvm_modules: tuple[str, ...] = ()  # the loaded kernel modules named kvm*
     nested: NestedFacts = NestedFacts(None, None, None)
     cpus: int | None = None
     memory_available: int | None = None  # bytes
@@ -203,5 +214,9 @@ class HostProbeFacts:
 
     @property
     def acceleration(self) -> AccelerationFacts:
+        """KVM runs guests when the boot sector ran and, if a Linux kernel was booted too, so
+        did Linux: the Linux proof overrules the real-mode one."""
         ran = self.kvm_boot is not None and self.kvm_boot.marker_seen
+        if ran and self.kvm_linux is not None:
+            ran = self.kvm_linux.marker_seen
         return AccelerationFacts(kvm_guest_ran=ran, nested=self.nested.enabled)

@@ -1,6 +1,8 @@
 """The host probe behind `labbuilder doctor`: the decision, the findings' words, the readers of
 fabricated /proc and /sys files, the nested-virtualization refusals, and (integration) probe
-guests booted by the real libvirtd."""
+guests booted by the real libvirtd: the boot sector, and a built image's Linux kernel (from
+the shared test image cache, ``$LABBUILDER_TEST_CACHE`` or /var/cache/labbuilder-test, which
+test_imagebuild fills)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lablib import TEST_CACHE
 from rich.console import Console
 
 from labbuilder.adapters import hostprobe, probeguest
 from labbuilder.adapters import libvirt as lv
 from labbuilder.errors import HostError
+from labbuilder.imagecache import default_cache_dir
 from labbuilder.model import HostRoute, LibvirtNetworkFact
 from labbuilder.probe import (
     Acceleration,
@@ -29,10 +33,12 @@ from labbuilder.probe import (
     DomainType,
     HostProbeFacts,
     LabNeed,
+    Proof,
     Resolved,
     Status,
     VirtType,
     decide,
+    find_probe_kernel,
     probe_from_facts,
     probe_host,
     render_findings,
@@ -68,6 +74,27 @@ def test_working_kvm_without_nesting_gives_kvm_domains_but_qemu_compute(
 # --- findings -------------------------------------------------------------------------------
 
 KVM_RAN = BootResult("kvm", True, "printed LBPROBE-OK 0.2 s after start", 0.4, 0.2)
+KERNEL = "/var/cache/labbuilder/built/debian-12-0123456789abcdef/vmlinuz"
+LINUX_RAN = BootResult(
+    "kvm",
+    True,
+    f'booted Linux 6.1.0-50-cloud-amd64 ({KERNEL}) to mounting its root file system ("VFS: '
+    'Cannot open root device") 1.4 s after start',
+    0.4,
+    1.4,
+    Proof.LINUX,
+)
+LINUX_PAUSED = BootResult(
+    "kvm",
+    False,
+    f"Linux 6.1.0-50-cloud-amd64 ({KERNEL}) did not get to mounting its root file system: the "
+    "guest was paused (reason unknown: QEMU stopped it, e.g. on a KVM error) 0.9 s after start; "
+    'its last line on the serial port: "smpboot: CPU0: Intel Xeon Processor" (QEMU\'s log: KVM '
+    "internal error. Suberror: 1 emulation failure)",
+    0.4,
+    0.9,
+    Proof.LINUX,
+)
 KVM_DENIED = BootResult(
     "kvm",
     False,
@@ -94,6 +121,8 @@ def facts(**changes: Any) -> HostProbeFacts:
         qemu_version="7.2.0",
         dev_kvm=KVM_OPEN,
         kvm_boot=KVM_RAN,
+        kvm_linux=LINUX_RAN,
+        kvm_modules=("kvm", "kvm_intel"),
         nested=INTEL_NESTED,
         cpus=8,
         memory_available=32 * GiB,
@@ -129,10 +158,12 @@ def test_a_healthy_kvm_host_has_only_ok_findings() -> None:
     assert probe.finding("libvirt").detail == "libvirt 9.0.0, QEMU 7.2.0, at qemu:///system"
     acceleration = probe.finding("acceleration")
     assert acceleration.detail == (
-        "a probe guest with domain type kvm printed LBPROBE-OK 0.2 s after start "
+        f"a probe guest with domain type kvm booted Linux 6.1.0-50-cloud-amd64 ({KERNEL}) to "
+        'mounting its root file system ("VFS: Cannot open root device") 1.4 s after start '
         "(/dev/kvm crw-rw---- root:kvm)"
     )
     assert acceleration.consequence == "domains use KVM (domain type kvm)"
+    assert acceleration.fix is None
     nested = probe.finding("nested virtualization")
     assert nested.detail == "the CPU has vmx; kvm_intel nested=Y"
     assert "host-passthrough" in nested.consequence and "virt_type = kvm" in nested.consequence
@@ -156,8 +187,65 @@ def test_kvm_on_a_cpu_without_vmx_or_svm_has_no_nested_fix() -> None:
     assert "neither vmx (VT-x) nor svm (AMD-V)" in nested.detail
 
 
+@pytest.mark.parametrize(
+    ("boot", "linux", "ran"),
+    [
+        (KVM_RAN, LINUX_RAN, True),
+        (KVM_RAN, None, True),  # no kernel: the real-mode proof decides
+        (KVM_RAN, LINUX_PAUSED, False),  # the Linux proof overrules it
+        (KVM_DENIED, None, False),
+        (None, None, False),
+    ],
+)
+def test_the_linux_proof_overrules_the_boot_sector(
+    boot: BootResult | None, linux: BootResult | None, ran: bool
+) -> None:
+    assert facts(kvm_boot=boot, kvm_linux=linux).acceleration.kvm_guest_ran is ran
+
+
+def test_a_boot_sector_alone_proves_only_real_mode_and_says_how_to_prove_linux() -> None:
+    probe = probe_from_facts(
+        facts(kvm_linux=None, linux_not_tried="no Linux kernel was given to boot")
+    )
+    assert (probe.acceleration, probe.domain_type) == ("kvm", "kvm")
+    acceleration = probe.finding("acceleration")
+    assert acceleration.status == Status.WARN
+    assert acceleration.detail == (
+        "a probe guest with domain type kvm printed LBPROBE-OK 0.2 s after start "
+        "(/dev/kvm crw-rw---- root:kvm); only 16-bit real mode was proven, not a 64-bit Linux "
+        "kernel (no Linux kernel was given to boot)"
+    )
+    assert acceleration.consequence.startswith("domains use KVM (domain type kvm), unproven")
+    assert acceleration.fix == "labbuilder images build debian-12 && labbuilder doctor"
+
+
+def test_kvm_that_runs_real_mode_but_not_linux_means_tcg_and_names_the_reason() -> None:
+    probe = probe_from_facts(facts(kvm_linux=LINUX_PAUSED, kvm_modules=("kvm", "kvm_pvm")))
+    assert (probe.acceleration, probe.domain_type, probe.virt_type) == ("tcg", "qemu", "qemu")
+    assert not probe.cpu_passthrough
+    acceleration = probe.finding("acceleration")
+    assert acceleration.status == Status.WARN and acceleration.fix is None
+    assert acceleration.detail.startswith(
+        "KVM runs 16-bit real mode (a boot sector printed LBPROBE-OK 0.2 s after start) but "
+        "not Linux: in a probe guest with domain type kvm, Linux 6.1.0-50-cloud-amd64 ("
+    )
+    assert "was paused" in acceleration.detail
+    assert "KVM internal error. Suberror: 1 emulation failure" in acceleration.detail
+    assert acceleration.detail.endswith(
+        "; /dev/kvm crw-rw---- root:kvm; KVM modules loaded: kvm, kvm_pvm"
+    )
+    assert acceleration.consequence.startswith("domains use plain QEMU (TCG)")
+
+
 def test_a_kvm_guest_that_qemu_may_not_open_dev_kvm_for_is_tcg_with_the_chmod_fix() -> None:
-    probe = probe_from_facts(facts(kvm_boot=KVM_DENIED, dev_kvm=KVM_ROOT_ONLY))
+    probe = probe_from_facts(
+        facts(
+            kvm_boot=KVM_DENIED,
+            kvm_linux=None,
+            linux_not_tried="the boot sector did not run",
+            dev_kvm=KVM_ROOT_ONLY,
+        )
+    )
     assert (probe.acceleration, probe.domain_type, probe.virt_type) == ("tcg", "qemu", "qemu")
     assert not probe.cpu_passthrough
     acceleration = probe.finding("acceleration")
@@ -179,7 +267,12 @@ def test_a_kvm_guest_that_qemu_may_not_open_dev_kvm_for_is_tcg_with_the_chmod_fi
 
 def test_no_dev_kvm_suggests_loading_the_module() -> None:
     probe = probe_from_facts(
-        facts(kvm_boot=None, kvm_not_tried="there is no /dev/kvm", dev_kvm=DevKvm(False))
+        facts(
+            kvm_boot=None,
+            kvm_linux=None,
+            kvm_not_tried="there is no /dev/kvm",
+            dev_kvm=DevKvm(False),
+        )
     )
     acceleration = probe.finding("acceleration")
     assert acceleration.detail == "KVM not tested: there is no /dev/kvm; no /dev/kvm"
@@ -193,6 +286,7 @@ def test_an_unreachable_libvirt_fails_and_says_what_was_not_checked() -> None:
             qemu_version=None,
             libvirt_error="cannot connect to libvirt at qemu:///system: no socket",
             kvm_boot=None,
+            kvm_linux=None,
             kvm_not_tried="libvirt is not reachable",
             libvirt_networks=None,
         )
@@ -334,6 +428,73 @@ def test_the_probe_domain_has_no_network_and_logs_its_serial_port(tmp_path: Path
     assert serial.find("source").get("path") == str(tmp_path / "serial.log")  # type: ignore[union-attr]
 
 
+def test_the_linux_probe_domain_boots_the_kernel_alone(tmp_path: Path) -> None:
+    xml = probeguest.kernel_domain_xml(
+        "lbprobe-kvm-1-abc", "kvm", tmp_path / "vmlinuz", tmp_path / "serial.log"
+    )
+    root = ET.fromstring(xml)
+    assert root.get("type") == "kvm" and root.findtext("name") == "lbprobe-kvm-1-abc"
+    assert root.findtext("memory") == "256" and root.find("memory").get("unit") == "MiB"  # type: ignore[union-attr]
+    assert root.findtext("os/kernel") == str(tmp_path / "vmlinuz")
+    assert root.findtext("os/cmdline") == "console=ttyS0 panic=-1 root=/dev/null"
+    assert root.find("os/initrd") is None and root.find("os/boot") is None
+    assert root.find("devices/disk") is None and root.find("devices/interface") is None
+    assert root.findtext("on_reboot") == "destroy"  # panic=-1 reboots: the guest ends itself
+    serial = root.find("devices/serial")
+    assert serial is not None and serial.get("type") == "file"
+    assert serial.find("source").get("path") == str(tmp_path / "serial.log")  # type: ignore[union-attr]
+    # No marker may be in what the kernel echoes of its own command line.
+    assert not any(m.decode() in probeguest.KERNEL_CMDLINE for m in probeguest.LINUX_MARKERS)
+
+
+SERIAL = (
+    b"\x1b[?7l\x1b[2J\x1b[0m[    0.000000] Linux version 6.1.0-50-cloud-amd64 (debian-kernel@lists.debian.org)\r\n"
+    b"[    0.000000] Command line: console=ttyS0 panic=-1 root=/dev/null\r\n"
+    b"[    0.412345] smpboot: CPU0: Intel Xeon Processor (Sapphire Rapids) (family: 0x6)\r\n"
+)
+VFS = b'[    2.585057] VFS: Cannot open root device "null" or unknown-block(0,0): error -6\r\n'
+PANIC = b"[    2.585927] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\r\n"
+VMLINUZ = Path("/c/built/debian-12-0123456789abcdef/vmlinuz")
+
+
+def test_the_linux_proof_in_words() -> None:
+    Waited = probeguest.Waited
+    booted = probeguest.linux_reason(
+        Waited(b"VFS: Cannot open root device", None, 2.6, SERIAL + VFS + PANIC), VMLINUZ
+    )
+    assert booted == (
+        f"booted Linux 6.1.0-50-cloud-amd64 ({VMLINUZ}) to mounting its root file system "
+        '("VFS: Cannot open root device") 2.6 s after start'
+    )
+    silent = probeguest.linux_reason(Waited(None, None, 30.0, b""), VMLINUZ)
+    assert silent == (
+        f"Linux ({VMLINUZ}) did not get to mounting its root file system within 30.0 s; the "
+        "serial port stayed silent"
+    )
+    paused = probeguest.linux_reason(
+        Waited(None, "was paused (reason unknown)", 0.9, SERIAL), VMLINUZ
+    )
+    assert paused == (
+        f"Linux 6.1.0-50-cloud-amd64 ({VMLINUZ}) did not get to mounting its root file system: "
+        "the guest was paused (reason unknown) 0.9 s after start; its last line on the serial "
+        'port: "smpboot: CPU0: Intel Xeon Processor (Sapphire Rapids) (family: 0x6)"'
+    )
+    assert probeguest.last_line(b"Probing EDD (edd=off to disable)... ok\r\n\x1b[2J\r\n") == (
+        "Probing EDD (edd=off to disable)... ok"
+    )
+    assert len(probeguest.last_line(b"x" * 500)) == 120
+
+
+def test_a_marker_is_found_wherever_it_is_and_the_earliest_wins() -> None:
+    markers = probeguest.LINUX_MARKERS
+    assert (
+        probeguest._first_marker(SERIAL + VFS + PANIC, markers) == b"VFS: Cannot open root device"
+    )
+    assert probeguest._first_marker(SERIAL + PANIC, markers) == b"VFS: Unable to mount root fs"
+    early = b"Kernel panic - not syncing: Attempted to kill the idle task!\r\n"
+    assert probeguest._first_marker(SERIAL + early, markers) is None  # a panic alone is no proof
+
+
 QEMU_LOG = """\
 2026-11-26 01:44:37.812+0000: starting up libvirt version: 9.0.0, qemu version: 7.2.22
 LC_ALL=C \\
@@ -351,6 +512,33 @@ def test_qemus_own_messages_are_taken_from_libvirts_log() -> None:
     assert probeguest.qemu_messages(QEMU_LOG) == (
         "Could not access KVM kernel module: Permission denied "
         "qemu-system-x86_64: -accel kvm: failed to initialize kvm: Permission denied"
+    )
+
+
+KVM_INTERNAL_ERROR_LOG = """\
+2026-11-26 02:07:30.855+0000: starting up libvirt version: 9.0.0, qemu version: 7.2.22
+2026-11-26T02:07:30.971645Z qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.pni [bit 0]
+KVM internal error. Suberror: 1
+extra data[0]: 0x0000000000000001
+extra data[1]: 0x74204dc70f48f00f
+emulation failure
+RAX=ffff8cb7c1040040 RBX=0000000000000000 RCX=0000000080400040 RDX=0000000000400001
+RIP=ffffffff9af14b60 RFL=00000006 [-----P-] CPL=0 II=0 A20=1 SMM=0 HLT=0
+ES =0000 0000000000000000 00000000 00000000
+CS =0010 0000000000000000 ffffffff 00a09b00 DPL=0 CS64 [-RA]
+GDT=     fffffe0000001000 0000007f
+CR0=80050033 CR2=ffff8cb81a601000 CR3=0000000059810000 CR4=000100b0
+EFER=0000000000000d01
+Code=24 5b 80 41 81 e3 00 00 00 40 48 8b 4c 24 58 74 31 48 89 f0 <f0> 48 0f c7 4d 20 74 66
+2026-11-26T02:12:40.565676Z qemu-system-x86_64: terminating on signal 15 from pid 3362 (libvirtd)
+2026-11-26 02:12:42.570+0000: shutting down, reason=destroyed
+"""
+
+
+def test_a_kvm_internal_error_is_kept_without_its_register_dump() -> None:
+    assert probeguest.qemu_messages(KVM_INTERNAL_ERROR_LOG) == (
+        "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.pni "
+        "[bit 0] KVM internal error. Suberror: 1 emulation failure"
     )
 
 
@@ -380,13 +568,29 @@ class FakeConn:
         pass
 
 
-def test_stale_probe_guests_of_dead_processes_are_swept() -> None:
+def test_stale_probe_guests_of_dead_processes_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dead = 2**22 + 17  # above pid_max's default range: no such process
+    logs, parent = tmp_path / "logs", tmp_path / "tmp"
+    logs.mkdir()
+    parent.mkdir()
+    monkeypatch.setattr(probeguest, "QEMU_LOG_DIRS", (logs,))
+    for name in (f"lbprobe-kvm-{dead}-a1b2c3", f"lbprobe-kvm-{os.getpid()}-d4e5f6"):
+        (logs / f"{name}.log").write_text("QEMU's log\n")
+    for name in (f"lbprobe-{dead}-x_1y2z3w", f"lbprobe-{os.getpid()}-abcdefgh", "lbprobe-other"):
+        (parent / name).mkdir()
+        (parent / name / "vmlinuz").write_bytes(b"MZ")
     conn = FakeConn(
         [f"lbprobe-kvm-{dead}-a1b2c3", f"lbprobe-kvm-{os.getpid()}-d4e5f6", "guide-3node-compute1"]
     )
-    assert probeguest.sweep_stale_probe_guests(conn) == [f"lbprobe-kvm-{dead}-a1b2c3"]
+    assert probeguest.sweep_stale_probe_guests(conn, parent) == [f"lbprobe-kvm-{dead}-a1b2c3"]
     assert conn.destroyed == [f"lbprobe-kvm-{dead}-a1b2c3"]
+    assert sorted(path.name for path in logs.iterdir()) == [f"lbprobe-kvm-{os.getpid()}-d4e5f6.log"]
+    assert sorted(path.name for path in parent.iterdir()) == [
+        f"lbprobe-{os.getpid()}-abcdefgh",
+        "lbprobe-other",
+    ]
 
 
 # --- reading the host -----------------------------------------------------------------------
@@ -434,6 +638,30 @@ def test_dev_kvm_mode_and_owner(tmp_path: Path) -> None:
     assert hostprobe.read_dev_kvm(tmp_path / "missing") == DevKvm(
         False, path=str(tmp_path / "missing")
     )
+
+
+def test_the_probe_kernel_is_the_newest_built_images_kernel(tmp_path: Path) -> None:
+    assert find_probe_kernel(tmp_path) is None  # no built/ at all
+    built = tmp_path / "built"
+    for index, name in enumerate(["debian-12-aaaa", "debian-12-bbbb", ".build-debian-12-cccc-7"]):
+        (built / name).mkdir(parents=True)
+        kernel = built / name / "vmlinuz"
+        kernel.write_bytes(b"MZ kernel")
+        os.utime(kernel, (1_700_000_000 + index, 1_700_000_000 + index))
+    (built / "debian-12-dddd").mkdir()  # no kernel: a downloaded image's folder, say
+    (built / "debian-12-eeee").mkdir()
+    (built / "debian-12-eeee" / "vmlinuz").write_bytes(b"")  # empty: not a kernel
+    assert find_probe_kernel(tmp_path) == built / "debian-12-bbbb" / "vmlinuz"
+    # The cache folder doctor uses honours $LABBUILDER_CACHE_DIR.
+    cache = default_cache_dir({"LABBUILDER_CACHE_DIR": str(tmp_path), "HOME": "/nonexistent"})
+    assert find_probe_kernel(cache) == built / "debian-12-bbbb" / "vmlinuz"
+
+
+def test_kvm_modules_are_read_from_sys_module(tmp_path: Path) -> None:
+    for name in ("kvm", "kvm_pvm", "ext4", "kvmfoo"):
+        (tmp_path / name).mkdir()
+    assert hostprobe.read_kvm_modules(tmp_path) == ("kvm", "kvm_pvm", "kvmfoo")
+    assert hostprobe.read_kvm_modules(tmp_path / "missing") == ()
 
 
 def test_apt_proxies_in_both_forms(tmp_path: Path) -> None:
@@ -648,33 +876,94 @@ def test_a_too_short_timeout_kills_the_guest(conn: Any, probe_dir: Path) -> None
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("with_kernel", [False, True], ids=["boot-sector", "linux"])
 def test_the_guest_is_destroyed_when_waiting_fails(
-    conn: Any, probe_dir: Path, monkeypatch: pytest.MonkeyPatch
+    conn: Any, probe_dir: Path, monkeypatch: pytest.MonkeyPatch, with_kernel: bool
 ) -> None:
-    def interrupted(domain: Any, serial_log: Path, deadline: float) -> tuple[bool, str]:
+    kernel = built_kernel() if with_kernel else None
+
+    def interrupted(
+        domain: Any, serial_log: Path, deadline: float, markers: tuple[bytes, ...]
+    ) -> probeguest.Waited:
         assert domain.isActive()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(probeguest, "_wait_for_marker", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        probeguest.boot_probe_guest(conn, domain_type="qemu", timeout=5, parent=probe_dir)
+        probeguest.boot_probe_guest(
+            conn, domain_type="qemu", timeout=5, kernel=kernel, parent=probe_dir
+        )
     assert_nothing_left(conn, probe_dir)
 
 
-@pytest.fixture(scope="module")
-def host_probe() -> Iterator[tuple[Any, float, Path]]:
-    """One real probe_host for the module's tests, with its probe guest's files in a folder
-    of its own (so that leftovers can be told from other runs' files)."""
+def built_kernel() -> Path:
+    """The newest built image's kernel in the shared test image cache; skips without one."""
+    kernel = find_probe_kernel(TEST_CACHE)
+    if kernel is None:
+        pytest.skip(
+            f"no built image with a kernel in {TEST_CACHE / 'built'}: tests/test_imagebuild.py "
+            f"builds one (or: LABBUILDER_CACHE_DIR={TEST_CACHE} labbuilder images build debian-12)"
+        )
+    return kernel
+
+
+@pytest.mark.integration
+def test_a_linux_kernel_gets_to_mounting_root_under_tcg(conn: Any, probe_dir: Path) -> None:
+    # The kernel the KVM proof boots: if it gets there under TCG, a KVM guest that does not
+    # means KVM, not the kernel, is broken.
+    kernel = built_kernel()
+    result = probeguest.boot_probe_guest(
+        conn, domain_type="qemu", timeout=180, kernel=kernel, parent=probe_dir
+    )
+    assert result.marker_seen, result.reason
+    assert result.proof == Proof.LINUX and result.domain_type == "qemu"
+    assert result.reason.startswith("booted Linux ") and f"({kernel})" in result.reason
+    assert "to mounting its root file system" in result.reason and result.run_seconds < 180
+    assert_nothing_left(conn, probe_dir)
+
+
+@pytest.mark.integration
+def test_a_linux_guest_that_times_out_is_destroyed_with_its_files(
+    conn: Any, probe_dir: Path
+) -> None:
+    kernel = built_kernel()
+    result = probeguest.boot_probe_guest(
+        conn, domain_type="qemu", timeout=0.3, kernel=kernel, parent=probe_dir
+    )
+    assert not result.marker_seen and result.proof == Proof.LINUX
+    assert "did not get to mounting its root file system within 0." in result.reason
+    assert 0.3 <= result.run_seconds < 10
+    assert_nothing_left(conn, probe_dir)
+    assert kernel.is_file()  # the cache's kernel is untouched: the guest booted a copy
+
+
+def _probe_here(kernel: Path | None) -> Iterator[tuple[Any, float, Path]]:
+    """A real probe_host, with its probe guests' files in a folder of its own (so that
+    leftovers can be told from other runs' files)."""
     folder = Path(tempfile.mkdtemp(prefix="lbtest-probe-", dir="/tmp"))
     folder.chmod(0o711)
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(probeguest, "_default_parent", lambda: folder)
             started = time.monotonic()
-            probe = probe_host(URI, storage=Path("/var/lib/labbuilder-probe-test/disks"))
+            probe = probe_host(
+                URI, storage=Path("/var/lib/labbuilder-probe-test/disks"), kernel=kernel
+            )
             yield probe, time.monotonic() - started, folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def host_probe() -> Iterator[tuple[Any, float, Path]]:
+    """probe_host without a kernel: the boot sector only."""
+    yield from _probe_here(None)
+
+
+@pytest.fixture(scope="module")
+def host_probe_linux() -> Iterator[tuple[Any, float, Path]]:
+    """probe_host with the test cache's built kernel: the full proof."""
+    yield from _probe_here(built_kernel())
 
 
 @pytest.mark.integration
@@ -697,9 +986,54 @@ def test_probe_host_on_this_machine_is_complete(host_probe: Any, conn: Any) -> N
     assert probe.domain_type == ("kvm" if probe.acceleration == Acceleration.KVM else "qemu")
     assert probe.virt_type == ("kvm" if probe.cpu_passthrough else "qemu")
     acceleration = probe.finding("acceleration")
-    assert acceleration.status == (Status.OK if probe.acceleration == "kvm" else Status.WARN)
+    assert acceleration.status == Status.WARN  # TCG, or KVM proven only in real mode
+    if probe.acceleration == Acceleration.KVM:
+        assert "only 16-bit real mode was proven" in acceleration.detail
+        assert acceleration.fix == "labbuilder images build debian-12 && labbuilder doctor"
     if Path("/dev/kvm").exists():
         assert "domain type kvm" in acceleration.detail  # a KVM guest was really tried
     assert 0 < probe.seconds <= seconds
     assert not [n for n in probeguest.probe_guests(conn) if f"-{os.getpid()}-" in n]
     assert_nothing_left(conn, folder)
+
+
+@pytest.mark.integration
+def test_the_linux_proof_on_this_host_agrees_with_a_direct_check(
+    host_probe_linux: Any, conn: Any, probe_dir: Path
+) -> None:
+    # Whatever this host's KVM does, the probe's answer must hold up: "kvm" only if the
+    # kernel really boots under KVM (again), "tcg" only with the reason named, for a kernel
+    # that does boot under TCG (so the kernel is not what failed).
+    probe, seconds, folder = host_probe_linux
+    kernel = built_kernel()
+    assert_nothing_left(conn, folder)
+    assert 0 < probe.seconds <= seconds
+    if not Path("/dev/kvm").exists():
+        pytest.skip("no /dev/kvm here: the KVM proof is not tried")
+    acceleration = probe.finding("acceleration")
+    if probe.acceleration == Acceleration.KVM:
+        assert (acceleration.status, probe.domain_type) == (Status.OK, "kvm")
+        assert "booted Linux" in acceleration.detail and str(kernel) in acceleration.detail
+        again = probeguest.boot_probe_guest(
+            conn, domain_type="kvm", timeout=30, kernel=kernel, parent=probe_dir
+        )
+        assert again.marker_seen, f"the probe said KVM runs Linux, a second boot: {again.reason}"
+    else:
+        assert (acceleration.status, probe.domain_type) == (Status.WARN, "qemu")
+        assert acceleration.consequence.startswith("domains use plain QEMU (TCG)")
+        detail = acceleration.detail
+        if detail.startswith("KVM runs 16-bit real mode"):
+            assert f"({kernel}) did not get to mounting its root file system" in detail
+            assert any(
+                how in detail
+                for how in ("within", "was paused", "is gone", "stopped", "libvirt could not")
+            ), detail
+        else:  # the boot sector failed already: the Linux proof was not needed
+            assert detail.startswith(
+                ("a probe guest with domain type kvm did not run: ", "KVM not tested: ")
+            )
+        control = probeguest.boot_probe_guest(
+            conn, domain_type="qemu", timeout=180, kernel=kernel, parent=probe_dir
+        )
+        assert control.marker_seen, f"the kernel does not boot under TCG either: {control.reason}"
+    assert_nothing_left(conn, probe_dir)

@@ -1,5 +1,6 @@
 """The host probe's side effects: reading /proc/cpuinfo, the KVM modules' ``nested`` parameter,
-/dev/kvm, apt's proxy settings and DNS; and switching nested virtualization on with modprobe.
+/dev/kvm, apt's proxy settings and DNS, finding a kernel for the Linux proof in the image
+cache; and switching nested virtualization on with modprobe.
 
 Paths are module constants so that tests can point them at fabricated files.
 """
@@ -12,6 +13,7 @@ import os
 import pwd
 import re
 import socket
+import stat
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +25,9 @@ import libvirt
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.probeguest import boot_probe_guest
+from labbuilder.baseimage import built_images_dir
 from labbuilder.errors import HostError
+from labbuilder.imagebuild import KERNEL_FILE
 from labbuilder.probemodel import DevKvm, NestedFacts, Resolved
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -51,6 +55,40 @@ def read_nested(cpuinfo: Path | None = None, sys_module: Path | None = None) -> 
     parameter = (sys_module or SYS_MODULE) / module / "parameters" / "nested"
     value = parameter.read_text().strip() if parameter.exists() else None
     return NestedFacts(flag, module, value)
+
+
+def read_kvm_modules(sys_module: Path | None = None) -> tuple[str, ...]:
+    """The loaded kernel modules whose name starts with kvm (kvm, kvm_intel, kvm_pvm, ...)."""
+    try:
+        names = [entry.name for entry in (sys_module or SYS_MODULE).iterdir()]
+    except OSError:
+        return ()
+    return tuple(sorted(name for name in names if name.startswith("kvm")))
+
+
+def find_probe_kernel(cache_dir: Path) -> Path | None:
+    """The newest (by modification time) direct-boot kernel of a built image in the image
+    cache ``cache_dir``: ``<cache_dir>/built/<image>/vmlinuz``, for the probe's Linux proof.
+    None when no image has been built. Builds in progress (``.build-*``) are skipped.
+
+    ``labbuilder.imagecache.default_cache_dir()`` is the usual ``cache_dir``.
+    """
+    kernels: list[tuple[float, str, Path]] = []
+    try:
+        images = list(built_images_dir(cache_dir).iterdir())
+    except OSError:
+        return None
+    for image in images:
+        kernel = image / KERNEL_FILE
+        if image.name.startswith("."):
+            continue
+        try:
+            info = kernel.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size > 0:
+            kernels.append((info.st_mtime, str(kernel), kernel))
+    return max(kernels)[2] if kernels else None
 
 
 def read_dev_kvm(path: Path | None = None) -> DevKvm:
@@ -192,15 +230,17 @@ def enable_nested(
     dry_run: bool,
     uri: str = "qemu:///system",
     kvm_works: bool | None = None,
-    timeout: float = 20.0,
+    timeout: float = 30.0,
+    kernel: Path | None = None,
 ) -> list[str]:
     """Switch on nested virtualization for the lab's compute nodes: reload kvm_intel/kvm_amd
     with nested=1 and persist it in ``MODPROBE_CONF``. Returns the actions (the commands);
     [] when nesting is on already. With ``dry_run``, checks and returns them, changing nothing.
 
     Refuses (HostError, naming the commands to run by hand) unless KVM really runs a guest
-    (boots a probe guest unless ``kvm_works`` says), no guest is running at ``uri``, and we
-    are root. Reloading the module under running guests would kill them.
+    (boots a probe guest unless ``kvm_works`` says: the boot sector, then ``kernel`` if
+    given), no guest is running at ``uri``, and we are root. Reloading the module under
+    running guests would kill them.
     """
     nested = read_nested()
     reason = "a KVM probe guest ran" if kvm_works else "a KVM probe guest did not run"
@@ -208,6 +248,8 @@ def enable_nested(
     try:
         if kvm_works is None and nested.parameter is not None and not nested.enabled:
             result = boot_probe_guest(conn, domain_type="kvm", timeout=timeout)
+            if result.marker_seen and kernel is not None:
+                result = boot_probe_guest(conn, domain_type="kvm", timeout=timeout, kernel=kernel)
             kvm_works, reason = result.marker_seen, result.reason
         state = NestedState(nested, bool(kvm_works), reason, active_domains(conn), _is_root())
     finally:

@@ -1,13 +1,29 @@
-"""Boot a tiny transient guest to find out whether a libvirt domain type really runs guests.
+"""Boot a transient probe guest to find out whether a libvirt domain type really runs guests.
 
 ``/dev/kvm`` existing, and libvirt saying it supports domain type ``kvm``, do not prove that a
 KVM guest runs: QEMU may not be allowed to open ``/dev/kvm``, or KVM may fail on the first
-instruction. ``boot_probe_guest`` boots a 512-byte boot sector (``boot_sector``) that writes
-``MARKER`` to COM1 and halts, with COM1 logged to a file, and waits for the marker.
+instruction. ``boot_probe_guest`` boots one of two guests, with COM1 logged to a file, and waits
+for a marker in that log:
 
-The guest is transient (``createXML``), named ``lbprobe-<type>-<pid>-<random>``, has 16 MiB of
-memory and no network, and lives in a temporary directory. It is destroyed and the directory
-removed whatever happens, also on a timeout or an exception.
+* a 512-byte boot sector (``boot_sector``) that writes ``MARKER`` to COM1 and halts. Quick
+  (well under a second), but it proves only 16-bit real mode: a host whose KVM runs it may
+  still fail a 64-bit Linux kernel (a KVM that cannot emulate ``lock cmpxchg16b`` pauses the
+  guest with "KVM internal error ... emulation failure"; others hang while decompressing);
+* with ``kernel``: that Linux kernel (a bzImage, e.g. a built image's direct-boot ``vmlinuz``),
+  with no disk and no initrd, on ``KERNEL_CMDLINE`` (``root=/dev/null``). The proof is the
+  kernel reaching the point where it mounts its root file system, after all its initcalls
+  (CPU and memory setup, ACPI, timers, drivers): one of ``LINUX_MARKERS`` on the serial port,
+  "VFS: Cannot open root device" / "VFS: Unable to mount root fs" as it has no root device
+  (or "Run /init as init process" and friends, should a kernel find an init). "Kernel panic"
+  alone is not a marker: an early crash panics too. With ``panic=-1`` the kernel then reboots
+  at once and ``<on_reboot>destroy</on_reboot>`` ends the guest. Under working KVM that takes
+  1-3 s, under TCG a few seconds to a minute.
+
+The guest is transient (``createXML``), named ``lbprobe-<type>-<pid>-<random>``, has no disk
+but the boot sector and no network, and its files (boot sector or a copy of the kernel, serial
+log) live in a temporary directory ``lbprobe-<pid>-<random>``. It is destroyed, the directory
+removed and libvirt's QEMU log of it taken (read, then deleted) whatever happens, also on a
+timeout or an exception; ``sweep_stale_probe_guests`` clears what a killed probe left.
 """
 
 from __future__ import annotations
@@ -23,20 +39,36 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from labbuilder.probemodel import BootResult
+from labbuilder.probemodel import BootResult, Proof
 
 MARKER = b"LBPROBE-OK"
+LINUX_MARKERS = (
+    b"VFS: Cannot open root device",
+    b"VFS: Unable to mount root fs",
+    b"Run /init as init process",
+    b"Run /sbin/init as init process",
+    b"No working init found",
+)
+KERNEL_CMDLINE = "console=ttyS0 panic=-1 root=/dev/null"
 NAME_PREFIX = "lbprobe-"
 MEMORY_MIB = 16
+KERNEL_MEMORY_MIB = 256
 _POLL_SECONDS = 0.05
 _NAME = re.compile(rf"^{NAME_PREFIX}[a-z]+-(\d+)-[0-9a-f]+$")
+_WORKDIR = re.compile(rf"^{NAME_PREFIX}(\d+)-[A-Za-z0-9_]+$")
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+Z ")
 _LIBVIRT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+\+\d{4}: ")
+# QEMU's register dump after "KVM internal error": "RAX=..", "ES =..", "Code=..", "extra data[0]:"
+_REGISTER_DUMP = re.compile(r"^(?:[A-Z][A-Z0-9]{1,4}\s*=|Code=|extra data\[\d+\]:)")
+_LINUX_VERSION = re.compile(rb"Linux version (\S+)")
+_ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][0-9A-Za-z]|[78=>c])")
+_KERNEL_TIME = re.compile(r"^\[\s*\d+\.\d+\]\s*")
+_LAST_LINE_CHARS = 120
 QEMU_LOG_DIRS = (Path("/var/log/libvirt/qemu"), Path.home() / ".cache/libvirt/qemu/log")
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "no state",
@@ -48,6 +80,22 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
+_PAUSED = {
+    libvirt.VIR_DOMAIN_PAUSED_UNKNOWN: "reason unknown: QEMU stopped it, e.g. on a KVM error",
+    libvirt.VIR_DOMAIN_PAUSED_USER: "by a user",
+    libvirt.VIR_DOMAIN_PAUSED_IOERROR: "on an I/O error",
+    libvirt.VIR_DOMAIN_PAUSED_WATCHDOG: "by its watchdog",
+    libvirt.VIR_DOMAIN_PAUSED_CRASHED: "crashed",
+}
+
+
+class Waited(NamedTuple):
+    """How waiting for a probe guest's marker ended."""
+
+    marker: bytes | None  # the marker found in the serial log; None: not found
+    stopped: str | None  # how the guest stopped without it ("was paused (...)"); None: timeout
+    seconds: float  # from the start of waiting to the marker, the stop or the deadline
+    output: bytes  # the serial log as last read
 
 
 def boot_sector(marker: bytes = MARKER) -> bytes:
@@ -83,7 +131,8 @@ def boot_sector(marker: bytes = MARKER) -> bytes:
 
 
 def probe_domain_xml(name: str, domain_type: str, disk: Path, serial_log: Path) -> str:
-    """Domain XML of a probe guest: 16 MiB, one vCPU, one IDE disk, COM1 to a file, no NIC."""
+    """Domain XML of a boot-sector probe guest: 16 MiB, one vCPU, one IDE disk, COM1 to a
+    file, no NIC."""
     return f"""<domain type={quoteattr(domain_type)}>
   <name>{escape(name)}</name>
   <memory unit="MiB">{MEMORY_MIB}</memory>
@@ -107,6 +156,39 @@ def probe_domain_xml(name: str, domain_type: str, disk: Path, serial_log: Path) 
 </domain>"""
 
 
+def kernel_domain_xml(
+    name: str, domain_type: str, kernel: Path, serial_log: Path, cmdline: str = KERNEL_CMDLINE
+) -> str:
+    """Domain XML of a Linux probe guest: the lab nodes' machine (pc, ACPI, APIC, the default
+    CPU model, one vCPU) with 256 MiB, direct kernel boot of ``kernel`` without initrd, no
+    disk, no NIC, COM1 to a file; a reboot (``panic=-1``) destroys it."""
+    return f"""<domain type={quoteattr(domain_type)}>
+  <name>{escape(name)}</name>
+  <memory unit="MiB">{KERNEL_MEMORY_MIB}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch="x86_64" machine="pc">hvm</type>
+    <kernel>{escape(str(kernel))}</kernel>
+    <cmdline>{escape(cmdline)}</cmdline>
+  </os>
+  <features>
+    <acpi/>
+    <apic/>
+  </features>
+  <clock offset="utc"/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type="file">
+      <source path={quoteattr(str(serial_log))}/>
+      <target port="0"/>
+    </serial>
+    <memballoon model="none"/>
+  </devices>
+</domain>"""
+
+
 def probe_name(domain_type: str) -> str:
     return f"{NAME_PREFIX}{domain_type}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -117,19 +199,25 @@ def boot_probe_guest(
     domain_type: str,
     timeout: float,
     sector: bytes | None = None,
+    kernel: Path | None = None,
     parent: Path | None = None,
 ) -> BootResult:
     """Boot a probe guest of ``domain_type`` and wait up to ``timeout`` seconds, counted from
-    the moment libvirt has started it, for ``MARKER`` in its serial log.
+    the moment libvirt has started it, for its marker in its serial log: the boot sector's
+    ``MARKER``, or with ``kernel`` one of ``LINUX_MARKERS`` (see the module's doc).
 
     ``sector`` replaces the boot sector (tests use a silent one); ``parent`` is where the
     temporary directory goes (default: the system's temporary directory). Never raises for a
-    guest that does not run: that is the answer, in ``BootResult.reason``.
+    guest that does not run: that is the answer, in ``BootResult.reason``; a ``kernel`` that
+    cannot be read raises OSError.
     """
     name = probe_name(domain_type)
-    workdir = Path(tempfile.mkdtemp(prefix=NAME_PREFIX, dir=parent or _default_parent()))
+    workdir = Path(tempfile.mkdtemp(prefix=_workdir_prefix(), dir=parent or _default_parent()))
     try:
-        result = _boot(conn, name, domain_type, timeout, workdir, sector)
+        if kernel is None:
+            result = _boot_sector(conn, name, domain_type, timeout, workdir, sector)
+        else:
+            result = _boot_kernel(conn, name, domain_type, timeout, workdir, kernel)
     finally:
         try:
             destroy_probe_guest(conn, name)
@@ -141,7 +229,7 @@ def boot_probe_guest(
     return result
 
 
-def _boot(
+def _boot_sector(
     conn: Any, name: str, domain_type: str, timeout: float, workdir: Path, sector: bytes | None
 ) -> BootResult:
     # QEMU opens the disk as its own user (libvirt-qemu on Debian): let it traverse.
@@ -156,8 +244,87 @@ def _boot(
         reason = _creation_failure(domain_type, err)
         return BootResult(domain_type, False, reason, time.monotonic() - started, 0.0)
     running = time.monotonic()
-    seen, reason = _wait_for_marker(domain, serial_log, running + timeout)
-    return BootResult(domain_type, seen, reason, running - started, time.monotonic() - running)
+    waited = _wait_for_marker(domain, serial_log, running + timeout, (MARKER,))
+    return BootResult(
+        domain_type,
+        waited.marker is not None,
+        sector_reason(waited),
+        running - started,
+        time.monotonic() - running,
+    )
+
+
+def _boot_kernel(
+    conn: Any, name: str, domain_type: str, timeout: float, workdir: Path, kernel: Path
+) -> BootResult:
+    # A copy: QEMU (as libvirt-qemu) may not reach the image cache (~root/.cache is 0700), and
+    # libvirt's DAC driver chowns the kernel it boots while the guest runs.
+    workdir.chmod(0o711)
+    copy, serial_log = workdir / "vmlinuz", workdir / "serial.log"
+    shutil.copyfile(kernel, copy)
+    copy.chmod(0o644)
+    xml = kernel_domain_xml(name, domain_type, copy, serial_log)
+    started = time.monotonic()
+    try:
+        domain = conn.createXML(xml, 0)
+    except libvirt.libvirtError as err:
+        reason = _creation_failure(domain_type, err)
+        return BootResult(domain_type, False, reason, time.monotonic() - started, 0.0, Proof.LINUX)
+    running = time.monotonic()
+    waited = _wait_for_marker(domain, serial_log, running + timeout, LINUX_MARKERS)
+    return BootResult(
+        domain_type,
+        waited.marker is not None,
+        linux_reason(waited, kernel),
+        running - started,
+        time.monotonic() - running,
+        Proof.LINUX,
+    )
+
+
+def sector_reason(waited: Waited) -> str:
+    """How the boot-sector guest ran, or why it did not, in words."""
+    marker = MARKER.decode()
+    if waited.marker is not None:
+        return f"printed {marker} {waited.seconds:.1f} s after start"
+    if waited.stopped is not None:
+        return f"the guest {waited.stopped} before printing its marker"
+    return f"no {marker} on the serial port within {waited.seconds:.1f} s"
+
+
+def linux_reason(waited: Waited, kernel: Path) -> str:
+    """How the Linux guest ran, or why it did not, in words: the kernel's version, the marker
+    or how far it got (its last line on the serial port)."""
+    found = _LINUX_VERSION.search(waited.output)
+    linux = f"Linux {found.group(1).decode(errors='replace')}" if found else "Linux"
+    if waited.marker is not None:
+        return (
+            f"booted {linux} ({kernel}) to mounting its root file system "
+            f'("{waited.marker.decode()}") {waited.seconds:.1f} s after start'
+        )
+    last = last_line(waited.output)
+    progress = (
+        f'its last line on the serial port: "{last}"' if last else "the serial port stayed silent"
+    )
+    if waited.stopped is not None:
+        how = f": the guest {waited.stopped} {waited.seconds:.1f} s after start"
+    else:
+        how = f" within {waited.seconds:.1f} s"
+    return f"{linux} ({kernel}) did not get to mounting its root file system{how}; {progress}"
+
+
+def last_line(output: bytes) -> str:
+    """The last non-empty line of a serial log, without terminal escapes, control characters
+    and the kernel's timestamp, shortened to ``_LAST_LINE_CHARS``."""
+    text = _ESCAPE.sub("", output.decode(errors="replace"))
+    lines = [
+        _KERNEL_TIME.sub("", "".join(c for c in line if c.isprintable())).strip()
+        for line in text.replace("\r", "\n").split("\n")
+    ]
+    last = next((line for line in reversed(lines) if line), "")
+    if len(last) > _LAST_LINE_CHARS:
+        last = last[: _LAST_LINE_CHARS - 3] + "..."
+    return last
 
 
 def take_qemu_log(name: str) -> str:
@@ -177,7 +344,8 @@ def take_qemu_log(name: str) -> str:
 
 def qemu_messages(log: str) -> str:
     """The lines of a libvirt QEMU log that QEMU wrote, without libvirt's own lines, the
-    command line, timestamps, or the signal libvirt stopped it with."""
+    command line, timestamps, the signal libvirt stopped it with, or the register dump after a
+    "KVM internal error" (its "emulation failure" line stays)."""
     lines: dict[str, None] = {}
     for raw in log.splitlines():
         line = _TIMESTAMP.sub("", raw).strip()
@@ -187,6 +355,7 @@ def qemu_messages(log: str) -> str:
             or line.endswith("\\")
             or line.startswith(("-", "/"))
             or "terminating on signal" in line
+            or _REGISTER_DUMP.match(line)
         ):
             continue
         lines[line] = None
@@ -213,24 +382,52 @@ def _creation_failure(domain_type: str, err: Any) -> str:
     return f"libvirt could not start a guest with domain type {domain_type}: {message}"
 
 
-def _wait_for_marker(domain: Any, serial_log: Path, deadline: float) -> tuple[bool, str]:
+def _wait_for_marker(
+    domain: Any, serial_log: Path, deadline: float, markers: tuple[bytes, ...]
+) -> Waited:
+    """Poll the serial log for any of ``markers`` until the guest stops or ``deadline``."""
     started = time.monotonic()
     while True:
-        if serial_log.exists() and MARKER in serial_log.read_bytes():
-            return True, f"printed {MARKER.decode()} {time.monotonic() - started:.1f} s after start"
-        try:
-            state, why = domain.state()
-        except libvirt.libvirtError as err:
-            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                raise
-            return False, "the guest disappeared before printing its marker"
-        if state not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
-            name = _STATES.get(state, str(state))
-            return False, f"the guest stopped ({name}, reason {why}) before printing its marker"
+        output = _read(serial_log)
+        marker = _first_marker(output, markers)
+        if marker is not None:
+            return Waited(marker, None, time.monotonic() - started, output)
+        stopped = _stopped(domain)
+        if stopped is not None:
+            # It may have printed the marker and rebooted (panic=-1) since the log was read.
+            output = _read(serial_log)
+            marker = _first_marker(output, markers)
+            return Waited(marker, None if marker else stopped, time.monotonic() - started, output)
         if time.monotonic() >= deadline:
-            waited = time.monotonic() - started
-            return False, f"no {MARKER.decode()} on the serial port within {waited:.1f} s"
+            return Waited(None, None, time.monotonic() - started, output)
         time.sleep(_POLL_SECONDS)
+
+
+def _read(serial_log: Path) -> bytes:
+    try:
+        return serial_log.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _first_marker(output: bytes, markers: tuple[bytes, ...]) -> bytes | None:
+    found = [(output.find(marker), marker) for marker in markers if marker in output]
+    return min(found)[1] if found else None
+
+
+def _stopped(domain: Any) -> str | None:
+    """How the guest stopped ("was paused (...)", "is gone (...)"); None while it runs."""
+    try:
+        state, why = domain.state()
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return "is gone (it rebooted, powered off or crashed: each destroys a probe guest)"
+    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+        return None
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        return f"was paused ({_PAUSED.get(why, f'reason {why}')})"
+    return f"stopped ({_STATES.get(state, str(state))}, reason {why})"
 
 
 def destroy_probe_guest(conn: Any, name: str) -> None:
@@ -250,8 +447,10 @@ def probe_guests(conn: Any) -> list[str]:
     return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(NAME_PREFIX))
 
 
-def sweep_stale_probe_guests(conn: Any) -> list[str]:
-    """Destroy probe guests left by probes whose process is gone (killed -9, host crash).
+def sweep_stale_probe_guests(conn: Any, parent: Path | None = None) -> list[str]:
+    """Destroy probe guests left by probes whose process is gone (killed -9, host crash), and
+    remove their QEMU logs and their temporary directories in ``parent`` (default: the
+    system's temporary directory). Returns the guests destroyed.
 
     Only meaningful for a local libvirt: the pid in the name is a pid on this host.
     """
@@ -261,7 +460,28 @@ def sweep_stale_probe_guests(conn: Any) -> list[str]:
         if match and not _process_alive(int(match.group(1))):
             destroy_probe_guest(conn, name)
             swept.append(name)
+    for folder in QEMU_LOG_DIRS:
+        for log in _glob(folder, f"{NAME_PREFIX}*.log"):
+            match = _NAME.match(log.name.removesuffix(".log"))
+            if match and not _process_alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    log.unlink()
+    for workdir in _glob(parent or _default_parent(), f"{NAME_PREFIX}*-*"):
+        match = _WORKDIR.match(workdir.name)
+        if match and workdir.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(workdir, ignore_errors=True)
     return swept
+
+
+def _workdir_prefix() -> str:
+    return f"{NAME_PREFIX}{os.getpid()}-"
+
+
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    try:
+        return list(folder.glob(pattern))
+    except OSError:
+        return []
 
 
 def _process_alive(pid: int) -> bool:
