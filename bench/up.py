@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from lablib import free_subnets, lab_environment  # noqa: E402
 
 from labbuilder.baseimage import resolve_base_image  # noqa: E402
+from labbuilder.paths import pool_dir  # noqa: E402
 
 NODES = (("controller", 2048, 11), ("network", 512, 21), ("compute1", 2048, 31))
 
@@ -69,7 +70,7 @@ def run_labbuilder(work: Path) -> tuple[float, float, int]:
     for name, _, host in NODES:  # the same readiness test as the baseline's
         wait_hostname(f"{m}.{host}", "debian", state / "id_ed25519", name, time.monotonic() + 60)
     ready = time.monotonic() - started
-    pool = Path(work / "state" / "pools" / env["LABBUILDER_POOL"])
+    pool = pool_dir(env)
     disk = sum(p.stat().st_blocks * 512 for p in pool.glob("lbbench-lb__*"))
     started = time.monotonic()
     subprocess.run([*command, "down", str(lab)], env=env, check=True, capture_output=True)

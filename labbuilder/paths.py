@@ -29,4 +29,12 @@ def pool_name(environ: dict[str, str] | None = None) -> str:
 
 
 def pool_dir(environ: dict[str, str] | None = None) -> Path:
-    return state_root(environ) / "pools" / pool_name(environ)
+    """Where a new pool keeps its volumes. Not under the state directory: QEMU runs as its own
+    user and must reach the disks, while a state directory may sit in a private folder."""
+    env = os.environ if environ is None else environ
+    if env.get("LABBUILDER_POOL_DIR"):
+        return Path(env["LABBUILDER_POOL_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/labbuilder/pools") / pool_name(environ)
+    xdg = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "labbuilder" / "pools" / pool_name(environ)

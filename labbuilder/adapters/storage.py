@@ -39,7 +39,11 @@ def find_pool(conn: Any, name: str) -> Any | None:
             return None
         raise _error(f"cannot look up storage pool {name}", err) from None
     if not pool.isActive():
-        pool.create(0)
+        try:
+            pool.build(0)
+            pool.create(0)
+        except libvirt.libvirtError as err:
+            raise _error(f"cannot start storage pool {name}", err) from None
     return pool
 
 
@@ -60,10 +64,12 @@ def ensure_pool(conn: Any, name: str, path: str) -> Any:
             raise _error(f"cannot create the labbuilder storage pool at {path}", err) from None
     if not pool.isActive():
         try:
+            pool.build(0)  # (re)creates its directory if someone removed it
             pool.create(0)
         except libvirt.libvirtError as err:
-            raise _error("cannot start the labbuilder storage pool", err) from None
-    pool.setAutostart(1)
+            raise _error(f"cannot start storage pool {name}", err) from None
+    with contextlib.suppress(libvirt.libvirtError):
+        pool.setAutostart(1)
     return pool
 
 

@@ -216,7 +216,9 @@ class LadderView:
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
     lab = selected_lab(args)
     view = LadderView()
-    with Live(view, console=console, refresh_per_second=2, transient=args.json) as live:
+    # Progress goes to stderr, so that stdout holds only the result (JSON with --json).
+    progress = Console(stderr=True, emoji=False, highlight=False)
+    with Live(view, console=progress, refresh_per_second=2, transient=args.json) as live:
         result = api.up(
             lab,
             auto_subnets=args.auto_subnets,
