@@ -98,8 +98,8 @@ def labs_on_host(uri: str) -> dict[str, dict[str, int]]:
         conn.close()
 
 
-def gc(uri: str) -> dict[str, Removed]:
-    return teardown.gc(uri)
+def gc(uri: str, match: str = "*") -> dict[str, Removed]:
+    return teardown.gc(uri, match)
 
 
 def doctor(uri: str) -> HostProbe:

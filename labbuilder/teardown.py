@@ -7,6 +7,7 @@ lab is removed completely even after a crash or a killed ``up``, without any sid
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +109,7 @@ def busy(state: LabState) -> bool:
         return not locked
 
 
-def gc(uri: str) -> dict[str, Removed]:
+def gc(uri: str, match: str = "*") -> dict[str, Removed]:
     """Remove objects of labs that no longer exist (no state directory, so no `up` made them
     that `down` could still find): the leftovers of crashes and deleted state."""
     conn = lv.connect(uri)
@@ -116,6 +117,8 @@ def gc(uri: str) -> dict[str, Removed]:
         removed = {}
         labs = set(labs_on_host(conn)) | firewall.owned_labs()
         for lab in sorted(labs):
+            if not fnmatch.fnmatchcase(lab, match):
+                continue
             state = lab_state(lab)
             if (state.directory / "lab.json").exists() or busy(state):
                 continue

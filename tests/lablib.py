@@ -80,8 +80,6 @@ cidr = "10.239.254.0/24"
 count = 0
 [nodes.compute]
 count = 0
-[nodes.controller]
-memory = "1 GB"
 [options]
 egress = "none"
 """

@@ -191,12 +191,13 @@ def test_killed_up_is_cleaned_by_down_and_a_second_up_is_refused(
     lab_file.write_text(one_node_lab("lbtest-killed"))
     process = subprocess.Popen(
         [sys.executable, "-m", "labbuilder", "up", str(lab_file)],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 600
         while not leftovers("lbtest-killed")["domains"]:
-            assert process.poll() is None, "up ended before creating its domain"
+            if process.poll() is not None:
+                pytest.fail(f"up ended before creating its domain: {process.stderr.read()}")  # type: ignore[union-attr]
             assert time.monotonic() < deadline
             time.sleep(0.5)
         second = labbuilder("up", str(lab_file), env=env, timeout=120)

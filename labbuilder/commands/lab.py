@@ -149,6 +149,9 @@ def register(commands: Subparsers) -> None:
         ),
     )
     gc.add_argument("--uri", default="qemu:///system", help="libvirt URI")
+    gc.add_argument(
+        "--match", default="*", metavar="GLOB", help="only labs whose name matches, e.g. 'ci-*'"
+    )
     gc.set_defaults(handler=cmd_gc)
 
 
@@ -326,7 +329,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, console: Console) -> int:
-    removed = api.gc(args.uri)
+    removed = api.gc(args.uri, args.match)
     if not removed:
         console.print("nothing to remove")
     for lab, what in removed.items():
