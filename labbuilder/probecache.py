@@ -34,7 +34,8 @@ def host_key(uri: str, kernel: Path | None) -> str:
 
 
 def cache_path() -> Path:
-    return state_root() / "probe.json"
+    """Beside the image cache: a fact about the host, shared by every lab (and test) on it."""
+    return default_cache_dir() / "probe.json"
 
 
 def probe(uri: str, *, kernel: Path | None = None, fresh: bool = False) -> HostProbe:
