@@ -37,6 +37,7 @@ from typing import Any
 from labbuilder import __version__, rootfs
 from labbuilder.errors import HostError, ImageError
 from labbuilder.imagemodel import BuildRecipe
+from labbuilder.processes import process_alive
 from labbuilder.rootfs import Log
 from labbuilder.sizes import parse_size
 
@@ -323,18 +324,8 @@ def _remove_stale_builds(cache_dir: Path, name: str) -> None:
     """Remove temporary build directories of ``name`` left by processes that died."""
     for path in cache_dir.glob(f".build-{name}-*"):
         pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _sha256(path: Path) -> str:

@@ -45,6 +45,7 @@ from xml.sax.saxutils import escape, quoteattr
 import libvirt
 
 from labbuilder.probemodel import BootResult, Proof
+from labbuilder.processes import process_alive
 
 MARKER = b"LBPROBE-OK"
 LINUX_MARKERS = (
@@ -457,18 +458,18 @@ def sweep_stale_probe_guests(conn: Any, parent: Path | None = None) -> list[str]
     swept = []
     for name in probe_guests(conn):
         match = _NAME.match(name)
-        if match and not _process_alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             destroy_probe_guest(conn, name)
             swept.append(name)
     for folder in QEMU_LOG_DIRS:
         for log in _glob(folder, f"{NAME_PREFIX}*.log"):
             match = _NAME.match(log.name.removesuffix(".log"))
-            if match and not _process_alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 with contextlib.suppress(OSError):
                     log.unlink()
     for workdir in _glob(parent or _default_parent(), f"{NAME_PREFIX}*-*"):
         match = _WORKDIR.match(workdir.name)
-        if match and workdir.is_dir() and not _process_alive(int(match.group(1))):
+        if match and workdir.is_dir() and not process_alive(int(match.group(1))):
             shutil.rmtree(workdir, ignore_errors=True)
     return swept
 
@@ -482,13 +483,3 @@ def _glob(folder: Path, pattern: str) -> list[Path]:
         return list(folder.glob(pattern))
     except OSError:
         return []
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
