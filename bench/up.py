@@ -22,8 +22,9 @@ from pathlib import Path
 import paramiko
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from lablib import free_subnets, lab_environment  # noqa: E402
+from lablib import TEST_CACHE, free_subnets, lab_environment  # noqa: E402
 
+from labbuilder import probecache  # noqa: E402
 from labbuilder.baseimage import resolve_base_image  # noqa: E402
 from labbuilder.paths import pool_dir  # noqa: E402
 
@@ -84,14 +85,19 @@ def virsh(*args: str) -> None:
 def run_baseline(work: Path) -> tuple[float, float, int]:
     image = resolve_base_image("debian-12")
     assert image.kernel is not None and image.initrd is not None
+    domain_type = str(probecache.probe("qemu:///system", kernel=image.kernel).domain_type)
     subnets = free_subnets(3)
     m = subnets[0].rsplit(".", 1)[0]
     key = work / "id_rsa"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    disks = work / "disks"
-    disks.mkdir()
+    # Where QEMU's own user can read them, as a script author would put them.
+    disks = Path(tempfile.mkdtemp(prefix="lbbench-", dir="/var/lib/libvirt/images"))
+    disks.chmod(0o755)
     base = disks / "base.qcow2"
     shutil.copy(image.disk, base)
+    kernel, initrd = disks / "vmlinuz", disks / "initrd.img"
+    shutil.copy(image.kernel, kernel)
+    shutil.copy(image.initrd, initrd)
     started = time.monotonic()
     for index, (cidr, forward) in enumerate(((subnets[0], "nat"), (subnets[1], None))):
         prefix = cidr.rsplit(".", 1)[0]
@@ -118,8 +124,9 @@ def run_baseline(work: Path) -> tuple[float, float, int]:
         subprocess.run(
             ["virt-install", "--connect", "qemu:///system", "--name", f"lbbench-base-{name}",
              "--memory", str(memory), "--vcpus", "1", "--import", "--noautoconsole",
+             "--virt-type", domain_type,
              "--osinfo", "detect=on,require=off", "--graphics", "none",
-             "--boot", f"kernel={image.kernel},initrd={image.initrd},kernel_args={image.cmdline}",
+             "--boot", f'kernel={kernel},initrd={initrd},kernel_args="{image.cmdline}"',
              "--disk", f"path={overlay},bus=virtio", "--disk", f"path={seed},bus=virtio",
              "--network", "network=lbbench-base-0,model=virtio",
              "--network", "network=lbbench-base-1,model=virtio"],
@@ -128,9 +135,11 @@ def run_baseline(work: Path) -> tuple[float, float, int]:
     for name, _, host in NODES:
         wait_hostname(f"{m}.{host}", "debian", key, name, time.monotonic() + 900)
     ready = time.monotonic() - started
-    disk = sum(p.stat().st_blocks * 512 for p in disks.glob("*") if p != base)
+    disk = sum(p.stat().st_blocks * 512 for p in disks.glob("*.qcow2") if p != base)
+    disk += sum(p.stat().st_blocks * 512 for p in disks.glob("*.iso"))
     started = time.monotonic()
     teardown_baseline()
+    shutil.rmtree(disks)
     return ready, time.monotonic() - started, disk
 
 
@@ -147,6 +156,7 @@ def teardown_baseline() -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("LABBUILDER_CACHE_DIR", str(TEST_CACHE))  # share the built image
     with tempfile.TemporaryDirectory(prefix="lbbench-") as folder:
         work = Path(folder)
         (work / "a").mkdir()
