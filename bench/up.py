@@ -153,6 +153,10 @@ def teardown_baseline() -> None:
         quietly("undefine", f"lbbench-base-{name}")
     for index in range(2):
         quietly("net-destroy", f"lbbench-base-{index}")
+    # virt-install defines a storage pool for each folder it finds disks in.
+    for pool in ("disks", *(p.name for p in Path("/var/lib/libvirt/images").glob("lbbench-*"))):
+        quietly("pool-destroy", pool)
+        quietly("pool-undefine", pool)
 
 
 def main() -> None:
