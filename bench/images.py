@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from lablib import lab_environment, one_node_lab  # noqa: E402
+from lablib import lab_environment, one_node_lab, remove_test_pool  # noqa: E402
 
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
@@ -87,6 +87,7 @@ def overlay_after_boot(work: Path) -> int:
         return allocation
     finally:
         subprocess.run([*command, "down", str(lab)], env=env, check=True, capture_output=True)
+        remove_test_pool()
 
 
 def main() -> None:

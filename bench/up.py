@@ -22,7 +22,7 @@ from pathlib import Path
 import paramiko
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from lablib import TEST_CACHE, free_subnets, lab_environment  # noqa: E402
+from lablib import TEST_CACHE, free_subnets, lab_environment, remove_test_pool  # noqa: E402
 
 from labbuilder import probecache  # noqa: E402
 from labbuilder.baseimage import resolve_base_image  # noqa: E402
@@ -75,6 +75,7 @@ def run_labbuilder(work: Path) -> tuple[float, float, int]:
     disk = sum(p.stat().st_blocks * 512 for p in pool.glob("lbbench-lb__*"))
     started = time.monotonic()
     subprocess.run([*command, "down", str(lab)], env=env, check=True, capture_output=True)
+    remove_test_pool()
     return ready, time.monotonic() - started, disk
 
 

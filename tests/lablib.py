@@ -91,3 +91,16 @@ def lab_environment(state_dir: Path) -> dict[str, str]:
         "LABBUILDER_POOL": TEST_POOL,
         "LABBUILDER_CACHE_DIR": str(TEST_CACHE),
     }
+
+
+def remove_test_pool() -> None:
+    """Remove the test pool with its (shared base) volumes, as a test or bench run ends."""
+    from labbuilder.adapters import storage
+
+    conn = lv.connect("qemu:///system")
+    try:
+        pool = storage.find_pool(conn, TEST_POOL)
+        if pool is not None:
+            storage.remove_pool(pool)
+    finally:
+        conn.close()
