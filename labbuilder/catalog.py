@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from labbuilder.checksums import HEX_DIGITS
 from labbuilder.errors import ImageError
 from labbuilder.imagemodel import (
     BuildRecipe,
@@ -30,6 +29,7 @@ from labbuilder.imagemodel import (
     DiskFormat,
     DownloadSource,
     ImageEntry,
+    verification_problem,
 )
 from labbuilder.resources import data_dir
 from labbuilder.sizes import parse_size
@@ -47,12 +47,19 @@ _TOP_REQUIRED = (
 )
 _TOP_KEYS = (*_TOP_REQUIRED, "notes", "download", "build")
 _DOWNLOAD_REQUIRED = ("url", "format")
-_DOWNLOAD_KEYS = ("url", "checksum_url", "checksum", "algorithm", "format", "signature_url")
+_DOWNLOAD_KEYS = (
+    "url",
+    "checksum_url",
+    "checksum",
+    "algorithm",
+    "format",
+    "signature_url",
+    "keyring",
+)
 _BUILD_KEYS = ("suite", "mirror", "packages", "kernel_package", "size")
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-_HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
 _QCOW2_MAGIC = b"QFI\xfb"
 _RAW_SUFFIXES = (".raw", ".iso")
 _LOCATION_SUFFIXES = (".qcow2", ".img", ".raw")
@@ -273,38 +280,20 @@ class _Parser:
             if "algorithm" in table
             else ChecksumAlgorithm.SHA256
         )
-        checksum_url = self.url(table, "checksum_url", required=False) or None
-        checksum = self.string(table, "checksum", "download.", required=False).lower() or None
-        if checksum_url and checksum:
-            raise ImageError(
-                f"{self.source}: [download] has both 'checksum_url' and 'checksum'",
-                hint="keep one: checksum_url for a published SHA256SUMS-style file, "
-                "checksum for a pinned digest",
-            )
-        if not checksum_url and not checksum:
-            raise ImageError(
-                f"{self.source}: [download] has neither 'checksum_url' nor 'checksum', so the "
-                "image could not be verified",
-                hint="add checksum_url (the SHA256SUMS/SHA512SUMS file next to the image) or "
-                "a pinned checksum",
-            )
-        if checksum is not None:
-            digits = HEX_DIGITS[algorithm]
-            if len(checksum) != digits or not _HEX_RE.match(checksum):
-                raise self.fail(
-                    "download.checksum",
-                    f"is not a {algorithm} digest ({digits} hex digits)",
-                    "copy the digest from the published checksum file, or set "
-                    "'algorithm' to match it",
-                )
-        return DownloadSource(
+        keyring = self.string(table, "keyring", "download.", required=False).strip()
+        source = DownloadSource(
             url=self.url(table, "url"),
-            checksum_url=checksum_url,
-            checksum=checksum,
+            checksum_url=self.url(table, "checksum_url", required=False) or None,
+            checksum=self.string(table, "checksum", "download.", required=False).lower() or None,
             algorithm=algorithm,
             format=self.enum(table, "format", DiskFormat, "download."),
             signature_url=self.url(table, "signature_url", required=False) or None,
+            keyring=Path(keyring) if keyring else None,
         )
+        problem = verification_problem(source)
+        if problem is not None:
+            raise ImageError(f"{self.source}: {problem[0]}", hint=problem[1])
+        return source
 
     def build(self, table: dict[str, Any]) -> BuildRecipe:
         self.check_keys(table, "build.", _BUILD_KEYS, _BUILD_KEYS)

@@ -1,20 +1,80 @@
 """Checksum files as distributions publish them: SHA256SUMS, SHA512SUMS and BSD-style lists.
 
-Pure text parsing; fetching the file is ``labbuilder.download.fetch_checksum``.
+``fetch_checksum`` fetches one and, when the distribution signs it (``SHA256SUMS.gpg``), checks
+the detached signature with ``labbuilder.signatures`` before any digest in it is used;
+``parse_checksum_file`` is the pure text parsing.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
 
+from labbuilder.download import DEFAULT_RETRY_DELAY, DEFAULT_TIMEOUT, fetch_small_file
 from labbuilder.errors import ImageError
-from labbuilder.imagemodel import ChecksumAlgorithm
-
-HEX_DIGITS = {ChecksumAlgorithm.SHA256: 64, ChecksumAlgorithm.SHA512: 128}
+from labbuilder.imagemodel import HEX_DIGITS, ChecksumAlgorithm, DownloadSource
+from labbuilder.signatures import verify_detached
 
 _GNU_LINE = re.compile(r"^([0-9a-fA-F]+) [ *](.+)$")
 _BSD_LINE = re.compile(r"^(SHA-?\d+) \((.+)\) = ([0-9a-fA-F]+)$")
+
+
+@dataclass(frozen=True)
+class PublishedDigest:
+    """The digest a checksum file lists for one file, and who vouched for the list."""
+
+    digest: str  # lower-case hex
+    signed_by: str | None  # fingerprint of the key whose signature over the file was good
+
+
+def fetch_checksum(
+    source: DownloadSource,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = 2,
+    retry_delay: float = DEFAULT_RETRY_DELAY,
+) -> PublishedDigest:
+    """Fetch ``source``'s checksum file and return the digest it lists for the image's file.
+
+    When ``source`` has a signature_url (a detached signature of the checksum file, such as
+    SHA256SUMS.gpg), the signature is fetched too and checked against ``source.keyring``
+    before the file is parsed; if it is missing or does not verify, ``ImageError`` names the
+    checksum file's URL, the signature's URL and what gpgv said.
+    """
+    checksum_url, signature_url, keyring = source.checksum_url, source.signature_url, source.keyring
+    if checksum_url is None:
+        raise ImageError(f"{source.url} has no checksum file", hint="pin its checksum instead")
+    filename = urllib.parse.unquote(Path(urllib.parse.urlsplit(source.url).path).name)
+
+    def fetch(url: str, what: str) -> bytes:
+        return fetch_small_file(
+            url, what, timeout=timeout, retries=retries, retry_delay=retry_delay
+        )
+
+    data = fetch(checksum_url, "the checksum file")
+    signed_by = None
+    if signature_url is not None:
+        try:
+            if keyring is None:
+                raise ImageError(
+                    "no keyring is configured to check it with",
+                    hint='add keyring = "/path/to/keyring.gpg" to the catalog entry\'s [download]',
+                )
+            signature = fetch(signature_url, "the signature")
+            signed_by = verify_detached(data, signature, keyring)
+        except ImageError as exc:
+            raise ImageError(
+                f"the checksum file {checksum_url} is not trusted: checking its signature "
+                f"{signature_url} failed: {exc.message}",
+                hint=exc.hint,
+            ) from exc
+    text = data.decode("utf-8", errors="replace")
+    return PublishedDigest(
+        parse_checksum_file(text, filename, source.algorithm, source=checksum_url), signed_by
+    )
 
 
 def parse_checksum_file(

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Protocol, TypeAlias
 
 from labbuilder import __version__
-from labbuilder.checksums import HEX_DIGITS, parse_checksum_file
 from labbuilder.errors import ImageError
-from labbuilder.imagemodel import ChecksumAlgorithm
+from labbuilder.imagemodel import HEX_DIGITS, ChecksumAlgorithm
 
 ProgressCallback: TypeAlias = Callable[[int, int | None], None]
 """Called as ``progress(done_bytes, total_bytes_or_None)`` while a download runs.
@@ -40,7 +39,7 @@ DEFAULT_TIMEOUT = 60.0  # seconds without any data before a connection counts as
 DEFAULT_RETRIES = 4
 DEFAULT_RETRY_DELAY = 2.0  # doubled after each failed attempt
 CHUNK_SIZE = 256 * 1024
-MAX_CHECKSUM_FILE = 4 * 1024 * 1024
+MAX_SMALL_FILE = 4 * 1024 * 1024  # checksum files and signatures
 USER_AGENT = f"labbuilder/{__version__} (+urllib)"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -382,52 +381,52 @@ def _normalise_checksum(checksum: str, algorithm: ChecksumAlgorithm, url: str) -
     return value
 
 
-# --- checksum files --------------------------------------------------------------------------
+# --- small files: checksum files and their signatures ----------------------------------------
 
 
-def fetch_checksum(
-    checksum_url: str,
-    filename: str,
-    algorithm: ChecksumAlgorithm,
+def fetch_small_file(
+    url: str,
+    what: str,
     *,
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = 2,
     retry_delay: float = DEFAULT_RETRY_DELAY,
-) -> str:
-    """Fetch a SHA256SUMS/SHA512SUMS-style file and return the digest it lists for ``filename``."""
+) -> bytes:
+    """Fetch a small file (at most MAX_SMALL_FILE bytes) into memory; ``what`` names it.
+
+    Dropped connections and 5xx answers are retried ``retries`` times; other HTTP errors
+    (404) raise ``ImageError`` at once, naming ``what`` and ``url``.
+    """
     failures = 0
     while True:
         try:
-            text = _fetch_text(checksum_url, timeout)
-            break
+            return _fetch_bytes(url, what, timeout)
         except _Retryable as exc:
             failures += 1
             if failures > retries:
                 raise ImageError(
-                    f"cannot fetch the checksum file {checksum_url}: {exc}",
+                    f"cannot fetch {what} {url}: {exc}",
                     hint="check the network connection, then run the command again",
                 ) from exc
             time.sleep(retry_delay * 2 ** (failures - 1))
-    return parse_checksum_file(text, filename, algorithm, source=checksum_url)
 
 
-def _fetch_text(url: str, timeout: float) -> str:
+def _fetch_bytes(url: str, what: str, timeout: float) -> bytes:
     try:
-        response = _open(url, {"User-Agent": USER_AGENT}, timeout, "the checksum file")
+        response = _open(url, {"User-Agent": USER_AGENT}, timeout, what)
     except urllib.error.HTTPError as exc:  # 416 without a Range header: treat as any error
         raise ImageError(
-            f"downloading the checksum file {url} failed: HTTP {exc.code}",
-            hint=_status_hint(exc.code),
+            f"downloading {what} {url} failed: HTTP {exc.code}", hint=_status_hint(exc.code)
         ) from exc
     try:
-        data = response.read(MAX_CHECKSUM_FILE + 1)
+        data = response.read(MAX_SMALL_FILE + 1)
     except (OSError, http.client.HTTPException) as exc:
         raise _Retryable(f"the connection dropped: {_reason(exc)}") from exc
     finally:
         response.close()
-    if len(data) > MAX_CHECKSUM_FILE:
+    if len(data) > MAX_SMALL_FILE:
         raise ImageError(
-            f"the checksum file {url} is larger than {MAX_CHECKSUM_FILE} bytes",
-            hint="check that checksum_url names a SHA256SUMS-style file",
+            f"{what} {url} is larger than {MAX_SMALL_FILE} bytes",
+            hint="check that the catalog entry's URL for it names the right file",
         )
-    return data.decode("utf-8", errors="replace")
+    return data

@@ -10,7 +10,9 @@ publishes a new image under the same URL, ``pull`` adds a new file and leaves th
 place, so qcow2 overlays of existing labs never see their backing file change; ``prune``
 removes old versions. Next to each image ``<file>``:
 
-* ``<file>.json``, the sidecar: name, url, digest, algorithm, size, pulled_at, verified;
+* ``<file>.json``, the sidecar: name, url, digest, algorithm, size, pulled_at, verified, and
+  signed_by (the fingerprint of the key that signed the checksum file the digest was checked
+  against, or null when the entry's checksum file is not signed);
 * ``<file>.part``, while a download is unfinished (kept after a failure, for resuming);
 
 and per stem a ``<stem>.lock`` file, ``flock``-ed while the image is pulled or pruned, so two
@@ -23,7 +25,6 @@ import dataclasses
 import json
 import os
 import re
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -32,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from labbuilder.catalog import location_slug
+from labbuilder.checksums import fetch_checksum
 from labbuilder.download import (
     DEFAULT_RETRIES,
     DEFAULT_RETRY_DELAY,
     DEFAULT_TIMEOUT,
     ProgressCallback,
     download,
-    fetch_checksum,
 )
 from labbuilder.errors import ImageError
 from labbuilder.filelock import file_lock
@@ -68,6 +69,7 @@ class CachedImage:
     pulled_at: str  # ISO 8601, UTC
     verified: bool  # the digest was checked against a published or pinned checksum
     bytes_downloaded: int = 0  # what the pull that returned this transferred (0: cache hit)
+    signed_by: str | None = None  # the key that signed the checksum file (see the module doc)
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -101,42 +103,44 @@ def pull(
     """Make sure ``entry``'s image is in the cache, verified; download it if it is not.
 
     The expected digest is the entry's pinned checksum, or is fetched from its checksum_url
-    (so a changed upstream image is noticed). If the cache holds a file from the same URL whose
-    sidecar records that digest (and whose size matches), nothing is downloaded
-    (``bytes_downloaded == 0``); the file is not re-hashed. Concurrent pulls of the same image
-    wait for each other on its lock file; the later ones then find the verified file.
-    ``lock_timeout`` (seconds) bounds that wait.
+    (so a changed upstream image is noticed), whose signature, if the entry has a signature_url,
+    must verify against its keyring first: else ``ImageError``, and nothing is downloaded or
+    taken from the cache. If the cache holds a file from the same URL whose sidecar records that
+    digest (and whose size matches), nothing is downloaded (``bytes_downloaded == 0``); the
+    file is not re-hashed. Concurrent pulls of the same image wait for each other on its lock
+    file; the later ones then find the verified file. ``lock_timeout`` (seconds) bounds that.
 
     ``offline=True`` does not fetch the checksum file: it returns the newest cached copy from
-    the same URL (verified when it was pulled), or raises ImageError if there is none.
+    the same URL (verified when it was pulled; for a signed entry, one whose signature was
+    checked), or raises ImageError if there is none.
     """
     source = _download_source(entry)
     folder = images_dir(cache_dir)
     stem = _stem(entry, source)
-    expected = source.checksum
+    expected, signed_by = source.checksum, None
     if expected is None and source.checksum_url is not None and not offline:
-        filename = urllib.parse.unquote(Path(urllib.parse.urlsplit(source.url).path).name)
-        expected = fetch_checksum(
-            source.checksum_url,
-            filename,
-            source.algorithm,
-            timeout=timeout,
-            retries=retries,
-            retry_delay=retry_delay,
+        published = fetch_checksum(
+            source, timeout=timeout, retries=retries, retry_delay=retry_delay
         )
+        expected, signed_by = published.digest, published.signed_by
     expected = expected.lower() if expected else None
+    signed_only = offline and source.signature_url is not None
     _make_dir(folder)
     with _image_lock(folder, stem, entry.name, lock_timeout):
-        hit = _find(folder, source.url, expected)
+        hit = _find(folder, source.url, expected, signed_only=signed_only)
         if hit is not None:
             if progress is not None:
                 progress(hit.size, hit.size)
+            if signed_by is not None and hit.signed_by != signed_by:  # provenance now proven
+                hit = dataclasses.replace(hit, verified=True, signed_by=signed_by)
+                _write_sidecar(hit)
             verified = hit.verified or expected is not None
             return dataclasses.replace(hit, name=entry.name, verified=verified)
         if offline:
+            signed = " with a checked signature" if signed_only else ""
             raise ImageError(
-                f"image {entry.name!r} is not in the cache ({folder}), and pulling it offline "
-                "was asked for",
+                f"image {entry.name!r} is not in the cache ({folder}){signed}, and pulling it "
+                "offline was asked for",
                 hint=f"pull it while connected to the network (it comes from {source.url})",
             )
         fmt = source.format.value
@@ -164,6 +168,7 @@ def pull(
             pulled_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
             verified=result.verified,
             bytes_downloaded=result.bytes_downloaded,
+            signed_by=signed_by,
         )
         _write_sidecar(image)
         return image
@@ -285,13 +290,16 @@ def _image_lock(folder: Path, stem: str, name: str, timeout: float | None) -> It
         yield
 
 
-def _find(folder: Path, url: str, expected: str | None) -> CachedImage | None:
-    """The newest cached copy of ``url`` (with digest ``expected``, if given)."""
+def _find(
+    folder: Path, url: str, expected: str | None, *, signed_only: bool = False
+) -> CachedImage | None:
+    """The newest cached copy of ``url`` (with digest ``expected``, if given; signed, if asked)."""
     matches = [
         record
         for record in _records(folder)
         if record.url == url
         and (expected is None or record.digest == expected)
+        and (record.signed_by is not None or not signed_only)
         and record.path.stat().st_size == record.size
     ]
     return max(matches, key=_age, default=None)
@@ -324,6 +332,7 @@ def _read_sidecar(image_path: Path) -> CachedImage | None:
             size=int(data["size"]),
             pulled_at=str(data["pulled_at"]),
             verified=bool(data.get("verified", False)),
+            signed_by=str(data["signed_by"]) if data.get("signed_by") else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -338,6 +347,7 @@ def _write_sidecar(image: CachedImage) -> None:
         "size": image.size,
         "pulled_at": image.pulled_at,
         "verified": image.verified,
+        "signed_by": image.signed_by,
     }
     sidecar = _sidecar_path(image.path)
     tmp = sidecar.with_name(sidecar.name + ".tmp")

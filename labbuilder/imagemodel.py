@@ -2,13 +2,14 @@
 
 An image is either downloaded (``DownloadSource``), built locally from a distribution's
 archive (``BuildRecipe``), or both. Catalog files in ``images/`` are parsed into these by
-``labbuilder.catalog``; nothing here does I/O.
+``labbuilder.catalog``, which checks them with ``verification_problem``; nothing here does I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 
 class CloudInitFlavour(StrEnum):
@@ -28,6 +29,10 @@ class ChecksumAlgorithm(StrEnum):
     SHA512 = "sha512"
 
 
+HEX_DIGITS = {ChecksumAlgorithm.SHA256: 64, ChecksumAlgorithm.SHA512: 128}
+UBUNTU_CLOUDIMAGE_KEYRING = "/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg"  # ubuntu-keyring
+
+
 @dataclass(frozen=True)
 class DownloadSource:
     """Where an image is published and how to verify it."""
@@ -38,6 +43,7 @@ class DownloadSource:
     algorithm: ChecksumAlgorithm
     format: DiskFormat
     signature_url: str | None = None  # detached signature of the checksum file, if published
+    keyring: Path | None = None  # OpenPGP keyring (binary) that signature_url must verify against
 
 
 @dataclass(frozen=True)
@@ -65,3 +71,61 @@ class ImageEntry:
     download: DownloadSource | None
     build: BuildRecipe | None
     notes: str = ""
+
+
+def verification_problem(source: DownloadSource) -> tuple[str, str] | None:
+    """What keeps a catalog entry's download from being verified as configured, or None.
+
+    Returns ``(problem, hint)``; the problem names the ``[download]`` keys involved. A catalog
+    entry needs exactly one of checksum_url and checksum (a digest of the right length), and a
+    signature_url (over the checksum file) comes with the keyring it is verified against.
+    Images named by location are unverified on purpose and are not checked with this.
+    """
+    if source.checksum_url and source.checksum:
+        return "[download] has both 'checksum_url' and 'checksum'", (
+            "keep one: checksum_url for a published SHA256SUMS-style file, "
+            "checksum for a pinned digest"
+        )
+    if not source.checksum_url and not source.checksum:
+        return (
+            "[download] has neither 'checksum_url' nor 'checksum', so the image could not be "
+            "verified",
+            "add checksum_url (the SHA256SUMS/SHA512SUMS file next to the image) or "
+            "a pinned checksum",
+        )
+    digits = HEX_DIGITS[source.algorithm]
+    if source.checksum is not None and (
+        len(source.checksum) != digits or source.checksum.strip("0123456789abcdefABCDEF")
+    ):
+        return (
+            f"key 'download.checksum' is not a {source.algorithm} digest ({digits} hex digits)",
+            "copy the digest from the published checksum file, or set 'algorithm' to match it",
+        )
+    return _signature_problem(source)
+
+
+def _signature_problem(source: DownloadSource) -> tuple[str, str] | None:
+    example = f'keyring = "{UBUNTU_CLOUDIMAGE_KEYRING}" (Debian package ubuntu-keyring)'
+    if source.signature_url and not source.checksum_url:
+        return (
+            "key 'download.signature_url' is set, but there is no 'checksum_url' for it to sign",
+            "the signature covers the published checksum file: add checksum_url, or "
+            "remove signature_url",
+        )
+    if source.signature_url and source.keyring is None:
+        return (
+            "key 'download.keyring' is missing: 'download.signature_url' needs the OpenPGP "
+            "keyring its signature must verify against",
+            f"add the distribution's keyring file, e.g. {example}",
+        )
+    if source.keyring is not None and not source.signature_url:
+        return "key 'download.keyring' is set without 'download.signature_url'", (
+            "add signature_url (the checksum file's detached signature, e.g. SHA256SUMS.gpg), "
+            "or remove keyring"
+        )
+    if source.keyring is not None and not source.keyring.is_absolute():
+        return (
+            f"key 'download.keyring' is {str(source.keyring)!r}, which is not an absolute path",
+            f"write the keyring file's full path, e.g. {example}",
+        )
+    return None

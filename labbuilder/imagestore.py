@@ -89,6 +89,7 @@ def show(name: str, cache_dir: Path) -> dict[str, Any]:
             "size": newest_download.size,
             "pulled_at": newest_download.pulled_at,
             "verified": newest_download.verified,
+            "signed_by": newest_download.signed_by,
         }
     raise ImageError(
         f"image {name} is not in the cache",

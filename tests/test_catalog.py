@@ -16,6 +16,7 @@ from labbuilder.imagemodel import (
 )
 from labbuilder.resources import data_dir
 
+UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg")
 GOOD = """
 name = "test-9"
 description = "a test image"
@@ -57,11 +58,17 @@ def test_catalog_contents() -> None:
     trusty, noble, debian = catalog["ubuntu-14.04"], catalog["ubuntu-24.04"], catalog["debian-12"]
     assert trusty.cloud_init is CloudInitFlavour.ENI and trusty.default_user == "ubuntu"
     assert trusty.download is not None and trusty.download.signature_url is not None
+    for ubuntu in (trusty, noble):
+        assert ubuntu.download is not None
+        assert ubuntu.download.checksum_url is not None
+        assert ubuntu.download.signature_url == ubuntu.download.checksum_url + ".gpg"
+        assert ubuntu.download.keyring == UBUNTU_KEYRING
     assert trusty.download.url.endswith("/trusty/current/trusty-server-cloudimg-amd64-disk1.img")
     assert noble.cloud_init is CloudInitFlavour.V2 and noble.build is None
     assert debian.download is not None and debian.download.algorithm is ChecksumAlgorithm.SHA512
     assert debian.download.checksum_url is not None
     assert debian.download.checksum_url.endswith("/SHA512SUMS")
+    assert debian.download.signature_url is None and debian.download.keyring is None
     assert debian.build is not None and debian.build.suite == "bookworm"
     assert debian.build.kernel_package == "linux-image-cloud-amd64"
     assert {"cloud-init", "openssh-server", "locales"} <= set(debian.build.packages)
@@ -77,6 +84,51 @@ def test_good_entry() -> None:
 def _edit(old: str, new: str) -> str:
     assert old in GOOD
     return GOOD.replace(old, new)
+
+
+SIGNATURE = 'signature_url = "https://example.org/images/SHA512SUMS.gpg"'
+KEYRING = f'keyring = "{UBUNTU_KEYRING}"'
+
+
+def _download(*lines: str) -> str:
+    """GOOD with these lines added to its [download] section."""
+    return _edit('format = "qcow2"', "\n".join(('format = "qcow2"', *lines)))
+
+
+def test_signed_entry() -> None:
+    entry = parse_image_entry(_download(SIGNATURE, KEYRING), "test-9.toml")
+    assert entry.download is not None and entry.download.keyring == UBUNTU_KEYRING
+    assert entry.download.signature_url == "https://example.org/images/SHA512SUMS.gpg"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "extra"),
+    [
+        (_download(SIGNATURE), "download.keyring", "is missing"),
+        (_download(KEYRING), "download.keyring", "without 'download.signature_url'"),
+        (
+            _download(SIGNATURE, 'keyring = "keyrings/ubuntu.gpg"'),
+            "download.keyring",
+            "not an absolute path",
+        ),
+        (_download(SIGNATURE, "keyring = 5"), "download.keyring", "must be a string"),
+        (_download(SIGNATURE, 'keyring = ""'), "download.keyring", "is missing"),
+        (_download(SIGNATURE, 'keyrign = "/k.gpg"'), "download.keyrign", "did you mean 'keyring'"),
+        (
+            _download(SIGNATURE, KEYRING).replace(
+                'checksum_url = "https://example.org/images/SHA512SUMS"',
+                f'checksum = "{"a" * 128}"',
+            ),
+            "download.signature_url",
+            "no 'checksum_url' for it to sign",
+        ),
+    ],
+)
+def test_bad_signature_settings_name_file_and_key(text: str, key: str, extra: str) -> None:
+    with pytest.raises(ImageError) as failed:
+        parse_image_entry(text, "images/test-9.toml")
+    error = str(failed.value)
+    assert "images/test-9.toml" in error and f"'{key}'" in error and extra in error
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -10,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,8 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from labbuilder.catalog import find_image
-from labbuilder.checksums import parse_checksum_file
-from labbuilder.download import DownloadResult, download, fetch_checksum, part_path
+from labbuilder.checksums import PublishedDigest, fetch_checksum, parse_checksum_file
+from labbuilder.download import DownloadResult, download, part_path
 from labbuilder.errors import ImageError
 from labbuilder.filelock import file_lock
 from labbuilder.imagecache import default_cache_dir, list_cached, prune, pull
@@ -144,8 +146,9 @@ class ImageServer(ThreadingHTTPServer):
         pass  # clients hanging up early is part of the tests
 
 
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
+@contextmanager
+def running_server() -> Iterator[ImageServer]:
+    """The test server on 127.0.0.1, serving two images and a SHA256SUMS listing both."""
     srv = ImageServer()
     srv.state.files["/img/disk.qcow2"] = IMAGE
     srv.state.files["/img/other.qcow2"] = OTHER
@@ -154,10 +157,18 @@ def server() -> Iterator[ImageServer]:
     )
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def server() -> Iterator[ImageServer]:
+    with running_server() as srv:
+        yield srv
 
 
 def fetch(server: ImageServer, dest: Path, **kwargs: Any) -> DownloadResult:
@@ -354,15 +365,19 @@ def test_file_url(tmp_path: Path) -> None:
 
 def test_fetch_checksum(server: ImageServer) -> None:
     url = server.url("/img/SHA256SUMS")
-    assert fetch_checksum(url, "disk.qcow2", ChecksumAlgorithm.SHA256) == IMAGE_SHA256
+    source = entry(server).download
+    assert source is not None
+    assert fetch_checksum(source) == PublishedDigest(IMAGE_SHA256, signed_by=None)
+    missing = dataclasses.replace(source, url=server.url("/img/nope.img"))
     with pytest.raises(ImageError, match="does not list nope.img") as failed:
-        fetch_checksum(url, "nope.img", ChecksumAlgorithm.SHA256)
+        fetch_checksum(missing)
     assert url in failed.value.message
     with pytest.raises(ImageError, match="not a sha512 digest"):
-        fetch_checksum(url, "disk.qcow2", ChecksumAlgorithm.SHA512)
+        fetch_checksum(dataclasses.replace(source, algorithm=ChecksumAlgorithm.SHA512))
     server.state.not_found.add("/img/SHA256SUMS")
-    with pytest.raises(ImageError, match="404"):
-        fetch_checksum(url, "disk.qcow2", ChecksumAlgorithm.SHA256)
+    with pytest.raises(ImageError, match="404") as failed:
+        fetch_checksum(source)
+    assert f"the checksum file from {url}" in failed.value.message
 
 
 @pytest.mark.parametrize(
@@ -426,6 +441,7 @@ def test_pull_then_pull_again_transfers_nothing(server: ImageServer, tmp_path: P
     sidecar = json.loads(sidecar_of(first.path).read_text())
     assert {"url", "digest", "algorithm", "size", "pulled_at"} <= sidecar.keys()
     assert sidecar["digest"] == IMAGE_SHA256 and sidecar["size"] == len(IMAGE)
+    assert sidecar["signed_by"] is None and first.signed_by is None  # SHA256SUMS is not signed
 
     second = pull(entry(server), tmp_path, retry_delay=0)
     assert second.bytes_downloaded == 0 and second.path == first.path
