@@ -23,6 +23,11 @@ def ip_network(cidr: str) -> netaddr.IPNetwork:
     return network
 
 
+def netmask(prefix: int) -> str:
+    """The dotted netmask of a prefix length: 24 -> 255.255.255.0."""
+    return str(netaddr.IPNetwork(f"0.0.0.0/{prefix}").netmask)
+
+
 def ip_address(text: str) -> netaddr.IPAddress:
     try:
         return netaddr.IPAddress(text, version=4, flags=netaddr.INET_PTON)

@@ -14,6 +14,7 @@ from functools import cache
 import jinja2
 
 from labbuilder.adapters.libvirt import METADATA_NS
+from labbuilder.addressing import netmask
 from labbuilder.imagemodel import CloudInitFlavour
 from labbuilder.model import Plan, PlannedNetwork, PlannedNode
 from labbuilder.planview import plan_as_dict
@@ -139,7 +140,7 @@ def render_seed_files(
         "apt_proxy": seed.apt_proxy,
         "nameserver": management.gateway,
         "instance_id": f"{plan.lab}-{node.name}-{digest}",
-        "netmask": _netmask,
+        "netmask": netmask,
     }
     interfaces = _render("cloud-init", "network-interfaces.j2", autoescape=False, **values)
     meta = _render("cloud-init", "meta-data.j2", autoescape=False, **values)
@@ -152,8 +153,3 @@ def render_seed_files(
         "network-interfaces": interfaces,
     }
     return {name: text.encode() for name, text in files.items()}
-
-
-def _netmask(prefix: int) -> str:
-    value = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
-    return ".".join(str((value >> shift) & 255) for shift in (24, 16, 8, 0))

@@ -35,11 +35,7 @@ def register(commands: Subparsers) -> None:
     )
     add_lab_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument(
-        "--auto-subnets",
-        action="store_true",
-        help="move lab networks that overlap the host's to free subnets instead of refusing",
-    )
+    add_auto_subnets(plan)
     plan.add_argument(
         "--no-host-check",
         action="store_true",
@@ -71,11 +67,7 @@ def register(commands: Subparsers) -> None:
         ),
     )
     add_lab_arguments(up)
-    up.add_argument(
-        "--auto-subnets",
-        action="store_true",
-        help="move lab networks that overlap the host's to free subnets instead of refusing",
-    )
+    add_auto_subnets(up)
     up.add_argument("--json", action="store_true", help="print the result as JSON")
     up.set_defaults(handler=cmd_up)
 
@@ -153,6 +145,14 @@ def register(commands: Subparsers) -> None:
         "--match", default="*", metavar="GLOB", help="only labs whose name matches, e.g. 'ci-*'"
     )
     gc.set_defaults(handler=cmd_gc)
+
+
+def add_auto_subnets(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--auto-subnets",
+        action="store_true",
+        help="move lab networks that overlap the host's to free subnets instead of refusing",
+    )
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
