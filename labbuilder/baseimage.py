@@ -1,23 +1,31 @@
 """Which file a lab's nodes boot from: a local build, or a verified download, from the cache.
 
 A catalog entry with a ``[build]`` recipe is built natively (or found built) in the cache; an
-entry with only ``[download]`` is pulled (0 bytes when it is cached already). Either way the
-result is a ``BaseImage``: the disk the overlays sit on, and how it boots.
+entry with only ``[download]`` is pulled (0 bytes when it is cached already), with its kernel
+and initrd when the entry boots by direct kernel boot (``kernel_url``, ``initrd_url``,
+``cmdline``). Either way the result is a ``BaseImage``: the disk the overlays sit on, and how
+it boots.
+
+``resolve_role_image`` adds a role's packages and masked units: a build gets them from
+mmdebstrap (``imagebuild``), a download is booted once and saved (``rolebake``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from labbuilder.catalog import find_image
 from labbuilder.errors import ImageError
 from labbuilder.imagebuild import build_image
-from labbuilder.imagecache import default_cache_dir, pull
-from labbuilder.imagemodel import CloudInitFlavour, ImageEntry
+from labbuilder.imagecache import CachedImage, default_cache_dir, pull
+from labbuilder.imagemodel import CloudInitFlavour, DiskFormat, ImageEntry
+
+BOOT_FILES = ("vmlinuz", "initrd")  # a direct-boot download's extra files, cached as <name>.<kind>
 
 
 @dataclass(frozen=True)
@@ -46,35 +54,146 @@ def resolve_base_image(
     cache_dir: Path | None = None,
     base_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
+    catalog: Mapping[str, ImageEntry] | None = None,
 ) -> BaseImage:
-    """The base image for a lab's ``image`` key, built or pulled into the cache as needed."""
+    """The base image for a lab's ``image`` key, built or pulled into the cache as needed.
+
+    ``catalog`` replaces the catalog in ``images/`` (``catalog.load_catalog``)."""
     cache = cache_dir or default_cache_dir()
-    entry = find_image(name, base_dir=base_dir)
+    entry = find_image(name, catalog=catalog, base_dir=base_dir)
     if entry.build is not None and shutil.which("mmdebstrap"):
         return _from_build(entry, cache, log)
     if entry.download is not None:
-        cached = pull(entry, cache)
-        return BaseImage(
-            name=_volume_safe(entry.name),
-            disk=cached.path,
-            digest=cached.digest,
-            kernel=None,
-            initrd=None,
-            cmdline=None,
-            cloud_init=entry.cloud_init,
-            default_user=entry.default_user,
+        return _from_download(entry, pull(entry, cache), cache)
+    raise _cannot_build(name)
+
+
+def resolve_role_image(
+    name: str,
+    *,
+    role: str,
+    packages: tuple[str, ...],
+    masked_units: tuple[str, ...],
+    cache_dir: Path | None = None,
+    base_dir: Path | None = None,
+    libvirt_uri: str = "qemu:///system",
+    log: Callable[[str], None] | None = None,
+    catalog: Mapping[str, ImageEntry] | None = None,
+) -> BaseImage:
+    """The image of a role's nodes: the base image ``name`` with ``packages`` installed and
+    ``masked_units`` masked (services that must not start before they are configured).
+
+    Without packages and masked units it is the base image. An entry with a ``[build]``
+    recipe (and mmdebstrap on the host) is built with them as image ``<name>-<role>``; an
+    entry with only ``[download]`` is pulled, then booted once under ``libvirt_uri`` and saved
+    (``rolebake.bake``). Both are cached: asking again does no work.
+    """
+    if not packages and not masked_units:
+        return resolve_base_image(
+            name, cache_dir=cache_dir, base_dir=base_dir, log=log, catalog=catalog
         )
-    raise ImageError(
+    # Imported here: rolebake → probecache → probe → adapters.hostprobe → this module.
+    from labbuilder import rolebake
+
+    cache = cache_dir or default_cache_dir()
+    entry = find_image(name, catalog=catalog, base_dir=base_dir)
+    if entry.build is not None and shutil.which("mmdebstrap"):
+        return _from_build(
+            entry, cache, log, role=role, packages=packages, masked_units=masked_units
+        )
+    if entry.download is None:
+        raise _cannot_build(name)
+    cached = pull(entry, cache)
+    base = _from_download(entry, cached, cache)
+    baked = rolebake.bake(
+        base,
+        role=role,
+        packages=packages,
+        masked_units=masked_units,
+        cache_dir=cache,
+        archive=rolebake.archive_hosts(entry),
+        source={
+            "image": entry.name,
+            "url": cached.url,
+            "algorithm": str(cached.algorithm),
+            "verified": cached.verified,
+            "signed_by": cached.signed_by,
+        },
+        libvirt_uri=libvirt_uri,
+        log=log,
+    )
+    return BaseImage(
+        name=baked.name,
+        disk=baked.disk,
+        digest=baked.sha256,
+        kernel=baked.kernel,
+        initrd=baked.initrd,
+        cmdline=baked.cmdline,
+        cloud_init=entry.cloud_init,
+        default_user=entry.default_user,
+    )
+
+
+def boot_file_entry(entry: ImageEntry, kind: str) -> ImageEntry | None:
+    """The download of a direct-boot entry's kernel (``kind`` "vmlinuz") or initrd ("initrd"),
+    verified against the entry's checksum file like the image; None for a disk that boots
+    itself. Cached as image ``<name>.<kind>``."""
+    source = entry.download
+    if source is None or source.kernel_url is None or source.initrd_url is None:
+        return None
+    url = source.kernel_url if kind == "vmlinuz" else source.initrd_url
+    boot_source = dataclasses.replace(
+        source, url=url, format=DiskFormat.RAW, kernel_url=None, initrd_url=None, cmdline=None
+    )
+    return dataclasses.replace(entry, name=f"{entry.name}.{kind}", download=boot_source, build=None)
+
+
+def _from_download(entry: ImageEntry, cached: CachedImage, cache: Path) -> BaseImage:
+    kernel = initrd = None
+    cmdline = entry.download.cmdline if entry.download is not None else None
+    kernel_entry, initrd_entry = (boot_file_entry(entry, kind) for kind in BOOT_FILES)
+    if kernel_entry is not None and initrd_entry is not None:
+        kernel, initrd = pull(kernel_entry, cache).path, pull(initrd_entry, cache).path
+    return BaseImage(
+        name=_volume_safe(entry.name),
+        disk=cached.path,
+        digest=cached.digest,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline if kernel is not None else None,
+        cloud_init=entry.cloud_init,
+        default_user=entry.default_user,
+    )
+
+
+def _cannot_build(name: str) -> ImageError:
+    return ImageError(
         f"image {name} can only be built locally, and mmdebstrap is missing",
         "apt-get install mmdebstrap (scripts/setup-host installs it)",
     )
 
 
-def _from_build(entry: ImageEntry, cache: Path, log: Callable[[str], None] | None) -> BaseImage:
+def _from_build(
+    entry: ImageEntry,
+    cache: Path,
+    log: Callable[[str], None] | None,
+    *,
+    role: str | None = None,
+    packages: tuple[str, ...] = (),
+    masked_units: tuple[str, ...] = (),
+) -> BaseImage:
     assert entry.build is not None
-    built = build_image(entry.name, entry.build, built_images_dir(cache), log=log)
+    name = entry.name if role is None else f"{entry.name}-{role}"
+    built = build_image(
+        name,
+        entry.build,
+        built_images_dir(cache),
+        extra_packages=packages,
+        masked_units=masked_units,
+        log=log,
+    )
     return BaseImage(
-        name=entry.name,
+        name=name,
         disk=built.disk,
         digest=built.sha256,
         kernel=built.kernel,

@@ -18,7 +18,7 @@ from typing import Any
 from labbuilder import probecache
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
-from labbuilder.baseimage import BaseImage, resolve_base_image
+from labbuilder.baseimage import BaseImage, resolve_base_image, resolve_role_image
 from labbuilder.errors import PlanError
 from labbuilder.hostfacts import gather_host_facts
 from labbuilder.labstate import (
@@ -36,6 +36,7 @@ from labbuilder.planner import plan as make_plan
 from labbuilder.planview import plan_as_dict
 from labbuilder.probe import HostProbe
 from labbuilder.readiness import NodeTarget, RungCallback, wait_ready
+from labbuilder.recipefile import load_recipe
 from labbuilder.render import (
     BootSpec,
     DiskAttachment,
@@ -77,6 +78,7 @@ def up(
         plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
         digest = plan_hash(plan)
         base = resolve_base_image(lab.image, log=emit)
+        images = role_images(lab, plan, base, emit)
         emit("probing the host")
         probe = probecache.probe(lab.libvirt_uri, kernel=base.kernel)
         emit(
@@ -88,13 +90,13 @@ def up(
             check_same_plan(lab, existing, digest)
             fresh = not existing and not lv.owned_networks(conn, lab.name)
             try:
-                domains = create_lab(conn, lab, plan, digest, probe, base, state, emit)
+                domains = create_lab(conn, lab, plan, digest, probe, images, state, emit)
             except BaseException:
                 if fresh:
                     emit("creating the lab failed; removing what was made")
                     remove_lab_objects(conn, lab.name)
                 raise
-            save_state(state, lab, plan, probe, base)
+            save_state(state, lab, plan, probe, base, images)
             targets = {
                 node.name: NodeTarget(
                     name=node.name,
@@ -119,6 +121,33 @@ def up(
     return UpResult(plan, probe, time.monotonic() - start, rungs, created=fresh)
 
 
+def role_images(lab: Lab, plan: Plan, base: BaseImage, emit: Log) -> dict[str, BaseImage]:
+    """Each node's image: its role's image from the lab's recipe, or the lab's plain image."""
+    images = {node.name: base for node in plan.nodes}
+    if not lab.options.role_images:
+        return images
+    recipe = load_recipe(lab.recipe)
+    # Roles that want the same packages share one image (network, compute: chrony only, say).
+    by_content: dict[tuple[tuple[str, ...], tuple[str, ...]], BaseImage] = {}
+    for node in plan.nodes:
+        role = str(node.role)
+        wanted = recipe.role_image(role)
+        content = (tuple(sorted(wanted.packages)), tuple(sorted(wanted.masked_units)))
+        if content not in by_content:
+            if wanted.packages or wanted.masked_units:
+                emit(f"role image {lab.image}-{role} for recipe {recipe.name}")
+            by_content[content] = resolve_role_image(
+                lab.image,
+                role=role,
+                packages=wanted.packages,
+                masked_units=wanted.masked_units,
+                libvirt_uri=lab.libvirt_uri,
+                log=emit,
+            )
+        images[node.name] = by_content[content]
+    return images
+
+
 def check_same_plan(lab: Lab, domains: list[Any], digest: str) -> None:
     for domain in domains:
         running = lv.lab_metadata(domain.XMLDesc(0)).get("plan")
@@ -136,7 +165,7 @@ def create_lab(
     plan: Plan,
     digest: str,
     probe: HostProbe,
-    base: BaseImage,
+    images: dict[str, BaseImage],
     state: LabState,
     emit: Log,
 ) -> dict[str, Any]:
@@ -147,15 +176,11 @@ def create_lab(
     apply_egress(lab, plan)
 
     pool = storage.ensure_pool(conn, pool_name(), str(pool_dir()))
-    emit(f"base image {base.name} ({base.disk.name})")
-    base_volume = storage.ensure_uploaded_file(conn, pool, f"{base.volume_stem}.qcow2", base.disk)
-    boot = BootSpec()
-    if base.kernel is not None and base.initrd is not None:
-        kernel = storage.ensure_uploaded_file(
-            conn, pool, f"{base.volume_stem}.vmlinuz", base.kernel
-        )
-        initrd = storage.ensure_uploaded_file(conn, pool, f"{base.volume_stem}.initrd", base.initrd)
-        boot = BootSpec(kernel.path(), initrd.path(), base.cmdline)
+    volumes: dict[str, tuple[Any, BootSpec]] = {}
+    for image in {image.volume_stem: image for image in images.values()}.values():
+        emit(f"base image {image.name} ({image.disk.name})")
+        volumes[image.volume_stem] = upload_base(conn, pool, image)
+    base = next(iter(images.values()))
 
     public_key = ensure_ssh_key(state)
     console_password = ensure_secrets(state, ("console_password",))["console_password"]
@@ -171,8 +196,10 @@ def create_lab(
         domain = lv.find_domain(conn, node.domain)
         if domain is None:
             emit(f"node {node.name}: disks, seed and domain")
+            image = images[node.name]
+            base_volume, boot = volumes[image.volume_stem]
             xml = node_domain_xml(
-                conn, pool, plan, node, digest, probe, base, base_volume, boot, seed, state
+                conn, pool, plan, node, digest, probe, image, base_volume, boot, seed, state
             )
             domain = lv.ensure_domain(conn, node.domain, xml)
         elif not domain.isActive():
@@ -183,6 +210,21 @@ def create_lab(
     with ThreadPoolExecutor(max_workers=len(plan.nodes)) as workers:
         futures = {node.name: workers.submit(create_node, node) for node in plan.nodes}
         return {name: future.result() for name, future in futures.items()}
+
+
+def upload_base(conn: Any, pool: Any, image: BaseImage) -> tuple[Any, BootSpec]:
+    """The shared, read-only base volume of an image (and its kernel and initrd), uploaded once."""
+    volume = storage.ensure_uploaded_file(conn, pool, f"{image.volume_stem}.qcow2", image.disk)
+    boot = BootSpec()
+    if image.kernel is not None and image.initrd is not None:
+        kernel = storage.ensure_uploaded_file(
+            conn, pool, f"{image.volume_stem}.vmlinuz", image.kernel
+        )
+        initrd = storage.ensure_uploaded_file(
+            conn, pool, f"{image.volume_stem}.initrd", image.initrd
+        )
+        boot = BootSpec(kernel.path(), initrd.path(), image.cmdline)
+    return volume, boot
 
 
 def node_domain_xml(
@@ -236,8 +278,16 @@ def apply_egress(lab: Lab, plan: Plan) -> None:
     firewall.ensure_egress(lab.name, bridges, cidrs, lab.options.egress, lab.options.egress_allow)
 
 
-def save_state(state: LabState, lab: Lab, plan: Plan, probe: HostProbe, base: BaseImage) -> None:
+def save_state(
+    state: LabState,
+    lab: Lab,
+    plan: Plan,
+    probe: HostProbe,
+    base: BaseImage,
+    images: dict[str, BaseImage],
+) -> None:
     """What later commands (ssh, status, install) read back: the plan and the host's facts."""
+    by_role = {str(node.role): images[node.name] for node in plan.nodes}
     record = {
         "lab": lab.name,
         "source": lab.source,
@@ -246,8 +296,24 @@ def save_state(state: LabState, lab: Lab, plan: Plan, probe: HostProbe, base: Ba
         "virt_type": str(probe.virt_type),
         "user": base.default_user,
         "image": {"name": base.name, "digest": base.digest},
+        "images": {role: image_record(image) for role, image in by_role.items()},
     }
     write_secret_file(state.directory / "lab.json", json.dumps(record, indent=1).encode())
+
+
+def image_record(image: BaseImage) -> dict[str, Any]:
+    """An image as the install report shows it: name, digest and its manifest if it has one."""
+    record: dict[str, Any] = {"name": image.name, "digest": image.digest}
+    manifest = image.disk.parent / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        record["manifest"] = {
+            key: data[key]
+            for key in ("source", "builder_version", "built", "recipe_hash", "masked_units")
+            if key in data
+        }
+        record["packages"] = len(data.get("packages", {}))
+    return record
 
 
 def load_state_record(state: LabState) -> dict[str, Any] | None:

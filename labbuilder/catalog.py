@@ -55,6 +55,9 @@ _DOWNLOAD_KEYS = (
     "format",
     "signature_url",
     "keyring",
+    "kernel_url",
+    "initrd_url",
+    "cmdline",
 )
 _BUILD_KEYS = ("suite", "mirror", "packages", "kernel_package", "size")
 
@@ -70,11 +73,12 @@ _E = TypeVar("_E", CloudInitFlavour, DiskFormat, ChecksumAlgorithm)
 # --- loading -------------------------------------------------------------------------------
 
 
-def load_catalog() -> dict[str, ImageEntry]:
-    """Parse every ``*.toml`` file in the catalog folder; keys are the image names."""
+def load_catalog(folder: Path | None = None) -> dict[str, ImageEntry]:
+    """Parse every ``*.toml`` file in the catalog folder (``images/``, or ``folder``); keys are
+    the image names."""
     catalog: dict[str, ImageEntry] = {}
-    folder = data_dir("images")
-    for item in sorted(folder.iterdir(), key=lambda t: t.name):
+    source_folder = folder or data_dir("images")
+    for item in sorted(source_folder.iterdir(), key=lambda t: t.name):
         if not item.name.endswith(".toml") or not item.is_file():
             continue
         source = str(item)
@@ -289,6 +293,9 @@ class _Parser:
             format=self.enum(table, "format", DiskFormat, "download."),
             signature_url=self.url(table, "signature_url", required=False) or None,
             keyring=Path(keyring) if keyring else None,
+            kernel_url=self.url(table, "kernel_url", required=False) or None,
+            initrd_url=self.url(table, "initrd_url", required=False) or None,
+            cmdline=self.string(table, "cmdline", "download.", required=False).strip() or None,
         )
         problem = verification_problem(source)
         if problem is not None:

@@ -15,11 +15,11 @@ import libvirt
 from rich.console import Console
 
 from labbuilder import __version__
-from labbuilder.commands import host, images, lab
+from labbuilder.commands import host, images, install, lab, snapshot
 from labbuilder.commands.common import Handler
 from labbuilder.errors import LabbuilderError
 
-COMMAND_MODULES = (lab, images, host)
+COMMAND_MODULES = (lab, install, snapshot, images, host)
 
 
 def build_parser() -> argparse.ArgumentParser:

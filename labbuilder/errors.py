@@ -56,6 +56,16 @@ class ImageError(LabbuilderError):
     """An image could not be found, downloaded, verified or built."""
 
 
+class RecipeError(LabbuilderError):
+    """An install recipe (its folder, a stage file or a template) is not valid."""
+
+    exit_code = 2
+
+
+class InstallError(LabbuilderError):
+    """An install step or its check failed in a guest; the message is the failure report."""
+
+
 class GuestCommandError(LabbuilderError):
     """A command inside a guest failed."""
 

@@ -44,6 +44,11 @@ class DownloadSource:
     format: DiskFormat
     signature_url: str | None = None  # detached signature of the checksum file, if published
     keyring: Path | None = None  # OpenPGP keyring (binary) that signature_url must verify against
+    # Direct kernel boot, for a disk without a boot loader (a whole-disk file system): the
+    # kernel and initrd are published next to the image and listed in its checksum file.
+    kernel_url: str | None = None
+    initrd_url: str | None = None
+    cmdline: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,29 @@ def verification_problem(source: DownloadSource) -> tuple[str, str] | None:
             f"key 'download.checksum' is not a {source.algorithm} digest ({digits} hex digits)",
             "copy the digest from the published checksum file, or set 'algorithm' to match it",
         )
-    return _signature_problem(source)
+    return _signature_problem(source) or _boot_problem(source)
+
+
+def _boot_problem(source: DownloadSource) -> tuple[str, str] | None:
+    """Direct kernel boot needs all of kernel_url, initrd_url and cmdline, and a checksum file
+    that lists the kernel and initrd (a pinned checksum covers the image only)."""
+    given = [key for key in ("kernel_url", "initrd_url", "cmdline") if getattr(source, key)]
+    if not given:
+        return None
+    if len(given) != 3:
+        missing = sorted({"kernel_url", "initrd_url", "cmdline"} - set(given))
+        return (
+            f"[download] has {', '.join(given)} but not {', '.join(missing)}",
+            "direct kernel boot needs kernel_url, initrd_url and cmdline together; "
+            "remove them all to boot the disk's own boot loader",
+        )
+    if not source.checksum_url:
+        return (
+            "key 'download.kernel_url' needs 'download.checksum_url': the kernel and initrd "
+            "are verified against the same checksum file as the image",
+            "publish a checksum file listing the image, the kernel and the initrd",
+        )
+    return None
 
 
 def _signature_problem(source: DownloadSource) -> tuple[str, str] | None:

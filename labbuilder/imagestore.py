@@ -1,5 +1,6 @@
-"""The host's images as a user sees them: what the catalog offers, what is cached (downloaded
-or built), a build's manifest, and pruning. Used by ``labbuilder images``."""
+"""The host's images as a user sees them: what the catalog offers, what is cached (downloaded,
+built, or baked: a role image made from a download, ``rolebake``), a build's or bake's manifest,
+and pruning. Used by ``labbuilder images``."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labbuilder.baseimage import built_images_dir
+from labbuilder.baseimage import BOOT_FILES, built_images_dir
 from labbuilder.catalog import find_image, load_catalog
 from labbuilder.download import ProgressCallback
 from labbuilder.errors import ImageError
 from labbuilder.imagebuild import BuiltImage, build_image, load_built_image
 from labbuilder.imagecache import CachedImage, list_cached, prune, pull
 from labbuilder.paths import state_root
+from labbuilder.rolebake import BakedImage, is_bake, load_baked_image
 
 
 @dataclass(frozen=True)
@@ -33,14 +35,22 @@ def built_images(cache_dir: Path) -> list[BuiltImage]:
         return []
     found = []
     for directory in sorted(folder.iterdir()):
-        if (directory / "manifest.json").exists():
+        if (directory / "manifest.json").exists() and not is_bake(directory):
             found.append(load_built_image(directory))
     return found
+
+
+def baked_images(cache_dir: Path) -> list[BakedImage]:
+    folder = built_images_dir(cache_dir)
+    if not folder.is_dir():
+        return []
+    return [load_baked_image(d) for d in sorted(folder.iterdir()) if is_bake(d)]
 
 
 def image_rows(cache_dir: Path) -> list[ImageRow]:
     downloads = list_cached(cache_dir)
     builds = built_images(cache_dir)
+    bakes = baked_images(cache_dir)
     rows = []
     for name, entry in sorted(load_catalog().items()):
         sources = ", ".join(
@@ -50,6 +60,11 @@ def image_rows(cache_dir: Path) -> list[ImageRow]:
         )
         cached = [f"downloaded {_mb(d.size)}" for d in downloads if d.name == name]
         cached += [f"built {_mb(b.file_size)}" for b in builds if b.name == name]
+        cached += [
+            f"baked {b.name} {_mb(b.file_size)}"
+            for b in bakes
+            if b.manifest.get("source", {}).get("image") == name
+        ]
         rows.append(ImageRow(name, entry.description, sources, tuple(cached)))
     return rows
 
@@ -73,10 +88,11 @@ def build(name: str, cache_dir: Path, *, force: bool, log: Callable[[str], None]
 
 
 def show(name: str, cache_dir: Path) -> dict[str, Any]:
-    """The provenance of a cached image: a build's manifest, or a download's record."""
-    builds = [b for b in built_images(cache_dir) if b.name == name]
-    if builds:
-        newest = max(builds, key=lambda b: str(b.manifest.get("built_at", "")))
+    """The provenance of a cached image: a build's or bake's manifest, or a download's record."""
+    builds: list[BuiltImage | BakedImage] = [*built_images(cache_dir), *baked_images(cache_dir)]
+    named = [b for b in builds if b.name == name]
+    if named:
+        newest = max(named, key=lambda b: str(b.manifest.get("built_at", "")))
         return dict(newest.manifest) | {"path": str(newest.disk)}
     downloads = [d for d in list_cached(cache_dir) if d.name == name]
     if downloads:
@@ -114,15 +130,17 @@ def prune_images(cache_dir: Path) -> list[Path]:
     used = images_in_use()
     keep = {d.path.name for d in list_cached(cache_dir) if d.digest in used}
     keep |= {name for name in load_catalog()}
+    keep |= {f"{name}.{kind}" for name in load_catalog() for kind in BOOT_FILES}
     removed = prune(cache_dir, keep)
-    newest: dict[str, BuiltImage] = {}
-    for built in built_images(cache_dir):
+    newest: dict[str, BuiltImage | BakedImage] = {}
+    builds: list[BuiltImage | BakedImage] = [*built_images(cache_dir), *baked_images(cache_dir)]
+    for built in builds:
         current = newest.get(built.name)
         if current is None or built.manifest.get("built_at", "") > current.manifest.get(
             "built_at", ""
         ):
             newest[built.name] = built
-    for built in built_images(cache_dir):
+    for built in builds:
         if built is not newest.get(built.name) and built.sha256 not in used:
             shutil.rmtree(built.directory)
             removed.append(built.directory)

@@ -8,6 +8,7 @@ for a compute node``. Nothing downstream sees raw TOML.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import replace
@@ -48,7 +49,16 @@ from labbuilder.tomlread import (
 
 TOP_KEYS = ("name", "description", "networking", "image", "recipe", "libvirt_uri")
 TABLE_KEYS = ("options", "networks", "nodes")
-OPTION_KEYS = ("ntp_servers", "apt_proxy", "apt_mirror", "internet", "egress", "egress_allow")
+OPTION_KEYS = (
+    "ntp_servers",
+    "apt_proxy",
+    "apt_mirror",
+    "internet",
+    "egress",
+    "egress_allow",
+    "role_images",
+    "stages",
+)
 NETWORK_KEYS = ("role", "kind", "cidr", "gateway", "dhcp_range", "floating_range")
 NODE_KEYS = ("role", "count", "vcpus", "memory", "disk", "extra_disks", "nics", "addresses", "macs")
 DISK_KEYS = ("size", "purpose")
@@ -138,7 +148,18 @@ def parse_options(value: object, where: Where) -> Options:
         internet=parse_bool(table.get("internet", False), where.key("internet")),
         egress=parse_enum(table.get("egress", "nat"), Egress, where.key("egress")),
         egress_allow=parse_str_list(table.get("egress_allow", []), where.key("egress_allow")),
+        role_images=parse_bool(table.get("role_images", True), where.key("role_images")),
+        optional_stages=parse_stage_names(table.get("stages", []), where.key("stages")),
     )
+
+
+def parse_stage_names(value: object, where: Where) -> tuple[str, ...]:
+    """``options.stages``: names of the recipe's optional stages the lab runs."""
+    names = parse_str_list(value, where)
+    for i, name in enumerate(names):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+            raise where.item(i).error(name, "is not a stage name (lower case, digits and '-')")
+    return names
 
 
 def parse_networks(value: object, networking: Networking, where: Where) -> tuple[NetworkSpec, ...]:

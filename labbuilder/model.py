@@ -106,6 +106,8 @@ class Options:
     internet: bool = False  # run the guide steps that reach the internet (ping openstack.org, ...)
     egress: Egress = Egress.NAT
     egress_allow: tuple[str, ...] = ()  # with egress = "allow": addresses or CIDRs guests may reach
+    role_images: bool = True  # boot each role from an image with its recipe's packages baked in
+    optional_stages: tuple[str, ...] = ()  # optional recipe stages to run (`stages = [...]`)
 
 
 @dataclass(frozen=True)

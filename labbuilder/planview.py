@@ -10,7 +10,18 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from labbuilder.model import Plan
+from labbuilder.model import (
+    Networking,
+    NetworkKind,
+    NicRole,
+    Plan,
+    PlannedDisk,
+    PlannedNetwork,
+    PlannedNic,
+    PlannedNode,
+    Role,
+    Totals,
+)
 from labbuilder.sizes import format_size
 
 
@@ -69,3 +80,47 @@ def plan_tables(plan: Plan) -> Group:
     parts: list[Table | Text] = [networks, nodes, nics, totals]
     parts += [Text(f"warning: {warning}", style="yellow") for warning in plan.warnings]
     return Group(*parts)
+
+
+def plan_from_dict(data: dict[str, Any]) -> Plan:
+    """The inverse of ``plan_as_dict``: a plan saved by ``up`` read back from the lab's state."""
+    networks = tuple(
+        PlannedNetwork(
+            name=net["name"],
+            role=NicRole(net["role"]),
+            kind=NetworkKind(net["kind"]),
+            libvirt_name=net["libvirt_name"],
+            bridge=net["bridge"],
+            cidr=net["cidr"],
+            netmask=net["netmask"],
+            gateway=net["gateway"],
+            dhcp_range=tuple(net["dhcp_range"]) if net["dhcp_range"] else None,
+            floating_range=tuple(net["floating_range"]) if net["floating_range"] else None,
+            remapped_from=net.get("remapped_from"),
+        )
+        for net in data["networks"]
+    )
+    nodes = tuple(
+        PlannedNode(
+            name=node["name"],
+            role=Role(node["role"]),
+            domain=node["domain"],
+            vcpus=node["vcpus"],
+            memory=node["memory"],
+            nics=tuple(PlannedNic(**nic) for nic in node["nics"]),
+            disks=tuple(PlannedDisk(**disk) for disk in node["disks"]),
+        )
+        for node in data["nodes"]
+    )
+    return Plan(
+        lab=data["lab"],
+        networking=Networking(data["networking"]),
+        image=data["image"],
+        recipe=data["recipe"],
+        libvirt_uri=data["libvirt_uri"],
+        networks=networks,
+        nodes=nodes,
+        hosts=tuple((address, name) for address, name in data["hosts"]),
+        totals=Totals(**data["totals"]),
+        warnings=tuple(data.get("warnings", ())),
+    )

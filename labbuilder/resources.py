@@ -1,4 +1,5 @@
-"""Where the data folders (``images/``, ``networks/``, ``cloud-init/``, ``labs/``) are.
+"""Where the data folders (``images/``, ``networks/``, ``cloud-init/``, ``labs/``,
+``recipes/``) are.
 
 In a wheel they are package data under ``labbuilder/_data/``; in a source checkout (editable
 install, or running from the tree) they are the top-level folders of the repository.
@@ -10,7 +11,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-DATA_FOLDERS = ("images", "networks", "cloud-init", "labs")
+DATA_FOLDERS = ("images", "networks", "cloud-init", "labs", "recipes")
 
 
 def data_dir(name: str) -> Traversable:

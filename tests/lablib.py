@@ -34,9 +34,10 @@ def free_subnets(count: int, start: str = "10.240.0.0/12") -> list[str]:
     raise RuntimeError("no free subnets for the test lab")
 
 
-def three_node_lab(name: str, *, extra: str = "") -> str:
+def three_node_lab(name: str, *, extra: str = "", role_images: bool = False) -> str:
     """The guide's three-node lab on free subnets (the guide's 203.0.113.0/24 may hold the
-    host's package mirror), with egress confined to the lab itself."""
+    host's package mirror), with egress confined to the lab itself. ``extra`` goes into its
+    ``[options]`` table; ``role_images`` boots nodes from their recipe's role images."""
     management, tunnel, external = free_subnets(3)
     m, t, e = (s.rsplit(".", 1)[0] for s in (management, tunnel, external))
     return f"""
@@ -58,6 +59,7 @@ addresses = {{ management = "{m}.21", tunnel = "{t}.21" }}
 addresses = {{ management = "{m}.31", tunnel = "{t}.31" }}
 [options]
 egress = "none"
+role_images = {"true" if role_images else "false"}
 {extra}
 """
 
@@ -82,6 +84,7 @@ count = 0
 count = 0
 [options]
 egress = "none"
+role_images = false
 """
 
 
@@ -104,3 +107,71 @@ def remove_test_pool() -> None:
             storage.remove_pool(pool)
     finally:
         conn.close()
+
+
+def two_node_lab(name: str) -> str:
+    """The guide's controller and network node (no compute node) on free subnets, at the
+    guide's minimum sizes, with egress confined to the lab."""
+    management, tunnel, external = free_subnets(3)
+    m, t, e = (s.rsplit(".", 1)[0] for s in (management, tunnel, external))
+    return f"""
+name = "{name}"
+[networks.management]
+cidr = "{management}"
+gateway = "{m}.1"
+[networks.tunnel]
+cidr = "{tunnel}"
+[networks.external]
+cidr = "{external}"
+gateway = "{e}.1"
+floating_range = "{e}.101-{e}.200"
+[nodes.controller]
+addresses = {{ management = "{m}.11" }}
+[nodes.network]
+addresses = {{ management = "{m}.21", tunnel = "{t}.21" }}
+[nodes.compute]
+count = 0
+[options]
+egress = "none"
+role_images = false
+"""
+
+
+def lab_leftovers(lab: str, pool_name: str = TEST_POOL) -> dict[str, list[str]]:
+    """What the host still holds of ``lab``: domains, networks and volumes named after it."""
+    from labbuilder.adapters import storage
+
+    conn = lv.connect("qemu:///system", readonly=True)
+    try:
+        pool = storage.find_pool(conn, pool_name)
+        return {
+            "domains": [d.name() for d in conn.listAllDomains() if d.name().startswith(lab)],
+            "networks": [n.name() for n in conn.listAllNetworks() if n.name().startswith(lab)],
+            "volumes": [v.name() for v in storage.lab_volumes(pool, lab)] if pool else [],
+        }
+    finally:
+        conn.close()
+
+
+def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
+    """Remove everything of ``labs`` and the storage pool of ``environment`` (a test's
+    ``lab_environment``), whatever state a failed test left them in."""
+    from labbuilder.adapters import storage
+    from labbuilder.teardown import remove_lab_objects
+
+    old = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    conn = lv.connect("qemu:///system")
+    try:
+        for lab in labs:
+            remove_lab_objects(conn, lab)
+        pool = storage.find_pool(conn, environment["LABBUILDER_POOL"])
+        if pool is not None:
+            storage.remove_pool(pool)
+    finally:
+        conn.close()
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

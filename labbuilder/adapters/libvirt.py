@@ -6,6 +6,8 @@ which lab owns a network or domain is read from libvirt itself, even after a cra
 
 from __future__ import annotations
 
+import contextlib
+import struct
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -173,8 +175,12 @@ def ensure_domain(conn: Any, name: str, xml: str) -> Any:
 
 
 def remove_domain(domain: Any) -> None:
+    """Stop and undefine a domain with everything libvirt keeps beside it: snapshot and
+    checkpoint metadata (libvirt refuses to undefine a domain that has snapshots otherwise), a
+    managed save image, NVRAM. Internal snapshots' data lives in the disks, removed with them."""
     flags = (
         libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
         | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
         | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
     )
@@ -198,6 +204,204 @@ def domain_state(domain: Any) -> str:
         libvirt.VIR_DOMAIN_CRASHED: "crashed",
         libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
     }.get(state, "unknown")
+
+
+def is_active(domain: Any) -> bool:
+    try:
+        return bool(domain.isActive())
+    except libvirt.libvirtError as err:
+        raise _domain_error(domain, "cannot read its state", err) from None
+
+
+def suspend_domain(domain: Any) -> None:
+    try:
+        domain.suspend()
+    except libvirt.libvirtError as err:
+        raise _domain_error(domain, "cannot pause", err) from None
+
+
+def resume_domain(domain: Any) -> None:
+    try:
+        domain.resume()
+    except libvirt.libvirtError as err:
+        raise _domain_error(domain, "cannot resume", err) from None
+
+
+def writable_qcow2_volumes(conn: Any, domain: Any) -> list[Any] | None:
+    """The storage volumes of the domain's writable qcow2 disks (where internal snapshots
+    live), or None when a writable disk is not a volume libvirt knows."""
+    volumes = []
+    try:
+        root = ET.fromstring(domain.XMLDesc(0))
+        for disk in root.findall("devices/disk"):
+            if disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
+                continue
+            driver, source = disk.find("driver"), disk.find("source")
+            if source is None or driver is None or driver.get("type") != "qcow2":
+                continue
+            if source.get("pool") and source.get("volume"):
+                pool = conn.storagePoolLookupByName(source.get("pool"))
+                volumes.append(pool.storageVolLookupByName(source.get("volume")))
+            elif source.get("file"):
+                volumes.append(conn.storageVolLookupByPath(source.get("file")))
+            else:
+                return None
+    except libvirt.libvirtError:
+        return None
+    return volumes
+
+
+def _read_volume(conn: Any, volume: Any, offset: int, length: int) -> bytes:
+    stream = conn.newStream(0)
+    chunks: list[bytes] = []
+    try:
+        volume.download(stream, offset, length, 0)
+        stream.recvAll(lambda _stream, data, sink: sink.append(data), chunks)
+        stream.finish()
+    except libvirt.libvirtError:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        raise
+    return b"".join(chunks)
+
+
+def qcow2_snapshot_state_sizes(conn: Any, volume: Any) -> dict[str, int]:
+    """Bytes of saved VM state (memory, devices) per internal snapshot name, read from the
+    qcow2 image's snapshot table through libvirt (QEMU's docs/interop/qcow2.txt); empty for
+    an image without snapshots. Raises libvirtError or ValueError when it cannot be read."""
+    header = _read_volume(conn, volume, 0, 72)
+    if len(header) < 72 or header[:4] != b"QFI\xfb":
+        raise ValueError("not a qcow2 image")
+    count, table = struct.unpack(">IQ", header[60:72])
+    if count == 0:
+        return {}
+    length = count * 256 + 4096
+    while True:
+        data = _read_volume(conn, volume, table, length)
+        try:
+            return _parse_qcow2_snapshots(data, count)
+        except struct.error:
+            if len(data) < length or length > 64 * 2**20:
+                raise ValueError("truncated qcow2 snapshot table") from None
+            length *= 4  # entries with long names or extra data
+
+
+def _parse_qcow2_snapshots(data: bytes, count: int) -> dict[str, int]:
+    sizes = {}
+    offset = 0
+    for _ in range(count):
+        id_size, name_size = struct.unpack_from(">HH", data, offset + 12)
+        state_size, extra_size = struct.unpack_from(">II", data, offset + 32)
+        if extra_size >= 8:  # version 3: a 64-bit state size
+            (state_size,) = struct.unpack_from(">Q", data, offset + 40)
+        name_at = offset + 40 + extra_size + id_size
+        if name_at + name_size > len(data):
+            raise struct.error("short")
+        sizes[data[name_at : name_at + name_size].decode(errors="replace")] = state_size
+        offset = name_at + name_size
+        offset += -offset % 8  # entries are padded to 8 bytes
+    return sizes
+
+
+def snapshot_state_sizes(conn: Any, domain: Any) -> dict[str, int] | None:
+    """Bytes of saved VM state per snapshot name, over the domain's writable qcow2 disks: the
+    disk a snapshot with memory holds for itself. None when the disks cannot be read."""
+    volumes = writable_qcow2_volumes(conn, domain)
+    if volumes is None:
+        return None
+    total: dict[str, int] = {}
+    try:
+        for volume in volumes:
+            for name, size in qcow2_snapshot_state_sizes(conn, volume).items():
+                total[name] = total.get(name, 0) + size
+    except (libvirt.libvirtError, ValueError):
+        return None  # a size we cannot read is left out, not an error
+    return total
+
+
+# --- snapshots ------------------------------------------------------------------------------
+# Internal snapshots (state in the domain's qcow2 disks); labbuilder names and describes them.
+
+_SNAPSHOT_HINTS = {
+    libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT: "`labbuilder snapshot list` shows the lab's snapshots",
+    libvirt.VIR_ERR_NO_DOMAIN: "the node's domain is gone; `labbuilder status` shows the lab",
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED: (
+        "internal snapshots need every writable disk in qcow2 format, and a running node's "
+        "snapshot must include its memory"
+    ),
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED: (
+        "internal snapshots need every writable disk in qcow2 format (labbuilder's overlays and "
+        "extra disks are; a disk added by hand may not be)"
+    ),
+    libvirt.VIR_ERR_OPERATION_INVALID: (
+        "the node is in a state that does not allow this; `labbuilder status` shows it"
+    ),
+    libvirt.VIR_ERR_OPERATION_TIMEOUT: (
+        "another operation on the node (a snapshot, a shutdown) holds it; try again when it ends"
+    ),
+    libvirt.VIR_ERR_SNAPSHOT_REVERT_RISKY: (
+        "the node's definition changed since the snapshot; take the lab down and up again, "
+        "or delete the snapshot"
+    ),
+    libvirt.VIR_ERR_OPERATION_FAILED: "QEMU failed it; the domain's log in /var/log/libvirt/qemu",
+    libvirt.VIR_ERR_INTERNAL_ERROR: (
+        "QEMU failed it; check the pool's free disk space (a snapshot with memory needs about "
+        "the node's memory size) and the domain's log in /var/log/libvirt/qemu"
+    ),
+    libvirt.VIR_ERR_SYSTEM_ERROR: "check the pool's free disk space and permissions",
+}
+
+
+def _domain_error(domain: Any, what: str, err: Any) -> HypervisorError:
+    hint = _SNAPSHOT_HINTS.get(err.get_error_code())
+    return HypervisorError(f"domain {domain.name()}: {what}: {err.get_error_message()}", hint)
+
+
+def snapshot_xmls(domain: Any) -> list[str]:
+    """The XML of every snapshot of the domain (name, description, state, memory, disks)."""
+    try:
+        return [snap.getXMLDesc(0) for snap in domain.listAllSnapshots(0)]
+    except libvirt.libvirtError as err:
+        raise _domain_error(domain, "cannot list its snapshots", err) from None
+
+
+def snapshot_names(domain: Any) -> list[str]:
+    try:
+        return [str(name) for name in domain.snapshotListNames(0)]
+    except libvirt.libvirtError as err:
+        raise _domain_error(domain, "cannot list its snapshots", err) from None
+
+
+def create_snapshot(domain: Any, xml: str) -> None:
+    """Create the snapshot ``xml`` describes; atomically: on failure the domain is unchanged."""
+    try:
+        domain.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+    except libvirt.libvirtError as err:
+        raise _domain_error(domain, "cannot take a snapshot", err) from None
+
+
+def delete_snapshot(domain: Any, name: str) -> bool:
+    """Delete the snapshot ``name`` (its children stay); False if the domain has none of it."""
+    try:
+        domain.snapshotLookupByName(name, 0).delete(0)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            return False
+        raise _domain_error(domain, f"cannot delete snapshot {name}", err) from None
+    return True
+
+
+def revert_snapshot(domain: Any, name: str, *, running: bool = True) -> None:
+    """Revert the domain to the snapshot, leaving it running (or paused, with running=False)."""
+    flags = (
+        libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
+        if running
+        else libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
+    )
+    try:
+        domain.revertToSnapshot(domain.snapshotLookupByName(name, 0), flags)
+    except libvirt.libvirtError as err:
+        raise _domain_error(domain, f"cannot revert to snapshot {name}", err) from None
 
 
 def _error(what: str, err: Any, hint: str | None = None) -> HypervisorError:

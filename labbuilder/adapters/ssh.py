@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -92,6 +93,89 @@ class SSHSession:
         out = stdout.read().decode(errors="replace")
         err = stderr.read().decode(errors="replace")
         return CommandResult(command, channel.recv_exit_status(), out, err)
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        timeout: float = 1800.0,
+        on_output: Callable[[str], None] | None = None,
+        interpreter: str = "bash",
+    ) -> CommandResult:
+        """Run ``script`` as root with ``interpreter``. The script travels on stdin into a
+        private temporary file (nothing of it shows in ``ps`` or argv), which then runs with
+        stdin from /dev/null: a command in it that reads stdin (rabbitmqctl does) cannot eat
+        the rest of the script, as it would with ``bash -s``.
+
+        Output lines go to ``on_output`` as they arrive (stdout and stderr interleaved, stderr
+        lines prefixed with ``! ``). On timeout the channel is closed and rc is 124.
+        """
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestCommandError(f"on {self.host}: the SSH connection is closed")
+        channel = transport.open_session()
+        runner = (
+            'f=$(mktemp) && cat > "$f" && { '
+            f'{interpreter} "$f" < /dev/null; rc=$?; rm -f "$f"; exit $rc; }}'
+        )
+        channel.exec_command("sudo -n sh -c " + shlex.quote(runner))
+        channel.sendall(script.encode())
+        channel.shutdown_write()
+        out: list[bytes] = []
+        err: list[bytes] = []
+        pending = {"out": b"", "err": b""}
+        deadline = time.monotonic() + timeout
+
+        def emit(kind: str, data: bytes, final: bool = False) -> None:
+            pending[kind] += data
+            *lines, pending[kind] = pending[kind].split(b"\n")
+            if final and pending[kind]:
+                lines.append(pending[kind])
+                pending[kind] = b""
+            if on_output is not None:
+                prefix = "! " if kind == "err" else ""
+                for line in lines:
+                    on_output(prefix + line.decode(errors="replace"))
+
+        while True:
+            busy = False
+            if channel.recv_ready():
+                data = channel.recv(65536)
+                out.append(data)
+                emit("out", data)
+                busy = True
+            if channel.recv_stderr_ready():
+                data = channel.recv_stderr(65536)
+                err.append(data)
+                emit("err", data)
+                busy = True
+            if not busy:
+                if (
+                    channel.exit_status_ready()
+                    and not channel.recv_ready()
+                    and not channel.recv_stderr_ready()
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    channel.close()
+                    emit("out", b"", final=True)
+                    return CommandResult(
+                        interpreter,
+                        124,
+                        b"".join(out).decode(errors="replace"),
+                        f"timed out after {timeout:.0f} s",
+                    )
+                time.sleep(0.05)
+        emit("out", b"", final=True)
+        emit("err", b"", final=True)
+        rc = channel.recv_exit_status()
+        channel.close()
+        return CommandResult(
+            interpreter,
+            rc,
+            b"".join(out).decode(errors="replace"),
+            b"".join(err).decode(errors="replace"),
+        )
 
     def close(self) -> None:
         self._client.close()

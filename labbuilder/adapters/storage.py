@@ -87,7 +87,12 @@ def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | N
     ET.SubElement(root, "name").text = name
     ET.SubElement(root, "capacity", unit="bytes").text = str(capacity)
     ET.SubElement(root, "allocation", unit="bytes").text = "0"
-    ET.SubElement(ET.SubElement(root, "target"), "format", type=fmt)
+    target = ET.SubElement(root, "target")
+    ET.SubElement(target, "format", type=fmt)
+    if fmt == "qcow2":
+        # qcow2 v3: libvirt would make v2 (0.10), on which QEMU ignores a guest's discards
+        # (TRIM) when the image has a backing file, so freed blocks would stay allocated.
+        ET.SubElement(target, "compat").text = "1.1"
     if backing is not None:
         store = ET.SubElement(root, "backingStore")
         ET.SubElement(store, "path").text = backing[0]

@@ -1,0 +1,420 @@
+"""``install`` (a recipe into a lab that is up), ``run`` (up, install, report, down) and
+``recipe`` (list and show recipes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from labbuilder import installer
+from labbuilder.commands import coverage
+from labbuilder.commands.common import Subparsers, add_lab_arguments, selected_lab
+from labbuilder.errors import UsageError
+from labbuilder.install import EngineEvent, StageOutcome, Status
+from labbuilder.installreport import Comparison
+from labbuilder.model import Lab
+from labbuilder.recipefile import load_recipe, recipe_names
+from labbuilder.recipemodel import ApiPath, RenderedStage
+
+INSTALL_EPILOG = """\
+Each step runs once: a marker in the guest remembers the digest of what ran, so a re-run skips
+finished steps unless their rendered content changed (use --force to run them anyway). After
+each completed stage all nodes are snapshotted live (`labbuilder snapshot list`).
+Exit codes: 0 every step and check passed, 1 a step or check failed (the report says where and
+how to resume), 2 bad input.
+"""
+
+
+def register(commands: Subparsers) -> None:
+    install = commands.add_parser(
+        "install",
+        help="install OpenStack into a lab that is up, stage by stage, with checks",
+        description=(
+            "Run an install recipe in the lab's nodes: the guide's chapters as stages, each "
+            "step on the nodes of its roles, each followed by the guide's checks. Writes JUnit "
+            "XML and JSON reports and per-stage, per-node logs under the lab's state directory."
+        ),
+        epilog=INSTALL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_lab_arguments(install, force=False)
+    add_install_options(install)
+    install.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the rendered script of every step per node and stage; change nothing "
+        "(secrets show as the guide's placeholder names; the lab need not be up)",
+    )
+    install.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    install.set_defaults(handler=cmd_install)
+
+    run = commands.add_parser(
+        "run",
+        help="for CI: up, install, reports, down, in one command",
+        description=(
+            "Bring the lab up, install the recipe, keep the reports, and take the lab down "
+            "again. On failure the lab is kept for inspection unless --always-down. With "
+            "--repeat N it does this N times from scratch and reports how many runs passed "
+            "(flakiness), with each stage's times."
+        ),
+        epilog="Exit codes: 0 every run passed, 1 a run failed, 2 bad input.",
+    )
+    add_lab_arguments(run, force=False)
+    add_install_options(run)
+    run.add_argument(
+        "--auto-subnets",
+        action="store_true",
+        help="move lab networks that clash with the host to free subnets",
+    )
+    run.add_argument("--keep", action="store_true", help="keep the lab when the run passes")
+    run.add_argument(
+        "--always-down", action="store_true", help="take the lab down even when the run fails"
+    )
+    run.add_argument("--repeat", type=int, default=1, metavar="N", help="fresh runs (default 1)")
+    run.add_argument(
+        "--report-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the JUnit and JSON reports are copied (default: "
+        "<state root>/runs/<lab>-<time>/); they outlive the lab",
+    )
+    run.add_argument("--json", action="store_true", help="print a JSON summary of the runs")
+    run.set_defaults(handler=cmd_run)
+
+    recipe = commands.add_parser(
+        "recipe",
+        help="list install recipes, show a recipe's stages",
+        description="Install recipes: the guide's chapters as data (stages, steps, checks).",
+    )
+    actions = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="the built-in recipes")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=cmd_recipe_list)
+    show = actions.add_parser("show", help="a recipe's stages and steps")
+    show.add_argument("name", help="a built-in recipe's name or a recipe folder")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=cmd_recipe_show)
+    coverage.register_actions(actions)
+
+
+def add_install_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe", metavar="NAME", help="a built-in recipe or a recipe folder (default: the lab's)"
+    )
+    parser.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
+    parser.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    parser.add_argument(
+        "--only", metavar="STAGE", action="append", default=[], help="run only this stage (repeat)"
+    )
+    parser.add_argument(
+        "--with",
+        dest="optional",
+        metavar="STAGE",
+        action="append",
+        default=[],
+        help="include this optional stage (repeat)",
+    )
+    parser.add_argument(
+        "--faithful",
+        action="store_true",
+        help="create API objects with the guide's own CLI commands, one process per call, "
+        "instead of one in-guest process per stage (the fast path)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="run steps even when they are marked done"
+    )
+    parser.add_argument(
+        "--no-snapshots",
+        action="store_true",
+        help="do not snapshot the nodes after each completed stage",
+    )
+
+
+def selection_from(args: argparse.Namespace) -> installer.Selection:
+    return installer.Selection(
+        recipe=args.recipe,
+        start=args.start,
+        until=args.until,
+        only=tuple(args.only),
+        optional=tuple(args.optional),
+        path=ApiPath.FAITHFUL if args.faithful else ApiPath.FAST,
+        force=args.force,
+        snapshots=not args.no_snapshots,
+    )
+
+
+class InstallView:
+    """A live table: the stage, and each node's current step and elapsed time."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.stage = ""
+        self.nodes: dict[str, tuple[str, str, float]] = {}  # node -> (step, status, since)
+        self.finished: list[str] = []
+
+    def update(self, event: EngineEvent) -> None:
+        now = time.monotonic()
+        if event.kind == "stage-start":
+            self.stage = event.stage
+            self.nodes.clear()
+        elif event.kind == "step-start":
+            self.nodes[event.node] = (event.step, "running", now)
+        elif event.kind == "step-end":
+            self.nodes[event.node] = (event.step, event.status, now)
+        elif event.kind == "stage-end":
+            self.finished.append(f"{event.stage}: {event.status} in {event.elapsed:.0f} s")
+        elif event.kind == "snapshot":
+            self.stage = f"{event.stage} (snapshot)"
+
+    def __rich__(self) -> Table:
+        elapsed = time.monotonic() - self.started
+        table = Table(title=f"install: stage {self.stage} ({elapsed:.0f} s)")
+        for column in ("node", "step", "status", "for"):
+            table.add_column(column)
+        now = time.monotonic()
+        for node, (step, status, since) in sorted(self.nodes.items()):
+            table.add_row(node, step, status, f"{now - since:.0f} s")
+        return table
+
+
+def cmd_install(args: argparse.Namespace, console: Console) -> int:
+    lab = selected_lab(args)
+    selection = selection_from(args)
+    if args.dry_run:
+        recipe, rendered = installer.dry_run(lab, selection)
+        print_dry_run(console, lab, recipe.name, rendered)
+        return 0
+    result = run_install(lab, selection, json_output=args.json)
+    if args.json:
+        assert result.report is not None
+        console.print(result.report.read_text(), markup=False, highlight=False, end="")
+    else:
+        print_summary(console, result)
+    return 0 if result.ok else 1
+
+
+def run_install(
+    lab: Lab, selection: installer.Selection, *, json_output: bool
+) -> installer.InstallResult:
+    view = InstallView()
+    progress = Console(stderr=True, emoji=False, highlight=False)
+
+    def on_event(event: EngineEvent) -> None:
+        view.update(event)
+        if event.kind == "stage-end":
+            live.console.print(
+                f"stage {event.stage}: {event.status} in {event.elapsed:.0f} s", highlight=False
+            )
+
+    with Live(view, console=progress, refresh_per_second=2, transient=True) as live:
+        return installer.install(lab, selection, on_event=on_event)
+
+
+def print_dry_run(console: Console, lab: Lab, recipe: str, stages: Sequence[RenderedStage]) -> None:
+    """Every node's scripts, stage by stage, as plain text (no wrapping: it is shell)."""
+    del console  # plain stdout: rich would wrap long command lines
+    out: list[str] = []
+    nodes = list(dict.fromkeys(node for stage in stages for node in stage.nodes))
+    for node in nodes:
+        out.append(f"########## node {node} (lab {lab.name}, recipe {recipe})")
+        for stage in stages:
+            steps = stage.for_node(node)
+            if not steps:
+                continue
+            out.append(f"# ===== stage {stage.name}: {stage.title} ({stage.guide})")
+            for step in steps:
+                if step.skipped_reason:
+                    out.append(f"# step {step.step} skipped: {step.skipped_reason}")
+                out.append(step.script.rstrip("\n"))
+                for check in step.checks:
+                    expect = f" (expect /{check.expect}/)" if check.expect else ""
+                    out.append(f"# check: {check.name}{expect}")
+                    out.extend(f"#   {line}" for line in check.command.splitlines())
+                out.append("")
+    sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.flush()
+
+
+def summary_table(stages: Sequence[StageOutcome], comparisons: Sequence[Comparison]) -> Table:
+    by_stage = {c.stage: c for c in comparisons}
+    table = Table(title="install summary")
+    for column in (
+        "stage",
+        "result",
+        "steps run",
+        "done before",
+        "skipped",
+        "seconds",
+        "vs last run",
+    ):
+        table.add_column(column)
+    for stage in stages:
+        counts = {status: 0 for status in Status}
+        for step in stage.steps:
+            counts[step.status] += 1
+        result = (
+            "failed"
+            if stage.failed
+            else ("not run" if counts[Status.NOT_RUN] == len(stage.steps) else "ok")
+        )
+        comparison = by_stage.get(stage.name)
+        versus = comparison.describe() if comparison else "-"
+        if comparison and comparison.regression:
+            versus = f"[bold red]{versus}[/]"
+        table.add_row(
+            stage.name,
+            result,
+            str(counts[Status.OK] + counts[Status.GUARDED] + counts[Status.FAILED]),
+            str(counts[Status.DONE_BEFORE]),
+            str(counts[Status.SKIPPED]),
+            f"{stage.seconds:.1f}",
+            versus,
+        )
+    return table
+
+
+def print_summary(console: Console, result: installer.InstallResult) -> None:
+    console.print(summary_table(result.stages, result.comparisons))
+    console.print(
+        f"recipe {result.recipe.name} ({result.info.path} path) on lab {result.info.lab}: "
+        f"{result.info.seconds:.0f} s; reports: {result.junit}, {result.report}",
+        markup=False,
+    )
+    if result.failure:
+        console.print(result.failure, markup=False, highlight=False)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from labbuilder import api
+    from labbuilder.paths import state_root
+
+    lab = selected_lab(args)
+    selection = selection_from(args)
+    if args.repeat < 1:
+        raise UsageError(f"--repeat {args.repeat}: give 1 or more runs")
+    if args.keep and args.repeat > 1:
+        raise UsageError("--keep keeps one lab; it cannot be combined with --repeat")
+    load_recipe(selection.recipe or lab.recipe)  # a bad recipe fails before `up`
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    report_dir = args.report_dir or state_root() / "runs" / f"{lab.name}-{stamp}"
+    runs: list[dict[str, object]] = []
+    status = 0
+    progress = Console(stderr=True, emoji=False, highlight=False)
+    for number in range(1, args.repeat + 1):
+        progress.print(f"run {number}/{args.repeat}: up", highlight=False)
+        started = time.monotonic()
+        up = api.up(lab, auto_subnets=args.auto_subnets, log=lambda m: progress.print(m))
+        result = run_install(lab, selection, json_output=args.json)
+        target = report_dir / f"run-{number}" if args.repeat > 1 else report_dir
+        target.mkdir(parents=True, exist_ok=True)
+        for path in (result.junit, result.report):
+            if path is not None:
+                shutil.copy2(path, target / path.name)
+                shutil.copy2(path, target / f"latest{path.suffix}")
+        keep = (args.keep and result.ok) or (not result.ok and not args.always_down)
+        if not keep:
+            api.down(lab)
+        runs.append(
+            {
+                "run": number,
+                "passed": result.ok,
+                "up_seconds": round(up.seconds, 1),
+                "install_seconds": round(result.info.seconds, 1),
+                "total_seconds": round(time.monotonic() - started, 1),
+                "stages": {stage.name: round(stage.seconds, 1) for stage in result.stages},
+                "reports": str(target),
+                "kept": keep,
+            }
+        )
+        if not args.json:
+            print_summary(console, result)
+        if not result.ok:
+            status = 1
+            if keep:
+                console.print(
+                    f"the lab is kept for inspection: `labbuilder ssh --lab {lab.name} NODE`, "
+                    "`labbuilder down` when done",
+                    markup=False,
+                )
+                break
+    passed = sum(1 for run in runs if run["passed"])
+    if args.json:
+        console.print_json(json.dumps({"lab": lab.name, "passed": passed, "runs": runs}))
+    else:
+        console.print(f"{passed} of {len(runs)} runs passed; reports in {report_dir}", markup=False)
+    return status
+
+
+def cmd_recipe_list(args: argparse.Namespace, console: Console) -> int:
+    recipes = [load_recipe(name) for name in recipe_names()]
+    if args.json:
+        console.print_json(
+            json.dumps(
+                [
+                    {
+                        "name": r.name,
+                        "description": r.description,
+                        "stages": [s.name for s in r.stages],
+                    }
+                    for r in recipes
+                ]
+            )
+        )
+        return 0
+    table = Table(title="install recipes")
+    for column in ("recipe", "stages", "description"):
+        table.add_column(column)
+    for recipe in recipes:
+        table.add_row(recipe.name, ", ".join(s.name for s in recipe.stages), recipe.description)
+    console.print(table)
+    return 0
+
+
+def cmd_recipe_show(args: argparse.Namespace, console: Console) -> int:
+    recipe = load_recipe(args.name)
+    if args.json:
+        console.print_json(
+            json.dumps(
+                {
+                    "name": recipe.name,
+                    "digest": recipe.digest,
+                    "stages": [
+                        {
+                            "name": stage.name,
+                            "guide": stage.guide,
+                            "optional": stage.optional,
+                            "networking": stage.networking,
+                            "steps": [
+                                {"name": step.name, "roles": list(step.roles), "guide": step.guide}
+                                for step in stage.steps
+                            ],
+                        }
+                        for stage in recipe.stages
+                    ],
+                }
+            )
+        )
+        return 0
+    console.print(f"{recipe.name}: {recipe.description}\nfollows: {recipe.guide}", markup=False)
+    for stage in recipe.stages:
+        flags = [f for f, on in (("optional", stage.optional),) if on]
+        if stage.networking:
+            flags.append(f"{stage.networking} networking only")
+        extra = f" [{', '.join(flags)}]" if flags else ""
+        console.print(f"\nstage {stage.name}: {stage.title} ({stage.guide}){extra}", markup=False)
+        for step in stage.steps:
+            marks = " (internet)" if step.internet else ""
+            marks += " (api)" if step.api else ""
+            console.print(
+                f"  {step.name:<22} {','.join(step.roles):<22} {step.guide}{marks}", markup=False
+            )
+    return 0

@@ -1,0 +1,270 @@
+"""``install``: a recipe rendered for a lab that is up, run by the engine, reported, snapshotted.
+
+This module wires the parts together: the lab's saved plan and secrets (``labstate``), the recipe
+(``recipefile``, ``reciperender``), SSH sessions (``adapters.ssh``), the engine (``install``),
+stage snapshots (``snapshots``) and reports (``installreport``). ``--dry-run`` needs no lab: it
+renders with the guide's placeholder names instead of the lab's secrets.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labbuilder import api, snapshots
+from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters.ssh import SSHSession
+from labbuilder.bringup import load_state_record
+from labbuilder.errors import InstallError, UsageError
+from labbuilder.install import Engine, EngineEvent, Redactor, StageOutcome, Status
+from labbuilder.installreport import (
+    Comparison,
+    RunInfo,
+    compare,
+    failure_report,
+    load_history,
+    save_history,
+    write_reports,
+)
+from labbuilder.labstate import LabState, ensure_secrets, lab_lock, lab_state
+from labbuilder.model import Lab, Plan
+from labbuilder.paths import state_root
+from labbuilder.planview import plan_from_dict
+from labbuilder.recipefile import load_recipe
+from labbuilder.recipemodel import ApiPath, Recipe, RenderedStage
+from labbuilder.reciperender import (
+    RenderOptions,
+    applicable_stages,
+    placeholder_secrets,
+    render_stages,
+    select_stages,
+)
+from labbuilder.sizes import format_size
+
+GUEST_API_SOURCE = Path(__file__).with_name("guestapi.py")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which stages to run and how (the install command's flags)."""
+
+    recipe: str | None = None  # default: the lab's recipe
+    start: str | None = None
+    until: str | None = None
+    only: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()  # optional stages to include
+    path: ApiPath = ApiPath.FAST
+    force: bool = False  # run steps even when their run-once markers match
+    snapshots: bool = True
+
+
+@dataclass
+class InstallResult:
+    recipe: Recipe
+    stages: list[StageOutcome]
+    info: RunInfo
+    comparisons: list[Comparison]
+    junit: Path | None = None
+    report: Path | None = None
+    failure: str | None = None
+    rendered: tuple[RenderedStage, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+def resume_command(lab: Lab, selection: Selection) -> str:
+    """The install command line that continues this run (the caller adds ``--from STAGE``)."""
+    recipe = shlex.quote(selection.recipe or lab.recipe)
+    faithful = " --faithful" if selection.path == ApiPath.FAITHFUL else ""
+    return f"labbuilder install {_select_args(lab)} --recipe {recipe}{faithful}"
+
+
+def render_for_lab(
+    lab: Lab, selection: Selection, *, secrets: dict[str, str] | None, plan: Plan, virt_type: str
+) -> tuple[Recipe, tuple[RenderedStage, ...]]:
+    recipe = load_recipe(selection.recipe or lab.recipe)
+    stages = applicable_stages(recipe, plan, selection.optional + lab.options.optional_stages)
+    chosen = select_stages(
+        stages,
+        start=selection.start,
+        until=selection.until,
+        only=selection.only,
+        recipe=recipe,
+    )
+    options = RenderOptions(
+        secrets=secrets if secrets is not None else placeholder_secrets(recipe),
+        internet=lab.options.internet,
+        virt_type=virt_type,
+        ntp_servers=lab.options.ntp_servers,
+        apt_proxy=lab.options.apt_proxy,
+        path=selection.path,
+        guest_api_source=GUEST_API_SOURCE.read_text(),
+        optional_stages=selection.optional,
+    )
+    return recipe, render_stages(recipe, plan, chosen, options)
+
+
+def dry_run(lab: Lab, selection: Selection) -> tuple[Recipe, tuple[RenderedStage, ...]]:
+    """The rendered scripts, with placeholders for secrets; the lab need not be up."""
+    record = load_state_record(lab_state(lab.name))
+    if record is not None:
+        plan, virt_type = plan_from_dict(record["plan"]), str(record.get("virt_type", "qemu"))
+    else:
+        plan, virt_type = api.plan_lab(lab, host_check=False).plan, "qemu"
+    return render_for_lab(lab, selection, secrets=None, plan=plan, virt_type=virt_type)
+
+
+def check_memory(recipe: Recipe, plan: Plan) -> None:
+    for node in plan.nodes:
+        needed = recipe.role_image(str(node.role)).min_memory
+        if needed is not None and node.memory < needed:
+            note = recipe.role_image(str(node.role)).memory_note
+            raise InstallError(
+                f"node {node.name} has {format_size(node.memory)} of memory; recipe "
+                f"{recipe.name} needs at least {format_size(needed)} for a {node.role} node"
+                + (f" ({note})" if note else ""),
+                f'set nodes.{node.name}.memory = "{format_size(needed)}" in the lab file, '
+                "then `labbuilder down` and `labbuilder up`",
+            )
+
+
+def install(
+    lab: Lab,
+    selection: Selection,
+    *,
+    on_event: Callable[[EngineEvent], None] | None = None,
+) -> InstallResult:
+    """Run the selected stages on the lab's nodes; snapshot the lab after each stage."""
+    state = lab_state(lab.name)
+    record = load_state_record(state)
+    if record is None:
+        raise UsageError(
+            f"lab {lab.name} is not up on this host",
+            f"bring it up first: labbuilder up {_select_args(lab)}",
+        )
+    plan = plan_from_dict(record["plan"])
+    recipe = load_recipe(selection.recipe or lab.recipe)
+    check_memory(recipe, plan)
+    with lab_lock(state, "labbuilder install"):
+        secrets = ensure_secrets(state, recipe.secret_names)
+        recipe, rendered = render_for_lab(
+            lab,
+            selection,
+            secrets=secrets,
+            plan=plan,
+            virt_type=str(record.get("virt_type", "qemu")),
+        )
+        started = time.time()
+        begin = time.monotonic()
+        sessions = _connect(plan, record, state)
+        try:
+            after_stage = None
+            if selection.snapshots:
+
+                def after_stage(stage: StageOutcome) -> float | None:
+                    return snapshot_stage(lab, stage, recipe)
+
+            engine = Engine(
+                sessions,
+                redact=Redactor(list(secrets.values())),
+                log_dir=state.directory / "logs",
+                on_event=on_event,
+                after_stage=after_stage,
+                force=selection.force,
+            )
+            outcomes = engine.run(rendered)
+        finally:
+            for session in sessions.values():
+                session.close()
+    info = RunInfo(
+        lab=lab.name,
+        recipe=recipe.name,
+        recipe_digest=recipe.digest,
+        path=str(selection.path),
+        started=started,
+        seconds=time.monotonic() - begin,
+        images=dict(record.get("images", {}) or {"all": record.get("image", {})}),
+        resume_command=resume_command(lab, selection),
+    )
+    history = state_root() / "history" / f"{recipe.name}-{selection.path}.json"
+    comparisons = compare(outcomes, load_history(history))
+    junit, report = write_reports(state.directory / "reports", outcomes, info, comparisons)
+    save_history(history, outcomes)
+    return InstallResult(
+        recipe=recipe,
+        stages=outcomes,
+        info=info,
+        comparisons=comparisons,
+        junit=junit,
+        report=report,
+        failure=failure_report(outcomes, info),
+        rendered=rendered,
+    )
+
+
+def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | None:
+    """Snapshot every node of the lab live as "after <stage>"; returns seconds, or None when
+    no snapshot was taken: nothing ran in the stage and its snapshot exists already (a re-run
+    stays fast), or the lab has a snapshot of a later stage of the recipe (re-running an
+    earlier stage in a lab that went further would mix later work into "after <stage>")."""
+    ran = any(step.status in (Status.OK, Status.GUARDED) for step in stage.steps)
+    order = [s.name for s in recipe.stages]
+    later = set(order[order.index(stage.name) + 1 :]) if stage.name in order else set()
+    conn = lv.connect(lab.libvirt_uri)
+    try:
+        existing = {s.name: s for s in snapshots.list_snapshots(conn, lab.name)}
+        if later & set(existing):
+            return None
+        if not ran and stage.name in existing and existing[stage.name].complete:
+            return None
+        start = time.monotonic()
+        snapshots.take_snapshot(
+            conn,
+            lab.name,
+            stage.name,
+            description=f"after stage {stage.name} of recipe {recipe.name}",
+            meta={"recipe": recipe.name, "recipe_digest": recipe.digest, "stage": stage.name},
+        )
+        return time.monotonic() - start
+    finally:
+        conn.close()
+
+
+def _select_args(lab: Lab) -> str:
+    return f"--lab {lab.name}" if lab.source.startswith("built-in") else shlex.quote(lab.source)
+
+
+def _connect(plan: Plan, record: dict[str, Any], state: LabState) -> dict[str, SSHSession]:
+    def connect(name: str) -> SSHSession:
+        node = plan.node(name)
+        return SSHSession(node.management_address, str(record["user"]), state.key_path)
+
+    names = [node.name for node in plan.nodes]
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        futures = {name: pool.submit(connect, name) for name in names}
+        sessions: dict[str, SSHSession] = {}
+        errors = []
+        for name, future in futures.items():
+            try:
+                sessions[name] = future.result()
+            except Exception as err:  # noqa: BLE001 - collected and reported together
+                errors.append(f"{name}: {err}")
+    if errors:
+        for session in sessions.values():
+            session.close()
+        raise InstallError(
+            "cannot log in to the lab's nodes over SSH: " + "; ".join(errors),
+            "check `labbuilder status`; `labbuilder up` completes a partial lab",
+        )
+    return sessions
+
+
+def selected_stage_names(stages: Sequence[RenderedStage]) -> list[str]:
+    return [stage.name for stage in stages]

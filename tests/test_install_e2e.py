@@ -1,0 +1,210 @@
+"""The install pipeline for real: recipe zed-debian-12 through the image service on a real
+three-node lab (libvirtd, TCG guests booted from role images) on the fast path, then the
+identity stage again on the faithful path; a re-run is a no-op; stage snapshots bring the lab
+back; a failing step stops with its report and `--from` resumes.
+
+Guests reach nothing outside the lab (egress "none"): the role images carry every package.
+The lab uses free subnets, its own state directory and pool, and names starting with lbtest-.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lablib import TEST_POOL, lab_environment, three_node_lab
+
+from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters import storage
+from labbuilder.adapters.ssh import SSHSession
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+LAB = "lbtest-install"
+
+
+def labbuilder(
+    *args: str, env: dict[str, str], timeout: float = 3600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "labbuilder", *args],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    state = tmp_path_factory.mktemp("state")
+    env = lab_environment(state)
+    lab_file = tmp_path_factory.mktemp("lab") / "lab.toml"
+    lab_file.write_text(three_node_lab(LAB, role_images=True))
+    try:
+        result = labbuilder("up", str(lab_file), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        lab_state = state / "labs" / LAB
+        record = json.loads((lab_state / "lab.json").read_text())
+        yield {"env": env, "file": str(lab_file), "state": lab_state, "record": record}
+    finally:
+        labbuilder("down", str(lab_file), env=env)
+        conn = lv.connect("qemu:///system")
+        try:
+            pool = storage.find_pool(conn, TEST_POOL)
+            leftover = [d.name() for d in conn.listAllDomains() if d.name().startswith(LAB)]
+            if pool is not None:
+                storage.remove_pool(pool)
+        finally:
+            conn.close()
+        assert not leftover
+
+
+def ssh(lab: dict[str, Any], node: str, command: str) -> str:
+    planned = next(n for n in lab["record"]["plan"]["nodes"] if n["name"] == node)
+    address = planned["nics"][0]["address"]
+    with SSHSession(address, lab["record"]["user"], lab["state"] / "id_ed25519") as session:
+        return session.run("sudo -n bash -c %s", command, timeout=600).check(node).stdout
+
+
+def install(lab: dict[str, Any], *args: str) -> tuple[int, dict[str, Any], str]:
+    result = labbuilder("install", lab["file"], "--json", *args, env=lab["env"])
+    report: dict[str, Any] = {}
+    if result.stdout.strip().startswith("{"):
+        report = json.loads(result.stdout)
+    return result.returncode, report, result.stdout + result.stderr
+
+
+def steps(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [step for stage in report["stages"] for step in stage["steps"]]
+
+
+def test_fast_path_through_the_image_service(lab: dict[str, Any]) -> None:
+    code, report, output = install(lab, "--until", "image")
+    assert code == 0, output
+    assert report["result"] == "passed" and report["api_path"] == "fast"
+    by_key = {(s["node"], s["stage"], s["step"]): s for s in steps(report)}
+    assert all(s["status"] in ("ok", "guarded", "skipped") for s in steps(report))
+    assert by_key[("controller", "environment", "packages")]["status"] == "guarded"  # role image
+    merged = by_key[("controller", "identity", "service-project..demo")]
+    assert merged["path"] == "fast" and merged["status"] == "ok"
+    assert by_key[("controller", "image", "identity")]["path"] == "fast"
+    assert by_key[("controller", "image", "upload")]["path"] == "fast"
+    images = ssh(
+        lab, "controller", ". /root/admin-openrc && openstack image list -f value -c Name -c Status"
+    )
+    assert "lbtest active" in images.splitlines(), images
+    assert report["images"]["controller"]["manifest"]["recipe_hash"]
+
+    junit = ET.parse(lab["state"] / "reports" / "latest.xml").getroot()
+    suites = {suite.get("name"): suite for suite in junit.findall("testsuite")}
+    assert set(suites) == {
+        f"zed-debian-12.{n}" for n in ("environment", "identity", "clients", "image")
+    }
+    cases = [case for suite in suites.values() for case in suite.findall("testcase")]
+    expected = sum(1 + len(s["checks"]) for s in steps(report))
+    assert len(cases) == expected
+    assert not [case for case in cases if case.find("failure") is not None]
+
+
+def test_a_rerun_of_a_finished_lab_runs_nothing(lab: dict[str, Any]) -> None:
+    code, report, output = install(lab, "--until", "image")
+    assert code == 0, output
+    statuses = {s["status"] for s in steps(report)}
+    assert statuses <= {"done-before", "skipped"}, statuses
+
+
+def test_the_faithful_path_runs_the_guides_commands(lab: dict[str, Any]) -> None:
+    """The identity stage again on the faithful path: its API steps run as the guide's CLI
+    commands (their markers differ from the fast path's merged step); the rest is done."""
+    code, report, output = install(lab, "--only", "identity", "--faithful")
+    assert code == 0, output
+    assert report["result"] == "passed" and report["api_path"] == "faithful"
+    identity = report["stages"][0]
+    ran = {s["step"]: s for s in identity["steps"] if s["status"] in ("ok", "guarded")}
+    assert set(ran) == {"service-project", "demo"}
+    assert all(s["path"] == "faithful" for s in ran.values())
+    assert all(c["passed"] for s in ran.values() for c in s["checks"])
+    assert {s["status"] for s in identity["steps"] if s["step"] not in ran} == {"done-before"}
+
+
+def test_stage_snapshots_bring_the_whole_lab_back(lab: dict[str, Any]) -> None:
+    listed = labbuilder("snapshot", "list", lab["file"], "--json", env=lab["env"])
+    assert listed.returncode == 0, listed.stderr
+    snapshots = {s["name"]: s for s in json.loads(listed.stdout)}
+    assert {"environment", "identity", "clients", "image"} <= set(snapshots)
+    assert all(s["complete"] for s in snapshots.values())
+
+    back = labbuilder("snapshot", "restore", "clients", lab["file"], env=lab["env"])
+    assert back.returncode == 0, back.stdout + back.stderr
+    markers = ssh(lab, "controller", "ls /var/lib/labbuilder/steps")
+    assert "clients.env-files" in markers and not [
+        m for m in markers.split() if m.startswith("image.")
+    ]
+    assert ssh(lab, "controller", "systemctl is-active glance-api || true").strip() != "active"
+
+    again = labbuilder("snapshot", "restore", "image", lab["file"], env=lab["env"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "image.upload" in ssh(lab, "controller", "ls /var/lib/labbuilder/steps")
+    assert ssh(lab, "controller", "systemctl is-active glance-api").strip() == "active"
+
+
+BROKEN_RECIPE = {
+    "recipe.toml": 'name = "lbtest-broken"\ndescription = "fails once"\nguide = "none"\n',
+    "stages/10-first.toml": """
+name = "first"
+[[steps]]
+name = "mark"
+roles = ["controller"]
+run = "date +%s%N > /root/lbtest-first"
+""",
+    "stages/20-broken.toml": """
+name = "broken"
+guide = "L1-2"
+[[steps]]
+name = "fail"
+roles = ["controller"]
+guide = "L2"
+run = '''
+echo "looking for /root/lbtest-fixed"
+test -f /root/lbtest-fixed || { echo "lbtest: not fixed yet" >&2; exit 7; }
+'''
+[[steps]]
+name = "after"
+roles = ["all"]
+run = "touch /root/lbtest-after"
+""",
+}
+
+
+def test_a_failing_step_stops_with_its_report_and_from_resumes(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    recipe = tmp_path / "broken"
+    for name, text in BROKEN_RECIPE.items():
+        (recipe / name).parent.mkdir(parents=True, exist_ok=True)
+        (recipe / name).write_text(text)
+    result = labbuilder(
+        "install", lab["file"], "--recipe", str(recipe), "--no-snapshots", env=lab["env"]
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "install failed: stage broken, step fail, node controller" in result.stdout
+    assert "exit code: 7" in result.stdout
+    assert "lbtest: not fixed yet" in result.stdout
+    assert "guide:     L2" in result.stdout
+    resume = f"resume with: labbuilder install {lab['file']} --recipe {recipe} --from broken"
+    assert resume in result.stdout
+    assert "missing" in ssh(lab, "network", "test -f /root/lbtest-after || echo missing")
+    first = ssh(lab, "controller", "cat /root/lbtest-first")
+
+    ssh(lab, "controller", "touch /root/lbtest-fixed")
+    resumed = labbuilder(
+        "install", lab["file"], "--recipe", str(recipe), "--no-snapshots", "--from", "broken",
+        env=lab["env"],
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert ssh(lab, "controller", "cat /root/lbtest-first") == first  # stage first not re-run
+    ssh(lab, "network", "test -f /root/lbtest-after")

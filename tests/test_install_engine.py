@@ -1,0 +1,547 @@
+"""The install engine with a fake transport: ordering, run-once markers, retries, checks,
+failure reports, redaction, fetch, and the reports.
+
+The transport is faked here on purpose (the engine's logic is what is tested, fast and
+deterministically); the real transport over SSH into real guests is tested in
+tests/test_install_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from labbuilder import api
+from labbuilder.adapters.ssh import CommandResult
+from labbuilder.errors import RecipeError
+from labbuilder.install import Engine, Redactor, Status
+from labbuilder.installreport import (
+    RunInfo,
+    compare,
+    failure_report,
+    junit_xml,
+    load_history,
+    report_dict,
+    save_history,
+)
+from labbuilder.recipefile import load_recipe
+from labbuilder.recipemodel import ApiPath, RenderedStage
+from labbuilder.reciperender import (
+    GUARD_SENTINEL,
+    MARKER_DIR,
+    RenderOptions,
+    applicable_stages,
+    placeholder_secrets,
+    render_stages,
+    select_stages,
+)
+
+Rule = Callable[[str], CommandResult | None]
+
+
+class FakeNode:
+    """One node: keeps run-once markers like the guest would, answers scripts by rules."""
+
+    def __init__(self, name: str, log: list[tuple[str, str, float]]) -> None:
+        self.name = name
+        self.markers: dict[str, str] = {}
+        self.rules: list[Rule] = []
+        self.log = log
+        self.lock = threading.Lock()
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        timeout: float = 0,
+        on_output: Callable[[str], None] | None = None,
+        interpreter: str = "bash",
+    ) -> CommandResult:
+        if script.startswith(f"mkdir -p {MARKER_DIR}\nfor f in"):
+            listing = "".join(f"{k} {v}\n" for k, v in self.markers.items())
+            return CommandResult("markers", 0, listing, "")
+        written = re.search(rf"printf '%s\\n' (\S+) > {MARKER_DIR}/(\S+)", script)
+        if written:
+            self.markers[written.group(2)] = written.group(1)
+            return CommandResult("marker", 0, "", "")
+        with self.lock:
+            self.log.append((self.name, script, time.monotonic()))
+        for rule in self.rules:
+            result = rule(script)
+            if result is not None:
+                if on_output:
+                    for line in result.stdout.splitlines():
+                        on_output(line)
+                return result
+        # By default a script succeeds and prints what its `echo` lines say.
+        echoed = "".join(
+            line[5:] + "\n" for line in script.splitlines() if line.startswith("echo ")
+        )
+        if on_output:
+            for line in echoed.splitlines():
+                on_output(line)
+        return CommandResult(interpreter, 0, echoed, "")
+
+
+def ok(stdout: str = "") -> CommandResult:
+    return CommandResult("bash -s", 0, stdout, "")
+
+
+def failed(rc: int, stdout: str = "", stderr: str = "") -> CommandResult:
+    return CommandResult("bash -s", rc, stdout, stderr)
+
+
+def write_recipe(base: Path, stages: dict[str, str], top: str = "") -> Path:
+    folder = base / "recipe"
+    (folder / "stages").mkdir(parents=True)
+    (folder / "templates").mkdir()
+    (folder / "recipe.toml").write_text(
+        'name = "test-recipe"\ndescription = "a recipe for tests"\nguide = "the guide"\n'
+        '[secrets]\nSECRET_PASS = "a password"\n' + top
+    )
+    for name, text in stages.items():
+        (folder / "stages" / f"{name}.toml").write_text(text)
+    return folder
+
+
+STAGES = {
+    "10-first": """
+name = "first"
+guide = "Ch.1"
+[[steps]]
+name = "db"
+roles = ["controller"]
+guide = "L10-20"
+run = "echo database {{ secrets.SECRET_PASS }}"
+[[steps.checks]]
+name = "db answers"
+run = "echo up"
+expect = "up"
+[[steps]]
+name = "agent"
+roles = ["compute"]
+after = ["db"]
+run = "echo agent on {{ node.name }} at {{ node.address }}"
+[[steps]]
+name = "everywhere"
+roles = ["all"]
+run = "echo hello from {{ node.name }}"
+[[steps]]
+name = "online"
+roles = ["controller"]
+internet = true
+run = "ping -c 4 openstack.org"
+""",
+    "20-second": """
+name = "second"
+guide = "Ch.2"
+[[steps]]
+name = "objects"
+roles = ["controller"]
+guide = "L30"
+run = "openstack project create demo"
+api = [{ kind = "project", name = "demo" }, { kind = "user", name = "demo", password = "{{ secrets.SECRET_PASS }}" }]
+[[steps.checks]]
+name = "projects"
+run = "openstack project list"
+fast_run = "python3 list-projects"
+expect = "demo"
+[[steps]]
+name = "more-objects"
+roles = ["controller"]
+run = "openstack role create member"
+api = [{ kind = "role", name = "member" }]
+[[steps]]
+name = "config"
+roles = ["controller"]
+files = [{ path = "/etc/demo.conf", content = "password = {{ secrets.SECRET_PASS }}\\n", mode = "0640", owner = "root:root" }]
+""",
+}
+
+SECRET = "s3cr3t-value-42"
+
+
+def plan_for(name: str = "guide-3node") -> object:
+    return api.plan_lab(api.load_lab(None, name), host_check=False).plan
+
+
+def render(
+    folder: Path, path: ApiPath = ApiPath.FAST, internet: bool = False
+) -> tuple[RenderedStage, ...]:
+    recipe = load_recipe(str(folder))
+    plan = plan_for()
+    stages = applicable_stages(recipe, plan)  # type: ignore[arg-type]
+    options = RenderOptions(
+        secrets={"SECRET_PASS": SECRET},
+        internet=internet,
+        path=path,
+        guest_api_source="print('guest api')\n",
+    )
+    return render_stages(recipe, plan, stages, options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def lab_nodes() -> tuple[dict[str, FakeNode], list[tuple[str, str, float]]]:
+    log: list[tuple[str, str, float]] = []
+    nodes = {name: FakeNode(name, log) for name in ("controller", "network", "compute1")}
+    nodes["controller"].rules.append(
+        lambda s: ok("admin\ndemo\n") if "list-projects" in s or "project list" in s else None
+    )
+    return nodes, log
+
+
+def engine_for(nodes: dict[str, FakeNode], tmp_path: Path, **kwargs: object) -> Engine:
+    return Engine(
+        nodes,  # type: ignore[arg-type]
+        redact=Redactor([SECRET]),
+        log_dir=tmp_path / "logs",
+        check_interval=0.01,
+        retry_delays=(0.01,),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_steps_run_per_role_in_order_and_after_waits_for_other_nodes(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, log = lab_nodes
+    finished: dict[str, float] = {}
+
+    def slow_db(script: str) -> CommandResult | None:
+        if "echo database" in script:
+            time.sleep(0.3)
+            finished["db"] = time.monotonic()
+            return ok("db done\n")
+        return None
+
+    nodes["controller"].rules.append(slow_db)
+    stages = render(write_recipe(tmp_path, STAGES))
+    outcome = engine_for(nodes, tmp_path).run(stages)
+    first = outcome[0]
+    statuses = {(s.node, s.step): s.status for s in first.steps}
+    assert statuses[("controller", "db")] == Status.OK
+    assert statuses[("compute1", "agent")] == Status.OK
+    assert ("network", "agent") not in statuses  # compute role only
+    assert statuses[("network", "everywhere")] == Status.OK
+    assert statuses[("controller", "online")] == Status.SKIPPED
+    db_done = finished["db"]
+    agent = next(t for n, s, t in log if n == "compute1" and "echo agent" in s)
+    assert agent >= db_done  # waited for the controller's step
+    network_first = next(t for n, s, t in log if n == "network" and "hello" in s)
+    assert network_first < db_done  # the network node did not wait: it has no `after`
+    assert "echo agent on compute1 at 10.0.0.31" in next(
+        s for n, s, _ in log if n == "compute1" and "echo agent" in s
+    )
+
+
+def test_rerun_is_a_noop_and_a_changed_step_runs_again(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, log = lab_nodes
+    folder = write_recipe(tmp_path, STAGES)
+    engine_for(nodes, tmp_path).run(render(folder))
+    ran_first = len(log)
+    assert ran_first > 0
+    second = engine_for(nodes, tmp_path).run(render(folder))
+    assert len(log) == ran_first  # nothing ran
+    statuses = {s.status for stage in second for s in stage.steps}
+    assert statuses == {Status.DONE_BEFORE, Status.SKIPPED}
+
+    stage_file = folder / "stages" / "10-first.toml"
+    stage_file.write_text(stage_file.read_text().replace("echo hello from", "echo hi from"))
+    third = engine_for(nodes, tmp_path).run(render(folder))
+    rerun = [(s.node, s.step) for stage in third for s in stage.steps if s.status == Status.OK]
+    assert sorted(rerun) == [
+        ("compute1", "everywhere"),
+        ("controller", "everywhere"),
+        ("network", "everywhere"),
+    ]
+    forced = engine_for(nodes, tmp_path, force=True).run(render(folder))
+    assert any(s.status == Status.OK and s.step == "db" for s in forced[0].steps)
+
+
+def test_failure_stops_the_run_and_reports_where_and_how_to_resume(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, log = lab_nodes
+    nodes["controller"].rules.append(
+        lambda s: (
+            failed(3, f"connecting with {SECRET}\nERROR 1045 access denied\n")
+            if "echo database" in s
+            else None
+        )
+    )
+    stages = render(write_recipe(tmp_path, STAGES))
+    outcome = engine_for(nodes, tmp_path).run(stages)
+    db = next(s for s in outcome[0].steps if s.step == "db")
+    assert db.status == Status.FAILED and db.rc == 3 and db.attempts == 1
+    agent = next(s for s in outcome[0].steps if s.step == "agent")
+    assert agent.status == Status.NOT_RUN  # it waited for db, which failed
+    assert all(s.status == Status.NOT_RUN for s in outcome[1].steps)
+    assert not any("echo agent" in s for _, s, _ in log)
+    info = RunInfo(
+        "lab1", "test-recipe", "abc", "fast", time.time(), 1.0, {}, "labbuilder install --lab lab1"
+    )
+    report = failure_report(outcome, info)
+    assert report is not None
+    assert "stage first, step db, node controller" in report
+    assert "exit code: 3" in report
+    assert "ERROR 1045 access denied" in report
+    assert "guide:     L10-20" in report
+    assert "resume with: labbuilder install --lab lab1 --from first" in report
+    assert "echo database ********" in report  # the command, secret redacted
+    assert SECRET not in report
+    logged = (tmp_path / "logs" / "first" / "controller.log").read_text()
+    assert "ERROR 1045" in logged and SECRET not in logged and "********" in logged
+
+
+def test_transient_apt_failures_are_retried(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, _ = lab_nodes
+    calls = {"n": 0}
+
+    def flaky(script: str) -> CommandResult | None:
+        if "hello from" not in script:
+            return None
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return failed(100, "", "E: Could not get lock /var/lib/dpkg/lock-frontend")
+        return ok()
+
+    nodes["network"].rules.append(flaky)
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, STAGES)))
+    step = next(s for s in outcome[0].steps if s.node == "network" and s.step == "everywhere")
+    assert step.status == Status.OK and step.attempts == 2
+
+
+def test_a_hard_failure_is_not_retried(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, _ = lab_nodes
+    nodes["network"].rules.append(
+        lambda s: failed(1, "", "E: Unable to locate package nosuch") if "hello" in s else None
+    )
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, STAGES)))
+    step = next(s for s in outcome[0].steps if s.node == "network" and s.step == "everywhere")
+    assert step.status == Status.FAILED and step.attempts == 1
+
+
+def test_checks_retry_until_they_match_and_fail_with_the_expectation(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    stages_text = dict(STAGES)
+    stages_text["10-first"] = stages_text["10-first"].replace(
+        'expect = "up"', 'expect = "up"\ntimeout = 5'
+    )
+    nodes, _ = lab_nodes
+    answers = iter(["starting\n", "starting\n", "up\n"])
+    nodes["controller"].rules.append(lambda s: ok(next(answers)) if "echo up" in s else None)
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, stages_text)))
+    db = next(s for s in outcome[0].steps if s.step == "db")
+    assert db.status == Status.OK
+    assert db.checks[0].passed and db.checks[0].attempts == 3
+
+    nodes2, _ = lab_nodes[0], None
+    for node in nodes2.values():
+        node.markers.clear()
+        node.rules.insert(0, lambda s: ok("down\n") if "echo up" in s else None)
+    outcome = engine_for(nodes2, tmp_path).run(render(write_recipe(tmp_path / "b", STAGES)))
+    db = next(s for s in outcome[0].steps if s.step == "db")
+    assert db.status == Status.FAILED and db.failed_check == "db answers"
+    assert "db" not in {k.split(".")[-1] for k in nodes2["controller"].markers}
+    info = RunInfo("lab1", "r", "d", "fast", time.time(), 1.0, {}, "labbuilder install")
+    report = failure_report(outcome, info)
+    assert report is not None and "expected:  output matching /up/" in report
+
+
+def test_a_guard_that_finds_the_work_done_is_reported(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, _ = lab_nodes
+    nodes["network"].rules.append(lambda s: ok(GUARD_SENTINEL + "\n") if "hello" in s else None)
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, STAGES)))
+    step = next(s for s in outcome[0].steps if s.node == "network" and s.step == "everywhere")
+    assert step.status == Status.GUARDED
+    assert "everywhere" in "".join(nodes["network"].markers)
+
+
+def test_fast_path_merges_api_steps_into_one_process_and_faithful_keeps_commands(
+    tmp_path: Path,
+) -> None:
+    folder = write_recipe(tmp_path, STAGES)
+    fast = render(folder, ApiPath.FAST)[1]
+    names = [s.step for s in fast.for_node("controller")]
+    assert names == ["objects..more-objects", "config"]
+    merged = fast.for_node("controller")[0]
+    assert merged.path == ApiPath.FAST and merged.step_names == ("objects", "more-objects")
+    assert "python3 /usr/local/lib/labbuilder/guestapi.py" in merged.script
+    payload = merged.script.split("guestapi.py <<'LABBUILDER_EOF'\n")[1].split("\nLABBUILDER_EOF")[
+        0
+    ]
+    kinds = [op["kind"] for op in json.loads(payload)["operations"]]
+    assert kinds == ["project", "user", "role"]
+    assert "openstack project create" not in merged.script
+    assert [c.command for c in merged.checks] == ["python3 list-projects"]
+
+    faithful = render(folder, ApiPath.FAITHFUL)[1]
+    names = [s.step for s in faithful.for_node("controller")]
+    assert names == ["objects", "more-objects", "config"]
+    objects = faithful.for_node("controller")[0]
+    assert "openstack project create demo" in objects.script
+    assert objects.path == ApiPath.FAITHFUL
+    assert [c.command for c in objects.checks] == ["openstack project list"]
+
+
+def test_files_are_written_with_mode_and_owner_and_secrets_substituted(tmp_path: Path) -> None:
+    config = next(s for s in render(write_recipe(tmp_path, STAGES))[1].steps if s.step == "config")
+    assert f"password = {SECRET}" in config.script
+    assert "install -m 0640 -o root -g root /etc/demo.conf.labbuilder-new /etc/demo.conf" in (
+        config.script
+    )
+
+
+def test_internet_steps_run_when_the_lab_allows_them(tmp_path: Path) -> None:
+    online = [s for s in render(write_recipe(tmp_path, STAGES), internet=True)[0].steps]
+    assert next(s for s in online if s.step == "online").skipped_reason is None
+
+
+def test_fetch_copies_a_file_from_another_node(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    stages = {
+        "10-rings": """
+name = "rings"
+[[steps]]
+name = "build"
+roles = ["controller"]
+run = "make-ring"
+[[steps]]
+name = "install"
+roles = ["compute"]
+after = ["build"]
+fetch = [{ path = "/etc/swift/object.ring.gz", from = "controller", owner = "root:root" }]
+run = "use-ring"
+"""
+    }
+    nodes, log = lab_nodes
+    nodes["controller"].rules.append(
+        lambda s: (
+            ok("cmluZyBkYXRh\n") if s.startswith("base64 -w0 /etc/swift/object.ring.gz") else None
+        )
+    )
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, stages)))
+    assert all(s.status == Status.OK for s in outcome[0].steps)
+    script = next(s for n, s, _ in log if n == "compute1" and "use-ring" in s)
+    assert "echo cmluZyBkYXRh | base64 -d > /etc/swift/object.ring.gz.labbuilder-new" in script
+    assert script.index("base64 -d") < script.index("use-ring")
+
+
+def test_junit_and_json_reports_list_every_step_and_check(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, _ = lab_nodes
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, STAGES)))
+    info = RunInfo("lab1", "test-recipe", "abc", "fast", time.time(), 2.0, {}, "x")
+    root = ET.fromstring(junit_xml(outcome, info))
+    suites = root.findall("testsuite")
+    assert [s.get("name") for s in suites] == ["test-recipe.first", "test-recipe.second"]
+    cases = suites[0].findall("testcase")
+    names = {(c.get("classname"), c.get("name")) for c in cases}
+    assert ("test-recipe.first.controller", "db check: db answers") in names
+    assert ("test-recipe.first.network", "everywhere: everywhere") in names
+    skipped = [c for c in cases if c.find("skipped") is not None]
+    assert len(skipped) == 1 and "internet" in skipped[0].find("skipped").get("message", "")  # type: ignore[union-attr]
+    data = report_dict(outcome, info, compare(outcome, {}))
+    assert data["result"] == "passed" and data["api_path"] == "fast"
+    assert len(data["stages"][0]["steps"]) == len(outcome[0].steps)
+
+
+def test_history_flags_a_stage_much_slower_than_last_time(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, _ = lab_nodes
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, STAGES)))
+    outcome[0].seconds = 40.0
+    history = tmp_path / "history.json"
+    save_history(history, outcome)
+    assert load_history(history)["first"] == 40.0
+    outcome[0].seconds = 124.0
+    comparison = compare(outcome, load_history(history))[0]
+    assert comparison.regression and comparison.describe() == "3.1x slower than last run"
+
+
+def test_recipe_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
+    bad = {
+        "10-x": """
+name = "x"
+[[steps]]
+name = "a"
+after = ["b"]
+run = "true"
+[[steps]]
+name = "b"
+run = "true"
+"""
+    }
+    with pytest.raises(RecipeError, match=r"10-x.toml: .*waits for 'b', which is not an earlier"):
+        load_recipe(str(write_recipe(tmp_path / "1", bad)))
+    typo = {"10-x": 'name = "x"\n[[steps]]\nname = "a"\nrn = "true"\n'}
+    with pytest.raises(RecipeError, match=r"unknown key 'steps\[0\].rn'.*did you mean 'run'"):
+        load_recipe(str(write_recipe(tmp_path / "2", typo)))
+    missing = {
+        "10-x": 'name = "x"\n[[steps]]\nname = "a"\nfiles = [{path = "/a", template = "no.j2"}]\n'
+    }
+    with pytest.raises(RecipeError, match="names the template 'no.j2'"):
+        load_recipe(str(write_recipe(tmp_path / "3", missing)))
+    undefined = {"10-x": 'name = "x"\n[[steps]]\nname = "a"\nrun = "echo {{ secrets.NOPE }}"\n'}
+    with pytest.raises(RecipeError, match="step 'a' for node controller, run: UndefinedError"):
+        render(write_recipe(tmp_path / "4", undefined))
+    with pytest.raises(RecipeError, match="there is no recipe named 'nosuch'"):
+        load_recipe("nosuch")
+
+
+def test_stage_selection_flags(tmp_path: Path) -> None:
+    recipe = load_recipe(str(write_recipe(tmp_path, STAGES)))
+    stages = applicable_stages(recipe, plan_for())  # type: ignore[arg-type]
+    assert [s.name for s in select_stages(stages, start="second", recipe=recipe)] == ["second"]
+    assert [s.name for s in select_stages(stages, until="first", recipe=recipe)] == ["first"]
+    assert [s.name for s in select_stages(stages, only=("second",), recipe=recipe)] == ["second"]
+    with pytest.raises(RecipeError, match="--from nosuch: recipe test-recipe has no stage"):
+        select_stages(stages, start="nosuch", recipe=recipe)
+    with pytest.raises(RecipeError, match="--from second comes after --until first"):
+        select_stages(stages, start="second", until="first", recipe=recipe)
+
+
+def test_zed_recipe_renders_for_the_guide_labs_and_passes_shellcheck(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    recipe = load_recipe("zed-debian-12")
+    for lab in ("guide-3node", "guide-full"):
+        plan = plan_for(lab)
+        for path in ApiPath:
+            options = RenderOptions(
+                secrets=placeholder_secrets(recipe), path=path, guest_api_source="pass\n"
+            )
+            rendered = render_stages(recipe, plan, applicable_stages(recipe, plan), options)  # type: ignore[arg-type]
+            assert [s.name for s in rendered] == [s.name for s in recipe.stages]
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (scripts/setup-host --test installs it)")
+    for number, step in enumerate(s for stage in rendered for s in stage.steps):
+        script = tmp_path / f"{number}.sh"
+        script.write_text(step.script)
+        checked = subprocess.run(
+            ["shellcheck", "-s", "bash", "-S", "warning", str(script)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, f"{step.key} on {step.node}:\n{checked.stdout}"

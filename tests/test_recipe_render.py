@@ -1,0 +1,201 @@
+"""Generic recipe behaviour: a lab file's optional stages, and the fidelity report
+(``labbuilder.recipecoverage``) on a small guide and recipe of its own."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from labbuilder import api
+from labbuilder.commands.coverage import recipe_coverage
+from labbuilder.errors import LabFileError, RecipeError
+from labbuilder.installer import Selection, render_for_lab
+from labbuilder.labfile import parse_lab
+from labbuilder.recipecoverage import (
+    GuideLine,
+    installing_lines,
+    line_tokens,
+    parse_coverage_spec,
+    parse_references,
+)
+from labbuilder.recipefile import load_recipe
+
+GUIDE = """\
+# A guide
+
+Install the database:
+
+```
+# apt-get install mysql-server ¥
+python-mysqldb
+PING openstack.org (174.143.194.225) 56(84) bytes of data.
+```
+
+```
+$ mysql -u root -p
+mysql> CREATE DATABASE demo;
+mysql> GRANT ALL PRIVILEGES ON demo.* TO 'demo'@'%' IDENTIFIED BY
+'DEMO_DBPASS';
+mysql> exit
+Bye
+```
+
+Edit /etc/demo.conf:
+
+```
+[DEFAULT]
+...
+# a comment of the example
+verbose = True
+connection = mysql://demo:DEMO_DBPASS@controller/demo
+```
+
+```
+--- openstack.org ping statistics ---
+4 packets transmitted, 4 received, 0% packet loss, time 3022ms
+```
+
+- `# service demo restart`
+
+Then open the dashboard in a browser.
+"""
+
+STAGE = """
+name = "demo"
+title = "The demo service"
+guide = "Ch.1, L1-40"
+{optional}
+
+[[steps]]
+name = "install"
+roles = ["controller"]
+guide = "L5-10"
+run = "apt-get install -y mysql-server python-mysqldb"
+
+[[steps]]
+name = "database"
+roles = ["controller"]
+guide = "L12-19"
+run = '''
+mysql -u root <<'SQL'
+CREATE DATABASE IF NOT EXISTS demo;
+GRANT ALL PRIVILEGES ON demo.* TO 'demo'@'%' IDENTIFIED BY '{{{{ secrets.DEMO_DBPASS }}}}';
+SQL
+'''
+
+[[steps]]
+name = "config"
+roles = ["controller"]
+guide = "L23-29"
+run = '''
+# note-like comments do not count
+lb-ini set /etc/demo.conf DEFAULT verbose True
+lb-ini set /etc/demo.conf DEFAULT connection mysql://demo:{{{{ secrets.DEMO_DBPASS }}}}@controller/demo
+service demo restart
+'''
+"""
+
+
+def write_recipe(base: Path, *, optional: bool = False, deviations: str = "") -> Path:
+    folder = base / "recipe"
+    (folder / "stages").mkdir(parents=True)
+    (folder / "recipe.toml").write_text(
+        'name = "demo-recipe"\ndescription = "a demo"\nguide = "the demo guide"\n'
+        '[secrets]\nDEMO_DBPASS = "MySQL user demo"\n'
+    )
+    text = STAGE.format(optional="optional = true" if optional else "")
+    (folder / "stages" / "10-demo.toml").write_text(text)
+    (folder / "guide.txt").write_text(GUIDE)
+    digest = hashlib.sha256(GUIDE.encode()).hexdigest()
+    (folder / "coverage.toml").write_text(
+        f'seed = "guide.txt"\nsha256 = "{digest}"\ncommands = ["apt-get", "service"]\n'
+        '[[extra]]\nlines = "L37"\nreason = "a prose instruction"\n' + deviations
+    )
+    return folder
+
+
+def test_installing_lines_are_commands_continuations_and_config_not_output() -> None:
+    found = {line.number: line.kind for line in installing_lines(GUIDE, {"apt-get", "service"})}
+    assert found == {
+        6: "command",  # apt-get ... ¥
+        7: "continuation",
+        12: "command",  # $ mysql -u root -p
+        13: "command",
+        14: "command",  # a statement open until its ";"
+        15: "continuation",
+        16: "command",
+        23: "config",
+        26: "config",
+        27: "config",
+        35: "inline",
+    }
+
+
+def test_references_and_tokens() -> None:
+    assert parse_references("L1030-1045, L1046 (keystone), L7-L9") == (
+        (1030, 1045),
+        (1046, 1046),
+        (7, 9),
+    )
+    assert parse_references("not in the guide") == ()
+    config = GuideLine(1, "connection = mysql://demo:DEMO_DBPASS@controller/demo", "config")
+    assert line_tokens(config, ["DEMO_DBPASS"]) == (
+        "connection",
+        "mysql://demo:DEMO_DBPASS@controller/demo",
+    )
+    assert line_tokens(config) == ("connection",)  # a placeholder value is not matched
+    command = GuideLine(2, "$ nova boot --nic net-id=DEMO_NET_ID demo-instance1 ¥", "command")
+    assert line_tokens(command) == ("nova", "boot", "--nic", "demo-instance1")
+    assert line_tokens(GuideLine(3, "Then open the dashboard.", "prose")) == ()
+
+
+def test_coverage_maps_lines_to_steps_and_flags_what_a_step_does_not_do(tmp_path: Path) -> None:
+    recipe = load_recipe(str(write_recipe(tmp_path)))
+    report = recipe_coverage(recipe)
+    status = {item.line.number: item.status for item in report.lines}
+    assert status[6] == status[23] == "mapped"
+    assert status[37] == "missing"  # the prose instruction no step names
+    assert status[35] == "missing"  # outside every step's reference
+    by_number = {item.line.number: item for item in report.lines}
+    assert by_number[12].unmatched == ("-p",)  # no password prompt in the step...
+    assert by_number[16].unmatched == ("exit",)  # ...and no interactive exit
+    assert by_number[27].steps == ("demo/config",)
+    assert not report.complete
+
+
+def test_deviations_explain_lines_and_complete_the_coverage(tmp_path: Path) -> None:
+    deviations = (
+        '[[deviation]]\nlines = "L12, L16, L35, L37"\n'
+        'reason = "no interactive session; the restart is in demo/config"\n'
+    )
+    recipe = load_recipe(str(write_recipe(tmp_path, deviations=deviations)))
+    report = recipe_coverage(recipe)
+    assert report.complete and report.percent == 100.0
+    assert report.count("explained") == 4
+
+
+def test_a_changed_guide_text_is_refused(tmp_path: Path) -> None:
+    folder = write_recipe(tmp_path)
+    (folder / "guide.txt").write_text(GUIDE + "one more line\n")
+    with pytest.raises(RecipeError, match="sha256"):
+        recipe_coverage(load_recipe(str(folder)))
+    with pytest.raises(RecipeError, match=r"deviation\[0\] needs lines"):
+        parse_coverage_spec('seed = "x"\nsha256 = "y"\n[[deviation]]\nreason = "why"\n', "c")
+
+
+def test_a_lab_file_selects_optional_stages(tmp_path: Path) -> None:
+    folder = write_recipe(tmp_path, optional=True)
+    text = 'name = "demo"\n[options]\nstages = ["demo", "not-in-this-recipe"]\n'
+    lab = parse_lab(text, source="lab.toml")
+    assert lab.options.optional_stages == ("demo", "not-in-this-recipe")
+    plan = api.plan_lab(lab, host_check=False).plan
+    selection = Selection(recipe=str(folder))
+    _, stages = render_for_lab(lab, selection, secrets=None, plan=plan, virt_type="qemu")
+    assert [stage.name for stage in stages] == ["demo"]
+    plain = parse_lab('name = "demo"\n', source="lab.toml")
+    _, stages = render_for_lab(plain, selection, secrets=None, plan=plan, virt_type="qemu")
+    assert stages == ()
+    with pytest.raises(LabFileError, match=r"options.stages\[0\] = \"Demo\" is not a stage name"):
+        parse_lab('name = "demo"\n[options]\nstages = ["Demo"]\n', source="lab.toml")
