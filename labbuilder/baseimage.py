@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from labbuilder.bakeseed import input_problem
 from labbuilder.catalog import find_image
 from labbuilder.errors import ImageError
 from labbuilder.imagebuild import build_image
@@ -92,6 +93,9 @@ def resolve_role_image(
         return resolve_base_image(
             name, cache_dir=cache_dir, base_dir=base_dir, log=log, catalog=catalog
         )
+    problem = input_problem(role, packages, masked_units)
+    if problem is not None:
+        raise ImageError(f"role image of {name} for role {role}: {problem}")
     # Imported here: rolebake → probecache → probe → adapters.hostprobe → this module.
     from labbuilder import rolebake
 

@@ -218,7 +218,7 @@ def _build_into(
     installed = rootfs.installed_packages(root, log)
     enabled = rootfs.enabled_units(root)
     kernel_version = rootfs.copy_boot_files(root, work / KERNEL_FILE, work / INITRD_FILE, log)
-    virtual_size = _virtual_size(recipe)
+    virtual_size = _fitting_size(root, _virtual_size(recipe))
     disk = work / DISK_FILE
     rootfs.make_disk(root, disk, virtual_size, log)
     shutil.rmtree(root)
@@ -334,6 +334,23 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1024 * 1024), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _fitting_size(root: Path, minimum: int) -> int:
+    """A disk size that holds the files under ``root`` in ext4, at least ``minimum`` bytes.
+
+    A role image with many packages (a controller with every chapter's services) outgrows the
+    recipe's size; the disk then grows to the next whole GiB that holds the files with room
+    for ext4's journal, inode tables and reserved blocks. The recipe's size stays the minimum,
+    so images that fit keep their size (and their cache key)."""
+    used = 0
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                used += (Path(directory) / name).lstat().st_blocks * 512
+    gib = 1024**3
+    needed = int(used * 1.2) + 320 * 1024**2
+    return max(minimum, -(-needed // gib) * gib)
 
 
 def _virtual_size(recipe: BuildRecipe) -> int:

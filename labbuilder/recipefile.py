@@ -93,7 +93,28 @@ FILE_KEYS = ("path", "template", "content", "mode", "owner")
 FETCH_KEYS = ("path", "from", "mode", "owner")
 CHECK_KEYS = ("name", "run", "expect", "timeout", "guide", "fast_run")
 ROLES = ("controller", "network", "compute", "block", "object")
-API_KINDS = ("domain", "project", "user", "role", "role_assignment", "service", "endpoint", "image")
+API_KINDS = (
+    "domain",
+    "project",
+    "user",
+    "role",
+    "role_assignment",
+    "service",
+    "endpoint",
+    "image",
+    "flavor",
+    "network",
+    "subnet",
+    "router",
+    "security_group_rule",
+    "keypair",
+    "server",
+    "floating_ip",
+    "volume",
+    "volume_attachment",
+    "object",
+    "stack",
+)
 _STEP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _STAGE_FILE = re.compile(r"^(\d+)-([a-z0-9][a-z0-9-]*)\.toml$")
 _MODE = re.compile(r"^0[0-7]{3}$")

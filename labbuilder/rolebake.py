@@ -70,7 +70,7 @@ from labbuilder.hostfacts import nameservers, read_routes
 from labbuilder.imagemodel import ImageEntry
 from labbuilder.labstate import lab_lock, lab_state
 from labbuilder.model import Egress, GiB
-from labbuilder.paths import pool_dir, pool_name
+from labbuilder.paths import pool_dir, pool_name, state_root
 from labbuilder.planner import free_subnets
 from labbuilder.processes import process_alive
 from labbuilder.readiness import console_tail
@@ -462,8 +462,18 @@ def _temporary_objects(conn: Any, owner: str) -> Iterator[None]:
 
 
 def _network(conn: Any, name: str, archive: Sequence[str]) -> BakeNetwork:
-    """A NAT network on a free /24 whose guests reach only the addresses of ``archive``."""
+    """A NAT network on a free /24 whose guests reach only the addresses of ``archive``.
+
+    Bakes running side by side (one per role) take turns, so that each sees the other's
+    network when it looks for a free subnet."""
     addresses = _resolve(archive)
+    lock = state_root() / ".bake-network.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock):
+        return _create_network(conn, name, addresses)
+
+
+def _create_network(conn: Any, name: str, addresses: list[tuple[str, str]]) -> BakeNetwork:
     taken = [route.destination for route in read_routes() if route.destination != "0.0.0.0/0"]
     taken += [cidr for network in lv.network_facts(conn) for cidr in network.cidrs]
     taken += [d.cidr for defaults in guide.NETWORKS.values() for d in defaults]  # labs' own

@@ -175,3 +175,46 @@ def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def full_lab(name: str, *, extra: str = "") -> str:
+    """The built-in lab ``zed-full`` (the guide's five nodes sized for recipe zed-debian-12, with
+    every optional chapter) on free subnets, with egress confined to the lab and role images.
+    ``extra`` goes into its ``[options]`` table."""
+    import json
+    import tomllib
+
+    builtin = tomllib.loads((Path(__file__).parent.parent / "labs" / "zed-full.toml").read_text())
+    management, tunnel, external = free_subnets(3)
+    m, t, e = (s.rsplit(".", 1)[0] for s in (management, tunnel, external))
+    addresses = {
+        "controller": f'{{ management = "{m}.11" }}',
+        "network": f'{{ management = "{m}.21", tunnel = "{t}.21" }}',
+        "compute1": f'{{ management = "{m}.31", tunnel = "{t}.31" }}',
+        "block1": f'{{ management = "{m}.41" }}',
+        "object1": f'{{ management = "{m}.51" }}',
+    }
+    nodes = ""
+    for node, address in addresses.items():
+        sizes = builtin["nodes"][node]
+        nodes += f"[nodes.{node}]\naddresses = {address}\n"
+        nodes += "".join(f"{key} = {json.dumps(value)}\n" for key, value in sizes.items())
+    stages = ", ".join(f'"{stage}"' for stage in builtin["options"]["stages"])
+    return f"""
+name = "{name}"
+recipe = "{builtin["recipe"]}"
+[networks.management]
+cidr = "{management}"
+gateway = "{m}.1"
+[networks.tunnel]
+cidr = "{tunnel}"
+[networks.external]
+cidr = "{external}"
+gateway = "{e}.1"
+floating_range = "{e}.101-{e}.200"
+{nodes}[options]
+egress = "none"
+role_images = true
+stages = [{stages}]
+{extra}
+"""

@@ -54,7 +54,7 @@ from labbuilder.catalog import load_catalog, parse_image_entry
 from labbuilder.errors import ImageError
 from labbuilder.imagebuild import BuiltImage, build_image
 from labbuilder.imagemodel import CloudInitFlavour, ImageEntry
-from labbuilder.rolebake import check_image, load_baked_image
+from labbuilder.rolebake import archive_hosts, check_image, load_baked_image
 
 POOL = "lbtest-rolebake-pool"
 ENTRY = "lbtest-dl-debian"
@@ -71,6 +71,20 @@ def test_bake_inputs_are_checked_before_they_reach_a_script() -> None:
     assert "role" in (input_problem("Controller", (), ()) or "")
     assert "package" in (input_problem("r", ("hello; reboot",), ()) or "")
     assert "unit" in (input_problem("r", (), ("keystone",)) or "")
+
+
+def test_a_bad_role_is_refused_before_any_image_is_touched(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not a lower-case name"):
+        resolve_role_image(
+            "debian-12", role="Bad Role", packages=("hello",), masked_units=(), cache_dir=tmp_path
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bake_may_reach_its_distributions_archive_only() -> None:
+    catalog = load_catalog()
+    assert archive_hosts(catalog["ubuntu-24.04"]) == ("archive.ubuntu.com", "security.ubuntu.com")
+    assert archive_hosts(catalog["debian-12"]) == ("deb.debian.org", "security.debian.org")
 
 
 def test_bake_key_sees_what_changes_the_image() -> None:
@@ -328,6 +342,9 @@ def test_a_download_is_baked_into_a_role_image_once(setup: Setup, tmp_path: Path
     assert manifest["boot"]["method"] == "direct-kernel"
     assert manifest["disk"]["sha256"] == image.digest == hashlib.sha256(image.disk.read_bytes()).hexdigest()  # fmt: skip
     assert (image.disk.parent / "console.log").stat().st_size > 0
+    # The guest's freed blocks were discarded (qcow2 v3 overlay + fstrim), so a tiny package
+    # makes a role image hardly bigger than its base.
+    assert baked.file_size < setup.built.file_size + 32 * 2**20, baked.file_size
     shown = imagestore.show(image.name, setup.cache)
     assert shown["installed"] == manifest["installed"] and shown["path"] == str(image.disk)
 

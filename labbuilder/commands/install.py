@@ -196,7 +196,10 @@ def cmd_install(args: argparse.Namespace, console: Console) -> int:
     result = run_install(lab, selection, json_output=args.json)
     if args.json:
         assert result.report is not None
-        console.print(result.report.read_text(), markup=False, highlight=False, end="")
+        sys.stdout.write(result.report.read_text())  # plain: rich would wrap long strings
+        sys.stdout.flush()
+        if result.failure:
+            Console(stderr=True, soft_wrap=True).print(result.failure, markup=False)
     else:
         print_summary(console, result)
     return 0 if result.ok else 1
