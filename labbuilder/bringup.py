@@ -23,6 +23,7 @@ from labbuilder.errors import PlanError
 from labbuilder.hostfacts import gather_host_facts
 from labbuilder.labstate import (
     LabState,
+    ensure_host_keys,
     ensure_secrets,
     ensure_ssh_key,
     lab_lock,
@@ -184,11 +185,13 @@ def create_lab(
 
     public_key = ensure_ssh_key(state)
     console_password = ensure_secrets(state, ("console_password",))["console_password"]
+    host_keys = ensure_host_keys(state, {node.name: node.management_address for node in plan.nodes})
     seed = SeedInput(
         user=base.default_user,
         password_hash=password_hash(console_password),
         ssh_public_key=public_key,
         apt_proxy=lab.options.apt_proxy,
+        host_keys=host_keys,
     )
     state.console_dir.mkdir(parents=True, exist_ok=True)
 

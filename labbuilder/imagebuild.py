@@ -281,16 +281,20 @@ def _check_inputs(
 
 
 def _check_host(cache_dir: Path) -> None:
+    check_root_and_space(
+        cache_dir, "building an image", "mmdebstrap must create a root-owned tree", "a build"
+    )
+
+
+def check_root_and_space(folder: Path, what: str, why: str, one: str) -> None:
+    """Refuse ``what`` unless running as root with ``MIN_FREE_BYTES`` free under ``folder``."""
     if os.geteuid() != 0:
-        raise HostError(
-            "building an image needs root (mmdebstrap must create a root-owned tree)",
-            hint="run the build as root",
-        )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(cache_dir).free
+        raise HostError(f"{what} needs root ({why})", hint="run it as root")
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
     if free < MIN_FREE_BYTES:
         raise HostError(
-            f"only {free // 1024**2} MiB free under {cache_dir}; a build needs about 3 GiB",
+            f"only {free // 1024**2} MiB free under {folder}; {one} needs about 3 GiB",
             hint="free some space or point the image cache elsewhere",
         )
 

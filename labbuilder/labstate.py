@@ -9,7 +9,7 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,22 +68,54 @@ def write_secret_file(path: Path, data: bytes) -> None:
     temporary.replace(path)
 
 
+def new_ed25519_key() -> tuple[bytes, bytes]:
+    """A new ed25519 key pair: (private key in OpenSSH format, public key without a comment)."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public
+
+
 def ensure_ssh_key(state: LabState) -> str:
     """The lab's SSH key pair (generated once); returns the public key line."""
     public_path = state.key_path.with_suffix(".pub")
     if not state.key_path.exists() or not public_path.exists():
-        key = Ed25519PrivateKey.generate()
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        private, public = new_ed25519_key()
         write_secret_file(state.key_path, private)
         public_path.write_bytes(public + f" labbuilder-{state.lab}\n".encode())
     return public_path.read_text().strip()
+
+
+def ensure_host_keys(state: LabState, nodes: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Each node's SSH host key (ed25519, made here natively and kept in the lab's state), and
+    the lab's known_hosts with them. ``nodes`` maps node names to management addresses.
+
+    Handing a node its host key in the seed saves it generating keys at first boot (RSA alone
+    takes 10-20 s under emulation), and lets ``ssh -F`` check the host key strictly.
+    Returns node -> (private key in OpenSSH format, public key line).
+    """
+    folder = state.directory / "host-keys"
+    keys: dict[str, tuple[str, str]] = {}
+    for node in nodes:
+        private_path = folder / node
+        public_path = folder / f"{node}.pub"
+        if not private_path.exists() or not public_path.exists():
+            private, public = new_ed25519_key()
+            write_secret_file(private_path, private)
+            public_path.write_bytes(public + f" root@{node}\n".encode())
+        keys[node] = (private_path.read_text(), public_path.read_text().strip())
+    lines = []
+    for node, address in nodes.items():
+        kind, blob = keys[node][1].split()[:2]
+        lines.append(f"{node},{state.lab}-{node},{address} {kind} {blob}")
+    state.known_hosts_path.write_text("\n".join(lines) + "\n")
+    return keys
 
 
 def load_secrets(state: LabState) -> dict[str, str]:

@@ -79,7 +79,7 @@ def render_ssh_config(state: LabState) -> str:
             f"  User {record['user']}",
             f"  IdentityFile {state.key_path}",
             "  IdentitiesOnly yes",
-            "  StrictHostKeyChecking no",
+            "  StrictHostKeyChecking yes",
             f"  UserKnownHostsFile {state.known_hosts_path}",
             "  LogLevel ERROR",
             "",

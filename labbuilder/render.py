@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 
 import jinja2
@@ -49,6 +50,7 @@ class SeedInput:
     password_hash: str  # crypt(3) SHA-512 of the console password; never the password itself
     ssh_public_key: str
     apt_proxy: str | None = None
+    host_keys: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # node -> keys
 
 
 def plan_hash(plan: Plan) -> str:
@@ -138,6 +140,9 @@ def render_seed_files(
         "password_hash": seed.password_hash,
         "ssh_public_key": seed.ssh_public_key,
         "apt_proxy": seed.apt_proxy,
+        "host_key": seed.host_keys.get(node.name),
+        # cloud-init 0.7.5 (Ubuntu 14.04) knows neither ed25519 host keys nor our module lists.
+        "lean": flavour != CloudInitFlavour.ENI,
         "nameserver": management.gateway,
         "instance_id": f"{plan.lab}-{node.name}-{digest}",
         "netmask": netmask,

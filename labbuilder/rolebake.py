@@ -67,6 +67,7 @@ from labbuilder.baseimage import BaseImage, built_images_dir
 from labbuilder.errors import HostError, ImageError
 from labbuilder.filelock import file_lock
 from labbuilder.hostfacts import nameservers, read_routes
+from labbuilder.imagebuild import check_root_and_space
 from labbuilder.imagemodel import ImageEntry
 from labbuilder.labstate import lab_lock, lab_state
 from labbuilder.model import Egress, GiB
@@ -92,7 +93,6 @@ REPORT_FILE = "report.log"
 DEFAULT_TIMEOUT = 900.0
 MAX_SECONDS = 4 * 3600.0
 MIN_VIRTUAL_SIZE = 4 * GiB  # room for a role's packages; below the guide's 5 GB node disks
-MIN_FREE_BYTES = 3 * GiB
 POLL = 2.0
 # The distribution archives a bake guest may reach, by the catalog's os_family.
 ARCHIVE_HOSTS: dict[str, tuple[str, ...]] = {
@@ -638,18 +638,9 @@ def _load_cached(final: Path, key: str) -> BakedImage | None:
 
 
 def _check_host(built: Path) -> None:
-    if os.geteuid() != 0:
-        raise HostError(
-            "baking a role image needs root (the guest's disk is read from libvirt's pool)",
-            hint="run it as root",
-        )
-    built.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(built).free
-    if free < MIN_FREE_BYTES:
-        raise HostError(
-            f"only {free // 1024**2} MiB free under {built}; a bake needs about 3 GiB",
-            hint="free some space or point the image cache elsewhere",
-        )
+    check_root_and_space(
+        built, "baking a role image", "the guest's disk is read from libvirt's pool", "a bake"
+    )
 
 
 def _remove_stale_work(built: Path, name: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from labbuilder.adapters import libvirt as lv
@@ -12,6 +14,16 @@ from labbuilder.hostfacts import read_routes
 
 TEST_POOL = "lbtest-pool"
 TEST_CACHE = Path(os.environ.get("LABBUILDER_TEST_CACHE") or "/var/cache/labbuilder-test")
+
+
+def run_labbuilder(
+    *args: str, env: dict[str, str], timeout: float = 3600
+) -> subprocess.CompletedProcess[str]:
+    """The labbuilder command line, as a user runs it, with the test's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "labbuilder", *args],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
 
 
 def free_subnets(count: int, start: str = "10.240.0.0/12") -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from lablib import TEST_POOL, lab_environment, one_node_lab, three_node_lab
+from lablib import run_labbuilder as labbuilder
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
@@ -27,15 +28,6 @@ from labbuilder.adapters.ssh import SSHSession
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAB = "lbtest-3node"
-
-
-def labbuilder(
-    *args: str, env: dict[str, str], timeout: float = 1800
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "labbuilder", *args],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 def leftovers(lab: str) -> dict[str, list[str]]:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 
 import pytest
 from lablib import TEST_POOL, lab_environment, three_node_lab
+from lablib import run_labbuilder as labbuilder
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
@@ -28,15 +26,6 @@ from labbuilder.adapters.ssh import SSHSession
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAB = "lbtest-install"
-
-
-def labbuilder(
-    *args: str, env: dict[str, str], timeout: float = 3600
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "labbuilder", *args],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,15 @@ a failed run keeps the lab for inspection."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lablib import TEST_POOL, lab_environment, one_node_lab
+from lablib import lab_environment, one_node_lab, remove_test_pool
+from lablib import run_labbuilder as labbuilder
 
 from labbuilder.adapters import libvirt as lv
-from labbuilder.adapters import storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAB = "lbtest-run"
@@ -45,13 +42,6 @@ run = "{{ 'exit 9' if settings.get('fail') else 'true' }}"
 }
 
 
-def labbuilder(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "labbuilder", *args],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=1800, check=False,
-    )  # fmt: skip
-
-
 def domains(lab: str) -> list[str]:
     conn = lv.connect("qemu:///system", readonly=True)
     try:
@@ -73,13 +63,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, Path]]:
         yield env, lab_file, recipe
     finally:
         labbuilder("down", str(lab_file), env=env)
-        conn = lv.connect("qemu:///system")
-        try:
-            pool = storage.find_pool(conn, TEST_POOL)
-            if pool is not None:
-                storage.remove_pool(pool)
-        finally:
-            conn.close()
+        remove_test_pool()
 
 
 def test_repeated_runs_are_counted_and_their_reports_kept(

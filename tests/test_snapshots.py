@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 
 import pytest
 from lablib import lab_environment, lab_leftovers, one_node_lab, remove_labs
+from lablib import run_labbuilder as labbuilder
 
 from labbuilder import snapshots
 from labbuilder.adapters import libvirt as lv
@@ -36,15 +34,6 @@ LAB = "lbtest-snap"
 ORPHAN = "lbtest-snaporphan"  # cheap domains that never boot, for failures and gc
 POOL = "lbtest-snap-pool"  # its own pool: other tests remove theirs when they end
 URI = "qemu:///system"
-
-
-def labbuilder(
-    *args: str, env: dict[str, str], timeout: float = 1800
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "labbuilder", *args],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
