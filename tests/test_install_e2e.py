@@ -165,6 +165,7 @@ test -f /root/lbtest-fixed || { echo "lbtest: not fixed yet" >&2; exit 7; }
 [[steps]]
 name = "after"
 roles = ["all"]
+after = ["fail"]
 run = "touch /root/lbtest-after"
 """,
 }

@@ -291,9 +291,12 @@ def print_summary(console: Console, result: installer.InstallResult) -> None:
         f"recipe {result.recipe.name} ({result.info.path} path) on lab {result.info.lab}: "
         f"{result.info.seconds:.0f} s; reports: {result.junit}, {result.report}",
         markup=False,
+        soft_wrap=True,
     )
     if result.failure:
-        console.print(result.failure, markup=False, highlight=False)
+        # Plain text: the resume command must stay on one line, to be copied as it is.
+        console.file.write(result.failure + "\n")
+        console.file.flush()
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
