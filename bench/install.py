@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from lablib import full_lab, lab_environment, remove_test_pool, three_node_lab  # noqa: E402
+from lablib import full_lab, lab_environment, three_node_lab  # noqa: E402
 
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
@@ -48,10 +48,21 @@ from labbuilder.adapters.ssh import SSHSession  # noqa: E402
 FULL_TARGET = 3600.0  # seconds: up through a verified instance (issue 8)
 SAMPLE_EVERY = 20.0  # seconds between memory samples
 
+BENCH_POOL = "lbbench-install-pool"
 APT_PROBE = (
     "grep -c '^Start-Date' /var/log/apt/history.log 2>/dev/null || true; "
     "du -sb /var/cache/apt/archives 2>/dev/null | cut -f1"
 )
+
+
+def remove_pool(name: str) -> None:
+    conn = lv.connect("qemu:///system")
+    try:
+        pool = storage.find_pool(conn, name)
+        if pool is not None:
+            storage.remove_pool(pool)
+    finally:
+        conn.close()
 
 
 def labbuilder(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -72,9 +83,19 @@ def apt_usage(state: Path) -> dict[str, tuple[int, int]]:
     return usage
 
 
+def bench_environment(work: Path) -> dict[str, str]:
+    """The test environment with the bench's own pool: tests remove theirs when they end."""
+    return {**lab_environment(work / "state"), "LABBUILDER_POOL": BENCH_POOL}
+
+
+def remove_bench_pool(work: Path) -> None:
+    os.environ.update(bench_environment(work))
+    remove_pool(BENCH_POOL)
+
+
 def measure(path: str, until: str, work: Path) -> dict[str, Any]:
     name = f"lbbench-{path}"
-    env = lab_environment(work / "state")
+    env = bench_environment(work)
     lab_file = work / f"{name}.toml"
     lab_file.write_text(three_node_lab(name, role_images=True))
     state = work / "state" / "labs" / name
@@ -203,7 +224,7 @@ def lab_disk(lab: str, pool_name: str) -> tuple[int, int]:
 
 def measure_full(work: Path, keep: bool) -> dict[str, Any]:
     name = "lbbench-full"
-    env = lab_environment(work / "state")
+    env = bench_environment(work)
     lab_file = work / f"{name}.toml"
     lab_file.write_text(full_lab(name))
     state = work / "state" / "labs" / name
@@ -319,8 +340,7 @@ def main() -> None:
                 full = measure_full(Path(tmp), args.keep)
             finally:
                 if not args.keep:
-                    os.environ.update(lab_environment(Path(tmp) / "state"))
-                    remove_test_pool()
+                    remove_bench_pool(Path(tmp))
         print_full(full)
         print(json.dumps(full, indent=1))
         return
@@ -331,8 +351,7 @@ def main() -> None:
             for path in paths:
                 results.append(measure(path, args.until, Path(tmp)))
         finally:
-            os.environ.update(lab_environment(Path(tmp) / "state"))
-            remove_test_pool()
+            remove_bench_pool(Path(tmp))
     for result in results:
         total = result["up_seconds"] + result["install_seconds"]
         print(f"\n== {result['path']} path ==")
