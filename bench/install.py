@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from lablib import full_lab, lab_environment, three_node_lab  # noqa: E402
+from lablib import full_lab, lab_environment, remove_test_pool, three_node_lab  # noqa: E402
 
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
@@ -53,16 +53,6 @@ APT_PROBE = (
     "grep -c '^Start-Date' /var/log/apt/history.log 2>/dev/null || true; "
     "du -sb /var/cache/apt/archives 2>/dev/null | cut -f1"
 )
-
-
-def remove_pool(name: str) -> None:
-    conn = lv.connect("qemu:///system")
-    try:
-        pool = storage.find_pool(conn, name)
-        if pool is not None:
-            storage.remove_pool(pool)
-    finally:
-        conn.close()
 
 
 def labbuilder(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -90,7 +80,7 @@ def bench_environment(work: Path) -> dict[str, str]:
 
 def remove_bench_pool(work: Path) -> None:
     os.environ.update(bench_environment(work))
-    remove_pool(BENCH_POOL)
+    remove_test_pool(BENCH_POOL)
 
 
 def measure(path: str, until: str, work: Path) -> dict[str, Any]:

@@ -108,13 +108,14 @@ def lab_environment(state_dir: Path) -> dict[str, str]:
     }
 
 
-def remove_test_pool() -> None:
-    """Remove the test pool with its (shared base) volumes, as a test or bench run ends."""
+def remove_test_pool(name: str = TEST_POOL) -> None:
+    """Remove the test pool (or the pool ``name``) with its (shared base) volumes, as a test
+    or bench run ends."""
     from labbuilder.adapters import storage
 
     conn = lv.connect("qemu:///system")
     try:
-        pool = storage.find_pool(conn, TEST_POOL)
+        pool = storage.find_pool(conn, name)
         if pool is not None:
             storage.remove_pool(pool)
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lablib import TEST_POOL, lab_environment, one_node_lab, three_node_lab
+from lablib import TEST_POOL, lab_environment, lab_leftovers, one_node_lab, three_node_lab
 from lablib import run_labbuilder as labbuilder
 
 from labbuilder.adapters import libvirt as lv
@@ -28,19 +28,6 @@ from labbuilder.adapters.ssh import SSHSession
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAB = "lbtest-3node"
-
-
-def leftovers(lab: str) -> dict[str, list[str]]:
-    conn = lv.connect("qemu:///system", readonly=True)
-    try:
-        pool = storage.find_pool(conn, TEST_POOL)
-        return {
-            "domains": [d.name() for d in conn.listAllDomains() if d.name().startswith(lab)],
-            "networks": [n.name() for n in conn.listAllNetworks() if n.name().startswith(lab)],
-            "volumes": [v.name() for v in storage.lab_volumes(pool, lab)] if pool else [],
-        }
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +159,7 @@ def test_down_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:
     lab_file.write_text(f'name = "{LAB}"\n')
     result = labbuilder("down", "--lab", str(lab_file), env=env)
     assert result.returncode == 0, result.stderr
-    assert leftovers(LAB) == {"domains": [], "networks": [], "volumes": []}
+    assert lab_leftovers(LAB) == {"domains": [], "networks": [], "volumes": []}
     assert not (Path(env["LABBUILDER_STATE_DIR"]) / "labs" / LAB).exists()
 
 
@@ -187,7 +174,7 @@ def test_killed_up_is_cleaned_by_down_and_a_second_up_is_refused(
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 600
-        while not leftovers("lbtest-killed")["domains"]:
+        while not lab_leftovers("lbtest-killed")["domains"]:
             if process.poll() is not None:
                 pytest.fail(f"up ended before creating its domain: {process.stderr.read()}")  # type: ignore[union-attr]
             assert time.monotonic() < deadline
@@ -200,4 +187,4 @@ def test_killed_up_is_cleaned_by_down_and_a_second_up_is_refused(
         process.wait()
     result = labbuilder("down", str(lab_file), env=env)
     assert result.returncode == 0, result.stderr
-    assert leftovers("lbtest-killed") == {"domains": [], "networks": [], "volumes": []}
+    assert lab_leftovers("lbtest-killed") == {"domains": [], "networks": [], "volumes": []}
