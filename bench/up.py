@@ -65,6 +65,8 @@ def run_labbuilder(work: Path) -> tuple[float, float, int]:
         f'[nodes.controller]\naddresses = {{ management = "{m}.11" }}\n'
         f'[nodes.network]\naddresses = {{ management = "{m}.21", tunnel = "{t}.21" }}\n'
         f'[nodes.compute1]\naddresses = {{ management = "{m}.31", tunnel = "{t}.31" }}\n'
+        # The baseline's image: the plain base, not the recipe's role images.
+        "[options]\nrole_images = false\n"
     )
     env = {**os.environ, **lab_environment(work / "state")}
     command = [sys.executable, "-m", "labbuilder"]

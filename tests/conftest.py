@@ -1,14 +1,34 @@
 """Shared fixtures. Tests that touch libvirt are marked ``integration`` and name every object
-they create with the ``lbtest-`` prefix, removing it even when they fail."""
+they create with the ``lbtest-`` prefix, removing it even when they fail.
+
+Bringing up the guide's three nodes is the dearest thing the suite does under emulation, so
+test_bringup.py and test_install_e2e.py share one lab (``guide_lab``). Those two modules run
+last, one after the other, so the lab is up only while they run."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_PREFIX = "lbtest-"
+GUIDE_LAB = "lbtest-guide"
+GUIDE_POOL = "lbtest-guide-pool"  # its own: other modules remove lbtest-pool as they end
+# The modules that use guide_lab, in the order they run (after every other module).
+GUIDE_LAB_MODULES = ("test_bringup.py", "test_install_e2e.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def order(item: pytest.Item) -> int:
+        name = item.path.name
+        return GUIDE_LAB_MODULES.index(name) + 1 if name in GUIDE_LAB_MODULES else 0
+
+    items.sort(key=order)  # stable: every module keeps its own order
 
 
 @pytest.fixture
@@ -21,3 +41,34 @@ def write_lab(tmp_path: Path):  # type: ignore[no-untyped-def]
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def guide_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The guide's three nodes on free subnets, booted from recipe zed-debian-12's role images,
+    with egress confined to the lab: ``env`` (the test environment), ``file``, ``state`` (the
+    lab's state directory), ``record`` (its lab.json), ``key`` and ``up_seconds``. Removed with
+    its pool when the session ends, whatever state the tests left it in."""
+    from lablib import lab_environment, remove_labs, run_labbuilder, three_node_lab
+
+    env = lab_environment(tmp_path_factory.mktemp("guide-state"), GUIDE_POOL)
+    lab_file = tmp_path_factory.mktemp("guide-lab") / "lab.toml"
+    lab_file.write_text(three_node_lab(GUIDE_LAB, role_images=True))
+    try:
+        started = time.monotonic()
+        result = run_labbuilder("up", str(lab_file), "--json", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        info: dict[str, Any] = json.loads(result.stdout)
+        state = Path(env["LABBUILDER_STATE_DIR"]) / "labs" / GUIDE_LAB
+        info.update(
+            env=env,
+            file=str(lab_file),
+            state=state,
+            record=json.loads((state / "lab.json").read_text()),
+            key=state / "id_ed25519",
+            up_seconds=time.monotonic() - started,
+        )
+        yield info
+    finally:
+        run_labbuilder("down", str(lab_file), env=env)
+        remove_labs([GUIDE_LAB], env)

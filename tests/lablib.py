@@ -100,10 +100,10 @@ role_images = false
 """
 
 
-def lab_environment(state_dir: Path) -> dict[str, str]:
+def lab_environment(state_dir: Path, pool: str = TEST_POOL) -> dict[str, str]:
     return {
         "LABBUILDER_STATE_DIR": str(state_dir),
-        "LABBUILDER_POOL": TEST_POOL,
+        "LABBUILDER_POOL": pool,
         "LABBUILDER_CACHE_DIR": str(TEST_CACHE),
     }
 

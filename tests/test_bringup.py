@@ -1,6 +1,7 @@
 """A real lab on the real libvirtd (qemu:///system, TCG): the guide's three nodes come up wired
-as the guide says, `up` again is a no-op, `down` leaves nothing; a killed `up` is cleaned up by
-`down`, and a second `up` while one runs is refused.
+as the guide says, `up` again is a no-op; a killed `up` is cleaned up by `down`, and a second
+`up` while one runs is refused. The lab is the suite's shared one (conftest.guide_lab): this
+module runs before test_install_e2e.py, which ends with `down` leaving nothing.
 
 The lab uses free subnets (the guide's external network may hold this host's package mirror),
 egress "none", its own state directory and storage pool, and names starting with ``lbtest-``.
@@ -19,60 +20,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lablib import TEST_POOL, lab_environment, lab_leftovers, one_node_lab, three_node_lab
+from lablib import lab_environment, lab_leftovers, one_node_lab, remove_labs
 from lablib import run_labbuilder as labbuilder
 
-from labbuilder.adapters import libvirt as lv
-from labbuilder.adapters import storage
 from labbuilder.adapters.ssh import SSHSession
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-LAB = "lbtest-3node"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    state = tmp_path_factory.mktemp("state")
-    environment = lab_environment(state)
+    """An environment of its own for the killed `up` (the shared lab has another)."""
+    environment = lab_environment(tmp_path_factory.mktemp("state"))
     yield environment
-    conn = lv.connect("qemu:///system")
-    try:
-        for lab in (LAB, "lbtest-killed"):
-            from labbuilder.teardown import remove_lab_objects
-
-            old = {k: os.environ.get(k) for k in environment}
-            os.environ.update(environment)
-            try:
-                remove_lab_objects(conn, lab)
-            finally:
-                for key, value in old.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
-        pool = storage.find_pool(conn, TEST_POOL)
-        if pool is not None:
-            storage.remove_pool(pool)
-    finally:
-        conn.close()
+    remove_labs(["lbtest-killed"], environment)
 
 
 @pytest.fixture(scope="module")
-def lab(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    folder = tmp_path_factory.mktemp("lab")
-    lab_file = folder / "lab.toml"
-    lab_file.write_text(three_node_lab(LAB))
-    started = time.monotonic()
-    result = labbuilder("up", str(lab_file), "--json", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    info = json.loads(result.stdout)
-    info["up_seconds"] = time.monotonic() - started
-    info["file"] = lab_file
-    state = Path(env["LABBUILDER_STATE_DIR"]) / "labs" / LAB
-    info["record"] = json.loads((state / "lab.json").read_text())
-    info["key"] = state / "id_ed25519"
-    yield info
-    labbuilder("down", str(lab_file), env=env)
+def lab(guide_lab: dict[str, Any]) -> dict[str, Any]:
+    """The suite's shared three-node lab (conftest.guide_lab), fresh: this module runs first."""
+    return guide_lab
 
 
 def nodes(lab: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -116,10 +83,8 @@ def test_the_external_nic_is_up_without_an_address(lab: dict[str, Any]) -> None:
     assert ssh(lab, "network", "ip -4 -o addr show dev eth2").strip() == ""
 
 
-def test_ssh_config_works_with_plain_ssh(
-    lab: dict[str, Any], env: dict[str, str], tmp_path: Path
-) -> None:
-    result = labbuilder("ssh-config", str(lab["file"]), env=env)
+def test_ssh_config_works_with_plain_ssh(lab: dict[str, Any], tmp_path: Path) -> None:
+    result = labbuilder("ssh-config", str(lab["file"]), env=lab["env"])
     assert result.returncode == 0, result.stderr
     config = tmp_path / "ssh_config"
     config.write_text(result.stdout)
@@ -130,13 +95,13 @@ def test_ssh_config_works_with_plain_ssh(
     assert answer.stdout.strip() == "controller", answer.stderr
 
 
-def test_labbuilder_ssh_runs_a_command(lab: dict[str, Any], env: dict[str, str]) -> None:
-    result = labbuilder("ssh", "--lab", str(lab["file"]), "controller", "hostname", env=env)
+def test_labbuilder_ssh_runs_a_command(lab: dict[str, Any]) -> None:
+    result = labbuilder("ssh", "--lab", str(lab["file"]), "controller", "hostname", env=lab["env"])
     assert result.stdout.strip() == "controller", result.stderr
 
 
-def test_status_shows_running_nodes(lab: dict[str, Any], env: dict[str, str]) -> None:
-    result = labbuilder("status", str(lab["file"]), "--json", env=env)
+def test_status_shows_running_nodes(lab: dict[str, Any]) -> None:
+    result = labbuilder("status", str(lab["file"]), "--json", env=lab["env"])
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert {n["name"]: n["state"] for n in status["nodes"]} == {
@@ -145,22 +110,12 @@ def test_status_shows_running_nodes(lab: dict[str, Any], env: dict[str, str]) ->
     assert status["virt_type"] in ("kvm", "qemu")
 
 
-def test_up_again_is_a_no_op(lab: dict[str, Any], env: dict[str, str]) -> None:
+def test_up_again_is_a_no_op(lab: dict[str, Any]) -> None:
     started = time.monotonic()
-    result = labbuilder("up", str(lab["file"]), "--json", env=env)
+    result = labbuilder("up", str(lab["file"]), "--json", env=lab["env"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["created"] is False
     assert time.monotonic() - started < lab["up_seconds"]
-
-
-def test_down_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:
-    # Runs after the module's lab tests: bring the lab down explicitly and look.
-    lab_file = tmp_path / "lab.toml"
-    lab_file.write_text(f'name = "{LAB}"\n')
-    result = labbuilder("down", "--lab", str(lab_file), env=env)
-    assert result.returncode == 0, result.stderr
-    assert lab_leftovers(LAB) == {"domains": [], "networks": [], "volumes": []}
-    assert not (Path(env["LABBUILDER_STATE_DIR"]) / "labs" / LAB).exists()
 
 
 def test_killed_up_is_cleaned_by_down_and_a_second_up_is_refused(

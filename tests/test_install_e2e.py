@@ -1,7 +1,7 @@
 """The install pipeline for real: recipe zed-debian-12 through the image service on a real
 three-node lab (libvirtd, TCG guests booted from role images) on the fast path, then the
 identity stage again on the faithful path; a re-run is a no-op; stage snapshots bring the lab
-back; a failing step stops with its report and `--from` resumes.
+back; a failing step stops with its report and `--from` resumes; `down` leaves nothing.
 
 Guests reach nothing outside the lab (egress "none"): the role images carry every package.
 The lab uses free subnets, its own state directory and pool, and names starting with lbtest-.
@@ -12,45 +12,23 @@ from __future__ import annotations
 import contextlib
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lablib import TEST_POOL, lab_environment, three_node_lab
+from conftest import GUIDE_LAB, GUIDE_POOL
+from lablib import lab_leftovers
 from lablib import run_labbuilder as labbuilder
 
-from labbuilder.adapters import libvirt as lv
-from labbuilder.adapters import storage
 from labbuilder.adapters.ssh import SSHSession
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-LAB = "lbtest-install"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    state = tmp_path_factory.mktemp("state")
-    env = lab_environment(state)
-    lab_file = tmp_path_factory.mktemp("lab") / "lab.toml"
-    lab_file.write_text(three_node_lab(LAB, role_images=True))
-    try:
-        result = labbuilder("up", str(lab_file), env=env)
-        assert result.returncode == 0, result.stdout + result.stderr
-        lab_state = state / "labs" / LAB
-        record = json.loads((lab_state / "lab.json").read_text())
-        yield {"env": env, "file": str(lab_file), "state": lab_state, "record": record}
-    finally:
-        labbuilder("down", str(lab_file), env=env)
-        conn = lv.connect("qemu:///system")
-        try:
-            pool = storage.find_pool(conn, TEST_POOL)
-            leftover = [d.name() for d in conn.listAllDomains() if d.name().startswith(LAB)]
-            if pool is not None:
-                storage.remove_pool(pool)
-        finally:
-            conn.close()
-        assert not leftover
+def lab(guide_lab: dict[str, Any]) -> dict[str, Any]:
+    """The suite's shared three-node lab (conftest.guide_lab), after test_bringup.py's checks."""
+    return guide_lab
 
 
 def ssh(lab: dict[str, Any], node: str, command: str) -> str:
@@ -199,3 +177,14 @@ def test_a_failing_step_stops_with_its_report_and_from_resumes(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert ssh(lab, "controller", "cat /root/lbtest-first") == first  # stage first not re-run
     ssh(lab, "network", "test -f /root/lbtest-after")
+
+
+def test_down_leaves_nothing(lab: dict[str, Any], tmp_path: Path) -> None:
+    """Last of the shared lab's tests: `down` from a lab file that names the lab only (libvirt's
+    own state says what belongs to it), and nothing of it is left, snapshots included."""
+    lab_file = tmp_path / "lab.toml"
+    lab_file.write_text(f'name = "{GUIDE_LAB}"\n')
+    result = labbuilder("down", "--lab", str(lab_file), env=lab["env"])
+    assert result.returncode == 0, result.stderr
+    assert lab_leftovers(GUIDE_LAB, GUIDE_POOL) == {"domains": [], "networks": [], "volumes": []}
+    assert not lab["state"].exists()
