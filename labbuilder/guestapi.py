@@ -307,21 +307,44 @@ def _floating_ip(conn: Any, op: dict[str, Any]) -> str:
 
 
 def _volume(conn: Any, op: dict[str, Any]) -> str:
+    """A volume that becomes available. A volume in ``error`` (the scheduler had no back end yet:
+    a volume service that has just started reports its capacity a little later) is deleted and
+    made again, up to ``attempts`` times."""
     volume = conn.block_storage.find_volume(op["name"])
     outcome = "exists"
-    if volume is None:
-        volume = conn.block_storage.create_volume(name=op["name"], size=int(op["size"]))
-        outcome = "created"
-    elif conn.block_storage.get_volume(volume.id).status in ("available", "in-use"):
-        return outcome
-    conn.block_storage.wait_for_status(
-        volume,
-        status="available",
-        failures=["error"],
-        interval=5,
-        wait=int(op.get("timeout", WAIT)),
-    )
-    return outcome
+    if volume is not None:
+        status = conn.block_storage.get_volume(volume.id).status
+        if status in ("available", "in-use"):
+            return outcome
+        if status == "error":
+            _delete_volume(conn, volume)
+            volume = None
+    for attempt in range(int(op.get("attempts", 3))):
+        if volume is None:
+            volume = conn.block_storage.create_volume(name=op["name"], size=int(op["size"]))
+            outcome = "created"
+        try:
+            conn.block_storage.wait_for_status(
+                volume,
+                status="available",
+                failures=["error"],
+                interval=5,
+                wait=int(op.get("timeout", WAIT)),
+            )
+            return outcome
+        except Exception as error:  # openstacksdk's ResourceFailure: the volume went to error
+            if conn.block_storage.get_volume(volume.id).status != "error":
+                raise
+            print(f"volume {op['name']} went to error (try {attempt + 1}): {error}", flush=True)  # noqa: T201
+            _delete_volume(conn, volume)
+            volume = None
+            time.sleep(30)
+    raise RuntimeError(f"volume {op['name']} went to error on every attempt")
+
+
+def _delete_volume(conn: Any, volume: Any) -> None:
+    conn.block_storage.delete_volume(volume)
+    conn.block_storage.wait_for_delete(volume, interval=5, wait=300)
 
 
 def _volume_attachment(conn: Any, op: dict[str, Any]) -> str:
