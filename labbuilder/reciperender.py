@@ -243,6 +243,7 @@ class _Pending:
     step: RenderedStep
     api: tuple[dict[str, Any], ...]
     prelude: str
+    files: tuple[str, ...]  # the step's file writes: the API objects may read them
 
 
 def _render_step(
@@ -266,12 +267,14 @@ def _render_step(
     if step.guard:
         guard = _text(env, step.guard, context, f"{what}, guard").strip()
         parts.append(f"if (\n{guard}\n) >/dev/null 2>&1; then echo {GUARD_SENTINEL}; exit 0; fi")
+    files = []
     for spec in step.files:
         if spec.template is not None:
             body = _template(env, spec.template, context, what)
         else:
             body = _text(env, spec.content or "", context, f"{what}, file {spec.path}")
-        parts.append(_write_file(spec.path, body, spec.mode, spec.owner, what))
+        files.append(_write_file(spec.path, body, spec.mode, spec.owner, what))
+    parts.extend(files)
     if step.run:
         parts.append(_text(env, step.run, context, f"{what}, run").rstrip())
     script = "\n".join(parts) + "\n"
@@ -310,7 +313,7 @@ def _render_step(
     )
     if step.api and options.path == ApiPath.FAST:
         api = tuple(_render_api(env, item, context, what) for item in step.api)
-        return _Pending(rendered, api, str(context["settings"].get("api_env", "")))
+        return _Pending(rendered, api, str(context["settings"].get("api_env", "")), tuple(files))
     return rendered
 
 
@@ -384,6 +387,7 @@ def _merge_api_steps(
         ]
         if prelude:
             parts.append(f". {prelude}")
+        parts.extend(file for pending in group for file in pending.files)
         parts.append(_write_file(GUEST_API_PATH, options.guest_api_source, "0755", "root:root", ""))
         parts.append(f"python3 {GUEST_API_PATH} <<'{_HEREDOC}'\n{payload}\n{_HEREDOC}")
         script = "\n".join(parts) + "\n"

@@ -157,6 +157,7 @@ expect = "demo"
 name = "more-objects"
 roles = ["controller"]
 run = "openstack role create member"
+files = [{ path = "/root/roles.yaml", content = "member\\n" }]
 api = [{ kind = "role", name = "member" }]
 [[steps]]
 name = "config"
@@ -390,6 +391,8 @@ def test_fast_path_merges_api_steps_into_one_process_and_faithful_keeps_commands
     assert kinds == ["project", "user", "role"]
     assert "openstack project create" not in merged.script
     assert [c.command for c in merged.checks] == ["python3 list-projects"]
+    # An API step's files (a template an API object reads) are written before the process runs.
+    assert "/root/roles.yaml" in merged.script.split("guestapi.py <<")[0]
 
     faithful = render(folder, ApiPath.FAITHFUL)[1]
     names = [s.step for s in faithful.for_node("controller")]
