@@ -32,6 +32,7 @@ def gather_host_facts(lab: Lab, storage: Path) -> GatheredFacts:
     notes: list[str] = []
     networks: tuple[LibvirtNetworkFact, ...] = ()
     macs: tuple[tuple[str, str], ...] = ()
+    held = 0  # memory the lab's own running nodes hold: `up` on a running lab needs no more
     try:
         conn = lv.connect(lab.libvirt_uri, readonly=True)
     except HypervisorError as err:
@@ -39,8 +40,10 @@ def gather_host_facts(lab: Lab, storage: Path) -> GatheredFacts:
     else:
         try:
             networks, macs = lv.network_facts(conn), lv.used_macs(conn)
+            held = lv.running_memory(conn, lab.name)
         finally:
             conn.close()
+    available = read_memory_available()
     return GatheredFacts(
         HostFacts(
             routes=read_routes(),
@@ -48,7 +51,7 @@ def gather_host_facts(lab: Lab, storage: Path) -> GatheredFacts:
             protected_addresses=protected_addresses(lab, notes),
             used_macs=macs,
             cpus=os.cpu_count(),
-            memory_available=read_memory_available(),
+            memory_available=None if available is None else available + held,
             disk_free=shutil.disk_usage(existing_parent(storage)).free,
         ),
         tuple(notes),

@@ -110,6 +110,22 @@ def test_status_shows_running_nodes(lab: dict[str, Any]) -> None:
     assert status["virt_type"] in ("kvm", "qemu")
 
 
+def test_a_running_lab_counts_the_memory_its_nodes_hold_as_its_own(lab: dict[str, Any]) -> None:
+    """`up` on a running lab checks memory as a new lab would, minus what its nodes hold:
+    otherwise the host's memory in use by the lab itself makes `up` refuse it."""
+    from labbuilder.api import load_lab
+    from labbuilder.hostfacts import gather_host_facts, read_memory_available
+
+    nodes_memory = sum(node["memory"] for node in nodes(lab).values())
+    before = read_memory_available()
+    facts = gather_host_facts(load_lab(Path(lab["file"])), Path(lab["env"]["LABBUILDER_STATE_DIR"]))
+    after = read_memory_available()
+    assert before is not None and after is not None and facts.facts.memory_available is not None
+    held = facts.facts.memory_available - min(before, after)
+    # libvirt reports a running guest's current memory: its planned size, give or take a balloon.
+    assert 0.9 * nodes_memory <= held <= 1.1 * nodes_memory + abs(before - after)
+
+
 def test_up_again_is_a_no_op(lab: dict[str, Any]) -> None:
     started = time.monotonic()
     result = labbuilder("up", str(lab["file"]), "--json", env=lab["env"])

@@ -100,6 +100,11 @@ def owned_domains(conn: Any, lab: str | None = None) -> list[Any]:
     return found
 
 
+def running_memory(conn: Any, lab: str) -> int:
+    """Bytes of memory that the running domains of ``lab`` hold now."""
+    return sum(int(d.info()[2]) * 1024 for d in owned_domains(conn, lab) if d.isActive())
+
+
 def owned_networks(conn: Any, lab: str | None = None) -> list[Any]:
     found = []
     for network in conn.listAllNetworks():
