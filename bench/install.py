@@ -20,7 +20,7 @@ the router's namespace and from this host), and the issue's target side by side:
 
 Run as root on a host with libvirt:
   .venv/bin/python bench/install.py [--faithful] [--until STAGE]
-  .venv/bin/python bench/install.py --full [--keep]
+  .venv/bin/python bench/install.py --full [--keep] [--workdir DIR]
 Labs use free subnets, the ``lbbench-`` prefix, and are removed afterwards (--keep: kept).
 """
 
@@ -323,14 +323,25 @@ def main() -> None:
         "--full", action="store_true", help="every chapter on the five-node lab zed-full"
     )
     parser.add_argument("--keep", action="store_true", help="with --full: keep the lab")
+    parser.add_argument(
+        "--workdir",
+        help="with --full: keep the lab file and state directory here (to resume a kept lab "
+        "with `labbuilder install --from STAGE`) instead of a temporary directory",
+    )
     args = parser.parse_args()
     if args.full:
-        with tempfile.TemporaryDirectory(prefix="lbbench-install-") as tmp:
+        with contextlib.ExitStack() as stack:
+            if args.workdir:
+                work = Path(args.workdir).resolve()
+                work.mkdir(parents=True, exist_ok=True)
+            else:
+                temporary = tempfile.TemporaryDirectory(prefix="lbbench-install-")
+                work = Path(stack.enter_context(temporary))
             try:
-                full = measure_full(Path(tmp), args.keep)
+                full = measure_full(work, args.keep)
             finally:
                 if not args.keep:
-                    remove_bench_pool(Path(tmp))
+                    remove_bench_pool(work)
         print_full(full)
         print(json.dumps(full, indent=1))
         return

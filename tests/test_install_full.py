@@ -13,6 +13,10 @@ the same lab up, measures each stage, memory and disk, and runs this module's ch
 
     LABBUILDER_FULL=1 .venv/bin/python -m pytest tests/test_install_full.py   # the test alone
     .venv/bin/python bench/install.py --full                                  # with the figures
+
+With LABBUILDER_FULL_LAB_FILE (and the lab's LABBUILDER_STATE_DIR) the checks run on a lab that
+is already up and installed, such as one `bench/install.py --full --keep --workdir DIR` kept,
+reading its last install report back; the lab is left as it is.
 """
 
 from __future__ import annotations
@@ -100,8 +104,25 @@ def junit_suites(state: Path) -> dict[str, ET.Element]:
     return {str(suite.get("name")): suite for suite in root.findall("testsuite")}
 
 
+def installed_lab(lab_file: Path) -> dict[str, Any]:
+    """A lab that is already up and installed (LABBUILDER_FULL_LAB_FILE), with the state
+    directory of the environment (LABBUILDER_STATE_DIR): its last install report is read back."""
+    import tomllib
+
+    name = tomllib.loads(lab_file.read_text())["name"]
+    state = Path(os.environ["LABBUILDER_STATE_DIR"]) / "labs" / name
+    report = (state / "reports" / "latest.json").read_text()
+    result = json.loads(report)["result"]
+    install = subprocess.CompletedProcess(["install"], 0 if result == "passed" else 1, report, "")
+    return {"env": {}, "file": str(lab_file), "state": state, "install": install}
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    existing = os.environ.get("LABBUILDER_FULL_LAB_FILE")
+    if existing:  # the checks on a lab brought up and installed before (bench/install.py --keep)
+        yield installed_lab(Path(existing))
+        return
     state_dir = tmp_path_factory.mktemp("state")
     env = lab_environment(state_dir)
     lab_file = tmp_path_factory.mktemp("lab") / "lab.toml"
