@@ -238,7 +238,7 @@ def _security_group_rule(conn: Any, op: dict[str, Any]) -> str:
     )
     wanted = {
         "direction": "ingress",
-        "ethertype": "IPv4",
+        "ether_type": "IPv4",  # openstacksdk's name for the API's ethertype
         "protocol": op["protocol"],
         "port_range_min": op.get("port_min"),
         "port_range_max": op.get("port_max", op.get("port_min")),
