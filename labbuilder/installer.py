@@ -232,6 +232,9 @@ def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | Non
             description=f"after stage {stage.name} of recipe {recipe.name}",
             meta={"recipe": recipe.name, "recipe_digest": recipe.digest, "stage": stage.name},
         )
+        # The guests' clocks stood still while they were paused (and emulated guests fall
+        # behind under load): the next stage starts with every clock at the host's.
+        snapshots.sync_clocks(lab_state(lab.name))
         return time.monotonic() - start
     finally:
         conn.close()
