@@ -46,6 +46,11 @@ def free_subnets(count: int, start: str = "10.240.0.0/12") -> list[str]:
     raise RuntimeError("no free subnets for the test lab")
 
 
+# The test labs' controller gets both of the host's cores: under emulation its services and
+# the install's steps run in parallel threads, while the other nodes mostly idle.
+CONTROLLER_VCPUS = 2
+
+
 def three_node_lab(name: str, *, extra: str = "", role_images: bool = False) -> str:
     """The guide's three-node lab on free subnets (the guide's 203.0.113.0/24 may hold the
     host's package mirror), with egress confined to the lab itself. ``extra`` goes into its
@@ -65,6 +70,7 @@ gateway = "{e}.1"
 floating_range = "{e}.101-{e}.200"
 [nodes.controller]
 addresses = {{ management = "{m}.11" }}
+vcpus = {CONTROLLER_VCPUS}
 [nodes.network]
 addresses = {{ management = "{m}.21", tunnel = "{t}.21" }}
 [nodes.compute1]
@@ -90,6 +96,8 @@ gateway = "{e}.1"
 floating_range = "{e}.101-{e}.200"
 [networks.tunnel]
 cidr = "10.239.254.0/24"
+[nodes.controller]
+vcpus = {CONTROLLER_VCPUS}
 [nodes.network]
 count = 0
 [nodes.compute]
@@ -140,6 +148,7 @@ gateway = "{e}.1"
 floating_range = "{e}.101-{e}.200"
 [nodes.controller]
 addresses = {{ management = "{m}.11" }}
+vcpus = {CONTROLLER_VCPUS}
 [nodes.network]
 addresses = {{ management = "{m}.21", tunnel = "{t}.21" }}
 [nodes.compute]
