@@ -132,7 +132,7 @@ def remove_test_pool(name: str = TEST_POOL) -> None:
 
 def two_node_lab(name: str) -> str:
     """The guide's controller and network node (no compute node) on free subnets, at the
-    guide's minimum sizes, with egress confined to the lab."""
+    guide's minimum sizes (the controller with two vCPUs), with egress confined to the lab."""
     management, tunnel, external = free_subnets(3)
     m, t, e = (s.rsplit(".", 1)[0] for s in (management, tunnel, external))
     return f"""
