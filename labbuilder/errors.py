@@ -52,6 +52,10 @@ class HypervisorError(LabbuilderError):
     """libvirt refused or failed an operation."""
 
 
+class DiskSpaceError(HostError):
+    """The host has too little free disk for what was asked (refused before it started)."""
+
+
 class ImageError(LabbuilderError):
     """An image could not be found, downloaded, verified or built."""
 

@@ -107,6 +107,7 @@ class StageOutcome:
     seconds: float
     steps: list[StepOutcome]
     snapshot_seconds: float | None = None
+    snapshot_note: str = ""  # why no snapshot was taken after a completed stage, if one was due
 
     @property
     def failed(self) -> bool:
@@ -115,7 +116,8 @@ class StageOutcome:
 
 @dataclass
 class EngineEvent:
-    kind: str  # "stage-start", "step-start", "step-end", "check", "stage-end", "snapshot"
+    # "stage-start", "step-start", "step-end", "check", "stage-end", "snapshot", "snapshot-end"
+    kind: str
     stage: str
     node: str = ""
     step: str = ""
@@ -215,6 +217,14 @@ class Engine:
             if not failed and self.after_stage is not None:
                 self.on_event(EngineEvent("snapshot", stage.name))
                 outcome.snapshot_seconds = self.after_stage(outcome)
+                self.on_event(
+                    EngineEvent(
+                        "snapshot-end",
+                        stage.name,
+                        status=outcome.snapshot_note,
+                        elapsed=outcome.snapshot_seconds or 0.0,
+                    )
+                )
         return outcomes
 
     def _not_run(self, stage: RenderedStage, reason: str) -> StageOutcome:

@@ -20,7 +20,7 @@ from labbuilder import api, snapshots
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.ssh import SSHSession
 from labbuilder.bringup import load_state_record
-from labbuilder.errors import InstallError, UsageError
+from labbuilder.errors import DiskSpaceError, InstallError, UsageError
 from labbuilder.install import Engine, EngineEvent, Redactor, StageOutcome, Status
 from labbuilder.installreport import (
     Comparison,
@@ -225,13 +225,18 @@ def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | Non
         if not ran and stage.name in existing and existing[stage.name].complete:
             return None
         start = time.monotonic()
-        snapshots.take_snapshot(
-            conn,
-            lab.name,
-            stage.name,
-            description=f"after stage {stage.name} of recipe {recipe.name}",
-            meta={"recipe": recipe.name, "recipe_digest": recipe.digest, "stage": stage.name},
-        )
+        try:
+            snapshots.take_snapshot(
+                conn,
+                lab.name,
+                stage.name,
+                description=f"after stage {stage.name} of recipe {recipe.name}",
+                meta={"recipe": recipe.name, "recipe_digest": recipe.digest, "stage": stage.name},
+            )
+        except DiskSpaceError as err:
+            # The install goes on without this snapshot: a full disk would pause the guests.
+            stage.snapshot_note = f"snapshot skipped: {err}"
+            return None
         # The guests' clocks stood still while they were paused (and emulated guests fall
         # behind under load): the next stage starts with every clock at the host's.
         snapshots.sync_clocks(lab_state(lab.name))

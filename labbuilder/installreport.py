@@ -202,6 +202,7 @@ def report_dict(
                 "guide": stage.guide,
                 "seconds": round(stage.seconds, 3),
                 "snapshot_seconds": stage.snapshot_seconds,
+                "snapshot_note": stage.snapshot_note or None,
                 "previous_seconds": by_stage[stage.name].previous
                 if stage.name in by_stage
                 else None,

@@ -74,6 +74,8 @@ def plan_tables(plan: Plan) -> Group:
     totals = Text(
         f"totals: {plan.totals.vcpus} vCPUs, {format_size(plan.totals.memory)} memory, "
         f"{format_size(plan.totals.disk)} disk (thin; the most the disks can grow to)\n"
+        f"snapshots: each (one per install stage) keeps up to {format_size(plan.totals.memory)}"
+        " more disk, the memory the nodes use\n"
         f"image {plan.image}, recipe {plan.recipe}, libvirt {plan.libvirt_uri}\n"
         "/etc/hosts: " + ", ".join(f"{address} {name}" for address, name in plan.hosts)
     )

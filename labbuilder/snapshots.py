@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -29,16 +30,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import paramiko
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.ssh import SSHSession
-from labbuilder.errors import HypervisorError, LabbuilderError, UsageError
+from labbuilder.errors import DiskSpaceError, HypervisorError, LabbuilderError, UsageError
 from labbuilder.labstate import LabState, lab_lock
+from labbuilder.sizes import format_size
 
 PREFIX = "lb-"  # libvirt snapshot names labbuilder owns
+# Free disk a snapshot leaves besides its memory state: the guests go on writing, and QEMU
+# pauses a guest whose disk cannot grow.
+SPACE_MARGIN = 1 << 30
 FORMAT = 1  # of the JSON description
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
@@ -234,6 +240,8 @@ def take_snapshot(
     full_name = libvirt_name(name)
     nodes = lab_nodes(conn, lab_name)
     running = [node for node, domain in nodes if lv.is_active(domain)]
+    if memory:
+        check_space(lab_name, name, _space_needs(conn, nodes, full_name))
     if not memory and running:
         raise HypervisorError(
             f"cannot take a snapshot of lab {lab_name} without memory: {', '.join(running)} "
@@ -296,6 +304,59 @@ def take_snapshot(
         )
 
     return _find(_collect(conn, lab_name, nodes), lab_name, name)
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    """Disk a snapshot's memory state takes on one node, in the directory of its first
+    writable qcow2 disk (where QEMU keeps the state)."""
+
+    node: str
+    directory: Path
+    size: int  # bytes
+
+
+def _space_needs(conn: Any, nodes: list[tuple[str, Any]], full_name: str) -> list[SpaceNeed]:
+    """What a snapshot with memory adds per running node: its memory now, less the state of a
+    snapshot of the same name that the take replaces (its clusters are reused)."""
+    needs = []
+    for node, domain in nodes:
+        if not lv.is_active(domain):
+            continue
+        paths = lv.writable_disk_paths(conn, domain)
+        if not paths:
+            continue
+        replaced = (lv.snapshot_state_sizes(conn, domain) or {}).get(full_name, 0)
+        memory = int(domain.info()[2]) * 1024
+        needs.append(SpaceNeed(node, Path(paths[0]).parent, max(0, memory - replaced)))
+    return needs
+
+
+def check_space(lab_name: str, name: str, needs: Sequence[SpaceNeed]) -> None:
+    """Refuse a snapshot that would leave less than ``SPACE_MARGIN`` free on a filesystem
+    where the nodes keep their disks. Directories not on this host (a remote libvirt) are not
+    checked."""
+    by_device: dict[int, list[SpaceNeed]] = {}
+    for need in needs:
+        try:
+            by_device.setdefault(need.directory.stat().st_dev, []).append(need)
+        except OSError:
+            continue
+    for group in by_device.values():
+        directory = group[0].directory
+        free = shutil.disk_usage(directory).free
+        total = sum(need.size for need in group)
+        if total + SPACE_MARGIN > free:
+            raise DiskSpaceError(
+                f"snapshot {name} of lab {lab_name} needs about {format_size(total)} of disk "
+                f"at {directory} for the memory of "
+                + ", ".join(f"{need.node} ({format_size(need.size)})" for need in group)
+                + f", and {format_size(SPACE_MARGIN)} must stay free for the guests' writes; "
+                f"the disk has {format_size(free)} free",
+                "free disk space there, or delete snapshots the lab no longer needs "
+                "(`labbuilder snapshot list`, `labbuilder snapshot delete NAME`); "
+                "`labbuilder install --no-snapshots` installs without them",
+            )
 
 
 def _take_failed(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from labbuilder import snapshots
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
 from labbuilder.adapters.ssh import SSHSession
-from labbuilder.errors import HypervisorError
+from labbuilder.errors import DiskSpaceError, HypervisorError
 from labbuilder.paths import pool_dir
 from labbuilder.teardown import gc
 
@@ -148,6 +149,32 @@ def test_a_snapshot_without_memory_of_a_running_lab_is_refused(
         snapshots.take_snapshot(conn, LAB, "nomem", memory=False)
     assert [info.name for info in snapshots.list_snapshots(conn, LAB)] == ["stage1"]
     assert lv.domain_state(snapshots.lab_nodes(conn, LAB)[0][1]) == "running"
+
+
+def test_a_take_that_would_fill_the_disk_is_refused_before_pausing(
+    lab: dict[str, Any], env: dict[str, str], conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = pool_dir(env)
+    nodes = snapshots.lab_nodes(conn, LAB)
+    memory = int(nodes[0][1].info()[2]) * 1024
+    needs = snapshots._space_needs(conn, nodes, snapshots.libvirt_name("fresh"))
+    assert [(n.node, n.directory, n.size) for n in needs] == [("controller", directory, memory)]
+    # Replacing a snapshot reuses its memory state's clusters: less is needed.
+    (again,) = snapshots._space_needs(conn, nodes, snapshots.libvirt_name("stage1"))
+    assert 0 <= again.size < memory - 50 * 2**20
+
+    # Filling this host's disk for real would harm it: the margin that must stay free is
+    # raised above the free space instead, so the real needs and free space refuse the take.
+    free = shutil.disk_usage(directory).free
+    monkeypatch.setattr(snapshots, "SPACE_MARGIN", free)
+    with pytest.raises(
+        DiskSpaceError, match=r"snapshot full of lab lbtest-snap needs about"
+    ) as err:
+        snapshots.take_snapshot(conn, LAB, "full")
+    assert f"at {directory} for the memory of controller" in err.value.message
+    assert "labbuilder snapshot delete NAME" in (err.value.hint or "")
+    assert [info.name for info in snapshots.list_snapshots(conn, LAB)] == ["stage1"]
+    assert lv.domain_state(nodes[0][1]) == "running"
 
 
 def test_take_again_replaces_and_delete_after_and_all(

@@ -256,6 +256,18 @@ def writable_qcow2_volumes(conn: Any, domain: Any) -> list[Any] | None:
     return volumes
 
 
+def writable_disk_paths(conn: Any, domain: Any) -> list[str] | None:
+    """Host paths of the domain's writable qcow2 disks (where its internal snapshots grow),
+    or None when a writable disk is not a volume libvirt knows."""
+    volumes = writable_qcow2_volumes(conn, domain)
+    if volumes is None:
+        return None
+    try:
+        return [str(volume.path()) for volume in volumes]
+    except libvirt.libvirtError:
+        return None
+
+
 def _read_volume(conn: Any, volume: Any, offset: int, length: int) -> bytes:
     stream = conn.newStream(0)
     chunks: list[bytes] = []

@@ -217,6 +217,8 @@ def run_install(
             live.console.print(
                 f"stage {event.stage}: {event.status} in {event.elapsed:.0f} s", highlight=False
             )
+        elif event.kind == "snapshot-end" and event.status:
+            live.console.print(f"stage {event.stage}: {event.status}", markup=False)
 
     with Live(view, console=progress, refresh_per_second=2, transient=True) as live:
         return installer.install(lab, selection, on_event=on_event)

@@ -29,7 +29,8 @@ def register(commands: Subparsers) -> None:
             "qcow2 disk), and all resume; a restore brings every node back running, as it was, "
             "and sets the guests' clocks to the host's. A snapshot exists on all nodes or on "
             "none. Each costs about the memory the guests use in disk space (`snapshot list` "
-            "shows it); `labbuilder down` removes them with the lab."
+            "shows it); a take that could leave less than 1 GB free where the disks are is "
+            "refused before the nodes pause. `labbuilder down` removes them with the lab."
         ),
     )
     actions = snapshot.add_subparsers(dest="action", metavar="ACTION", required=True)
