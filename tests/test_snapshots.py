@@ -22,12 +22,15 @@ import pytest
 from lablib import lab_environment, lab_leftovers, one_node_lab, remove_labs
 from lablib import run_labbuilder as labbuilder
 
-from labbuilder import snapshots
+from labbuilder import installer, snapshots
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
 from labbuilder.adapters.ssh import SSHSession
 from labbuilder.errors import DiskSpaceError, HypervisorError
+from labbuilder.install import StageOutcome, Status, StepOutcome
+from labbuilder.labfile import load_lab_file
 from labbuilder.paths import pool_dir
+from labbuilder.recipefile import load_recipe
 from labbuilder.teardown import gc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -175,6 +178,16 @@ def test_a_take_that_would_fill_the_disk_is_refused_before_pausing(
     assert "labbuilder snapshot delete NAME" in (err.value.hint or "")
     assert [info.name for info in snapshots.list_snapshots(conn, LAB)] == ["stage1"]
     assert lv.domain_state(nodes[0][1]) == "running"
+
+    # An install skips that stage's snapshot, says why in the stage's report, and goes on.
+    outcome = StageOutcome("environment", "t", "g", 1.0, [])
+    outcome.steps.append(StepOutcome("environment", "hosts", "controller", "t", "g", Status.OK))
+    lab_obj = load_lab_file(Path(lab["file"]))
+    assert installer.snapshot_stage(lab_obj, outcome, load_recipe("zed-debian-12")) is None
+    assert outcome.snapshot_note.startswith(
+        "snapshot skipped: snapshot environment of lab lbtest-snap needs about"
+    )
+    assert [info.name for info in snapshots.list_snapshots(conn, LAB)] == ["stage1"]
 
 
 def test_take_again_replaces_and_delete_after_and_all(
