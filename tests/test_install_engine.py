@@ -540,6 +540,15 @@ def test_zed_recipe_renders_for_the_guide_labs_and_passes_shellcheck(tmp_path: P
             assert [s.name for s in rendered] == [s.name for s in stages]
     # guide-full has every node role the recipe's stages need: every stage renders for it
     assert [s.name for s in rendered] == [s.name for s in recipe.stages]
+    # cinder-api waits up to 300 s for cinder-volume's export when nova attaches a volume
+    # (60 s, oslo.messaging's default, timed out under emulation and rolled the attach back).
+    (block,) = (stage for stage in rendered if stage.name == "block-storage")
+    cinder_conf = {
+        (step.node, step.step)
+        for step in block.steps
+        if "/etc/cinder/cinder.conf" in step.script and "rpc_response_timeout = 300" in step.script
+    }
+    assert cinder_conf == {("controller", "configure"), ("block1", "node-configure")}
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (scripts/setup-host --test installs it)")
     for number, step in enumerate(s for stage in rendered for s in stage.steps):
