@@ -327,7 +327,7 @@ def _space_needs(conn: Any, nodes: list[tuple[str, Any]], full_name: str) -> lis
         if not paths:
             continue
         replaced = (lv.snapshot_state_sizes(conn, domain) or {}).get(full_name, 0)
-        memory = int(domain.info()[2]) * 1024
+        memory = lv.domain_memory(domain)
         needs.append(SpaceNeed(node, Path(paths[0]).parent, max(0, memory - replaced)))
     return needs
 

@@ -100,9 +100,14 @@ def owned_domains(conn: Any, lab: str | None = None) -> list[Any]:
     return found
 
 
+def domain_memory(domain: Any) -> int:
+    """Bytes of memory the domain holds now."""
+    return int(domain.info()[2]) * 1024
+
+
 def running_memory(conn: Any, lab: str) -> int:
     """Bytes of memory that the running domains of ``lab`` hold now."""
-    return sum(int(d.info()[2]) * 1024 for d in owned_domains(conn, lab) if d.isActive())
+    return sum(domain_memory(d) for d in owned_domains(conn, lab) if d.isActive())
 
 
 def owned_networks(conn: Any, lab: str | None = None) -> list[Any]:
