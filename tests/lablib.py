@@ -199,10 +199,11 @@ def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
                 os.environ[key] = value
 
 
-def full_lab(name: str, *, extra: str = "") -> str:
+def full_lab(name: str, *, extra: str = "", core: bool = False) -> str:
     """The built-in lab ``zed-full`` (the guide's five nodes sized for recipe zed-debian-12, with
     every optional chapter) on free subnets, with egress confined to the lab and role images.
-    ``extra`` goes into its ``[options]`` table."""
+    ``extra`` goes into its ``[options]`` table. ``core``: only the guide's three nodes, sized
+    the same, and no optional chapter (the core path to a launched instance)."""
     import json
     import tomllib
 
@@ -213,15 +214,17 @@ def full_lab(name: str, *, extra: str = "") -> str:
         "controller": f'{{ management = "{m}.11" }}',
         "network": f'{{ management = "{m}.21", tunnel = "{t}.21" }}',
         "compute1": f'{{ management = "{m}.31", tunnel = "{t}.31" }}',
-        "block1": f'{{ management = "{m}.41" }}',
-        "object1": f'{{ management = "{m}.51" }}',
     }
+    if not core:
+        addresses["block1"] = f'{{ management = "{m}.41" }}'
+        addresses["object1"] = f'{{ management = "{m}.51" }}'
     nodes = ""
     for node, address in addresses.items():
         sizes = builtin["nodes"][node]
         nodes += f"[nodes.{node}]\naddresses = {address}\n"
         nodes += "".join(f"{key} = {json.dumps(value)}\n" for key, value in sizes.items())
-    stages = ", ".join(f'"{stage}"' for stage in builtin["options"]["stages"])
+    chapters = [] if core else builtin["options"]["stages"]
+    stages = ", ".join(f'"{stage}"' for stage in chapters)
     return f"""
 name = "{name}"
 recipe = "{builtin["recipe"]}"
