@@ -49,11 +49,11 @@ from lablib import full_lab, lab_environment, remove_test_pool, three_node_lab  
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
 from labbuilder.adapters.ssh import SSHSession  # noqa: E402
+from labbuilder.recipefile import load_recipe  # noqa: E402
 
 FULL_TARGET = 3600.0  # seconds: up through a verified instance (issue 8)
-# What the core path (no optional chapter) skips of recipe zed-debian-12: the chapters' stages,
-# and launch-instance's steps that use them (each a no-op without its service).
-OPTIONAL_CHAPTERS = ("dashboard", "block-storage", "object-storage", "orchestration", "telemetry")
+# What the core path (no optional chapter) skips of recipe zed-debian-12: the optional stages
+# (the recipe says which), and launch-instance's steps that use them (no-ops without them).
 INSTANCE_STAGE = "launch-instance"
 INSTANCE_CHAPTER_STEPS = ("volume", "object", "stack")
 SAMPLE_EVERY = 20.0  # seconds between memory samples
@@ -277,9 +277,10 @@ def core_path_seconds(result: dict[str, Any], report: dict[str, Any]) -> float:
     network node's ping of the floating IP, which runs after the controller's `facts`).
     On the five-node lab this is an upper bound of the three-node core path's figure: the
     chapters' extra nodes idle beside it. On the core lab it is the run itself."""
+    optional = {stage.name for stage in load_recipe("zed-debian-12").stages if stage.optional}
     total = result["up_seconds"]
     for stage in report.get("stages", []):
-        if stage["name"] in OPTIONAL_CHAPTERS:
+        if stage["name"] in optional:
             continue
         if stage["name"] == INSTANCE_STAGE:
             total += sum(
