@@ -21,6 +21,7 @@ from labbuilder.recipecoverage import (
     parse_references,
 )
 from labbuilder.recipefile import load_recipe
+from labbuilder.reciperender import applicable_stages
 
 GUIDE = """\
 # A guide
@@ -199,3 +200,15 @@ def test_a_lab_file_selects_optional_stages(tmp_path: Path) -> None:
     assert stages == ()
     with pytest.raises(LabFileError, match=r"options.stages\[0\] = \"Demo\" is not a stage name"):
         parse_lab('name = "demo"\n[options]\nstages = ["Demo"]\n', source="lab.toml")
+
+
+def test_the_built_in_zed_full_lab_runs_every_stage_and_the_guide_lab_the_core_path() -> None:
+    recipe = load_recipe("zed-debian-12")
+    every = [stage.name for stage in recipe.stages]
+    core = [stage.name for stage in recipe.stages if not stage.optional]
+    assert core != every
+    for name, expected in (("zed-full", every), ("guide-3node", core)):
+        lab = api.load_lab(None, name)
+        plan = api.plan_lab(lab, host_check=False).plan
+        stages = applicable_stages(recipe, plan, lab.options.optional_stages)
+        assert [stage.name for stage in stages] == expected, name
