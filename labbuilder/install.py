@@ -158,6 +158,28 @@ def read_markers(transport: Transport) -> dict[str, str]:
     return markers
 
 
+def install_helpers(transport: Transport, helpers: Mapping[str, str]) -> None:
+    """Put the files the rendered scripts rely on (path -> text, executable) on a node."""
+    parts = []
+    for path, text in sorted(helpers.items()):
+        body = text if text.endswith("\n") else text + "\n"
+        delimiter = "LABBUILDER_HELPER_EOF"
+        if f"\n{delimiter}\n" in f"\n{body}":
+            raise ValueError(f"helper {path} contains the line {delimiter}")
+        directory = shlex.quote(path.rsplit("/", 1)[0] or "/")
+        target = shlex.quote(path)
+        parts.append(
+            f"install -d {directory}\n"
+            f"cat > {target}.new <<'{delimiter}'\n{body}{delimiter}\n"
+            f"chmod 0755 {target}.new && mv -f {target}.new {target}"
+        )
+    if not parts:
+        return
+    result = transport.run_script("set -e\n" + "\n".join(parts) + "\n", timeout=120)
+    if result.failed:
+        raise_transport_failure("putting labbuilder's helpers on the node", result)
+
+
 def raise_transport_failure(what: str, result: CommandResult) -> None:
     from labbuilder.errors import GuestCommandError
 
@@ -179,6 +201,7 @@ class Engine:
         on_event: Callable[[EngineEvent], None] | None = None,
         after_stage: Callable[[StageOutcome], float | None] | None = None,
         force: bool = False,
+        helpers: Mapping[str, str] | None = None,
         check_interval: float = CHECK_INTERVAL,
         retry_delays: Sequence[float] = RETRY_DELAYS,
     ) -> None:
@@ -188,6 +211,7 @@ class Engine:
         self.on_event = on_event or (lambda _event: None)
         self.after_stage = after_stage
         self.force = force
+        self.helpers = dict(helpers or {})
         self.check_interval = check_interval
         self.retry_delays = tuple(retry_delays)
         self.markers: dict[str, dict[str, str]] = {}
@@ -200,10 +224,13 @@ class Engine:
         missing = [node for node in nodes if node not in self.transports]
         if missing:
             raise ValueError(f"no transport for nodes {missing}")
+
+        def prepare(node: str) -> dict[str, str]:
+            install_helpers(self.transports[node], self.helpers)
+            return read_markers(self.transports[node])
+
         with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            found = dict(
-                zip(nodes, pool.map(lambda n: read_markers(self.transports[n]), nodes), strict=True)
-            )
+            found = dict(zip(nodes, pool.map(prepare, nodes), strict=True))
         self.markers = found
         outcomes: list[StageOutcome] = []
         failed = False

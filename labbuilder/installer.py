@@ -38,6 +38,7 @@ from labbuilder.planview import plan_from_dict
 from labbuilder.recipefile import load_recipe
 from labbuilder.recipemodel import ApiPath, Recipe, RenderedStage
 from labbuilder.reciperender import (
+    WARM_PYTHON_PATH,
     RenderOptions,
     applicable_stages,
     placeholder_secrets,
@@ -47,6 +48,13 @@ from labbuilder.reciperender import (
 from labbuilder.sizes import format_size
 
 GUEST_API_SOURCE = Path(__file__).with_name("guestapi.py")
+WARM_PYTHON_SOURCE = Path(__file__).with_name("warmpython.py")
+
+
+def guest_helpers(path: ApiPath) -> dict[str, str]:
+    """The files the rendered scripts of ``path`` expect on every node (guest path -> text):
+    the fast path's warm Python (``{{ api_python }}``)."""
+    return {WARM_PYTHON_PATH: WARM_PYTHON_SOURCE.read_text()} if path == ApiPath.FAST else {}
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,7 @@ def install(
                 on_event=on_event,
                 after_stage=after_stage,
                 force=selection.force,
+                helpers=guest_helpers(selection.path),
             )
             outcomes = engine.run(rendered)
         finally:

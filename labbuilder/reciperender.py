@@ -38,6 +38,7 @@ from labbuilder.recipemodel import (
 GUARD_SENTINEL = "LABBUILDER-GUARD-SATISFIED"
 MARKER_DIR = "/var/lib/labbuilder/steps"
 GUEST_API_PATH = "/usr/local/lib/labbuilder/guestapi.py"
+WARM_PYTHON_PATH = "/usr/local/lib/labbuilder/warmpython.py"
 _HEREDOC = "LABBUILDER_EOF"
 
 
@@ -186,6 +187,7 @@ def _context(recipe: Recipe, plan: Plan, options: RenderOptions) -> dict[str, An
         api_path=str(options.path),
     )
     return {
+        "api_python": api_python(options.path),
         "lab": {"name": plan.lab, "networking": str(plan.networking)},
         "nodes": nodes,
         "roles": by_role,
@@ -196,6 +198,13 @@ def _context(recipe: Recipe, plan: Plan, options: RenderOptions) -> dict[str, An
         "packages": {role: list(image.packages) for role, image in recipe.roles},
         "settings": settings,
     }
+
+
+def api_python(path: ApiPath) -> str:
+    """The ``python3`` that recipes' openstacksdk code runs with (``{{ api_python }}``): on the
+    fast path the warm one (labbuilder/warmpython.py, which the engine puts on every node), whose
+    imports are done once per node, not once per call; on the faithful path plain python3."""
+    return f"python3 {WARM_PYTHON_PATH}" if path == ApiPath.FAST else "python3"
 
 
 def _runs_on(step: StepSpec, node: PlannedNode) -> bool:
@@ -389,7 +398,9 @@ def _merge_api_steps(
             parts.append(f". {prelude}")
         parts.extend(file for pending in group for file in pending.files)
         parts.append(_write_file(GUEST_API_PATH, options.guest_api_source, "0755", "root:root", ""))
-        parts.append(f"python3 {GUEST_API_PATH} <<'{_HEREDOC}'\n{payload}\n{_HEREDOC}")
+        parts.append(
+            f"{api_python(ApiPath.FAST)} {GUEST_API_PATH} <<'{_HEREDOC}'\n{payload}\n{_HEREDOC}"
+        )
         script = "\n".join(parts) + "\n"
         checks = tuple(check for pending in group for check in pending.step.checks)
         after = tuple(dict.fromkeys(a for pending in group for a in pending.step.after))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder import api
+from labbuilder import api, installer
 from labbuilder.adapters.ssh import CommandResult
-from labbuilder.errors import RecipeError
-from labbuilder.install import Engine, Redactor, Status
+from labbuilder.errors import GuestCommandError, RecipeError
+from labbuilder.install import Engine, Redactor, Status, install_helpers
 from labbuilder.installreport import (
     RunInfo,
     compare,
@@ -36,7 +37,9 @@ from labbuilder.recipemodel import ApiPath, RenderedStage
 from labbuilder.reciperender import (
     GUARD_SENTINEL,
     MARKER_DIR,
+    WARM_PYTHON_PATH,
     RenderOptions,
+    api_python,
     applicable_stages,
     placeholder_secrets,
     render_stages,
@@ -151,7 +154,7 @@ api = [{ kind = "project", name = "demo" }, { kind = "user", name = "demo", pass
 [[steps.checks]]
 name = "projects"
 run = "openstack project list"
-fast_run = "python3 list-projects"
+fast_run = "{{ api_python }} list-projects"
 expect = "demo"
 [[steps]]
 name = "more-objects"
@@ -383,14 +386,16 @@ def test_fast_path_merges_api_steps_into_one_process_and_faithful_keeps_commands
     assert names == ["objects..more-objects", "config"]
     merged = fast.for_node("controller")[0]
     assert merged.path == ApiPath.FAST and merged.step_names == ("objects", "more-objects")
-    assert "python3 /usr/local/lib/labbuilder/guestapi.py" in merged.script
+    # Run by the warm Python the engine puts on every node (imports done once per node).
+    warm = "python3 /usr/local/lib/labbuilder/warmpython.py"
+    assert f"{warm} /usr/local/lib/labbuilder/guestapi.py <<" in merged.script
     payload = merged.script.split("guestapi.py <<'LABBUILDER_EOF'\n")[1].split("\nLABBUILDER_EOF")[
         0
     ]
     kinds = [op["kind"] for op in json.loads(payload)["operations"]]
     assert kinds == ["project", "user", "role"]
     assert "openstack project create" not in merged.script
-    assert [c.command for c in merged.checks] == ["python3 list-projects"]
+    assert [c.command for c in merged.checks] == [f"{warm} list-projects"]
     # An API step's files (a template an API object reads) are written before the process runs.
     assert "/root/roles.yaml" in merged.script.split("guestapi.py <<")[0]
 
@@ -401,6 +406,55 @@ def test_fast_path_merges_api_steps_into_one_process_and_faithful_keeps_commands
     assert "openstack project create demo" in objects.script
     assert objects.path == ApiPath.FAITHFUL
     assert [c.command for c in objects.checks] == ["openstack project list"]
+    assert api_python(ApiPath.FAITHFUL) == "python3"  # the guide's way: no helper
+
+
+class LocalShell:
+    """A node that is this host: scripts run in a real bash (for what the engine writes)."""
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        timeout: float = 60,
+        on_output: Callable[[str], None] | None = None,
+        interpreter: str = "bash",
+    ) -> CommandResult:
+        done = subprocess.run(
+            [interpreter, "-s"], input=script, capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )  # fmt: skip
+        return CommandResult(interpreter, done.returncode, done.stdout, done.stderr)
+
+
+def test_helpers_are_written_executable_and_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "node" / "usr local" / "helper.py"
+    install_helpers(LocalShell(), {str(target): "print('one')"})
+    assert target.read_text() == "print('one')\n"
+    assert target.stat().st_mode & 0o777 == 0o755
+    install_helpers(LocalShell(), {str(target): "print('two')\n"})
+    assert target.read_text() == "print('two')\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["helper.py"]  # no .new left
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(GuestCommandError, match="putting labbuilder's helpers on the node failed"):
+        install_helpers(LocalShell(), {str(blocked / "helper.py"): "x"})
+
+
+def test_the_engine_puts_its_helpers_on_every_node_before_any_step(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, log = lab_nodes
+    helpers = {"/usr/local/lib/labbuilder/warmpython.py": "print('warm')\n"}
+    engine_for(nodes, tmp_path, helpers=helpers).run(render(write_recipe(tmp_path, STAGES)))
+    for name in nodes:
+        scripts = [script for node, script, _ in log if node == name]
+        assert "<<'LABBUILDER_HELPER_EOF'\nprint('warm')\nLABBUILDER_HELPER_EOF\n" in scripts[0]
+        assert not any("LABBUILDER_HELPER_EOF" in script for script in scripts[1:])
+    assert installer.guest_helpers(ApiPath.FAST) == {
+        WARM_PYTHON_PATH: (Path(installer.__file__).parent / "warmpython.py").read_text()
+    }
+    assert installer.guest_helpers(ApiPath.FAITHFUL) == {}
 
 
 def test_files_are_written_with_mode_and_owner_and_secrets_substituted(tmp_path: Path) -> None:
