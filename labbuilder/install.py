@@ -34,7 +34,7 @@ from typing import Protocol
 
 from labbuilder.adapters.ssh import CommandResult
 from labbuilder.recipemodel import RenderedCheck, RenderedStage, RenderedStep
-from labbuilder.reciperender import GUARD_SENTINEL, MARKER_DIR
+from labbuilder.reciperender import GUARD_SENTINEL, MARKER_DIR, write_file_script
 
 TRANSIENT = re.compile(
     r"Could not get lock|Unable to acquire the dpkg frontend lock|Unable to lock directory"
@@ -160,19 +160,10 @@ def read_markers(transport: Transport) -> dict[str, str]:
 
 def install_helpers(transport: Transport, helpers: Mapping[str, str]) -> None:
     """Put the files the rendered scripts rely on (path -> text, executable) on a node."""
-    parts = []
-    for path, text in sorted(helpers.items()):
-        body = text if text.endswith("\n") else text + "\n"
-        delimiter = "LABBUILDER_HELPER_EOF"
-        if f"\n{delimiter}\n" in f"\n{body}":
-            raise ValueError(f"helper {path} contains the line {delimiter}")
-        directory = shlex.quote(path.rsplit("/", 1)[0] or "/")
-        target = shlex.quote(path)
-        parts.append(
-            f"install -d {directory}\n"
-            f"cat > {target}.new <<'{delimiter}'\n{body}{delimiter}\n"
-            f"chmod 0755 {target}.new && mv -f {target}.new {target}"
-        )
+    parts = [
+        write_file_script(path, text, "0755", "root:root", "helper", "LABBUILDER_HELPER_EOF")
+        for path, text in sorted(helpers.items())
+    ]
     if not parts:
         return
     result = transport.run_script("set -e\n" + "\n".join(parts) + "\n", timeout=120)

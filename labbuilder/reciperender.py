@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -282,7 +283,7 @@ def _render_step(
             body = _template(env, spec.template, context, what)
         else:
             body = _text(env, spec.content or "", context, f"{what}, file {spec.path}")
-        files.append(_write_file(spec.path, body, spec.mode, spec.owner, what))
+        files.append(write_file_script(spec.path, body, spec.mode, spec.owner, what))
     parts.extend(files)
     if step.run:
         parts.append(_text(env, step.run, context, f"{what}, run").rstrip())
@@ -358,18 +359,22 @@ def _render_api(
     return {key: render(value) for key, value in item.items()}
 
 
-def _write_file(path: str, body: str, mode: str, owner: str, what: str) -> str:
-    if re.search(rf"^{_HEREDOC}$", body, re.MULTILINE):
-        raise RecipeError(f"{what}: file {path} contains the line {_HEREDOC}")
+def write_file_script(
+    path: str, body: str, mode: str, owner: str, what: str, delimiter: str = _HEREDOC
+) -> str:
+    """Shell lines that write ``body`` to ``path`` in a node (whole, then moved into place)."""
+    if re.search(rf"^{delimiter}$", body, re.MULTILINE):
+        raise RecipeError(f"{what}: file {path} contains the line {delimiter}")
     if not body.endswith("\n"):
         body += "\n"
     user, group = owner.split(":")
-    directory = path.rsplit("/", 1)[0] or "/"
+    directory = shlex.quote(path.rsplit("/", 1)[0] or "/")
+    new = shlex.quote(f"{path}.labbuilder-new")
     return (
         f"install -d {directory}\n"
-        f"cat > {path}.labbuilder-new <<'{_HEREDOC}'\n{body}{_HEREDOC}\n"
-        f"install -m {mode} -o {user} -g {group} {path}.labbuilder-new {path}\n"
-        f"rm -f {path}.labbuilder-new"
+        f"cat > {new} <<'{delimiter}'\n{body}{delimiter}\n"
+        f"install -m {mode} -o {user} -g {group} {new} {shlex.quote(path)}\n"
+        f"rm -f {new}"
     )
 
 
@@ -397,7 +402,8 @@ def _merge_api_steps(
         if prelude:
             parts.append(f". {prelude}")
         parts.extend(file for pending in group for file in pending.files)
-        parts.append(_write_file(GUEST_API_PATH, options.guest_api_source, "0755", "root:root", ""))
+        api_source = options.guest_api_source
+        parts.append(write_file_script(GUEST_API_PATH, api_source, "0755", "root:root", ""))
         parts.append(
             f"{api_python(ApiPath.FAST)} {GUEST_API_PATH} <<'{_HEREDOC}'\n{payload}\n{_HEREDOC}"
         )
