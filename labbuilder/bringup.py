@@ -13,9 +13,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from labbuilder import probecache
+from labbuilder import probecache, registry
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
 from labbuilder.baseimage import BaseImage, resolve_base_image, resolve_role_image
@@ -31,8 +33,8 @@ from labbuilder.labstate import (
     password_hash,
     write_secret_file,
 )
-from labbuilder.model import Lab, Plan, PlannedNode
-from labbuilder.paths import pool_dir, pool_name, state_root
+from labbuilder.model import Lab, LibvirtNetworkFact, Plan, PlannedNode
+from labbuilder.paths import lab_lock_path, pool_dir, pool_name, state_root
 from labbuilder.planner import plan as make_plan
 from labbuilder.planview import plan_as_dict
 from labbuilder.probe import HostProbe
@@ -77,6 +79,7 @@ def up(
     with lab_lock(state, "labbuilder up"):
         gathered = gather_host_facts(lab, state_root())
         plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
+        check_ownership(lab, plan)
         digest = plan_hash(plan)
         base = resolve_base_image(lab.image, log=emit)
         images = role_images(lab, plan, base, emit)
@@ -90,12 +93,15 @@ def up(
             existing = lv.owned_domains(conn, lab.name)
             check_same_plan(lab, existing, digest)
             fresh = not existing and not lv.owned_networks(conn, lab.name)
+            # Registered before anything is made: a killed `up` leaves what `down`/`gc` find.
+            registry.register(lab.name, state.directory, lab.libvirt_uri)
             try:
                 domains = create_lab(conn, lab, plan, digest, probe, images, state, emit)
             except BaseException:
                 if fresh:
                     emit("creating the lab failed; removing what was made")
                     remove_lab_objects(conn, lab.name)
+                    registry.unregister(lab.name)
                 raise
             save_state(state, lab, plan, probe, base, images)
             targets = {
@@ -149,6 +155,54 @@ def role_images(lab: Lab, plan: Plan, base: BaseImage, emit: Log) -> dict[str, B
     return images
 
 
+def check_ownership(lab: Lab, plan: Plan) -> None:
+    """Refuse (``PlanError``, exit 2) a plan whose names are taken on the host by something
+    that is not this lab's: a network, domain, bridge or storage pool of that name. Volumes
+    live in labbuilder's own pool and are the lab's by their names (``<lab>__...``), so the
+    pool is what is checked for them."""
+    conn = lv.connect(lab.libvirt_uri, readonly=True)
+    try:
+        for net in plan.networks:
+            network = lv.find_network(conn, net.libvirt_name)
+            if network is not None:
+                lv.refuse_foreign("network", net.libvirt_name, network.XMLDesc(0), lab.name)
+        for node in plan.nodes:
+            domain = lv.find_domain(conn, node.domain)
+            if domain is not None:
+                lv.refuse_foreign("domain", node.domain, domain.XMLDesc(0), lab.name)
+        check_bridges(lab, plan, lv.network_facts(conn))
+        pool = storage.lookup_pool(conn, pool_name())
+        if pool is not None:
+            storage.refuse_foreign_pool(pool, str(pool_dir()))
+    finally:
+        conn.close()
+
+
+def check_bridges(lab: Lab, plan: Plan, networks: tuple[LibvirtNetworkFact, ...]) -> None:
+    """A planned bridge held by another owner's libvirt network, or (on this host) by an
+    interface that no libvirt network of the lab made, is refused."""
+    local = urlsplit(lab.libvirt_uri).hostname in (None, "", "localhost")
+    for net in plan.networks:
+        holders = [n for n in networks if n.bridge == net.bridge]
+        for holder in holders:
+            if holder.lab != lab.name:
+                owner = f"labbuilder's lab {holder.lab}" if holder.lab else "not labbuilder"
+                raise PlanError(
+                    f"bridge {net.bridge} of network {net.libvirt_name} is held by network "
+                    f"{holder.name}, which is not labbuilder's lab {lab.name}: its owner is "
+                    f"{owner}",
+                    "rename the lab (bridge names derive from the lab's name), or remove "
+                    f"network {holder.name}",
+                )
+        if local and not holders and Path("/sys/class/net", net.bridge).exists():
+            raise PlanError(
+                f"bridge {net.bridge} of network {net.libvirt_name} exists on the host and "
+                f"is not labbuilder's lab {lab.name}: no libvirt network made it",
+                "rename the lab (bridge names derive from the lab's name), or remove that "
+                "interface",
+            )
+
+
 def check_same_plan(lab: Lab, domains: list[Any], digest: str) -> None:
     for domain in domains:
         running = lv.lab_metadata(domain.XMLDesc(0)).get("plan")
@@ -173,7 +227,8 @@ def create_lab(
     """Networks, volumes and domains of the lab (existing ones kept); domains by node name."""
     for net in plan.networks:
         emit(f"network {net.libvirt_name} ({net.kind}, {net.cidr})")
-        lv.ensure_network(conn, net.libvirt_name, render_network_xml(plan, net, digest))
+        xml = owned_xml(render_network_xml(plan, net, digest), state)
+        lv.ensure_network(conn, net.libvirt_name, xml, lab=lab.name)
     apply_egress(lab, plan)
 
     pool = storage.ensure_pool(conn, pool_name(), str(pool_dir()))
@@ -204,15 +259,23 @@ def create_lab(
             xml = node_domain_xml(
                 conn, pool, plan, node, digest, probe, image, base_volume, boot, seed, state
             )
-            domain = lv.ensure_domain(conn, node.domain, xml)
+            domain = lv.ensure_domain(conn, node.domain, owned_xml(xml, state), lab=lab.name)
         elif not domain.isActive():
-            domain = lv.ensure_domain(conn, node.domain, "")
+            domain = lv.ensure_domain(conn, node.domain, "", lab=lab.name)
         return domain
 
     # All nodes are created and started together: QEMU's start-up is the slow part.
     with ThreadPoolExecutor(max_workers=len(plan.nodes)) as workers:
         futures = {node.name: workers.submit(create_node, node) for node in plan.nodes}
         return {name: future.result() for name, future in futures.items()}
+
+
+def owned_xml(xml: str, state: LabState) -> str:
+    """A network's or domain's XML with where its lab keeps its state and lock in its
+    labbuilder metadata: host-wide facts for `gc` and `list`, whoever runs them."""
+    return lv.with_metadata(
+        xml, state=str(state.directory.absolute()), lock=str(lab_lock_path(state.lab))
+    )
 
 
 def upload_base(conn: Any, pool: Any, image: BaseImage) -> tuple[Any, BootSpec]:

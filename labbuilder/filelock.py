@@ -36,6 +36,25 @@ def file_lock(path: Path, *, blocking: bool = True, timeout: float | None = None
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def is_locked(path: Path) -> bool:
+    """Whether someone holds the lock on ``path`` now; a missing file is not locked.
+
+    Never creates the file nor follows a symbolic link. Raises ``OSError`` when the file
+    exists but cannot be opened (then nobody can tell, and callers must assume it is held).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock we may have taken
+    return False
+
+
 def _acquire(path: Path, *, blocking: bool, deadline: float | None) -> int | None:
     """The descriptor of ``path``, locked; None if not blocking and someone else holds it."""
     while True:

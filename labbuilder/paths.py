@@ -38,3 +38,37 @@ def pool_dir(environ: dict[str, str] | None = None) -> Path:
         return Path("/var/lib/labbuilder/pools") / pool_name(environ)
     xdg = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "labbuilder" / "pools" / pool_name(environ)
+
+
+def host_dir(environ: dict[str, str] | None = None) -> Path:
+    """Where labbuilder keeps what concerns the whole host, whatever a caller's
+    ``$LABBUILDER_STATE_DIR``: /var/lib/labbuilder for root, else the user's XDG state dir.
+
+    Lab names map to libvirt objects of the host, so which labs exist and who is changing one
+    must not depend on the state directory a command happens to be given."""
+    env = os.environ if environ is None else environ
+    if os.geteuid() == 0:
+        return Path("/var/lib/labbuilder")
+    xdg = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "labbuilder"
+
+
+def registry_dir(environ: dict[str, str] | None = None) -> Path:
+    """The host's lab registry: ``<lab>.json`` per lab that `up` made (its state directory,
+    its libvirt URI)."""
+    return host_dir(environ) / "registry"
+
+
+def lock_dir(environ: dict[str, str] | None = None) -> Path:
+    """The labs' locks, one ``<lab>.lock`` per lab name: /run/labbuilder/locks for root, else
+    under ``$XDG_RUNTIME_DIR`` (or the user's host directory)."""
+    env = os.environ if environ is None else environ
+    if os.geteuid() == 0:
+        return Path("/run/labbuilder/locks")
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "labbuilder" / "locks"
+    return host_dir(environ) / "locks"
+
+
+def lab_lock_path(lab: str, environ: dict[str, str] | None = None) -> Path:
+    return lock_dir(environ) / f"{lab}.lock"

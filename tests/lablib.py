@@ -178,6 +178,7 @@ def lab_leftovers(lab: str, pool_name: str = TEST_POOL) -> dict[str, list[str]]:
 def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
     """Remove everything of ``labs`` and the storage pool of ``environment`` (a test's
     ``lab_environment``), whatever state a failed test left them in."""
+    from labbuilder import registry
     from labbuilder.adapters import storage
     from labbuilder.teardown import remove_lab_objects
 
@@ -187,6 +188,7 @@ def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
     try:
         for lab in labs:
             remove_lab_objects(conn, lab)
+            registry.unregister(lab)
         pool = storage.find_pool(conn, environment["LABBUILDER_POOL"])
         if pool is not None:
             storage.remove_pool(pool)

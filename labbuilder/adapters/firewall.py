@@ -270,7 +270,11 @@ def _ensure_script(
 def _remove_script(lab: str, table: Table) -> str | None:
     chain = chain_name(lab)
     lines = [f"-D {rule.chain} {rule.spec}" for rule in _jumps(lab, chain, table)]
-    if chain in table.chains and not _foreign_owners(lab, chain, table):
+    if (
+        chain in table.chains
+        and not _foreign_rules(lab, chain, table)
+        and not _foreign_references(lab, chain, table)
+    ):
         lines.extend([f"-F {chain}", f"-X {chain}"])
     if not lines:
         return None
@@ -278,30 +282,38 @@ def _remove_script(lab: str, table: Table) -> str | None:
 
 
 def _jumps(lab: str, chain: str, table: Table) -> list[Rule]:
-    """The lab's rules outside its own chain: its jumps, and any jump to its chain."""
+    """The lab's rules outside its own chain (its jumps): only rules tagged for the lab."""
+    return [rule for rule in table.rules if rule.chain != chain and rule.owner == lab]
+
+
+def _foreign_rules(lab: str, chain: str, table: Table) -> list[Rule]:
+    """Rules in ``chain`` that are not tagged for ``lab``: another lab's (when two lab names
+    share a tag) or rules labbuilder did not make."""
+    return [rule for rule in table.rules if rule.chain == chain and rule.owner != lab]
+
+
+def _foreign_references(lab: str, chain: str, table: Table) -> list[Rule]:
+    """Rules outside ``chain`` that jump to it and are not tagged for ``lab``."""
     return [
         rule
         for rule in table.rules
-        if rule.chain != chain and (rule.owner == lab or rule.target == chain)
+        if rule.chain != chain and rule.target == chain and rule.owner != lab
     ]
 
 
-def _foreign_owners(lab: str, chain: str, table: Table) -> set[str]:
-    """Other labs with rules in ``chain``: only when two lab names share a tag."""
-    return {
-        rule.owner
-        for rule in table.rules
-        if rule.chain == chain and rule.owner is not None and rule.owner != lab
-    }
-
-
 def _refuse_foreign_chain(lab: str, chain: str, table: Table) -> None:
-    others = _foreign_owners(lab, chain, table)
-    if others:
+    """labbuilder changes a chain only when every rule in it, and every jump to it, is the
+    lab's: it never flushes or rewrites a rule it did not tag for that lab."""
+    foreign = _foreign_rules(lab, chain, table) + _foreign_references(lab, chain, table)
+    if foreign:
+        owners = sorted(
+            {f"lab {rule.owner}" if rule.owner else "not labbuilder" for rule in foreign}
+        )
         raise HostError(
-            f"the firewall chain {chain} of lab {lab} already holds rules of lab "
-            f"{', '.join(sorted(others))} (their names share a tag)",
-            hint="rename one of the labs",
+            f"the firewall chain {chain} of lab {lab} already exists with rules of "
+            f"{', '.join(owners)} (in or jumping to it: {foreign[0].chain} {foreign[0].spec})",
+            hint="labbuilder never changes rules it did not make: remove that chain "
+            "(`iptables -t mangle`), or rename the lab",
         )
 
 

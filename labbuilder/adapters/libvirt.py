@@ -14,7 +14,7 @@ from typing import Any
 import libvirt
 import netaddr
 
-from labbuilder.errors import HypervisorError
+from labbuilder.errors import HypervisorError, PlanError
 from labbuilder.model import LibvirtNetworkFact
 
 METADATA_NS = "urn:labbuilder:lab:1"
@@ -119,13 +119,64 @@ def owned_networks(conn: Any, lab: str | None = None) -> list[Any]:
     return found
 
 
+def with_metadata(xml: str, **attributes: str) -> str:
+    """``xml`` (a network or domain) with more attributes on its labbuilder metadata."""
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    root = ET.fromstring(xml)
+    element = root.find(f"metadata/{{{METADATA_NS}}}lab")
+    if element is None:
+        raise ValueError(f"{root.tag} XML without labbuilder metadata")
+    for key, value in attributes.items():
+        element.set(key, value)
+    return ET.tostring(root, encoding="unicode")
+
+
+def describe_owner(xml: str) -> str:
+    """Who owns an object, for messages: ``lab X`` or ``not labbuilder``."""
+    lab = owner_lab(xml)
+    return (
+        f"labbuilder's lab {lab}" if lab is not None else "not labbuilder (no labbuilder metadata)"
+    )
+
+
+def refuse_foreign(kind: str, name: str, xml: str, lab: str) -> None:
+    """Raise ``PlanError`` unless the object's metadata says that ``lab`` owns it."""
+    if owner_lab(xml) != lab:
+        raise PlanError(
+            f"{kind} {name} exists and is not labbuilder's lab {lab}: its owner is "
+            f"{describe_owner(xml)}",
+            f"labbuilder never touches what it did not make: remove or rename that {kind}, or "
+            "rename the lab (its object names derive from the lab's name)",
+        )
+
+
+def _planned_owner(xml: str, lab: str | None) -> str:
+    owner = lab or (owner_lab(xml) if xml else None)
+    if owner is None:
+        raise ValueError("an object labbuilder makes must name its lab")
+    return owner
+
+
 # --- networks -------------------------------------------------------------------------------
 
 
-def ensure_network(conn: Any, name: str, xml: str) -> Any:
-    """Define and start a persistent network; an existing one of the same name is kept."""
+def find_network(conn: Any, name: str) -> Any | None:
+    try:
+        return conn.networkLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+            return None
+        raise _error(f"cannot look up network {name}", err) from None
+
+
+def ensure_network(conn: Any, name: str, xml: str, *, lab: str | None = None) -> Any:
+    """Define and start a persistent network of ``lab`` (by default, the lab that ``xml``'s
+    metadata names); an existing one of the same name is kept if the lab owns it, and refused
+    with ``PlanError`` otherwise."""
+    owner = _planned_owner(xml, lab)
     try:
         network = conn.networkLookupByName(name)
+        refuse_foreign("network", name, network.XMLDesc(0), owner)
     except libvirt.libvirtError as err:
         if err.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
             raise _error(f"cannot look up network {name}", err) from None
@@ -168,10 +219,15 @@ def find_domain(conn: Any, name: str) -> Any | None:
         raise _error(f"cannot look up domain {name}", err) from None
 
 
-def ensure_domain(conn: Any, name: str, xml: str) -> Any:
-    """Define the domain unless it exists, and start it unless it runs."""
+def ensure_domain(conn: Any, name: str, xml: str, *, lab: str | None = None) -> Any:
+    """Define the domain of ``lab`` (by default, the lab that ``xml``'s metadata names) unless
+    it exists, and start it unless it runs; an existing domain that the lab does not own is
+    refused with ``PlanError``."""
+    owner = _planned_owner(xml, lab)
     domain = find_domain(conn, name)
-    if domain is None:
+    if domain is not None:
+        refuse_foreign("domain", name, domain.XMLDesc(0), owner)
+    else:
         try:
             domain = conn.defineXML(xml)
         except libvirt.libvirtError as err:

@@ -1,14 +1,18 @@
 """Disks as libvirt storage volumes in labbuilder's own pool, through libvirt's volume API only.
 
 Base images, kernels and seeds are uploaded by stream and overlays are created by libvirt, so
-the same code drives a remote host (``qemu+ssh://host/system``). Volume names say who owns
-them: ``base-*`` are shared by every lab on the host and never modified; a lab's volumes are
-``<lab>__<node>__<disk>`` (a lab name has no ``_``, so the prefix is unambiguous).
+the same code drives a remote host (``qemu+ssh://host/system``). Pools carry no metadata:
+labbuilder's pool is the directory pool at labbuilder's own path (``paths.pool_dir``), and a
+pool of its name elsewhere is someone else's, never written to. In labbuilder's pool, volume
+names say who owns them: ``base-*`` are shared by every lab on the host and never modified; a
+lab's volumes are ``<lab>__<node>__<disk>`` (a lab name has no ``_``, so the prefix is
+unambiguous).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import Any, BinaryIO
 
 import libvirt
 
-from labbuilder.errors import HypervisorError
+from labbuilder.errors import HypervisorError, PlanError
 
 CHUNK = 4 * 1024 * 1024
 
@@ -28,6 +32,16 @@ def lab_volume_name(lab: str, node: str, disk: str) -> str:
 def volume_lab(name: str) -> str | None:
     """The lab a volume belongs to, from its name; None for shared (base) volumes."""
     return name.split("__", 1)[0] if "__" in name else None
+
+
+def lookup_pool(conn: Any, name: str) -> Any | None:
+    """The pool ``name`` as it is (not started), or None if the host has none of that name."""
+    try:
+        return conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+            return None
+        raise _error(f"cannot look up storage pool {name}", err) from None
 
 
 def find_pool(conn: Any, name: str) -> Any | None:
@@ -47,10 +61,52 @@ def find_pool(conn: Any, name: str) -> Any | None:
     return pool
 
 
+def pool_location(pool: Any) -> tuple[str | None, str | None]:
+    """The pool's type and target path, from its XML."""
+    root = ET.fromstring(pool.XMLDesc(0))
+    return root.get("type"), root.findtext("target/path")
+
+
+def is_labbuilder_pool(pool: Any, path: str) -> bool:
+    """Whether ``pool`` is labbuilder's: a directory pool whose target is ``path``.
+
+    Pools carry no metadata, so a pool is known by where it keeps its volumes: labbuilder's
+    own directory (``paths.pool_dir``). In that pool, volumes are known by their names (see
+    the module's docstring). A pool of labbuilder's name elsewhere belongs to someone else."""
+    kind, target = pool_location(pool)
+    return (
+        kind == "dir" and target is not None and os.path.normpath(target) == os.path.normpath(path)
+    )
+
+
+def refuse_foreign_pool(pool: Any, path: str) -> None:
+    if not is_labbuilder_pool(pool, path):
+        kind, target = pool_location(pool)
+        raise PlanError(
+            f"storage pool {pool.name()} exists and is not labbuilder's: it is a {kind} pool "
+            f"at {target}, labbuilder's is a dir pool at {path}",
+            "labbuilder never writes into a pool it did not make: set LABBUILDER_POOL to "
+            "another pool name (or LABBUILDER_POOL_DIR to that pool's directory if labbuilder "
+            "made it there)",
+        )
+
+
+def find_owned_pool(conn: Any, name: str, path: str) -> Any | None:
+    """labbuilder's pool ``name`` at ``path`` (started), or None when the host has no pool of
+    that name or the pool of that name is someone else's (then it is left alone)."""
+    pool = lookup_pool(conn, name)
+    if pool is None or not is_labbuilder_pool(pool, path):
+        return None
+    return find_pool(conn, name)
+
+
 def ensure_pool(conn: Any, name: str, path: str) -> Any:
-    """labbuilder's directory pool ``name`` at ``path``, defined, built and started if needed."""
+    """labbuilder's directory pool ``name`` at ``path``, defined, built and started if needed.
+    A pool of that name that is not labbuilder's (see ``is_labbuilder_pool``) is refused with
+    ``PlanError``."""
     try:
         pool = conn.storagePoolLookupByName(name)
+        refuse_foreign_pool(pool, path)
     except libvirt.libvirtError as err:
         if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
             raise _error("cannot look up the labbuilder storage pool", err) from None
