@@ -12,25 +12,45 @@ from labbuilder.adapters import libvirt as lv
 from labbuilder.bringup import UpResult
 from labbuilder.errors import UsageError
 from labbuilder.hostfacts import gather_host_facts
+from labbuilder.labcheck import check_lab_recipe
 from labbuilder.labfile import builtin_lab_names, load_builtin_lab, load_lab_file
-from labbuilder.labstate import lab_state
+from labbuilder.labstate import lab_state, write_state_file
 from labbuilder.labstatus import LabStatus
 from labbuilder.model import HostFacts, Lab, Plan
 from labbuilder.paths import state_root
 from labbuilder.planner import plan
 from labbuilder.probe import HostProbe
+from labbuilder.recipefile import load_recipe
 from labbuilder.teardown import Removed
 
 DEFAULT_LAB = "guide-3node"
 
 
-def load_lab(path: Path | None = None, name: str | None = None, *, force: bool = False) -> Lab:
-    """A lab from a file, or a built-in lab by name (``guide-3node`` when neither is given)."""
+def load_lab(
+    path: Path | None = None,
+    name: str | None = None,
+    *,
+    allow_small: bool = False,
+    recipe: str | None = None,
+) -> Lab:
+    """A lab from a file, or a built-in lab by name (``guide-3node`` when neither is given).
+
+    ``allow_small`` turns node sizes below the guide's minimums into warnings. An empty name
+    is refused: it never means the default lab. The lab is checked against the recipe that
+    will install it (``recipe``, as `install --recipe` names it, else the lab's own): its
+    ``options.stages``, its controller, its networking variant."""
     if path is not None and name is not None:
         raise UsageError("give a lab file or --lab NAME, not both")
+    if name is not None and not name.strip():
+        raise UsageError(f"the lab's name {name!r} is empty", "give a built-in lab's name")
     if path is not None:
-        return load_lab_file(path, force=force)
-    return load_builtin_lab(name or DEFAULT_LAB, force=force)
+        if not str(path).strip():
+            raise UsageError("the lab file's path is empty", "give a lab file's path")
+        lab = load_lab_file(path, force=allow_small)
+    else:
+        lab = load_builtin_lab(name or DEFAULT_LAB, force=allow_small)
+    check_lab_recipe(lab, load_recipe(recipe or lab.recipe))
+    return lab
 
 
 def list_labs() -> list[Lab]:
@@ -78,7 +98,7 @@ def ssh_config(lab: Lab) -> str:
 def write_ssh_config(lab: Lab) -> Path:
     """Write the lab's ssh_config into its state directory and return the file's path."""
     state = lab_state(lab.name)
-    state.ssh_config_path.write_text(labstatus.render_ssh_config(state))
+    write_state_file(state.ssh_config_path, labstatus.render_ssh_config(state))
     return state.ssh_config_path
 
 

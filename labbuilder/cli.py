@@ -1,29 +1,65 @@
 """The command line: builds the parser from ``labbuilder.commands``, runs a handler, and turns
 errors into messages and exit codes.
 
-Exit codes: 0 ok, 1 failure, 2 bad input or usage. The one ``except LabbuilderError`` below is
-where every error reaches the user; tracebacks appear only with ``--debug``.
+Exit codes: 0 ok, 1 failure, 2 bad input or usage, 130 interrupted (Ctrl-C). Every error reaches
+the user here as one ``error: ...`` line and a ``hint: ...`` line; tracebacks appear only with
+``--debug``. Commands that leave reports (``up``, ``install``, ``run``) write them before their
+error comes here.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
 
 import libvirt
 from rich.console import Console
 
 from labbuilder import __version__
 from labbuilder.commands import host, images, install, lab, snapshot
-from labbuilder.commands.common import Handler
+from labbuilder.commands.common import Handler, check_environment
 from labbuilder.errors import LabbuilderError
 
 COMMAND_MODULES = (lab, install, snapshot, images, host)
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in labbuilder's form: one ``error:`` line and a hint, exit 2."""
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            where = f"{self.prog} {command}" if command else self.prog
+            hint = f"`{where} --help` lists its options"
+            if "--force" in extras and command in ("plan", "up"):
+                hint = "--allow-small allows sizes below the guide's minimums"
+            elif "--allow-small" in extras and command == "install":
+                hint = (
+                    "sizes are decided when the lab comes up (`up --allow-small`); "
+                    "`install --force` runs finished steps again"
+                )
+            self.exit(2, f"error: {where}: unknown arguments: {' '.join(extras)}\nhint: {hint}\n")
+        return parsed
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(
+            2,
+            f"error: {self.prog}: {one_line(message)}\n"
+            f"hint: `{self.prog} --help` lists the arguments\n",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="labbuilder",
         description=(
             "Build a virtualised OpenStack lab on this KVM/libvirt host and install OpenStack "
@@ -33,39 +69,104 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"labbuilder {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=Parser
+    )
     for module in COMMAND_MODULES:
         module.register(commands)
     return parser
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: its lines joined with "; " (control characters shown escaped)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    joined = "; ".join(lines)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in joined)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console(emoji=False, highlight=False)
+    # Nothing labbuilder creates is writable by group or others, whatever the caller's umask.
+    os.umask(os.umask(0) | 0o022)
+    # Values (lab names, descriptions, output of guests) are printed literally, never as markup.
+    console = Console(emoji=False, highlight=False, markup=False)
     if not console.is_terminal:
         console.width = max(console.width, 160)  # pipes and logs get whole lines, not "…"
-    errors = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
+    errors = Console(stderr=True, emoji=False, highlight=False, markup=False, soft_wrap=True)
     handler: Handler = args.handler
+
+    def report(message: str, hint: str | None, code: int) -> int:
+        if args.debug:
+            errors.file.write(traceback.format_exc())
+        errors.print(f"error: {one_line(message)}")
+        if hint:
+            errors.print(f"hint: {one_line(hint)}")
+        return code
+
     try:
+        check_environment()
         return handler(args, console)
-    except LabbuilderError as err:
-        if args.debug:
-            raise
-        errors.print(f"error: {err.message}", markup=False)
-        if err.hint:
-            errors.print(f"hint: {err.hint}", markup=False)
-        return err.exit_code
-    except libvirt.libvirtError as err:
+    except BaseException as err:
+        code = handle(err, report)
+        leave_stuck_threads(code)
+        return code
+
+
+def handle(err: BaseException, report: Callable[[str, str | None, int], int]) -> int:
+    """The exit code for ``err``, after ``report`` showed it (with any notes in the hint)."""
+    notes = "; ".join(getattr(err, "__notes__", ()))
+
+    def with_notes(hint: str | None) -> str | None:
+        return "; ".join(part for part in (hint, notes) if part) or None
+
+    try:
+        raise err
+    except (SystemExit, GeneratorExit):
+        raise
+    except LabbuilderError:
+        assert isinstance(err, LabbuilderError)
+        return report(err.message, with_notes(err.hint), err.exit_code)
+    except libvirt.libvirtError:
         # Adapters translate the errors they expect; this is the net for the rest.
-        if args.debug:
-            raise
-        errors.print(f"error: libvirt: {err.get_error_message()}", markup=False)
-        errors.print("hint: run again with --debug to see where it happened", markup=False)
-        return 1
+        assert isinstance(err, libvirt.libvirtError)
+        return report(
+            f"libvirt: {err.get_error_message()}",
+            with_notes("run again with --debug to see where it happened"),
+            1,
+        )
     except KeyboardInterrupt:
-        errors.print("interrupted")
-        return 130
+        return report(
+            "interrupted",
+            with_notes(
+                "run the same command again to go on (`up` and `install` continue where they "
+                "stopped)"
+            ),
+            EXIT_INTERRUPTED,
+        )
+    except OSError:
+        return report(str(err), with_notes("run again with --debug to see where it happened"), 1)
+    except Exception:  # noqa: BLE001 - the last resort: one line, not a traceback
+        return report(
+            f"unexpected {type(err).__name__}: {err}",
+            with_notes("run again with --debug to see the traceback, and report it"),
+            1,
+        )
+
+
+def leave_stuck_threads(code: int) -> None:
+    """After an error or Ctrl-C, threads of a run that stopped (waiting on a guest, say) may
+    not end soon; Python would wait for them at exit. Their reports are written: leave."""
+    deadline = time.monotonic() + 2.0
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in threading.enumerate() if t.is_alive() and not t.daemon]
+    if len(stuck) > 1:  # the main thread and others
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

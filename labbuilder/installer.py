@@ -8,7 +8,9 @@ renders with the guide's placeholder names instead of the lab's secrets.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +20,15 @@ from typing import Any
 
 from labbuilder import api, snapshots
 from labbuilder.adapters import libvirt as lv
-from labbuilder.adapters.ssh import SSHSession
+from labbuilder.adapters.ssh import HostKeyError, SSHSession
 from labbuilder.bringup import load_state_record
 from labbuilder.errors import DiskSpaceError, InstallError, UsageError
-from labbuilder.install import Engine, EngineEvent, Redactor, StageOutcome, Status
+from labbuilder.install import Engine, EngineEvent, Redactor, StageOutcome, Status, StepOutcome
 from labbuilder.installreport import (
     Comparison,
     RunInfo,
     compare,
+    error_entry,
     failure_report,
     load_history,
     save_history,
@@ -171,27 +174,35 @@ def install(
         )
         started = time.time()
         begin = time.monotonic()
-        sessions = _connect(plan, record, state)
-        try:
-            after_stage = None
-            if selection.snapshots:
+        progress = RunProgress(rendered, on_event)
+        redact = Redactor(list(secrets.values()))
 
-                def after_stage(stage: StageOutcome) -> float | None:
-                    return snapshot_stage(lab, stage, recipe)
+        def after_stage(stage: StageOutcome) -> float | None:
+            progress.finished.append(stage)
+            if not selection.snapshots or progress.stopped.is_set():
+                return None
+            progress.where = f"the snapshot after stage {stage.name}"
+            return snapshot_stage(lab, stage, recipe)
 
+        def run(sessions: dict[str, SSHSession]) -> list[StageOutcome]:
             engine = Engine(
                 sessions,
-                redact=Redactor(list(secrets.values())),
+                redact=redact,
                 log_dir=state.directory / "logs",
-                on_event=on_event,
+                on_event=progress.on_event,
                 after_stage=after_stage,
                 force=selection.force,
                 helpers=guest_helpers(selection.path),
             )
-            outcomes = engine.run(rendered)
-        finally:
-            for session in sessions.values():
-                session.close()
+            progress.where = "preparing the nodes (helpers, run-once markers)"
+            return engine.run(rendered)
+
+        error: BaseException | None = None
+        try:
+            outcomes = _run_in_thread(plan, record, state, progress, run)
+        except BaseException as err:  # reported below, then raised again
+            error = err
+            outcomes = progress.outcomes(redact(_error_text(err)))
     info = RunInfo(
         lab=lab.name,
         recipe=recipe.name,
@@ -201,11 +212,21 @@ def install(
         seconds=time.monotonic() - begin,
         images=dict(record.get("images", {}) or {"all": record.get("image", {})}),
         resume_command=resume_command(lab, selection),
+        error=None if error is None else error_entry(error, progress.where, redact),
     )
     history = state_root() / "history" / f"{recipe.name}-{selection.path}.json"
     comparisons = compare(outcomes, load_history(history))
-    junit, report = write_reports(state.directory / "reports", outcomes, info, comparisons)
-    save_history(history, outcomes)
+    try:
+        junit, report = write_reports(state.directory / "reports", outcomes, info, comparisons)
+        save_history(history, outcomes)
+    except Exception as err:
+        if error is None:
+            raise
+        error.add_note(f"writing the reports failed too: {err}")
+        raise error from None
+    if error is not None:
+        error.add_note(f"reports: {junit} {report}")
+        raise error
     return InstallResult(
         recipe=recipe,
         stages=outcomes,
@@ -216,6 +237,127 @@ def install(
         failure=failure_report(outcomes, info),
         rendered=rendered,
     )
+
+
+class RunProgress:
+    """What the engine reported so far, to report a run that stopped half-way: the stages it
+    finished, and from its events the steps of the stage it was in."""
+
+    def __init__(
+        self,
+        stages: Sequence[RenderedStage],
+        forward: Callable[[EngineEvent], None] | None,
+    ) -> None:
+        self.stages = stages
+        self.forward = forward
+        self.finished: list[StageOutcome] = []
+        self.where = "connecting to the lab's nodes over SSH"
+        self.stopped = threading.Event()  # set when the run stopped: no more events, snapshots
+        self._lock = threading.Lock()
+        self._stage_started: dict[str, float] = {}
+        self._steps: dict[tuple[str, str, str], tuple[str, float]] = {}  # -> (status, since)
+
+    def on_event(self, event: EngineEvent) -> None:
+        if self.stopped.is_set():
+            raise RunStopped("the run stopped")  # ends the engine's threads at their next step
+        now = time.monotonic()
+        with self._lock:
+            if event.kind == "stage-start":
+                self._stage_started[event.stage] = now
+                self.where = f"stage {event.stage}"
+            elif event.kind == "step-start":
+                self._steps[(event.stage, event.node, event.step)] = ("running", now)
+                self.where = f"stage {event.stage}"
+            elif event.kind == "step-end":
+                since = self._steps.get((event.stage, event.node, event.step), ("", now))[1]
+                self._steps[(event.stage, event.node, event.step)] = (event.status, since)
+        if self.forward is not None:
+            self.forward(event)
+
+    def outcomes(self, error: str) -> list[StageOutcome]:
+        """The finished stages as the engine reported them; the stage that was running with
+        each step's status from the events (a step that was running when the run stopped has
+        failed with ``error``); every later stage not run."""
+        self.stopped.set()
+        now = time.monotonic()
+        done = {stage.name: stage for stage in self.finished}
+        result: list[StageOutcome] = []
+        with self._lock:
+            for stage in self.stages:
+                if stage.name in done:
+                    result.append(done[stage.name])
+                    continue
+                steps = []
+                for step in stage.steps:
+                    status, since = self._steps.get((stage.name, step.node, step.step), ("", now))
+                    outcome = StepOutcome(
+                        step.stage, step.step, step.node, step.title, step.guide, Status.NOT_RUN
+                    )
+                    if status == "running":
+                        outcome.status = Status.FAILED
+                        outcome.seconds = now - since
+                        outcome.output_tail = error
+                        outcome.reason = error
+                    elif status in set(Status):
+                        outcome.status = Status(status)
+                        outcome.reason = "" if status != Status.NOT_RUN else "the run stopped"
+                    else:
+                        outcome.reason = f"the run stopped: {error}"
+                    steps.append(outcome)
+                begun = self._stage_started.get(stage.name)
+                seconds = now - begun if begun is not None else 0.0
+                result.append(StageOutcome(stage.name, stage.title, stage.guide, seconds, steps))
+        return result
+
+
+class RunStopped(Exception):
+    """Raised in the engine's threads once a run has stopped (an error, Ctrl-C)."""
+
+
+def _run_in_thread(
+    plan: Plan,
+    record: dict[str, Any],
+    state: LabState,
+    progress: RunProgress,
+    run: Callable[[dict[str, SSHSession]], list[StageOutcome]],
+) -> list[StageOutcome]:
+    """Connect and run the engine in a thread of their own, so that Ctrl-C reaches this one
+    at once, whatever the engine's threads wait for (a step, a connection): the run is then
+    reported as it stands, and the engine's threads stop at their next event."""
+    box: dict[str, Any] = {}
+    sessions: dict[str, SSHSession] = {}
+
+    def work() -> None:
+        try:
+            sessions.update(_connect(plan, record, state))
+            box["outcomes"] = run(sessions)
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = err
+        finally:
+            if progress.stopped.is_set() or "error" in box:
+                progress.stopped.set()
+            for session in list(sessions.values()):
+                session.close()
+
+    runner = threading.Thread(target=work, name="labbuilder-install", daemon=True)
+    runner.start()
+    try:
+        while runner.is_alive():
+            runner.join(0.25)
+    except BaseException:
+        progress.stopped.set()
+        for session in list(sessions.values()):
+            with contextlib.suppress(Exception):
+                session.close()
+        raise
+    if "error" in box:
+        raise box["error"]
+    outcomes: list[StageOutcome] = box["outcomes"]
+    return outcomes
+
+
+def _error_text(err: BaseException) -> str:
+    return str(error_entry(err, "")["message"])
 
 
 def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | None:
@@ -261,21 +403,33 @@ def _select_args(lab: Lab) -> str:
 def _connect(plan: Plan, record: dict[str, Any], state: LabState) -> dict[str, SSHSession]:
     def connect(name: str) -> SSHSession:
         node = plan.node(name)
-        return SSHSession(node.management_address, str(record["user"]), state.key_path)
+        return SSHSession(
+            node.management_address,
+            str(record["user"]),
+            state.key_path,
+            known_hosts=state.known_hosts_path,
+            node=name,
+        )
 
     names = [node.name for node in plan.nodes]
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
         futures = {name: pool.submit(connect, name) for name in names}
         sessions: dict[str, SSHSession] = {}
         errors = []
+        refused: list[HostKeyError] = []
         for name, future in futures.items():
             try:
                 sessions[name] = future.result()
+            except HostKeyError as err:
+                refused.append(err)
             except Exception as err:  # noqa: BLE001 - collected and reported together
                 errors.append(f"{name}: {err}")
-    if errors:
+    if errors or refused:
         for session in sessions.values():
             session.close()
+    if refused:
+        raise refused[0]  # names the node, its address and known_hosts, with its own hint
+    if errors:
         raise InstallError(
             "cannot log in to the lab's nodes over SSH: " + "; ".join(errors),
             "check `labbuilder status`; `labbuilder up` completes a partial lab",

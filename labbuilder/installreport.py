@@ -6,15 +6,18 @@ and the history file helpers, which only read and write files they are given.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from labbuilder import __version__
+from labbuilder.errors import LabbuilderError
 from labbuilder.install import StageOutcome, Status, StepOutcome
+from labbuilder.labstate import write_state_file
 
 REGRESSION_FACTOR = 1.5  # a stage this much slower than last time is flagged
 REGRESSION_MIN_SECONDS = 10.0  # ... when it took at least this long
@@ -30,6 +33,8 @@ class RunInfo:
     seconds: float
     images: Mapping[str, Any]  # image manifests by node role
     resume_command: str
+    # What stopped the run half-way (an error, Ctrl-C): type, where, message, hint
+    error: Mapping[str, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,18 @@ def first_failure(stages: Sequence[StageOutcome]) -> StepOutcome | None:
 def failure_report(stages: Sequence[StageOutcome], info: RunInfo) -> str | None:
     """What failed, where, why, and how to resume; None when nothing failed."""
     step = first_failure(stages)
+    if info.error is not None:
+        error = info.error
+        resume = f"{info.resume_command} --from {step.stage}" if step else info.resume_command
+        return "\n".join(
+            [
+                f"install stopped: {error['message']}",
+                f"  where:     {error['where']}",
+                *([f"  step:      {step.stage}/{step.step} on node {step.node}"] if step else []),
+                *([f"  hint:      {error['hint']}"] if error.get("hint") else []),
+                f"  resume with: {resume}",
+            ]
+        )
     if step is None:
         return None
     lines = [
@@ -113,6 +130,15 @@ def junit_xml(stages: Sequence[StageOutcome], info: RunInfo) -> str:
         name=f"labbuilder install {info.recipe} on {info.lab}",
         time=f"{info.seconds:.3f}",
     )
+    if info.error is not None:
+        suite = ET.SubElement(
+            root, "testsuite", name=f"{info.recipe}.run", tests="1", failures="0", errors="1"
+        )
+        case = ET.SubElement(suite, "testcase", classname=f"{info.recipe}.run", name="run")
+        error = ET.SubElement(
+            case, "error", message=str(info.error["message"]), type=str(info.error["type"])
+        )
+        error.text = "\n".join(f"{key}: {value}" for key, value in info.error.items() if value)
     for stage in stages:
         cases: list[ET.Element] = []
         failures = skipped = 0
@@ -123,7 +149,11 @@ def junit_xml(stages: Sequence[StageOutcome], info: RunInfo) -> str:
                 name=f"{step.step}: {step.title}",
                 time=f"{step.seconds:.3f}",
             )
-            if step.status == Status.FAILED and step.failed_check is None:
+            if step.status == Status.FAILED and step.rc is None and step.failed_check is None:
+                failures += 1  # stopped by an error, not by the step's own exit code
+                failure = ET.SubElement(case, "failure", message=step.reason, type="RunStopped")
+                failure.text = step.output_tail
+            elif step.status == Status.FAILED and step.failed_check is None:
                 failures += 1
                 failure = ET.SubElement(
                     case, "failure", message=f"exit code {step.rc}", type="StepFailed"
@@ -189,10 +219,11 @@ def report_dict(
         "api_path": info.path,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.started)),
         "seconds": round(info.seconds, 3),
-        "result": "failed" if failure else "passed",
+        "result": _result(failure, info),
         "failure": None
         if failure is None
         else {"stage": failure.stage, "step": failure.step, "node": failure.node},
+        "error": None if info.error is None else dict(info.error),
         "resume_command": info.resume_command,
         "images": dict(info.images),
         "stages": [
@@ -214,6 +245,12 @@ def report_dict(
     }
 
 
+def _result(failure: StepOutcome | None, info: RunInfo) -> str:
+    if info.error is not None:
+        return "interrupted" if info.error["type"] == "interrupted" else "failed"
+    return "failed" if failure else "passed"
+
+
 def _step_dict(step: StepOutcome) -> dict[str, Any]:
     data = asdict(step)
     data["status"] = str(step.status)
@@ -230,17 +267,143 @@ def write_reports(
     comparisons: Sequence[Comparison],
 ) -> tuple[Path, Path]:
     """Write ``install-<time>.xml`` and ``.json`` and point ``latest.xml``/``.json`` at them."""
-    directory.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(info.started))
     junit = directory / f"install-{stamp}.xml"
     report = directory / f"install-{stamp}.json"
-    junit.write_text(junit_xml(stages, info))
-    report.write_text(json.dumps(report_dict(stages, info, comparisons), indent=1) + "\n")
-    for target, name in ((junit, "latest.xml"), (report, "latest.json")):
-        link = directory / name
-        link.unlink(missing_ok=True)
-        link.symlink_to(target.name)
+    write_state_file(junit, junit_xml(stages, info))
+    write_state_file(report, json.dumps(report_dict(stages, info, comparisons), indent=1) + "\n")
+    point_at(directory / "latest.xml", junit)
+    point_at(directory / "latest.json", report)
     return junit, report
+
+
+def point_at(link: Path, target: Path) -> None:
+    """Make ``link`` a symbolic link to ``target`` (in the same folder), replacing it at once."""
+    temporary = link.with_name(f".{link.name}.{secrets.token_hex(8)}.new")
+    temporary.symlink_to(target.name)
+    temporary.replace(link)
+
+
+# --- the report of `up` ------------------------------------------------------------------------
+
+
+@dataclass
+class UpRecord:
+    """What an ``up`` did, for its report: each node's rungs, the log, and how it ended."""
+
+    lab: str
+    started: float = field(default_factory=time.time)
+    begin: float = field(default_factory=time.monotonic)
+    rungs: dict[str, dict[str, float]] = field(default_factory=dict)  # node -> rung -> seconds
+    current: dict[str, str] = field(default_factory=dict)  # node -> rung it waits for
+    log: list[tuple[float, str]] = field(default_factory=list)
+
+    def on_log(self, message: str) -> None:
+        self.log.append((time.monotonic() - self.begin, message))
+
+    def on_rung(self, node: str, rung: str, seconds: float) -> None:
+        previous = self.current.get(node)
+        if previous is not None:
+            self.rungs.setdefault(node, {})[previous] = round(seconds, 3)
+        self.current[node] = rung
+
+    def as_dict(self, error: Mapping[str, str | None] | None) -> dict[str, Any]:
+        return {
+            "labbuilder_version": __version__,
+            "command": "up",
+            "lab": self.lab,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "seconds": round(time.monotonic() - self.begin, 3),
+            "result": "passed"
+            if error is None
+            else ("interrupted" if error["type"] == "interrupted" else "failed"),
+            "error": None if error is None else dict(error),
+            "nodes": {
+                node: {"rung": rung, "rungs": self.rungs.get(node, {})}
+                for node, rung in sorted(self.current.items())
+            },
+            "log": [{"seconds": round(t, 3), "message": m} for t, m in self.log],
+        }
+
+
+def up_junit_xml(data: Mapping[str, Any], rung_names: Sequence[str]) -> str:
+    """A suite for the lab: a case for the bring-up as a whole, and one per node and rung."""
+    error = data["error"]
+    cases: list[ET.Element] = []
+    failures = skipped = 0
+    whole = ET.Element("testcase", classname=f"up.{data['lab']}", name="bring-up",
+                       time=f"{data['seconds']:.3f}")  # fmt: skip
+    if error is not None:
+        element = ET.SubElement(whole, "error", message=str(error["message"]), type=error["type"])
+        element.text = "\n".join(f"{key}: {value}" for key, value in error.items() if value)
+    system_out = ET.SubElement(whole, "system-out")
+    system_out.text = "\n".join(f"{e['seconds']:8.1f} {e['message']}" for e in data["log"])
+    cases.append(whole)
+    for node, entry in data["nodes"].items():
+        before = 0.0
+        for rung in rung_names:
+            case = ET.Element("testcase", classname=f"up.{data['lab']}.{node}", name=rung)
+            reached = entry["rungs"].get(rung)
+            if reached is not None:
+                case.set("time", f"{reached - before:.3f}")
+                before = reached
+            elif entry["rung"] == rung and error is not None:
+                failures += 1
+                failure = ET.SubElement(
+                    case, "failure", message=f"not reached: {error['message']}", type="NotReady"
+                )
+                failure.text = str(error["message"])
+            else:
+                skipped += 1
+                ET.SubElement(case, "skipped", message="not reached")
+            cases.append(case)
+    root = ET.Element("testsuites", name=f"labbuilder up {data['lab']}",
+                      time=f"{data['seconds']:.3f}")  # fmt: skip
+    suite = ET.SubElement(
+        root, "testsuite", name=f"up.{data['lab']}", tests=str(len(cases)),
+        failures=str(failures), errors="0" if error is None else "1", skipped=str(skipped),
+        time=f"{data['seconds']:.3f}",
+    )  # fmt: skip
+    suite.extend(cases)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")
+
+
+def write_up_reports(
+    directory: Path,
+    record: UpRecord,
+    rung_names: Sequence[str],
+    error: Mapping[str, str | None] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``up-<time>.xml`` and ``.json``; ``up-latest.xml``/``.json`` point at them."""
+    data = record.as_dict(error)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(record.started))
+    junit = directory / f"up-{stamp}.xml"
+    report = directory / f"up-{stamp}.json"
+    write_state_file(junit, up_junit_xml(data, rung_names))
+    write_state_file(report, json.dumps(data, indent=1) + "\n")
+    point_at(directory / "up-latest.xml", junit)
+    point_at(directory / "up-latest.json", report)
+    return junit, report
+
+
+def error_entry(
+    err: BaseException, where: str, redact: Callable[[str], str] = lambda text: text
+) -> dict[str, str | None]:
+    """What stopped a command, for its report: the error, where it happened, what to do."""
+    if isinstance(err, KeyboardInterrupt):
+        kind, message, hint = "interrupted", "interrupted (Ctrl-C)", None
+    elif isinstance(err, LabbuilderError):
+        kind, message, hint = type(err).__name__, err.message, err.hint
+    else:
+        kind = f"{type(err).__module__}.{type(err).__name__}"
+        message, hint = f"{type(err).__name__}: {err}", None
+    return {
+        "type": kind,
+        "where": where,
+        "message": redact(message),
+        "hint": redact(hint) if hint else None,
+    }
 
 
 def load_history(path: Path) -> dict[str, float]:
@@ -259,5 +422,4 @@ def save_history(path: Path, stages: Sequence[StageOutcome]) -> None:
         ran = [s for s in stage.steps if s.status in (Status.OK, Status.GUARDED)]
         if ran and not stage.failed:
             history[stage.name] = round(stage.seconds, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"stages": history}, indent=1) + "\n")
+    write_state_file(path, json.dumps({"stages": history}, indent=1) + "\n")

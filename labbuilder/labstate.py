@@ -5,9 +5,11 @@ Secrets are generated per lab and kept in files of mode 0600; they are never log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import stat
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from labbuilder.errors import HostError, UsageError
 from labbuilder.filelock import file_lock
-from labbuilder.paths import lab_dir
+from labbuilder.paths import lab_dir, lab_lock_path, state_root
 
 SECRET_MODE = 0o600
 
@@ -58,14 +60,133 @@ def lab_state(lab: str, directory: Path | None = None) -> LabState:
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from the first byte on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_MODE)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    temporary.chmod(SECRET_MODE)
-    temporary.replace(path)
+    """Write ``data`` to ``path`` with mode 0600 from the first byte on (``write_state_file``)."""
+    write_state_file(path, data)
+
+
+def write_state_file(path: Path, data: bytes | str) -> None:
+    """Write a file of labbuilder's state: mode 0600 from the first byte, all or nothing.
+
+    The data goes to a new file of a random name in the same directory, created with
+    ``O_EXCL | O_NOFOLLOW`` relative to the directory opened without following links, and is
+    then renamed over ``path``: a link or file planted at any name is never written through.
+    The directory is made 0700 if missing and must be writable by its owner only; ``path``
+    itself must not be a symbolic link.
+    """
+    content = data.encode() if isinstance(data, str) else data
+    ensure_private_dir(path.parent)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _refuse_link(path, directory)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        while True:
+            temporary = f".{path.name}.{secrets.token_hex(8)}.new"
+            try:
+                fd = os.open(temporary, flags, SECRET_MODE, dir_fd=directory)
+                break
+            except FileExistsError:
+                continue
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=directory)
+            raise
+    finally:
+        os.close(directory)
+
+
+def _refuse_link(path: Path, directory: int) -> None:
+    try:
+        info = os.stat(path.name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise UsageError(
+            f"{path} is {what}; labbuilder writes its state files only as regular files",
+            f"remove {path} (and find out who put it there)",
+        )
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Make ``directory`` (and missing parents) with mode 0700; check that it is safe."""
+    missing: list[Path] = []
+    current = directory
+    while not os.path.lexists(current) and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(0o700)
+    check_private_dir(directory)
+
+
+def check_private_dir(directory: Path, *, what: str = "state directory") -> None:
+    """Refuse a ``directory`` that others could change: a link, not a directory, owned by
+    another user, or writable by group or others (its parent too, unless the parent is a
+    sticky directory such as /tmp)."""
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    hint = "labbuilder keeps its state only where its own user alone can write"
+    if stat.S_ISLNK(info.st_mode):
+        raise UsageError(f"{what} {directory} is a symbolic link", f"{hint}; use its target")
+    if not stat.S_ISDIR(info.st_mode):
+        raise UsageError(
+            f"{what} {directory} is not a directory",
+            "point LABBUILDER_STATE_DIR at a directory (or unset it)",
+        )
+    uid = os.geteuid()
+    if info.st_uid not in (uid, 0):
+        raise UsageError(
+            f"{what} {directory} belongs to user id {info.st_uid}, not to this user ({uid})",
+            hint,
+        )
+    if info.st_mode & 0o022:
+        raise UsageError(
+            f"{what} {directory} is writable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o})",
+            f"chmod go-w {directory}; {hint}",
+        )
+    parent = directory.parent
+    if parent == directory:
+        return
+    above = parent.stat()
+    sticky_root = above.st_mode & stat.S_ISVTX and above.st_uid == 0
+    if above.st_mode & 0o022 and not sticky_root:
+        raise UsageError(
+            f"{what} {directory} is in {parent}, which is writable by group or others "
+            f"(mode {stat.S_IMODE(above.st_mode):04o})",
+            f"chmod go-w {parent}, or keep labbuilder's state elsewhere",
+        )
+    if above.st_uid not in (uid, 0):
+        raise UsageError(
+            f"{what} {directory} is in {parent}, which belongs to user id {above.st_uid}",
+            hint,
+        )
+
+
+def check_state_root() -> None:
+    """The state directory (``$LABBUILDER_STATE_DIR`` or the default) is safe to use, or absent:
+    the nearest existing folder on its path is checked instead then."""
+    root = state_root()
+    existing = root
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if existing == root:
+        check_private_dir(root)
+        return
+    if existing.is_symlink() or not existing.is_dir():
+        raise UsageError(
+            f"state directory {root}: {existing} is not a directory",
+            "point LABBUILDER_STATE_DIR at a directory (or unset it)",
+        )
 
 
 def new_ed25519_key() -> tuple[bytes, bytes]:
@@ -88,7 +209,7 @@ def ensure_ssh_key(state: LabState) -> str:
     if not state.key_path.exists() or not public_path.exists():
         private, public = new_ed25519_key()
         write_secret_file(state.key_path, private)
-        public_path.write_bytes(public + f" labbuilder-{state.lab}\n".encode())
+        write_state_file(public_path, public + f" labbuilder-{state.lab}\n".encode())
     return public_path.read_text().strip()
 
 
@@ -108,13 +229,13 @@ def ensure_host_keys(state: LabState, nodes: Mapping[str, str]) -> dict[str, tup
         if not private_path.exists() or not public_path.exists():
             private, public = new_ed25519_key()
             write_secret_file(private_path, private)
-            public_path.write_bytes(public + f" root@{node}\n".encode())
+            write_state_file(public_path, public + f" root@{node}\n".encode())
         keys[node] = (private_path.read_text(), public_path.read_text().strip())
     lines = []
     for node, address in nodes.items():
         kind, blob = keys[node][1].split()[:2]
         lines.append(f"{node},{state.lab}-{node},{address} {kind} {blob}")
-    state.known_hosts_path.write_text("\n".join(lines) + "\n")
+    write_state_file(state.known_hosts_path, "\n".join(lines) + "\n")
     return keys
 
 
@@ -155,12 +276,23 @@ def password_hash(password: str) -> str:
 
 @contextmanager
 def lab_lock(state: LabState, action: str) -> Iterator[None]:
-    """Hold the lab's lock: a second ``up``/``down`` of the same lab is refused, not queued."""
-    state.directory.mkdir(parents=True, exist_ok=True)
-    with file_lock(state.directory / "lock", blocking=False) as locked:
+    """Hold the lab's lock: a second ``up``/``down``/``install``/``snapshot`` of the same lab
+    is refused, not queued, and ``gc`` leaves the lab alone meanwhile.
+
+    The lock is per lab name on the host (``paths.lab_lock_path``), not in the state
+    directory: the name maps to libvirt objects, whichever state directory a command uses.
+    """
+    path = lab_lock_path(state.lab)
+    if "/" in state.lab or state.lab in ("", ".", ".."):
+        raise ValueError(f"{state.lab!r} is not a lab name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path, blocking=False) as locked:
         if not locked:
             raise UsageError(
                 f"another labbuilder command is changing lab {state.lab} right now",
                 f"wait for it to finish before running `{action}`",
             )
-        yield
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # the holder may (see filelock); waiters lock anew

@@ -41,15 +41,22 @@ def _plain(value: Any) -> Any:
 
 
 def plan_tables(plan: Plan) -> Group:
-    networks = Table(title=f"Lab {plan.lab}: networks ({plan.networking} networking)")
+    # Every value is shown literally (Text), never read as rich markup.
+    networks = Table(title=Text(f"Lab {plan.lab}: networks ({plan.networking} networking)"))
     for column in ("network", "kind", "cidr", "host gateway", "libvirt network", "bridge"):
         networks.add_column(column)
     for net in plan.networks:
         cidr = net.cidr if not net.remapped_from else f"{net.cidr} (was {net.remapped_from})"
         if net.floating_range:
             cidr += f"\nfloating {net.floating_range[0]}-{net.floating_range[1]}"
-        networks.add_row(
-            net.name, str(net.kind), cidr, net.gateway or "-", net.libvirt_name, net.bridge
+        _row(
+            networks,
+            net.name,
+            str(net.kind),
+            cidr,
+            net.gateway or "-",
+            net.libvirt_name,
+            net.bridge,
         )
 
     nodes = Table(title="nodes")
@@ -60,7 +67,8 @@ def plan_tables(plan: Plan) -> Group:
         nics.add_column(column)
     for node in plan.nodes:
         disks = ", ".join(f"{d.device} {format_size(d.size)} {d.purpose}" for d in node.disks)
-        nodes.add_row(
+        _row(
+            nodes,
             node.name,
             str(node.role),
             str(node.vcpus),
@@ -70,7 +78,7 @@ def plan_tables(plan: Plan) -> Group:
         )
         for nic in node.nics:
             address = f"{nic.address}/{nic.prefix}" if nic.address else "up, no address"
-            nics.add_row(node.name, nic.device, nic.network, address, nic.gateway or "-", nic.mac)
+            _row(nics, node.name, nic.device, nic.network, address, nic.gateway or "-", nic.mac)
     totals = Text(
         f"totals: {plan.totals.vcpus} vCPUs, {format_size(plan.totals.memory)} memory, "
         f"{format_size(plan.totals.disk)} disk (thin; the most the disks can grow to)\n"
@@ -82,6 +90,10 @@ def plan_tables(plan: Plan) -> Group:
     parts: list[Table | Text] = [networks, nodes, nics, totals]
     parts += [Text(f"warning: {warning}", style="yellow") for warning in plan.warnings]
     return Group(*parts)
+
+
+def _row(table: Table, *cells: str) -> None:
+    table.add_row(*(Text(cell) for cell in cells))
 
 
 def plan_from_dict(data: dict[str, Any]) -> Plan:

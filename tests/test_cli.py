@@ -90,15 +90,31 @@ def test_a_subnet_the_host_routes_is_refused_with_exit_2(
     assert "set networks.management.cidr" in first
 
 
-def test_force_allows_small_nodes_with_a_warning(
+def test_allow_small_allows_small_nodes_with_a_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lab = tmp_path / "lab.toml"
     lab.write_text('name = "tiny"\n[nodes.compute1]\nmemory = "1 GB"\n')
     assert run(["plan", str(lab), "--no-host-check"], capsys)[0] == 2
-    code, out, _ = run(["plan", str(lab), "--no-host-check", "--force"], capsys)
+    code, out, _ = run(["plan", str(lab), "--no-host-check", "--allow-small"], capsys)
     assert code == 0
     assert "below the guide's minimum of 2 GB for a compute node" in out
+    # -f/--file is the same as the positional lab file
+    assert run(["plan", "-f", str(lab), "--no-host-check", "--allow-small"], capsys)[0] == 0
+
+
+def test_install_force_runs_steps_again_and_does_not_allow_small_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab = tmp_path / "lab.toml"
+    lab.write_text('name = "lbtest-cli-tiny"\n[nodes.compute1]\nmemory = "1 GB"\n')
+    code, out, err = run(["install", "--file", str(lab), "--dry-run", "--force"], capsys)
+    assert code == 2, out + err
+    assert err.splitlines()[0].startswith(f"error: {lab}: nodes.compute1.memory")
+    with pytest.raises(SystemExit) as exit_:
+        main(["install", str(lab), "--dry-run", "--allow-small"])
+    assert exit_.value.code == 2
+    assert "--allow-small" in capsys.readouterr().err
 
 
 def test_lab_file_and_lab_name_together_is_a_usage_error(
@@ -107,6 +123,9 @@ def test_lab_file_and_lab_name_together_is_a_usage_error(
     lab = tmp_path / "lab.toml"
     lab.write_text('name = "x"\n')
     code, _, err = run(["plan", str(lab), "--lab", "guide-3node"], capsys)
+    assert code == 2
+    assert err.startswith("error: give a lab file or --lab NAME, not both")
+    code, _, err = run(["plan", "--file", str(lab), "--lab", "guide-3node"], capsys)
     assert code == 2
     assert err.startswith("error: give a lab file or --lab NAME, not both")
 

@@ -39,11 +39,15 @@ def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
     if args.enable_nested:
         kvm_works = str(probe.acceleration) == "kvm"
         planned = api.enable_nested(args.uri, kvm_works=kvm_works, dry_run=True)
-        if not planned:
+        if planned:
+            if not args.json:
+                console.print("labbuilder will run:\n  " + "\n  ".join(planned))
+            api.enable_nested(args.uri, kvm_works=kvm_works, dry_run=False)
+        if args.json:
+            console.print_json(json.dumps({"enable_nested": planned, "already_on": not planned}))
+        elif not planned:
             console.print("nested virtualization is already on")
         else:
-            console.print("labbuilder will run:\n  " + "\n  ".join(planned))
-            api.enable_nested(args.uri, kvm_works=kvm_works, dry_run=False)
             console.print("done; run `labbuilder doctor` again to see the result")
         return 0
     if args.json:

@@ -14,13 +14,24 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from labbuilder import installer
 from labbuilder.commands import coverage
-from labbuilder.commands.common import Subparsers, add_lab_arguments, selected_lab
+from labbuilder.commands.common import (
+    Sizes,
+    Subparsers,
+    add_lab_arguments,
+    add_plain_row,
+    lab_option,
+    plain_table,
+    selected_lab,
+)
+from labbuilder.commands.lab import up_reported
 from labbuilder.errors import UsageError
 from labbuilder.install import EngineEvent, StageOutcome, Status
-from labbuilder.installreport import Comparison
+from labbuilder.installreport import Comparison, error_entry
+from labbuilder.labstate import lab_state
 from labbuilder.model import Lab
 from labbuilder.recipefile import load_recipe, recipe_names
 from labbuilder.recipemodel import ApiPath, RenderedStage
@@ -46,7 +57,7 @@ def register(commands: Subparsers) -> None:
         epilog=INSTALL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_lab_arguments(install, force=False)
+    add_lab_arguments(install)
     add_install_options(install)
     install.add_argument(
         "--dry-run",
@@ -68,7 +79,7 @@ def register(commands: Subparsers) -> None:
         ),
         epilog="Exit codes: 0 every run passed, 1 a run failed, 2 bad input.",
     )
-    add_lab_arguments(run, force=False)
+    add_lab_arguments(run, allow_small=True)
     add_install_options(run)
     run.add_argument(
         "--auto-subnets",
@@ -79,10 +90,12 @@ def register(commands: Subparsers) -> None:
     run.add_argument(
         "--always-down", action="store_true", help="take the lab down even when the run fails"
     )
-    run.add_argument("--repeat", type=int, default=1, metavar="N", help="fresh runs (default 1)")
+    run.add_argument(
+        "--repeat", type=positive_int, default=1, metavar="N", help="fresh runs (default 1)"
+    )
     run.add_argument(
         "--report-dir",
-        type=Path,
+        type=report_dir_path,
         metavar="DIR",
         help="where the JUnit and JSON reports are copied (default: "
         "<state root>/runs/<lab>-<time>/); they outlive the lab",
@@ -139,6 +152,27 @@ def add_install_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
+def report_dir_path(text: str) -> Path:
+    """An argparse type: a folder for reports (it may not exist yet; it must not be a file)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the folder's path is empty")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
+
+
 def selection_from(args: argparse.Namespace) -> installer.Selection:
     return installer.Selection(
         recipe=args.recipe,
@@ -177,17 +211,16 @@ class InstallView:
 
     def __rich__(self) -> Table:
         elapsed = time.monotonic() - self.started
-        table = Table(title=f"install: stage {self.stage} ({elapsed:.0f} s)")
-        for column in ("node", "step", "status", "for"):
-            table.add_column(column)
+        title = f"install: stage {self.stage} ({elapsed:.0f} s)"
+        table = plain_table(title, ("node", "step", "status", "for"))
         now = time.monotonic()
         for node, (step, status, since) in sorted(self.nodes.items()):
-            table.add_row(node, step, status, f"{now - since:.0f} s")
+            add_plain_row(table, node, step, status, f"{now - since:.0f} s")
         return table
 
 
 def cmd_install(args: argparse.Namespace, console: Console) -> int:
-    lab = selected_lab(args)
+    lab = selected_lab(args, Sizes.IF_UP)
     selection = selection_from(args)
     if args.dry_run:
         recipe, rendered = installer.dry_run(lab, selection)
@@ -209,16 +242,14 @@ def run_install(
     lab: Lab, selection: installer.Selection, *, json_output: bool
 ) -> installer.InstallResult:
     view = InstallView()
-    progress = Console(stderr=True, emoji=False, highlight=False)
+    progress = Console(stderr=True, emoji=False, highlight=False, markup=False)
 
     def on_event(event: EngineEvent) -> None:
         view.update(event)
         if event.kind == "stage-end":
-            live.console.print(
-                f"stage {event.stage}: {event.status} in {event.elapsed:.0f} s", highlight=False
-            )
+            live.console.print(f"stage {event.stage}: {event.status} in {event.elapsed:.0f} s")
         elif event.kind == "snapshot-end" and event.status:
-            live.console.print(f"stage {event.stage}: {event.status}", markup=False)
+            live.console.print(f"stage {event.stage}: {event.status}")
 
     with Live(view, console=progress, refresh_per_second=2, transient=True) as live:
         return installer.install(lab, selection, on_event=on_event)
@@ -251,17 +282,8 @@ def print_dry_run(console: Console, lab: Lab, recipe: str, stages: Sequence[Rend
 
 def summary_table(stages: Sequence[StageOutcome], comparisons: Sequence[Comparison]) -> Table:
     by_stage = {c.stage: c for c in comparisons}
-    table = Table(title="install summary")
-    for column in (
-        "stage",
-        "result",
-        "steps run",
-        "done before",
-        "skipped",
-        "seconds",
-        "vs last run",
-    ):
-        table.add_column(column)
+    columns = ("stage", "result", "steps run", "done before", "skipped", "seconds", "vs last run")
+    table = plain_table("install summary", columns)
     for stage in stages:
         counts = {status: 0 for status in Status}
         for step in stage.steps:
@@ -272,10 +294,11 @@ def summary_table(stages: Sequence[StageOutcome], comparisons: Sequence[Comparis
             else ("not run" if counts[Status.NOT_RUN] == len(stage.steps) else "ok")
         )
         comparison = by_stage.get(stage.name)
-        versus = comparison.describe() if comparison else "-"
+        versus = Text(comparison.describe() if comparison else "-")
         if comparison and comparison.regression:
-            versus = f"[bold red]{versus}[/]"
-        table.add_row(
+            versus.stylize("bold red")
+        add_plain_row(
+            table,
             stage.name,
             result,
             str(counts[Status.OK] + counts[Status.GUARDED] + counts[Status.FAILED]),
@@ -305,29 +328,67 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from labbuilder import api
     from labbuilder.paths import state_root
 
-    lab = selected_lab(args)
+    lab = selected_lab(args, Sizes.FLAG)
     selection = selection_from(args)
-    if args.repeat < 1:
-        raise UsageError(f"--repeat {args.repeat}: give 1 or more runs")
     if args.keep and args.repeat > 1:
-        raise UsageError("--keep keeps one lab; it cannot be combined with --repeat")
+        raise UsageError(
+            "--keep keeps one lab; it cannot be combined with --repeat",
+            "leave out --keep, or --repeat",
+        )
     load_recipe(selection.recipe or lab.recipe)  # a bad recipe fails before `up`
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report_dir = args.report_dir or state_root() / "runs" / f"{lab.name}-{stamp}"
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(
+            f"--report-dir {report_dir}: cannot make the folder: {err.strerror}",
+            "give a folder labbuilder can write",
+        ) from None
     runs: list[dict[str, object]] = []
     status = 0
-    progress = Console(stderr=True, emoji=False, highlight=False)
+    progress = Console(stderr=True, emoji=False, highlight=False, markup=False)
+
+    def summary() -> None:
+        passed = sum(1 for run in runs if run["passed"])
+        if args.json:
+            console.print_json(json.dumps({"lab": lab.name, "passed": passed, "runs": runs}))
+        else:
+            console.print(f"{passed} of {len(runs)} runs passed; reports in {report_dir}")
+
     for number in range(1, args.repeat + 1):
-        progress.print(f"run {number}/{args.repeat}: up", highlight=False)
+        progress.print(f"run {number}/{args.repeat}: up")
         started = time.monotonic()
-        up = api.up(lab, auto_subnets=args.auto_subnets, log=lambda m: progress.print(m))
-        result = run_install(lab, selection, json_output=args.json)
+        since = time.time()
         target = report_dir / f"run-{number}" if args.repeat > 1 else report_dir
-        target.mkdir(parents=True, exist_ok=True)
-        for path in (result.junit, result.report):
-            if path is not None:
-                shutil.copy2(path, target / path.name)
-                shutil.copy2(path, target / f"latest{path.suffix}")
+        up_seconds: float | None = None
+        try:
+            up, _ = up_reported(lab, auto_subnets=args.auto_subnets, log=progress.print)
+            up_seconds = up.seconds
+            result = run_install(lab, selection, json_output=args.json)
+        except BaseException as err:
+            # Whatever stopped the run, its reports (up's, and install's so far) are kept.
+            copied = copy_reports(lab, target, since)
+            err.add_note(f"reports in {target}" if copied else "no report was written")
+            if args.always_down and not isinstance(err, KeyboardInterrupt):
+                try:
+                    api.down(lab)
+                except Exception as failed:  # noqa: BLE001 - the first error is the one to show
+                    err.add_note(f"taking the lab down failed too: {failed}")
+            runs.append(
+                {
+                    "run": number,
+                    "passed": False,
+                    "error": error_entry(err, "up" if up_seconds is None else "install"),
+                    "up_seconds": None if up_seconds is None else round(up_seconds, 1),
+                    "total_seconds": round(time.monotonic() - started, 1),
+                    "reports": str(target),
+                    "kept": not args.always_down or isinstance(err, KeyboardInterrupt),
+                }
+            )
+            summary()
+            raise
+        copy_reports(lab, target, since)
         keep = (args.keep and result.ok) or (not result.ok and not args.always_down)
         if not keep:
             api.down(lab)
@@ -349,17 +410,36 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             status = 1
             if keep:
                 console.print(
-                    f"the lab is kept for inspection: `labbuilder ssh --lab {lab.name} NODE`, "
-                    "`labbuilder down` when done",
-                    markup=False,
+                    f"the lab is kept for inspection: `labbuilder ssh {lab_option(lab)} NODE`, "
+                    f"`labbuilder down {lab_option(lab)}` when done"
                 )
                 break
-    passed = sum(1 for run in runs if run["passed"])
-    if args.json:
-        console.print_json(json.dumps({"lab": lab.name, "passed": passed, "runs": runs}))
-    else:
-        console.print(f"{passed} of {len(runs)} runs passed; reports in {report_dir}", markup=False)
+    summary()
     return status
+
+
+def copy_reports(lab: Lab, target: Path, since: float) -> list[Path]:
+    """Copy the reports of the lab written since ``since`` (epoch seconds) to ``target``:
+    ``up-<time>``/``install-<time>`` as they are, and the newest as ``up-latest`` and
+    ``latest`` (install), in JUnit XML and JSON."""
+    reports = lab_state(lab.name).directory / "reports"
+    copied: list[Path] = []
+    target.mkdir(parents=True, exist_ok=True)
+    for kind, latest in (("up", "up-latest"), ("install", "latest")):
+        for suffix in (".xml", ".json"):
+            found = sorted(
+                path
+                for path in reports.glob(f"{kind}-*{suffix}")
+                if not path.is_symlink()
+                and path.stem != "up-latest"
+                and path.stat().st_mtime >= since - 1
+            )
+            for path in found:
+                shutil.copy2(path, target / path.name)
+                copied.append(target / path.name)
+            if found:
+                shutil.copy2(found[-1], target / f"{latest}{suffix}")
+    return copied
 
 
 def cmd_recipe_list(args: argparse.Namespace, console: Console) -> int:
@@ -378,11 +458,10 @@ def cmd_recipe_list(args: argparse.Namespace, console: Console) -> int:
             )
         )
         return 0
-    table = Table(title="install recipes")
-    for column in ("recipe", "stages", "description"):
-        table.add_column(column)
+    table = plain_table("install recipes", ("recipe", "stages", "description"))
     for recipe in recipes:
-        table.add_row(recipe.name, ", ".join(s.name for s in recipe.stages), recipe.description)
+        stages = ", ".join(s.name for s in recipe.stages)
+        add_plain_row(table, recipe.name, stages, recipe.description)
     console.print(table)
     return 0
 

@@ -6,20 +6,30 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from labbuilder import api
+from labbuilder.bringup import UpResult
 from labbuilder.commands.common import (
+    Sizes,
     Subparsers,
+    add_json,
     add_lab_arguments,
-    add_lab_option,
+    add_plain_row,
+    plain_table,
     selected_lab,
 )
+from labbuilder.installreport import UpRecord, error_entry, write_up_reports
+from labbuilder.labstate import lab_state
+from labbuilder.model import Lab
 from labbuilder.planview import plan_as_dict, plan_tables
 from labbuilder.readiness import RUNGS
+from labbuilder.teardown import Removed
 
 
 def register(commands: Subparsers) -> None:
@@ -33,7 +43,7 @@ def register(commands: Subparsers) -> None:
             "more memory or disk than the host has, is refused before anything is created."
         ),
     )
-    add_lab_arguments(plan)
+    add_lab_arguments(plan, allow_small=True)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_auto_subnets(plan)
     plan.add_argument(
@@ -66,7 +76,7 @@ def register(commands: Subparsers) -> None:
             "partial lab it completes what is missing."
         ),
     )
-    add_lab_arguments(up)
+    add_lab_arguments(up, allow_small=True)
     add_auto_subnets(up)
     up.add_argument("--json", action="store_true", help="print the result as JSON")
     up.set_defaults(handler=cmd_up)
@@ -79,7 +89,8 @@ def register(commands: Subparsers) -> None:
             "(labbuilder's metadata), so it works after a crash or a killed `up` too."
         ),
     )
-    add_lab_arguments(down, force=False)
+    add_lab_arguments(down)
+    add_json(down, "what was removed")
     down.set_defaults(handler=cmd_down)
 
     status = commands.add_parser(
@@ -87,7 +98,7 @@ def register(commands: Subparsers) -> None:
         help="show the lab's nodes: state, addresses, acceleration",
         description="Show the lab's nodes and networks as libvirt sees them.",
     )
-    add_lab_arguments(status, force=False)
+    add_lab_arguments(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(handler=cmd_status)
 
@@ -96,7 +107,7 @@ def register(commands: Subparsers) -> None:
         help="open a shell on a node, or run a command there",
         description="SSH to a node with the lab's key: `labbuilder ssh controller hostname`.",
     )
-    add_lab_option(ssh)
+    add_lab_arguments(ssh, positional=False)
     ssh.add_argument("node", help="the node's name, e.g. controller")
     ssh.add_argument("remote", nargs=argparse.REMAINDER, help="a command to run instead of a shell")
     ssh.set_defaults(handler=cmd_ssh)
@@ -110,7 +121,7 @@ def register(commands: Subparsers) -> None:
             "state directory."
         ),
     )
-    add_lab_arguments(ssh_config, force=False)
+    add_lab_arguments(ssh_config)
     ssh_config.set_defaults(handler=cmd_ssh_config)
 
     console = commands.add_parser(
@@ -119,7 +130,7 @@ def register(commands: Subparsers) -> None:
         description="Attach to a node's serial console (leave with Ctrl-]). Log in as the "
         "lab's user with the console password from the lab's secrets file.",
     )
-    add_lab_option(console)
+    add_lab_arguments(console, positional=False)
     console.add_argument("node", help="the node's name, e.g. controller")
     console.set_defaults(handler=cmd_console)
 
@@ -144,6 +155,7 @@ def register(commands: Subparsers) -> None:
     gc.add_argument(
         "--match", default="*", metavar="GLOB", help="only labs whose name matches, e.g. 'ci-*'"
     )
+    add_json(gc, "what was removed")
     gc.set_defaults(handler=cmd_gc)
 
 
@@ -156,7 +168,7 @@ def add_auto_subnets(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    lab = selected_lab(args)
+    lab = selected_lab(args, Sizes.FLAG)
     result = api.plan_lab(lab, auto_subnets=args.auto_subnets, host_check=not args.no_host_check)
     if args.json:
         data = plan_as_dict(result.plan)
@@ -183,12 +195,10 @@ def cmd_labs(args: argparse.Namespace, console: Console) -> int:
         ]
         console.print_json(json.dumps(rows))
         return 0
-    table = Table(title="built-in labs")
-    for column in ("name", "networking", "nodes", "description"):
-        table.add_column(column)
+    table = plain_table("built-in labs", ("name", "networking", "nodes", "description"))
     for lab in labs:
         nodes = ", ".join(n.name for n in lab.nodes)
-        table.add_row(lab.name, str(lab.networking), nodes, lab.description)
+        add_plain_row(table, lab.name, str(lab.networking), nodes, lab.description)
     console.print(table)
     return 0
 
@@ -204,28 +214,27 @@ class LadderView:
         self.rungs[node] = (rung, seconds)
 
     def __rich__(self) -> Table:
-        table = Table(title=f"readiness ({time.monotonic() - self.started:.0f} s)")
-        for column in ("node", "rung", *RUNGS):
-            table.add_column(column)
+        title = f"readiness ({time.monotonic() - self.started:.0f} s)"
+        table = plain_table(title, ("node", "rung", *RUNGS))
         for node, (rung, _) in sorted(self.rungs.items()):
             marks = []
             for step in RUNGS:
                 done = rung == "ready" or RUNGS.index(step) < RUNGS.index(rung)
                 marks.append("✓" if done else ("…" if step == rung else ""))
-            table.add_row(node, rung, *marks)
+            add_plain_row(table, node, rung, *marks)
         return table
 
 
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
-    lab = selected_lab(args)
+    lab = selected_lab(args, Sizes.FLAG)
     view = LadderView()
     # Progress goes to stderr, so that stdout holds only the result (JSON with --json).
-    progress = Console(stderr=True, emoji=False, highlight=False)
+    progress = Console(stderr=True, emoji=False, highlight=False, markup=False)
     with Live(view, console=progress, refresh_per_second=2, transient=args.json) as live:
-        result = api.up(
+        result, _ = up_reported(
             lab,
             auto_subnets=args.auto_subnets,
-            log=lambda message: live.console.print(message, highlight=False),
+            log=lambda message: live.console.print(message),
             on_rung=view.update,
         )
     if args.json:
@@ -250,9 +259,50 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def up_reported(
+    lab: Lab,
+    *,
+    auto_subnets: bool,
+    log: Callable[[str], None],
+    on_rung: Callable[[str, str, float], None] | None = None,
+) -> tuple[UpResult, tuple[Path, Path]]:
+    """``api.up`` that leaves its report (``reports/up-latest.json`` and ``.xml`` in the lab's
+    state directory) whether it succeeds or fails; a failure's error names the report."""
+    record = UpRecord(lab.name)
+    directory = lab_state(lab.name).directory
+
+    def on_log(message: str) -> None:
+        record.on_log(message)
+        log(message)
+
+    def on_node_rung(node: str, rung: str, seconds: float) -> None:
+        record.on_rung(node, rung, seconds)
+        if on_rung is not None:
+            on_rung(node, rung, seconds)
+
+    try:
+        result = api.up(lab, auto_subnets=auto_subnets, log=on_log, on_rung=on_node_rung)
+    except BaseException as err:
+        if directory.is_dir():  # `up` got as far as the lab's state: its report goes there
+            where = record.log[-1][1] if record.log else "checking the lab and the host"
+            try:
+                paths = write_up_reports(
+                    directory / "reports", record, RUNGS, error_entry(err, where)
+                )
+            except Exception as failed:  # noqa: BLE001 - the first error is the one to show
+                err.add_note(f"writing the report failed too: {failed}")
+            else:
+                err.add_note(f"report: {paths[1]}")
+        raise
+    return result, write_up_reports(directory / "reports", record, RUNGS)
+
+
 def cmd_down(args: argparse.Namespace, console: Console) -> int:
     lab = selected_lab(args)
     removed = api.down(lab)
+    if args.json:
+        console.print_json(json.dumps({"lab": lab.name, **removed_dict(removed)}))
+        return 0
     console.print(
         f"lab {lab.name}: removed {len(removed.domains)} domains, {len(removed.networks)} "
         f"networks, {len(removed.volumes)} volumes"
@@ -280,11 +330,10 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     if not status.nodes:
         console.print(f"lab {lab.name} has no nodes on this host")
         return 1
-    table = Table(title=f"lab {status.lab}")
-    for column in ("node", "role", "state", "addresses", "acceleration", "domain"):
-        table.add_column(column)
+    columns = ("node", "role", "state", "addresses", "acceleration", "domain")
+    table = plain_table(f"lab {status.lab}", columns)
     for node in status.nodes:
-        table.add_row(
+        add_plain_row(table,
             node.name, node.role, node.state, "\n".join(node.addresses), node.acceleration,
             node.domain,
         )  # fmt: skip
@@ -318,18 +367,30 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         console.print_json(json.dumps(labs))
         return 0
-    table = Table(title="labs on this host")
-    for column in ("lab", "domains", "networks", "volumes", "state"):
-        table.add_column(column)
+    table = plain_table("labs on this host", ("lab", "domains", "networks", "volumes", "state"))
     for lab, counts in sorted(labs.items()):
-        table.add_row(lab, *(str(counts[k]) for k in ("domains", "networks", "volumes")),
+        add_plain_row(table, lab, *(str(counts[k]) for k in ("domains", "networks", "volumes")),
                       "yes" if counts["state"] else "no")  # fmt: skip
     console.print(table)
     return 0
 
 
+def removed_dict(removed: Removed) -> dict[str, object]:
+    return {
+        "domains": list(removed.domains),
+        "networks": list(removed.networks),
+        "volumes": list(removed.volumes),
+        "firewall": bool(removed.firewall),
+        "state_dir": removed.state_dir,
+        "left": list(removed.left),
+    }
+
+
 def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     removed = api.gc(args.uri, args.match)
+    if args.json:
+        console.print_json(json.dumps({lab: removed_dict(what) for lab, what in removed.items()}))
+        return 0
     if not removed:
         console.print("nothing to remove")
     for lab, what in removed.items():

@@ -6,14 +6,18 @@ import argparse
 import json
 import time
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from labbuilder import snapshots
-from labbuilder.commands.common import Subparsers, add_lab_arguments, selected_lab
+from labbuilder.commands.common import (
+    Subparsers,
+    add_lab_arguments,
+    add_plain_row,
+    plain_table,
+    selected_lab,
+)
 from labbuilder.errors import UsageError
 from labbuilder.labstate import lab_state
 from labbuilder.model import Lab
@@ -96,14 +100,14 @@ def register(commands: Subparsers) -> None:
     which = delete.add_mutually_exclusive_group()
     which.add_argument("--all", action="store_true", help="delete every snapshot of the lab")
     which.add_argument("--after", metavar="NAME", help="delete the snapshots taken after NAME")
+    delete.add_argument("--json", action="store_true", help="print what was deleted as JSON")
     delete.set_defaults(handler=cmd_delete)
 
 
 def add_lab(parser: argparse.ArgumentParser) -> None:
-    add_lab_arguments(parser, force=False)
     # Only the lab's name and libvirt URI matter here, so sizes below the guide's minimums
-    # (a lab brought up with `up --force`) are accepted without asking again.
-    parser.set_defaults(force=True)
+    # (a lab brought up with `up --allow-small`) are accepted without asking again.
+    add_lab_arguments(parser)
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -116,12 +120,12 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     if not infos:
         console.print(f"lab {lab.name} has no snapshots; take one with `labbuilder snapshot take`")
         return 0
-    table = Table(title=f"snapshots of lab {lab.name}")
-    for column in ("snapshot", "taken", "complete", "memory", "disk", "description"):
-        table.add_column(column)
+    columns = ("snapshot", "taken", "complete", "memory", "disk", "description")
+    table = plain_table(f"snapshots of lab {lab.name}", columns)
     for info in infos:
         complete = "yes" if info.complete else f"no: missing on {', '.join(info.missing)}"
-        table.add_row(
+        add_plain_row(
+            table,
             info.name,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created)),
             complete,
@@ -187,8 +191,8 @@ def cmd_restore(args: argparse.Namespace, console: Console) -> int:
 def cmd_delete(args: argparse.Namespace, console: Console) -> int:
     name = args.name
     bulk = args.all or args.after is not None
-    if name is not None and args.lab_file is None and looks_like_file(name):
-        args.lab_file, name = Path(name), None  # `delete --all lab.toml`
+    if name is not None and args.lab_file is None and args.file is None and looks_like_file(name):
+        args.lab_file, name = name, None  # `delete --all lab.toml`
     if bulk:
         if name is not None:
             raise UsageError(
@@ -202,6 +206,9 @@ def cmd_delete(args: argparse.Namespace, console: Console) -> int:
             deleted = [snapshots.delete_snapshot(conn, lab.name, name).name]
         else:
             deleted = snapshots.delete_snapshots(conn, lab.name, after=args.after)
+    if args.json:
+        console.print_json(json.dumps({"lab": lab.name, "deleted": deleted}))
+        return 0
     if deleted:
         noun = "snapshot" if len(deleted) == 1 else "snapshots"
         console.print(f"lab {lab.name}: deleted {noun} {', '.join(deleted)}")
