@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
+import stat
+import struct
 import tomllib
 import urllib.parse
 import urllib.request
@@ -198,7 +201,77 @@ def _existing_image_file(path: Path, location: str) -> Path:
             f"image file {path} (named as {location!r}) does not exist or is not a file",
             hint="check the path; relative paths are resolved from the lab file's folder",
         )
+    problem = local_image_problem(path)
+    if problem is not None:
+        raise ImageError(f"image file {path} (named as {location!r}) {problem[0]}", problem[1])
     return path
+
+
+def local_image_problem(path: Path, *, qcow2_only: bool = False) -> tuple[str, str] | None:
+    """Why a local file cannot be a lab's image (``(rule, hint)``), or None.
+
+    It must be a regular file (a symlink counts as the file it leads to), never a device, FIFO,
+    socket or directory; a qcow2 image must stand alone: a backing file or an external data
+    file would make the guest's disk read another file of the host. With ``qcow2_only`` (an
+    image a lab file names) anything but a qcow2 image is refused too.
+    """
+    try:
+        info = path.stat()
+    except (OSError, ValueError) as err:
+        return f"cannot be read: {getattr(err, 'strerror', None) or err}", "check the path"
+    if not stat.S_ISREG(info.st_mode):
+        return f"is {file_kind(info.st_mode)}, not a regular file", "name an image file"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as err:
+        return f"cannot be read: {err.strerror}", "check the file's permissions"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "changed into something that is not a regular file", "name an image file"
+        header = os.read(fd, 104)
+    finally:
+        os.close(fd)
+    if header[:4] != _QCOW2_MAGIC:
+        if qcow2_only:
+            return (
+                "is not a qcow2 image",
+                "a lab file names a local image as a qcow2 file (qemu-img convert -O qcow2)",
+            )
+        return None
+    if len(header) < 72:
+        return "is a truncated qcow2 image", "name a complete qcow2 image"
+    version, backing_offset = (
+        struct.unpack(">I", header[4:8])[0],
+        struct.unpack(">Q", header[8:16])[0],
+    )
+    if backing_offset != 0:
+        return (
+            "is a qcow2 image with a backing file (another file of this host)",
+            "flatten it first: qemu-img convert -O qcow2 IMAGE FLAT.qcow2",
+        )
+    if version >= 3 and len(header) >= 80:
+        incompatible = struct.unpack(">Q", header[72:80])[0]
+        if incompatible & 0b100:
+            return (
+                "is a qcow2 image with an external data file (another file of this host)",
+                "flatten it first: qemu-img convert -O qcow2 IMAGE FLAT.qcow2",
+            )
+    return None
+
+
+def file_kind(mode: int) -> str:
+    """What a file is, for messages: "a directory", "a FIFO", ..."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _format_from_magic(path: Path) -> DiskFormat:

@@ -7,7 +7,7 @@ planner's job, with ``HostFacts``).
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from itertools import combinations
 
 import netaddr
@@ -21,10 +21,27 @@ from labbuilder.addressing import (
     overlaps,
 )
 from labbuilder.errors import LabFileError
-from labbuilder.model import Egress, Lab, Networking, NetworkKind, NetworkSpec, NicRole, NodeSpec
+from labbuilder.labvalues import (
+    ValueProblem,
+    check_egress_destination,
+    check_libvirt_uri,
+    check_mac,
+    check_time_server,
+    check_url,
+    reserved_range,
+)
+from labbuilder.model import (
+    Egress,
+    Lab,
+    Networking,
+    NetworkKind,
+    NetworkSpec,
+    NicRole,
+    NodeSpec,
+    Role,
+)
+from labbuilder.recipemodel import Recipe
 from labbuilder.tomlread import show
-
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def check_lab(lab: Lab) -> None:
@@ -48,6 +65,15 @@ def check_network(lab: Lab, net: NetworkSpec) -> None:
         network = ip_network(net.cidr)
     except ValueError as err:
         raise fail(lab, f"{path}.cidr", net.cidr, str(err)) from None
+    reserved = reserved_range(net.cidr)
+    if reserved is not None:
+        raise fail(
+            lab,
+            f"{path}.cidr",
+            net.cidr,
+            f"overlaps a range no lab network can use: {reserved}",
+            "use a private range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)",
+        )
     if net.kind == NetworkKind.ISOLATED and net.gateway is not None:
         raise fail(
             lab,
@@ -225,11 +251,10 @@ def check_unique_macs(lab: Lab) -> None:
                 raise fail(
                     lab, key, mac, f"is for a {role} NIC, which node {node.name} does not have"
                 )
-            normal = mac.lower()
-            if not _MAC.match(normal):
-                raise fail(lab, key, mac, "is not a MAC address such as 52:54:00:12:34:56")
-            if int(normal[:2], 16) & 1:
-                raise fail(lab, key, mac, "is a multicast MAC; the first byte must be even")
+            try:
+                normal = check_mac(mac)
+            except ValueProblem as problem:
+                raise fail(lab, key, mac, problem.rule, problem.hint) from None
             if normal in seen:
                 raise fail(lab, key, mac, f"is already used by {seen[normal]}")
             seen[normal] = f"{node.name}'s {role} NIC"
@@ -245,18 +270,70 @@ def check_options(lab: Lab) -> None:
             f'is set, but options.egress = "{options.egress}"',
             'set egress = "allow" to confine guests to these destinations',
         )
-    for i, item in enumerate(options.egress_allow):
-        try:
-            if "/" in item:
-                ip_network(item)
-            else:
-                ip_address(item)
-        except ValueError as err:
-            raise fail(lab, f"options.egress_allow[{i}]", item, str(err)) from None
+    checks: list[tuple[str, str, Callable[[str], str]]] = [
+        (f"options.egress_allow[{i}]", item, check_egress_destination)
+        for i, item in enumerate(options.egress_allow)
+    ]
+    checks += [
+        (f"options.ntp_servers[{i}]", item, check_time_server)
+        for i, item in enumerate(options.ntp_servers)
+    ]
     for key, url in (("apt_proxy", options.apt_proxy), ("apt_mirror", options.apt_mirror)):
-        if url is not None and not re.match(r"^https?://[^/\s]+", url):
-            raise fail(lab, f"options.{key}", url, "is not an http:// or https:// URL")
-    if "://" not in lab.libvirt_uri:
+        if url is not None:
+            checks.append((f"options.{key}", url, check_url))
+    checks.append(("libvirt_uri", lab.libvirt_uri, check_libvirt_uri))
+    for key, value, check in checks:
+        try:
+            check(value)
+        except ValueProblem as problem:
+            raise fail(lab, key, value, problem.rule, problem.hint) from None
+
+
+# --- what the lab's recipe needs --------------------------------------------------------------
+
+
+def check_lab_recipe(lab: Lab, recipe: Recipe) -> None:
+    """Refuse a lab that ``recipe`` cannot install: ``options.stages`` names that are not
+    optional stages of the recipe (or whose nodes the lab lacks), no controller or more than
+    one, a networking variant the recipe has no stages for."""
+    optional = [stage for stage in recipe.stages if stage.optional]
+    optional_names = ", ".join(stage.name for stage in optional) or "none"
+    roles = {str(node.role) for node in lab.nodes}
+    for i, name in enumerate(lab.options.optional_stages):
+        key = f"options.stages[{i}]"
+        stage = next((stage for stage in recipe.stages if stage.name == name), None)
+        if stage is None or not stage.optional:
+            rule = "is not a stage" if stage is None else "is not an optional stage"
+            raise fail(
+                lab,
+                key,
+                name,
+                f"{rule} of recipe {recipe.name}",
+                f"optional stages of {recipe.name}: {optional_names}",
+            )
+        missing = [role for role in stage.requires_roles if role not in roles]
+        if missing:
+            raise fail(
+                lab,
+                key,
+                name,
+                f"needs a {missing[0]} node, and the lab has none",
+                f"add one, e.g. [nodes.{missing[0]}1]",
+            )
+    controllers = [node for node in lab.nodes if node.role == Role.CONTROLLER]
+    if len(controllers) != 1:
+        what = "no controller node" if not controllers else f"{len(controllers)} controller nodes"
+        raise LabFileError(
+            f"{lab.source}: the lab has {what}; recipe {recipe.name} installs one controller",
+            "keep exactly one node with role controller (nodes.controller)",
+        )
+    variants = {stage.networking for stage in recipe.stages if stage.networking is not None}
+    if variants and str(lab.networking) not in variants:
         raise fail(
-            lab, "libvirt_uri", lab.libvirt_uri, "is not a libvirt URI such as qemu:///system"
+            lab,
+            "networking",
+            str(lab.networking),
+            f"is not a networking variant recipe {recipe.name} installs "
+            f"({', '.join(sorted(variants))})",
+            f'set networking = "{sorted(variants)[0]}", or choose another recipe',
         )

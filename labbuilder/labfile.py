@@ -8,20 +8,27 @@ for a compute node``. Nothing downstream sees raw TOML.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from labbuilder import guide
+from labbuilder.catalog import file_kind, load_catalog, local_image_problem
 from labbuilder.errors import LabFileError
 from labbuilder.labcheck import check_lab
+from labbuilder.labvalues import ValueProblem, check_image_url
 from labbuilder.model import (
     DiskSpec,
     Egress,
+    GiB,
     Lab,
+    MiB,
     Networking,
     NetworkKind,
     NetworkSpec,
@@ -30,15 +37,18 @@ from labbuilder.model import (
     Options,
     Role,
 )
+from labbuilder.recipefile import recipe_names
 from labbuilder.resources import data_dir
 from labbuilder.sizes import format_size
 from labbuilder.tomlread import (
     Where,
     check_keys,
     expect,
+    has_control,
     parse_bool,
     parse_enum,
     parse_int,
+    parse_line,
     parse_name,
     parse_range,
     parse_size_value,
@@ -63,17 +73,74 @@ NETWORK_KEYS = ("role", "kind", "cidr", "gateway", "dhcp_range", "floating_range
 NODE_KEYS = ("role", "count", "vcpus", "memory", "disk", "extra_disks", "nics", "addresses", "macs")
 DISK_KEYS = ("size", "purpose")
 
+# Limits: what libvirt, the kernel or this program would refuse or choke on is refused first.
+MAX_LAB_FILE = 1024 * 1024  # bytes
+MAX_NODES = 64  # per lab, and per group (`count`)
+MAX_VCPUS = 64
+MIN_MEMORY, MAX_MEMORY = 128 * MiB, 256 * GiB  # the minimum holds even with --force
+MIN_DISK, MAX_DISK = 1 * GiB, 4096 * GiB  # the root disk; extra disks have the same maximum
+MIN_EXTRA_DISK = 1 * MiB
+MAX_EXTRA_DISKS = 8  # vdb..vdi; the seed takes the next letter
+MAX_LIST = 32  # ntp_servers, egress_allow, stages
+MAX_DESCRIPTION = 500
+# Names labbuilder gives its own temporary libvirt objects: a lab may not be named into them.
+RESERVED_LAB_PREFIXES = ("lbbake", "lbprobe")
+_NODE_NAME_HINT = (
+    "use lower-case letters and digits, starting with a letter, at most {n} characters; no '-': "
+    "libvirt names are <lab>-<name>, so a '-' would let two labs plan the same name"
+)
+
 
 # --- entry points ---------------------------------------------------------------------------
 
 
 def load_lab_file(path: Path, *, force: bool = False) -> Lab:
-    """Read and validate a lab file."""
+    """Read and validate a lab file: a regular file of at most 1 MiB of UTF-8 TOML."""
+    return parse_lab(read_lab_text(path), source=str(path), force=force, folder=path.parent)
+
+
+def read_lab_text(path: Path) -> str:
+    """The text of a lab file. Special files are refused before they are opened for reading
+    (a FIFO would block, /dev/zero never ends), and so is a file larger than MAX_LAB_FILE."""
+    hint = "name a lab file (TOML), e.g. labs/guide-3node.toml"
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise LabFileError(f"{path}: cannot read the lab file: {err}") from None
-    return parse_lab(text, source=str(path), force=force)
+        info = path.stat()
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise LabFileError(f"{path}: cannot read the lab file: {reason}", hint) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise LabFileError(
+            f"{path}: the lab file is {file_kind(info.st_mode)}, not a regular file", hint
+        )
+    too_big = LabFileError(
+        f"{path}: the lab file is larger than {MAX_LAB_FILE // 1024} KiB",
+        "a lab file is a few hundred lines of TOML at most",
+    )
+    if info.st_size > MAX_LAB_FILE:
+        raise too_big
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as err:
+        raise LabFileError(f"{path}: cannot read the lab file: {err.strerror}", hint) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the first look
+            raise LabFileError(f"{path}: the lab file is not a regular file", hint)
+        data = b""
+        while len(data) <= MAX_LAB_FILE and (chunk := os.read(fd, 65536)):
+            data += chunk
+    except OSError as err:
+        raise LabFileError(f"{path}: cannot read the lab file: {err.strerror}", hint) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_LAB_FILE:
+        raise too_big
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LabFileError(
+            f"{path}: the lab file is not UTF-8 text (byte {err.start})",
+            "save it as UTF-8; a lab file is TOML text",
+        ) from None
 
 
 def builtin_lab_names() -> list[str]:
@@ -85,43 +152,67 @@ def builtin_lab_names() -> list[str]:
 
 
 def load_builtin_lab(name: str, *, force: bool = False) -> Lab:
-    entry = data_dir("labs") / f"{name}.toml"
-    if not entry.is_file():
-        names = builtin_lab_names()
+    names = builtin_lab_names()
+    if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {close[0]!r}?" if close else "`labbuilder labs` lists them"
         raise LabFileError(
             f"there is no built-in lab {name!r}; built-in labs: {', '.join(names)}", hint
         )
+    entry = data_dir("labs") / f"{name}.toml"
     return parse_lab(entry.read_text(encoding="utf-8"), source=f"built-in lab {name}", force=force)
 
 
-def parse_lab(text: str, *, source: str, force: bool = False) -> Lab:
-    """Parse a lab file's text. ``force`` turns sizes below the guide's minimums into warnings."""
+def parse_lab(text: str, *, source: str, force: bool = False, folder: Path | None = None) -> Lab:
+    """Parse a lab file's text. ``force`` turns sizes below the guide's minimums into warnings;
+    ``folder`` is the lab file's folder, the only place its local images may be (None: a lab
+    without a file names no local image)."""
+    if len(text) > MAX_LAB_FILE:
+        raise LabFileError(f"{source}: the lab file is larger than {MAX_LAB_FILE // 1024} KiB")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise LabFileError(f"{source}: not valid TOML: {err}") from None
-    return lab_from_data(data, source=source, force=force)
+        raise LabFileError(f"{source}: not valid TOML: {one_line(str(err))}") from None
+    except RecursionError:
+        raise LabFileError(
+            f"{source}: not valid TOML: arrays or tables nested too deeply",
+            "a lab file nests tables and lists a few levels deep at most",
+        ) from None
+    return lab_from_data(data, source=source, force=force, folder=folder)
 
 
-def lab_from_data(data: dict[str, Any], *, source: str, force: bool = False) -> Lab:
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def lab_from_data(
+    data: dict[str, Any], *, source: str, force: bool = False, folder: Path | None = None
+) -> Lab:
     """Build a Lab from a lab file's parsed TOML (a dict as ``tomllib`` returns it)."""
     where = Where(source)
     check_keys(data, TOP_KEYS + TABLE_KEYS, where)
 
     name = parse_name(data.get("name"), where.key("name"), max_length=40)
+    if name.startswith(RESERVED_LAB_PREFIXES):
+        raise where.key("name").error(
+            name,
+            f"starts with {next(p for p in RESERVED_LAB_PREFIXES if name.startswith(p))!r}, "
+            "which labbuilder keeps for its own temporary machines",
+            "choose another name",
+        )
     networking = parse_enum(data.get("networking", "neutron"), Networking, where.key("networking"))
     networks = parse_networks(data.get("networks", {}), networking, where.key("networks"))
     warnings: list[str] = []
     nodes = parse_nodes(data.get("nodes", {}), networking, where.key("nodes"), force, warnings)
     lab = Lab(
         name=name,
-        description=parse_str(data.get("description", ""), where.key("description")),
+        description=parse_line(
+            data.get("description", ""), where.key("description"), max_length=MAX_DESCRIPTION
+        ),
         source=source,
         networking=networking,
-        image=parse_str(data.get("image", guide.DEFAULT_IMAGE), where.key("image")),
-        recipe=parse_str(data.get("recipe", guide.DEFAULT_RECIPE), where.key("recipe")),
+        image=parse_image(data.get("image", guide.DEFAULT_IMAGE), where.key("image"), folder),
+        recipe=parse_recipe_name(data.get("recipe", guide.DEFAULT_RECIPE), where.key("recipe")),
         libvirt_uri=parse_str(
             data.get("libvirt_uri", guide.DEFAULT_LIBVIRT_URI), where.key("libvirt_uri")
         ),
@@ -133,6 +224,78 @@ def lab_from_data(data: dict[str, Any], *, source: str, force: bool = False) -> 
     return replace(lab, warnings=tuple(warnings))
 
 
+# --- image and recipe -----------------------------------------------------------------------
+
+
+def parse_recipe_name(value: object, where: Where) -> str:
+    """A built-in recipe's name. A recipe folder is code (jinja templates, shell steps): only
+    the user names one, on the command line (``install --recipe DIR``), never a lab file."""
+    name = parse_str(value, where)
+    known = recipe_names()
+    if name not in known:
+        raise where.error(
+            name,
+            "is not a built-in recipe",
+            f"built-in recipes: {', '.join(known)}; a recipe folder of your own is given on "
+            "the command line: labbuilder install --recipe DIR",
+        )
+    return name
+
+
+def parse_image(value: object, where: Where, folder: Path | None) -> str:
+    """A catalog image's name, an http(s) URL, or a local qcow2 file in the lab file's folder.
+
+    A local image is returned as its absolute path, so the lab finds it from any directory.
+    """
+    text = parse_str(value, where)
+    if text in load_catalog():
+        return text
+    scheme = urllib.parse.urlsplit(text).scheme
+    if scheme in ("http", "https"):
+        try:
+            return check_image_url(text)
+        except ValueProblem as problem:
+            raise where.error(text, problem.rule, problem.hint) from None
+    if scheme == "file":
+        raise where.error(
+            text,
+            "is a file:// URL; a lab file names a local image by its path",
+            'e.g. image = "./images/custom.qcow2" (in the lab file\'s folder)',
+        )
+    if scheme or "/" not in text and not text.endswith((".qcow2", ".img")):
+        names = ", ".join(sorted(load_catalog()))
+        raise where.error(
+            text,
+            "is not an image of the catalog, an http(s) URL or a path to a qcow2 file",
+            f"catalog images: {names}; or a path such as ./images/custom.qcow2",
+        )
+    return local_image(text, where, folder)
+
+
+def local_image(text: str, where: Where, folder: Path | None) -> str:
+    """The rule for a local image named by a lab file: a regular qcow2 file (no backing or data
+    file) inside the lab file's folder or below it, also after following symlinks."""
+    hint = (
+        "a lab file may name a local image only inside its own folder: copy the image next "
+        "to the lab file (a symlink out of the folder does not count), or publish it over http(s)"
+    )
+    if folder is None or has_control(text):
+        raise where.error(
+            text, "is a local image, which only a lab file in a folder may name", hint
+        )
+    base = folder.resolve()
+    try:
+        path = (base / Path(text).expanduser()).resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise where.error(text, "is not a path that can be resolved", hint) from None
+    if not path.is_relative_to(base):
+        raise where.error(text, f"is outside the lab file's folder ({base})", hint)
+    problem = local_image_problem(path, qcow2_only=True)
+    if problem is not None:
+        raise where.error(text, problem[0], problem[1])
+    return str(path)
+
+
 # --- sections -------------------------------------------------------------------------------
 
 
@@ -142,12 +305,16 @@ def parse_options(value: object, where: Where) -> Options:
     proxy = table.get("apt_proxy")
     mirror = table.get("apt_mirror")
     return Options(
-        ntp_servers=parse_str_list(table.get("ntp_servers", []), where.key("ntp_servers")),
+        ntp_servers=parse_str_list(
+            table.get("ntp_servers", []), where.key("ntp_servers"), max_items=MAX_LIST
+        ),
         apt_proxy=parse_str(proxy, where.key("apt_proxy")) if proxy is not None else None,
         apt_mirror=parse_str(mirror, where.key("apt_mirror")) if mirror is not None else None,
         internet=parse_bool(table.get("internet", False), where.key("internet")),
         egress=parse_enum(table.get("egress", "nat"), Egress, where.key("egress")),
-        egress_allow=parse_str_list(table.get("egress_allow", []), where.key("egress_allow")),
+        egress_allow=parse_str_list(
+            table.get("egress_allow", []), where.key("egress_allow"), max_items=MAX_LIST
+        ),
         role_images=parse_bool(table.get("role_images", True), where.key("role_images")),
         optional_stages=parse_stage_names(table.get("stages", []), where.key("stages")),
     )
@@ -155,7 +322,7 @@ def parse_options(value: object, where: Where) -> Options:
 
 def parse_stage_names(value: object, where: Where) -> tuple[str, ...]:
     """``options.stages``: names of the recipe's optional stages the lab runs."""
-    names = parse_str_list(value, where)
+    names = parse_str_list(value, where, max_items=MAX_LIST)
     for i, name in enumerate(names):
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
             raise where.item(i).error(name, "is not a stage name (lower case, digits and '-')")
@@ -165,6 +332,11 @@ def parse_stage_names(value: object, where: Where) -> tuple[str, ...]:
 def parse_networks(value: object, networking: Networking, where: Where) -> tuple[NetworkSpec, ...]:
     """The guide's networks for ``networking``, with the lab file's tables laid over them."""
     tables = parse_table(value, where)
+    if len(tables) > len(NicRole):
+        raise where.problem(
+            f"networks has {len(tables)} tables; a lab has one network per role "
+            f"({', '.join(role.value for role in NicRole)})"
+        )
     defaults = {default.role.value: default for default in guide.NETWORKS[networking]}
     networks: list[NetworkSpec] = []
     for name in [*defaults, *(key for key in tables if key not in defaults)]:
@@ -187,7 +359,7 @@ def parse_networks(value: object, networking: Networking, where: Where) -> tuple
         floating = table.get("floating_range")
         networks.append(
             NetworkSpec(
-                name=parse_name(name, place),
+                name=parse_plain_name(name, place),
                 role=role,
                 kind=parse_enum(
                     table.get("kind", default.kind.value), NetworkKind, place.key("kind")
@@ -223,6 +395,12 @@ def parse_nodes(
             entries[name] = ({}, None)
 
     def define(name: str, table: dict[str, Any], place: Where) -> None:
+        if name not in entries and len(entries) >= MAX_NODES:
+            raise place.problem(
+                f"{place.path} makes the lab larger than {MAX_NODES} nodes, the most "
+                "labbuilder allows",
+                "a lab on one host has a few nodes; split a bigger class into several labs",
+            )
         earlier = entries.get(name, ({}, None))[1]
         if earlier is not None:
             raise LabFileError(
@@ -238,7 +416,13 @@ def parse_nodes(
         if "count" not in table:
             define(key, table, place)
             continue
-        count = parse_int(table["count"], place.key("count"), minimum=0)
+        count = parse_int(
+            table["count"],
+            place.key("count"),
+            minimum=0,
+            maximum=MAX_NODES,
+            hint=f"a group has 0 to {MAX_NODES} nodes",
+        )
         if strip_number(key) != key:
             raise place.key("count").error(
                 count, f"needs a group name without a number, such as {strip_number(key)!r}"
@@ -275,7 +459,7 @@ def parse_node(
     force: bool,
     warnings: list[str],
 ) -> NodeSpec:
-    parse_name(name, where)
+    parse_plain_name(name, where)
     role_value = table.get("role", guide.ROLE_BY_NAME.get(strip_number(name)))
     if role_value is None:
         raise LabFileError(
@@ -299,9 +483,19 @@ def parse_node(
             'networking = "neutron"',
         )
     nics = parse_nics(table["nics"], where.key("nics")) if "nics" in table else nics_default
-    vcpus = parse_int(table.get("vcpus", size.vcpus), where.key("vcpus"), minimum=1)
-    memory = parse_size_value(table.get("memory", format_size(size.memory)), where.key("memory"))
-    disk = parse_size_value(table.get("disk", format_size(size.disk)), where.key("disk"))
+    vcpus = parse_int(
+        table.get("vcpus", size.vcpus),
+        where.key("vcpus"),
+        minimum=1,
+        maximum=MAX_VCPUS,
+        hint=f"1 to {MAX_VCPUS} vCPUs",
+    )
+    memory = parse_bounded_size(
+        table.get("memory", format_size(size.memory)), where.key("memory"), MIN_MEMORY, MAX_MEMORY
+    )
+    disk = parse_bounded_size(
+        table.get("disk", format_size(size.disk)), where.key("disk"), MIN_DISK, MAX_DISK
+    )
     minimum = guide.MINIMUM.get(role)
     if minimum is not None:
         for key, got, least in (
@@ -334,13 +528,34 @@ def parse_node(
     )
 
 
+def parse_plain_name(name: str, where: Where) -> str:
+    """A node's or a network's name: a hostname label without '-' (see _NODE_NAME_HINT)."""
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,39}", name):
+        raise where.error(name, "is not a valid name", _NODE_NAME_HINT.format(n=40))
+    return name
+
+
+def parse_bounded_size(value: object, where: Where, least: int, most: int) -> int:
+    size = parse_size_value(value, where)
+    hint = f"between {format_size(least)} and {format_size(most)}"
+    if size < least:
+        raise where.error(value, f"is below {format_size(least)}, the least a guest can have", hint)
+    if size > most:
+        raise where.error(value, f"is above {format_size(most)}, the most labbuilder allows", hint)
+    return size
+
+
 def parse_nics(value: object, where: Where) -> tuple[NicRole, ...]:
     items = expect(value, list, "a list of network roles", where)
+    if len(items) > len(NicRole):
+        raise where.error(items, f"has more than {len(NicRole)} NICs, one per network")
     return tuple(parse_enum(item, NicRole, where.item(i)) for i, item in enumerate(items))
 
 
 def parse_nic_map(value: object, where: Where) -> tuple[tuple[NicRole, str], ...]:
     table = parse_table(value, where)
+    if len(table) > len(NicRole):
+        raise where.problem(f"{where.path} has more than {len(NicRole)} entries, one per NIC")
     return tuple(
         (parse_enum(key, NicRole, where.key(key)), parse_str(item, where.key(key)))
         for key, item in table.items()
@@ -352,10 +567,17 @@ def parse_extra_disks(table: Mapping[str, Any], role: Role, where: Where) -> tup
         return tuple(DiskSpec(size, purpose) for size, purpose in guide.EXTRA_DISKS.get(role, ()))
     place = where.key("extra_disks")
     disks: list[DiskSpec] = []
-    for i, item in enumerate(expect(table["extra_disks"], list, "a list of disks", place)):
+    items = expect(table["extra_disks"], list, "a list of disks", place)
+    if len(items) > MAX_EXTRA_DISKS:
+        raise place.problem(
+            f"{place.path} has {len(items)} disks; a node has at most {MAX_EXTRA_DISKS} "
+            "extra disks (vdb to vdi)"
+        )
+    for i, item in enumerate(items):
         item_where = place.item(i)
         if isinstance(item, str):
-            disks.append(DiskSpec(parse_size_value(item, item_where), default_purpose(role, i)))
+            size = parse_bounded_size(item, item_where, MIN_EXTRA_DISK, MAX_DISK)
+            disks.append(DiskSpec(size, default_purpose(role, i)))
             continue
         disk = parse_table(item, item_where)
         check_keys(disk, DISK_KEYS, item_where)
@@ -363,13 +585,18 @@ def parse_extra_disks(table: Mapping[str, Any], role: Role, where: Where) -> tup
             raise LabFileError(
                 f"{item_where.source}: {item_where.path} needs a size", 'size = "10 GB"'
             )
-        purpose = disk.get("purpose", default_purpose(role, i))
-        disks.append(
-            DiskSpec(
-                parse_size_value(disk["size"], item_where.key("size")),
-                parse_str(purpose, item_where.key("purpose")),
-            )
+        purpose = parse_str(
+            disk.get("purpose", default_purpose(role, i)), item_where.key("purpose")
         )
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,31}", purpose) or purpose == "root":
+            raise item_where.key("purpose").error(
+                purpose,
+                "is not a disk purpose",
+                'lower-case letters, digits and "-", such as "cinder-volumes" or "swift" '
+                '("root" is the root disk\'s)',
+            )
+        size = parse_bounded_size(disk["size"], item_where.key("size"), MIN_EXTRA_DISK, MAX_DISK)
+        disks.append(DiskSpec(size, purpose))
     return tuple(disks)
 
 

@@ -21,9 +21,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import jinja2
+from jinja2.sandbox import SandboxedEnvironment
 
 from labbuilder.errors import RecipeError
 from labbuilder.model import NicRole, Plan, PlannedNode
+from labbuilder.quoting import FILTERS, QuotingError
 from labbuilder.recipemodel import (
     ALL_ROLES,
     ApiPath,
@@ -130,12 +132,18 @@ def render_stages(
 
 
 def _environment(recipe: Recipe) -> jinja2.Environment:
-    return jinja2.Environment(
+    """A sandboxed jinja environment: a recipe's templates can read the values they are given
+    and nothing else on the host (no attribute walks to Python internals). Lab values are
+    written through one filter per destination: ``shell``, ``aptconf``, ``ini``, ``chrony``,
+    ``yaml`` (``labbuilder.quoting``)."""
+    env = SandboxedEnvironment(
         loader=jinja2.DictLoader(dict(recipe.templates)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,  # noqa: S701 - shell scripts and config files, not HTML
     )
+    env.filters.update(FILTERS)
+    return env
 
 
 def node_context(plan: Plan, node: PlannedNode) -> dict[str, Any]:
@@ -237,6 +245,8 @@ def _text(env: jinja2.Environment, source: str, context: Mapping[str, Any], what
         return env.from_string(source).render(context)
     except jinja2.TemplateError as err:
         raise RecipeError(f"{what}: {type(err).__name__}: {err}") from None
+    except QuotingError as err:
+        raise RecipeError(f"{what}: {err.message}", err.hint) from None
 
 
 def _template(env: jinja2.Environment, name: str, context: Mapping[str, Any], what: str) -> str:
@@ -244,6 +254,8 @@ def _template(env: jinja2.Environment, name: str, context: Mapping[str, Any], wh
         return env.get_template(name).render(context)
     except jinja2.TemplateError as err:
         raise RecipeError(f"{what}: template {name}: {type(err).__name__}: {err}") from None
+    except QuotingError as err:
+        raise RecipeError(f"{what}: template {name}: {err.message}", err.hint) from None
 
 
 @dataclass(frozen=True)

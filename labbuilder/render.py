@@ -1,7 +1,9 @@
 """Plan objects → the texts libvirt and cloud-init read: network XML, domain XML, seed files.
 
 Pure functions over jinja2 templates shipped as data (``networks/``, ``cloud-init/`` and
-``labbuilder/templates/``). XML templates are autoescaped; YAML values go through ``tojson``.
+``labbuilder/templates/``). XML templates are autoescaped; YAML values go through the ``yaml``
+filter, and the files cloud-init writes through their destination's filter
+(``labbuilder.quoting``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from labbuilder.addressing import netmask
 from labbuilder.imagemodel import CloudInitFlavour
 from labbuilder.model import Plan, PlannedNetwork, PlannedNode
 from labbuilder.planview import plan_as_dict
+from labbuilder.quoting import FILTERS
 from labbuilder.resources import data_dir
 
 
@@ -68,12 +71,14 @@ def _environment(folder: str, autoescape: bool) -> jinja2.Environment:
             return (resources.files("labbuilder") / "templates" / name).read_text()
         return (data_dir(folder) / name).read_text()
 
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FunctionLoader(load),
         autoescape=autoescape,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
+    env.filters.update(FILTERS)  # yaml, aptconf, ...: one filter per destination
+    return env
 
 
 def _render(folder: str, name: str, *, autoescape: bool, **values: object) -> str:
@@ -136,6 +141,9 @@ def render_seed_files(
     values = {
         "node": node,
         "hosts": plan.hosts,
+        "hosts_file": "".join(
+            f"{address} {name}\n" for address, name in (("127.0.0.1", "localhost"), *plan.hosts)
+        ),
         "user": seed.user,
         "password_hash": seed.password_hash,
         "ssh_public_key": seed.ssh_public_key,

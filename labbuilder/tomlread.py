@@ -7,6 +7,7 @@ one and raises ``Where.error_class`` (``LabFileError`` by default) when the valu
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -17,17 +18,69 @@ from labbuilder.sizes import parse_size
 T = TypeVar("T")
 
 
-def show(value: object) -> str:
-    """A value as it would be written in TOML."""
+SHOWN_LENGTH = 120  # an error message shows at most this much of a value
+
+
+def show(value: object, limit: int = SHOWN_LENGTH) -> str:
+    """A value as it would be written in TOML, on one line, cut to about ``limit`` characters.
+
+    Control characters are escaped (``\\n``, ``\\u0000``), so a message naming a value is always
+    one line, whatever the value holds.
+    """
+    text = _show(value, limit, depth=0)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _show(value: object, limit: int, depth: int) -> str:
+    if depth > 8:
+        return "…"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return _quoted(value[: limit + 1])
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(show(item) for item in value) + "]"
+        items = [_show(item, limit, depth + 1) for item in value[:16]]
+        return "[" + ", ".join(items + (["…"] if len(value) > 16 else [])) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {show(v)}" for k, v in value.items()) + "}"
+        pairs = [
+            f"{show_key(k)} = {_show(v, limit, depth + 1)}" for k, v in list(value.items())[:16]
+        ]
+        return "{" + ", ".join(pairs + (["…"] if len(value) > 16 else [])) + "}"
+    if isinstance(value, int) and abs(value) > 10**30:
+        return f"{value:.3e}"
     return str(value)
+
+
+_ESCAPES = {
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+    '"': '\\"',
+    "\\": "\\\\",
+}
+
+
+def _quoted(text: str) -> str:
+    out = []
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif char.isprintable() or char == " ":
+            out.append(char)
+        elif ord(char) <= 0xFFFF:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return '"' + "".join(out) + '"'
+
+
+def show_key(name: str) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted (``nodes."a b"``)."""
+    if name and len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in name):
+        return name
+    return show(name, 66)
 
 
 @dataclass(frozen=True)
@@ -39,7 +92,8 @@ class Where:
     error_class: type[LabbuilderError] = LabFileError
 
     def key(self, name: str) -> Where:
-        return replace(self, path=f"{self.path}.{name}" if self.path else name)
+        shown = show_key(name)
+        return replace(self, path=f"{self.path}.{shown}" if self.path else shown)
 
     def item(self, index: int) -> Where:
         return replace(self, path=f"{self.path}[{index}]")
@@ -62,7 +116,7 @@ def check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: Where)
             close = difflib.get_close_matches(key, allowed, n=1)
             close = close or [name for name in allowed if name.startswith(key[:3])][:1]
             hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
-            raise where.problem(f"unknown key {where.key(key).path!r}", hint)
+            raise where.problem(f"unknown key '{where.key(key).path}'", hint)
 
 
 def expect(value: object, kind: type[T], what: str, where: Where) -> T:
@@ -111,10 +165,19 @@ def parse_enum(value: object, kind: Callable[[str], T], where: Where) -> T:
         raise where.error(text, f"is not one of {', '.join(choices)}") from None
 
 
-def parse_int(value: object, where: Where, *, minimum: int) -> int:
+def parse_int(
+    value: object,
+    where: Where,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    hint: str | None = None,
+) -> int:
     number = expect(value, int, "a whole number", where)
     if number < minimum:
-        raise where.error(number, f"is below {minimum}")
+        raise where.error(number, f"is below {minimum}", hint)
+    if maximum is not None and number > maximum:
+        raise where.error(number, f"is above the most labbuilder allows, {maximum}", hint)
     return number
 
 
@@ -133,9 +196,31 @@ def parse_size_value(value: object, where: Where) -> int:
     return size
 
 
-def parse_str_list(value: object, where: Where) -> tuple[str, ...]:
+def parse_str_list(value: object, where: Where, *, max_items: int | None = None) -> tuple[str, ...]:
     items = expect(value, list, "a list of strings", where)
+    if max_items is not None and len(items) > max_items:
+        raise where.problem(
+            f"{where.path} has {len(items)} entries; labbuilder allows at most {max_items}"
+        )
     return tuple(parse_str(item, where.item(i)) for i, item in enumerate(items))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def has_control(text: str) -> bool:
+    """True if ``text`` holds a control character (a newline, a tab, NUL, an escape, ...)."""
+    return _CONTROL.search(text) is not None
+
+
+def parse_line(value: object, where: Where, *, max_length: int, hint: str | None = None) -> str:
+    """A string of printable characters on one line, at most ``max_length`` long."""
+    text = parse_str(value, where)
+    if has_control(text):
+        raise where.error(text, "holds a control character (a newline, a tab, an escape)", hint)
+    if len(text) > max_length:
+        raise where.error(text, f"is longer than {max_length} characters", hint)
+    return text
 
 
 def parse_range(value: object, where: Where) -> tuple[str, str]:
