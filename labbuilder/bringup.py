@@ -79,6 +79,7 @@ def up(
     with lab_lock(state, "labbuilder up"):
         gathered = gather_host_facts(lab, state_root())
         plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
+        check_registration(lab, state)
         check_ownership(lab, plan)
         digest = plan_hash(plan)
         base = resolve_base_image(lab.image, log=emit)
@@ -153,6 +154,23 @@ def role_images(lab: Lab, plan: Plan, base: BaseImage, emit: Log) -> dict[str, B
             )
         images[node.name] = by_content[content]
     return images
+
+
+def check_registration(lab: Lab, state: LabState) -> None:
+    """Refuse to bring up a lab that is up on this host with its state elsewhere (another
+    ``$LABBUILDER_STATE_DIR``): its nodes trust that state's keys, not this one's."""
+    try:
+        entry = registry.registration(lab.name)
+    except ValueError as err:
+        raise PlanError(str(err), "remove that file if no lab of that name exists") from None
+    if entry is None or entry.state_dir == state.directory.absolute() or not entry.has_state:
+        return
+    raise PlanError(
+        f"lab {lab.name} is up on this host with its state in {entry.state_dir}, not in "
+        f"{state.directory}",
+        "run labbuilder with the LABBUILDER_STATE_DIR that lab was made with, or "
+        "`labbuilder down` it there first",
+    )
 
 
 def check_ownership(lab: Lab, plan: Plan) -> None:

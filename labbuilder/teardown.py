@@ -173,7 +173,7 @@ def labs_on_host(conn: Any) -> dict[str, dict[str, int]]:
     for lab in registry.registered_labs():
         labs.setdefault(lab, {"domains": 0, "networks": 0, "volumes": 0, "state": 0})
     for lab, counts in labs.items():
-        counts["state"] = int(_state_places(conn, lab) != [])
+        counts["state"] = int(registry.is_lab_name(lab) and _state_places(conn, lab) != [])
     legacy = state_root() / "labs"
     if legacy.is_dir():
         for entry in legacy.iterdir():

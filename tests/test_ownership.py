@@ -419,3 +419,64 @@ def test_down_finds_a_lab_made_before_the_registry(host: dict[str, Any]) -> None
     assert result.returncode == 0, result.stdout + result.stderr
     assert lab_objects(conn, lab) == []
     assert not state_dir.exists()
+
+
+@pytest.mark.integration
+def test_up_refuses_a_pool_of_labbuilders_name_elsewhere(host: dict[str, Any]) -> None:
+    conn = host["conn"]
+    lab = unique("p")
+    host["labs"].append(lab)
+    name = f"{PREFIX}pool{os.getpid() % 1000}"
+    target = host["tmp"] / "their-pool"
+    xml = f"<pool type='dir'><name>{name}</name><target><path>{target}</path></target></pool>"
+    pool = conn.storagePoolDefineXML(xml, 0)
+    try:
+        before = pool.XMLDesc(0)
+        lab_file = host["tmp"] / "lab.toml"
+        lab_file.write_text(one_node_lab(lab))
+        env = {**host["env"], "LABBUILDER_POOL": name}
+        result = run_labbuilder("up", str(lab_file), env=env, timeout=600)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"storage pool {name} exists and is not labbuilder's" in result.stderr
+        assert pool.XMLDesc(0) == before and not pool.isActive() and not target.exists()
+        assert_nothing_made(host, lab)
+    finally:
+        pool.undefine()
+
+
+@pytest.mark.integration
+def test_up_refuses_a_host_interface_with_the_labs_bridge_name(host: dict[str, Any]) -> None:
+    from labbuilder.api import load_lab, plan_lab
+
+    lab = unique("i")
+    host["labs"].append(lab)
+    lab_file = host["tmp"] / "lab.toml"
+    lab_file.write_text(one_node_lab(lab))
+    bridge = plan_lab(load_lab(lab_file), host_check=False).plan.networks[0].bridge
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        result = run_labbuilder("up", str(lab_file), env=host["env"], timeout=600)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"bridge {bridge}" in result.stderr and "no libvirt network made it" in result.stderr
+        assert Path("/sys/class/net", bridge).exists()
+        assert_nothing_made(host, lab)
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], check=False)
+
+
+@pytest.mark.integration
+def test_up_refuses_a_lab_that_is_up_with_another_state_directory(host: dict[str, Any]) -> None:
+    lab = unique("s")
+    host["labs"].append(lab)
+    elsewhere = host["tmp"] / "first-state" / "labs" / lab
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "lab.json").write_text("{}")
+    registry.register(lab, elsewhere, URI)
+    lab_file = host["tmp"] / "lab.toml"
+    lab_file.write_text(one_node_lab(lab))
+    result = run_labbuilder("up", str(lab_file), env=host["env"], timeout=600)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"lab {lab} is up on this host with its state in {elsewhere}" in result.stderr
+    entry = registry.registration(lab)
+    assert entry is not None and entry.state_dir == elsewhere
+    assert lab_objects(host["conn"], lab) == []
