@@ -1,12 +1,19 @@
 """The wheel ships the data folders and labbuilder finds them after a plain, non-editable
-install; the README documents every lab file key and its test command is what CI runs."""
+install; every third-party module the host side imports is a declared dependency, and the wheel
+works in a fresh virtual environment with those alone; the README documents every lab file key
+and its test command is what CI runs."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
+import time
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -16,6 +23,69 @@ from labbuilder import labfile
 from labbuilder.resources import DATA_FOLDERS
 
 REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "labbuilder"
+# Modules that run in the guests (put there as text by the engine), not on the host: what they
+# import is the guest's business (openstacksdk in an OpenStack controller), not a dependency.
+GUEST_MODULES = {"labbuilder.guestapi", "labbuilder.warmpython"}
+GUEST_IMPORTS = {"openstack"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_top_modules(path: Path) -> set[str]:
+    """Every absolute import in a module, at any depth (in functions too), by top name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def declared_distributions() -> set[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = [re.split(r"[\s<>=!~;\[]", dep, maxsplit=1)[0] for dep in project["dependencies"]]
+    return {name.lower().replace("_", "-") for name in names}
+
+
+def test_every_third_party_module_the_host_imports_is_a_declared_dependency() -> None:
+    providers = importlib.metadata.packages_distributions()
+    declared = declared_distributions()
+    missing = {}
+    host_modules = 0
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        third_party = {
+            top
+            for top in imported_top_modules(path)
+            if top not in sys.stdlib_module_names and top != "labbuilder"
+        }
+        if name in GUEST_MODULES:
+            assert third_party <= GUEST_IMPORTS, f"{name} (runs in the guest) imports {third_party}"
+            continue
+        host_modules += 1
+        for top in third_party:
+            dists = {d.lower().replace("_", "-") for d in providers.get(top, [])}
+            if not dists & declared:
+                missing[f"{name}: {top}"] = sorted(dists) or ["(not installed)"]
+    assert host_modules > 50
+    assert missing == {}, "imported but not declared in pyproject.toml: " + str(missing)
+
+
+def test_no_host_module_imports_a_guest_module() -> None:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_bytes(), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not set(names) & GUEST_MODULES, f"{path} imports a guest module"
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +169,52 @@ def test_the_readme_example_lab_file_is_valid() -> None:
         "compute2",
         "block1",
     ]
+
+
+@pytest.mark.slow
+def test_the_wheel_works_in_a_fresh_venv_with_its_declared_dependencies_only(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """A fresh venv (no system site-packages), the wheel and what it declares, installed by pip
+    (built wheels come from pip's cache after the first time); then every host-side module of
+    the installed package is imported there, and the console script runs."""
+    started = time.monotonic()
+    venv = tmp_path / "lbtest-cli-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=False, timeout=600,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    code = f"""
+import importlib, json, pkgutil, labbuilder
+guest = {sorted(GUEST_MODULES)!r}
+names = sorted(m.name for m in pkgutil.walk_packages(labbuilder.__path__, "labbuilder."))
+failed = {{}}
+for name in names:
+    if name in guest or name == "labbuilder.__main__":  # __main__ runs the command line
+        continue
+    try:
+        importlib.import_module(name)
+    except Exception as err:
+        failed[name] = repr(err)
+print(json.dumps({{"file": labbuilder.__file__, "names": names, "failed": failed}}))
+"""
+    result = subprocess.run(
+        [str(python), "-I", "-c", code],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["file"].startswith(str(venv)), data["file"]  # the wheel, not the repository
+    assert data["failed"] == {}
+    assert set(GUEST_MODULES) <= set(data["names"])  # shipped, to be put in the guests
+    assert len(data["names"]) > 50
+    version = subprocess.run(
+        [str(venv / "bin" / "labbuilder"), "--version"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert version.returncode == 0 and version.stdout.startswith("labbuilder "), version.stderr
+    assert time.monotonic() - started < 300
