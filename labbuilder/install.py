@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from labbuilder.adapters.ssh import CommandResult
+from labbuilder.errors import LabbuilderError
 from labbuilder.recipemodel import RenderedCheck, RenderedStage, RenderedStep
 from labbuilder.reciperender import GUARD_SENTINEL, MARKER_DIR, write_file_script
 
@@ -216,16 +217,25 @@ class Engine:
         if missing:
             raise ValueError(f"no transport for nodes {missing}")
 
-        def prepare(node: str) -> dict[str, str]:
-            install_helpers(self.transports[node], self.helpers)
-            return read_markers(self.transports[node])
+        def prepare(node: str) -> dict[str, str] | LabbuilderError:
+            try:
+                install_helpers(self.transports[node], self.helpers)
+                return read_markers(self.transports[node])
+            except LabbuilderError as err:
+                return err
 
         with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
             found = dict(zip(nodes, pool.map(prepare, nodes), strict=True))
-        self.markers = found
+        unprepared = {node: err for node, err in found.items() if isinstance(err, LabbuilderError)}
+        self.markers = {n: m for n, m in found.items() if not isinstance(m, LabbuilderError)}
         outcomes: list[StageOutcome] = []
         failed = False
         for stage in stages:
+            if unprepared and not failed:
+                # A node that could not be prepared fails the first stage, with the reason.
+                outcomes.append(self._unprepared(stage, unprepared))
+                failed = True
+                continue
             if failed:
                 outcomes.append(self._not_run(stage, "an earlier stage failed"))
                 continue
@@ -251,6 +261,18 @@ class Engine:
             for s in stage.steps
         ]
         return StageOutcome(stage.name, stage.title, stage.guide, 0.0, steps)
+
+    def _unprepared(
+        self, stage: RenderedStage, errors: Mapping[str, LabbuilderError]
+    ) -> StageOutcome:
+        outcome = self._not_run(stage, "a node could not be prepared")
+        for step in outcome.steps:
+            if step.node in errors:
+                err = errors[step.node]
+                step.status = Status.FAILED
+                step.reason = self.redact(f"preparing node {step.node}: {err.message}")
+                step.output_tail = self.redact(str(err))
+        return outcome
 
     def run_stage(self, stage: RenderedStage) -> StageOutcome:
         start = time.monotonic()
@@ -331,10 +353,32 @@ class Engine:
             self._log(step, f"== {step.step}: done before (marker {marker} matches)")
             self.on_event(EngineEvent("step-end", step.stage, step.node, step.step, "done-before"))
             return self._outcome(step, Status.DONE_BEFORE)
-        transport = self.transports[step.node]
         start = time.monotonic()
         self.on_event(EngineEvent("step-start", step.stage, step.node, step.step))
         self._log(step, f"== {step.step}: {step.title} ({step.guide or 'no guide reference'})")
+        try:
+            return self._run_step(step, start)
+        except LabbuilderError as err:
+            # The node could not be reached (the connection dropped and did not come back,
+            # a file to copy could not be read): the step fails with its report.
+            reason = self.redact(err.message.splitlines()[0] if err.message else str(err))
+            seconds = time.monotonic() - start
+            self._log(step, f"   FAILED: {err}")
+            self.on_event(
+                EngineEvent("step-end", step.stage, step.node, step.step, "failed", seconds)
+            )
+            return self._outcome(
+                step,
+                Status.FAILED,
+                seconds=seconds,
+                reason=reason,
+                output_tail=self.redact(str(err)),
+                script_head=self._script_head(step),
+            )
+
+    def _run_step(self, step: RenderedStep, start: float) -> StepOutcome:
+        marker = marker_name(step)
+        transport = self.transports[step.node]
         result, attempts = self._run_with_retries(transport, step)
         status = Status.OK
         if GUARD_SENTINEL in result.stdout and result.rc == 0:

@@ -167,9 +167,15 @@ def neighbours(address: str, table: Path = Path("/proc/net/arp")) -> set[str]:
     return macs
 
 
+def _session(node: NodeTarget) -> SSHSession:
+    """A session that checks the node's host key against the lab's known_hosts (next to the
+    lab's key); a wrong key is not a rung to wait for: its ``HostKeyError`` ends the ladder."""
+    return SSHSession(node.address, node.user, node.key_path, timeout=10.0, node=node.name)
+
+
 def _login(node: NodeTarget) -> str | None:
     try:
-        with SSHSession(node.address, node.user, node.key_path, timeout=10.0) as session:
+        with _session(node) as session:
             result = session.run("true", timeout=30.0)
             return None if result.rc == 0 else f"`true` exited {result.rc}"
     except paramiko.AuthenticationException:
@@ -186,7 +192,7 @@ _CLOUD_INIT_STATUS = (
 
 def _cloud_init(node: NodeTarget) -> str | None:
     try:
-        with SSHSession(node.address, node.user, node.key_path, timeout=10.0) as session:
+        with _session(node) as session:
             result = session.run(_CLOUD_INIT_STATUS, timeout=60.0)
     except (paramiko.SSHException, OSError) as err:
         return f"ssh: {err}"

@@ -460,7 +460,13 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with SSHSession(address, record["user"], state.key_path) as session:
+                with SSHSession(
+                    address,
+                    record["user"],
+                    state.key_path,
+                    known_hosts=state.known_hosts_path,
+                    node=node,
+                ) as session:
                     now = time.time()
                     result = session.run(
                         "date +%%s.%%N && date -u -s @%s >/dev/null", f"{now:.3f}", sudo=True,

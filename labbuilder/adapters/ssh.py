@@ -2,21 +2,44 @@
 
 ``run("systemctl is-active %s", unit)`` quotes every argument with ``shlex.quote``; the result
 is a ``CommandResult``. Nothing here knows about labs or stages.
+
+Every session checks the node's host key against a known_hosts file (the lab's, next to its
+key: labbuilder made every node's host key) and refuses a missing or different key. Sessions
+send keepalives, and the kernel drops a connection whose data stays unacknowledged, so a lost
+node is noticed in about a minute and a half instead of never.
+
+``run_script`` runs a script detached from the connection (``setsid``, output and exit status
+to files in a private directory in the guest) and follows its output: when the connection
+drops, the session logs in again and goes on reading where it stopped; when the script's time
+is up, its whole session of processes is stopped in the guest (TERM, then KILL).
 """
 
 from __future__ import annotations
 
+import secrets
 import shlex
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any, NoReturn, Protocol
 
 import paramiko
 
 from labbuilder.errors import GuestCommandError
+
+KEEPALIVE_SECONDS = 15
+# Linux: a connection whose sent data stays unacknowledged this long is dropped (the keepalives
+# are such data), so a guest that vanished is noticed instead of waited for without end.
+UNACKED_MS = 90_000
+RECONNECT_SECONDS = 300.0  # how long a dropped session is tried again, within the step's time
+MAX_RECONNECTS = 5  # per script
+KILL_GRACE_STEPS = 50  # tenths of a second between TERM and KILL
+LOST = 255  # exit code of a script whose result could not be collected
+RUN_ROOT = "/run/labbuilder"
 
 
 @dataclass(frozen=True)
@@ -39,6 +62,14 @@ class CommandResult:
         return self
 
 
+class HostKeyError(GuestCommandError):
+    """A node's SSH host key is not the one in the lab's known_hosts (or none is known)."""
+
+
+class ConnectionLostError(GuestCommandError):
+    """The SSH connection to a node dropped and could not be made again in time."""
+
+
 def _tail(text: str, lines: int = 15) -> str:
     kept = text.rstrip().splitlines()[-lines:]
     return "\n".join(kept) if kept else "(empty)"
@@ -56,25 +87,267 @@ def port_open(host: str, port: int = 22, timeout: float = 2.0) -> bool:
         return False
 
 
-class SSHSession:
-    """A logged-in SSH session to one node."""
+# --- the runner in the guest ------------------------------------------------------------------
+# Each runs as root with ``sh -c SCRIPT sh RUN_ROOT ID ...``: only the run's id and numbers are
+# on the command line; the script travels on stdin into the run's private directory.
 
-    def __init__(self, host: str, user: str, key_path: Path, *, timeout: float = 15.0) -> None:
+# $1 run root, $2 id, $3 interpreter. Start the script in a session of its own, its output and
+# exit status going to files in the run's private directory (which ``_FOLLOW`` removes once it
+# has the exit status), then follow it.
+_START = """set -e
+umask 077
+[ -d "$1" ] || mkdir -p "$1"
+d="$1/$2"
+mkdir "$d"
+cat > "$d/script"
+: > "$d/out"
+: > "$d/err"
+setsid sh -c '"$2" "$1/script" < /dev/null >> "$1/out" 2>> "$1/err"; echo $? > "$1/rc"' \\
+  sh "$d" "$3" < /dev/null > /dev/null 2>&1 &
+pid=$!
+echo $pid > "$d/pid"
+set +e
+o=0
+e=0
+"""
+
+# $1 run root, $2 id; $o and $e: the bytes of stdout and stderr already read, $pid the run's
+# session leader (read from its directory when not set). The output from there on, until the
+# session leader ends; then its exit status as ours.
+_FOLLOW = """d="$1/$2"
+if [ -z "$pid" ] && ! read -r pid < "$d/pid"; then
+  echo "labbuilder: run $2 is gone from $1 (did the node restart?)" >&2
+  exit 255
+fi
+tail -s 0.05 --pid="$pid" -c +$((o + 1)) -f "$d/out" &
+tail -s 0.05 --pid="$pid" -c +$((e + 1)) -f "$d/err" >&2 &
+wait
+if read -r rc < "$d/rc"; then
+  rm -rf "$d"
+  exit "$rc"
+fi 2> /dev/null
+echo "labbuilder: the script ended without an exit status" >&2
+rm -rf "$d"
+exit 255
+"""
+
+# $1 run root, $2 id. Stop every process of the run's session: TERM, then KILL after 5 s.
+_KILL = f"""d="$1/$2"
+[ -f "$d/pid" ] || exit 0
+sid=$(cat "$d/pid")
+pkill -TERM -s "$sid"
+i=0
+while pgrep -s "$sid" > /dev/null && [ $i -lt {KILL_GRACE_STEPS} ]; do
+  sleep 0.1
+  i=$((i + 1))
+done
+pkill -KILL -s "$sid"
+rm -rf "$d"
+exit 0
+"""
+
+
+class Channel(Protocol):
+    """The part of paramiko's Channel the runner uses (a fake one in tests)."""
+
+    closed: bool
+
+    def sendall(self, data: bytes) -> None: ...
+    def shutdown_write(self) -> None: ...
+    def recv_ready(self) -> bool: ...
+    def recv(self, size: int) -> bytes: ...
+    def recv_stderr_ready(self) -> bool: ...
+    def recv_stderr(self, size: int) -> bytes: ...
+    def exit_status_ready(self) -> bool: ...
+    def recv_exit_status(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class _Lost(Exception):
+    """The connection under a channel dropped."""
+
+
+_NETWORK_ERRORS = (OSError, EOFError, paramiko.SSHException)
+
+
+class _RefuseUnknownHost(paramiko.RejectPolicy):
+    def __init__(self, session: SSHSession) -> None:
+        self.session = session
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> NoReturn:
+        raise self.session._host_key_error(
+            f"{self.session.known_hosts} holds no key for it (it presented {key.get_name()} "
+            f"{key.fingerprint})"
+        )
+
+
+class _Output:
+    """What a script printed so far: bytes per stream, complete lines to ``on_output``."""
+
+    def __init__(self, on_output: Callable[[str], None] | None) -> None:
+        self.on_output = on_output
+        self.data = {"out": bytearray(), "err": bytearray()}
+        self.pending = {"out": b"", "err": b""}
+
+    def add(self, kind: str, data: bytes, final: bool = False) -> None:
+        self.data[kind] += data
+        self.pending[kind] += data
+        *lines, self.pending[kind] = self.pending[kind].split(b"\n")
+        if final and self.pending[kind]:
+            lines.append(self.pending[kind])
+            self.pending[kind] = b""
+        if self.on_output is not None:
+            prefix = "! " if kind == "err" else ""
+            for line in lines:
+                self.on_output(prefix + line.decode(errors="replace"))
+
+    def note(self, text: str) -> None:
+        if self.on_output is not None:
+            self.on_output("! labbuilder: " + text)
+
+    def text(self, kind: str) -> str:
+        return bytes(self.data[kind]).decode(errors="replace")
+
+
+class SSHSession:
+    """A logged-in SSH session to one node.
+
+    The node's host key must be in ``known_hosts`` (by default the file ``known_hosts`` next
+    to ``key_path``: a lab's state directory keeps both); ``node`` names it in errors.
+    """
+
+    sudo = "sudo -n "
+    run_root = RUN_ROOT
+
+    def __init__(
+        self,
+        host: str,
+        user: str,
+        key_path: Path,
+        *,
+        timeout: float = 15.0,
+        known_hosts: Path | None = None,
+        node: str | None = None,
+    ) -> None:
         self.host = host
         self.user = user
-        self._client = paramiko.SSHClient()
-        # Lab nodes get fresh host keys at first boot; the lab's network is private to the host.
-        self._client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # noqa: S507
-        self._client.connect(
-            host,
-            username=user,
-            key_filename=str(key_path),
-            timeout=timeout,
-            banner_timeout=timeout,
-            auth_timeout=timeout,
-            allow_agent=False,
-            look_for_keys=False,
+        self.key_path = key_path
+        self.timeout = timeout
+        self.known_hosts = known_hosts or key_path.with_name("known_hosts")
+        self.node = node or host
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._client: Any = None
+        self._open()
+
+    # --- connecting ---------------------------------------------------------------------------
+
+    def _host_key_error(self, problem: str, *, unreadable: bool = False) -> HostKeyError:
+        if unreadable:
+            hint = (
+                "the lab was made by an older labbuilder that did not write known_hosts: "
+                "`labbuilder down` and `labbuilder up` remake it with host keys labbuilder knows"
+            )
+        else:
+            hint = (
+                "labbuilder made every node's host key; another key means another machine "
+                f"answers at {self.host}, or a node made by an older labbuilder or from an "
+                "image whose cloud-init cannot take the key (`labbuilder down` and "
+                "`labbuilder up` remake it)"
+            )
+        return HostKeyError(
+            f"SSH host key check failed for node {self.node} ({self.host}): {problem}; "
+            "refusing to connect",
+            hint,
         )
+
+    def _open(self) -> None:
+        """Log in (again); the client replaces the previous one."""
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(_RefuseUnknownHost(self))
+        try:
+            client.get_host_keys().load(str(self.known_hosts))
+        except OSError as err:
+            raise self._host_key_error(
+                f"cannot read {self.known_hosts} ({err.strerror})", unreadable=True
+            ) from None
+        sock = socket.create_connection((self.host, 22), timeout=self.timeout)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKED_MS)
+            client.connect(
+                self.host,
+                username=self.user,
+                key_filename=str(self.key_path),
+                timeout=self.timeout,
+                banner_timeout=self.timeout,
+                auth_timeout=self.timeout,
+                allow_agent=False,
+                look_for_keys=False,
+                sock=sock,
+            )
+        except paramiko.BadHostKeyException as err:
+            client.close()
+            sock.close()
+            raise self._host_key_error(
+                f"it presented {err.key.get_name()} {err.key.fingerprint}, but "
+                f"{self.known_hosts} holds {err.expected_key.get_name()} "
+                f"{err.expected_key.fingerprint}"
+            ) from None
+        except BaseException:
+            client.close()
+            sock.close()
+            raise
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(KEEPALIVE_SECONDS)
+        old, self._client = self._client, client
+        self._generation += 1
+        if old is not None:
+            old.close()
+
+    def _alive(self) -> bool:
+        transport = self._client.get_transport() if self._client is not None else None
+        return transport is not None and bool(transport.is_active())
+
+    def _reconnect(self, generation: int, until: float) -> None:
+        """Log in again unless another thread did already since ``generation``; tries until
+        ``until`` (monotonic). A wrong host key is not tried again."""
+        with self._lock:
+            if self._generation != generation and self._alive():
+                return
+            problem = "the connection dropped"
+            while True:
+                try:
+                    self._open()
+                    return
+                except HostKeyError:
+                    raise
+                except (*_NETWORK_ERRORS, paramiko.AuthenticationException) as err:
+                    problem = str(err) or type(err).__name__
+                if time.monotonic() + 2 > until:
+                    raise ConnectionLostError(
+                        f"lost the SSH connection to node {self.node} ({self.host}) and could "
+                        f"not log in again: {problem}",
+                        "check that the node runs (`labbuilder status`); running the same "
+                        "command again continues where it stopped",
+                    )
+                time.sleep(2)
+
+    def _channel(self, command: str) -> Channel:
+        """A channel running ``command``; reconnects first when the session is gone."""
+        if not self._alive():
+            self._reconnect(self._generation, time.monotonic() + 60)
+        try:
+            transport = self._client.get_transport()
+            channel = transport.open_session(timeout=self.timeout)
+            channel.exec_command(command)
+        except _NETWORK_ERRORS as err:
+            raise _Lost(str(err)) from None
+        return channel  # type: ignore[no-any-return]
+
+    # --- commands -----------------------------------------------------------------------------
 
     def run(
         self, template: str, *args: object, timeout: float = 600.0, sudo: bool = False
@@ -82,6 +355,8 @@ class SSHSession:
         command = quote_command(template, *args)
         if sudo:
             command = "sudo -n sh -c " + shlex.quote(command)
+        if not self._alive():
+            self._reconnect(self._generation, time.monotonic() + 60)
         _, stdout, stderr = self._client.exec_command(command, timeout=timeout)
         deadline = time.monotonic() + timeout
         channel = stdout.channel
@@ -94,6 +369,11 @@ class SSHSession:
         err = stderr.read().decode(errors="replace")
         return CommandResult(command, channel.recv_exit_status(), out, err)
 
+    def _runner(self, body: str, *args: object) -> str:
+        """The command line that runs one of the runner's shell texts as root."""
+        words = " ".join(shlex.quote(str(arg)) for arg in (self.run_root, *args))
+        return f"{self.sudo}sh -c {shlex.quote(body)} sh {words}"
+
     def run_script(
         self,
         script: str,
@@ -103,82 +383,137 @@ class SSHSession:
         interpreter: str = "bash",
     ) -> CommandResult:
         """Run ``script`` as root with ``interpreter``. The script travels on stdin into a
-        private temporary file (nothing of it shows in ``ps`` or argv), which then runs with
-        stdin from /dev/null: a command in it that reads stdin (rabbitmqctl does) cannot eat
-        the rest of the script, as it would with ``bash -s``.
+        private file in the guest (nothing of it shows in ``ps`` or argv), which then runs
+        with stdin from /dev/null in a session of its own, detached from the connection, its
+        output and exit status going to files next to it: a command in it that reads stdin
+        (rabbitmqctl does) cannot eat the rest of the script.
 
         Output lines go to ``on_output`` as they arrive (stdout and stderr interleaved, stderr
-        lines prefixed with ``! ``). On timeout the channel is closed and rc is 124.
+        lines prefixed with ``! ``). When the connection drops, the session logs in again and
+        goes on from the byte it had read (raising ``ConnectionLostError`` if it cannot within
+        ``RECONNECT_SECONDS``). On timeout every process of the script's session is stopped in
+        the guest, and rc is 124.
         """
-        transport = self._client.get_transport()
-        if transport is None or not transport.is_active():
-            raise GuestCommandError(f"on {self.host}: the SSH connection is closed")
-        channel = transport.open_session()
-        runner = (
-            'f=$(mktemp) && cat > "$f" && { '
-            f'{interpreter} "$f" < /dev/null; rc=$?; rm -f "$f"; exit $rc; }}'
-        )
-        channel.exec_command("sudo -n sh -c " + shlex.quote(runner))
-        channel.sendall(script.encode())
-        channel.shutdown_write()
-        out: list[bytes] = []
-        err: list[bytes] = []
-        pending = {"out": b"", "err": b""}
+        run_id = secrets.token_hex(8)
         deadline = time.monotonic() + timeout
-
-        def emit(kind: str, data: bytes, final: bool = False) -> None:
-            pending[kind] += data
-            *lines, pending[kind] = pending[kind].split(b"\n")
-            if final and pending[kind]:
-                lines.append(pending[kind])
-                pending[kind] = b""
-            if on_output is not None:
-                prefix = "! " if kind == "err" else ""
-                for line in lines:
-                    on_output(prefix + line.decode(errors="replace"))
-
+        output = _Output(on_output)
+        command = self._runner(_START + _FOLLOW, run_id, interpreter)
+        reconnects = 0
+        generation = self._generation
+        try:
+            channel = self._channel(command)
+            channel.sendall(script.encode())
+            channel.shutdown_write()
+        except (_Lost, *_NETWORK_ERRORS) as err:
+            # Nothing tells whether the script started: following it finds out.
+            output.note(f"the SSH connection dropped while the script was sent ({err})")
+            channel = self._follow_again(run_id, output, generation, deadline, reconnects)
+            reconnects += 1
         while True:
-            busy = False
-            if channel.recv_ready():
-                data = channel.recv(65536)
-                out.append(data)
-                emit("out", data)
-                busy = True
-            if channel.recv_stderr_ready():
-                data = channel.recv_stderr(65536)
-                err.append(data)
-                emit("err", data)
-                busy = True
-            if not busy:
-                if (
-                    channel.exit_status_ready()
-                    and not channel.recv_ready()
-                    and not channel.recv_stderr_ready()
-                ):
-                    break
+            state = self._read(channel, output, deadline)
+            if state == "exit":
+                rc = channel.recv_exit_status()
+                channel.close()
+                break
+            channel.close()
+            if state == "timeout":
+                output.add("out", b"", final=True)
+                output.add("err", b"", final=True)
+                stopped = self._stop(run_id)
+                return CommandResult(
+                    interpreter,
+                    124,
+                    output.text("out"),
+                    output.text("err") + f"\ntimed out after {timeout:.0f} s; {stopped}",
+                )
+            if reconnects >= MAX_RECONNECTS:
+                raise ConnectionLostError(
+                    f"the SSH connection to node {self.node} ({self.host}) dropped "
+                    f"{reconnects + 1} times during one script",
+                    "check the host's and the node's network; running the same command again "
+                    "continues where it stopped",
+                )
+            reconnects += 1
+            output.note(
+                "the SSH connection dropped; logging in again to follow the script from "
+                f"byte {len(output.data['out'])} of its output"
+            )
+            channel = self._follow_again(run_id, output, generation, deadline, reconnects)
+            generation = self._generation
+        output.add("out", b"", final=True)
+        output.add("err", b"", final=True)
+        return CommandResult(interpreter, rc, output.text("out"), output.text("err"))
+
+    def _follow_again(
+        self, run_id: str, output: _Output, generation: int, deadline: float, tries: int
+    ) -> Channel:
+        """A channel following run ``run_id`` from where ``output`` stopped, on a session made
+        again (several tries within the step's time and ``RECONNECT_SECONDS``)."""
+        until = min(deadline, time.monotonic() + RECONNECT_SECONDS)
+        while True:
+            self._reconnect(generation, until)
+            follow = "o=$3\ne=$4\npid=\n" + _FOLLOW
+            command = self._runner(follow, run_id, len(output.data["out"]), len(output.data["err"]))
+            try:
+                return self._channel(command)
+            except _Lost:
+                generation = self._generation
+                if time.monotonic() > until or tries > MAX_RECONNECTS:
+                    raise ConnectionLostError(
+                        f"lost the SSH connection to node {self.node} ({self.host}) and could "
+                        "not follow the running script again",
+                        "check that the node runs (`labbuilder status`)",
+                    ) from None
+                tries += 1
+
+    def _read(self, channel: Channel, output: _Output, deadline: float) -> str:
+        """Read ``channel`` until the script's exit status arrives ("exit"), its time is up
+        ("timeout") or the connection drops ("lost")."""
+        try:
+            while True:
+                busy = False
+                if channel.recv_ready():
+                    output.add("out", channel.recv(65536))
+                    busy = True
+                if channel.recv_stderr_ready():
+                    output.add("err", channel.recv_stderr(65536))
+                    busy = True
+                if busy:
+                    continue
+                if channel.exit_status_ready():
+                    if not channel.recv_ready() and not channel.recv_stderr_ready():
+                        return "exit"
+                    continue
+                if channel.closed or not self._alive():
+                    return "lost"
                 if time.monotonic() > deadline:
-                    channel.close()
-                    emit("out", b"", final=True)
-                    return CommandResult(
-                        interpreter,
-                        124,
-                        b"".join(out).decode(errors="replace"),
-                        f"timed out after {timeout:.0f} s",
-                    )
+                    return "timeout"
                 time.sleep(0.05)
-        emit("out", b"", final=True)
-        emit("err", b"", final=True)
-        rc = channel.recv_exit_status()
-        channel.close()
-        return CommandResult(
-            interpreter,
-            rc,
-            b"".join(out).decode(errors="replace"),
-            b"".join(err).decode(errors="replace"),
-        )
+        except _NETWORK_ERRORS:
+            return "lost"
+
+    def _stop(self, run_id: str) -> str:
+        """Stop every process of run ``run_id`` in the guest; says how that went."""
+        try:
+            channel = self._channel(self._runner(_KILL, run_id))
+            channel.shutdown_write()
+            end = time.monotonic() + 60
+            while not channel.exit_status_ready():
+                if time.monotonic() > end or channel.closed:
+                    channel.close()
+                    return "stopping its processes in the guest did not finish"
+                time.sleep(0.05)
+            rc = channel.recv_exit_status()
+            channel.close()
+        except (_Lost, GuestCommandError, *_NETWORK_ERRORS) as err:
+            return f"its processes in the guest could not be stopped: {err}"
+        if rc != 0:
+            return f"stopping its processes in the guest failed (exit code {rc})"
+        return "its processes in the guest were stopped"
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> SSHSession:
         return self

@@ -1,0 +1,268 @@
+"""SSH into lab nodes: host keys, timeouts and dropped connections.
+
+The first part runs ``SSHSession``'s runner over local processes (``localssh.LocalSession``):
+the shell that starts a script detached, follows its output and stops it is the real one. The
+second part (``integration``) boots one small lab under the real libvirtd and checks the same
+against a real Debian 12 guest: a wrong host key is refused, a step that times out leaves no
+process behind, and a step survives its connection being cut (sshd restarted and its sessions
+killed in the guest, or the host's side closed), with the engine's JUnit/JSON report written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from localssh import LocalSession
+
+from labbuilder.adapters.ssh import ConnectionLostError, HostKeyError, SSHSession
+from labbuilder.install import Engine, Status
+from labbuilder.installreport import RunInfo, compare, write_reports
+from labbuilder.labstate import LabState, new_ed25519_key
+from labbuilder.recipemodel import RenderedStage, RenderedStep
+
+LAB = "lbtest-ssh"
+POOL = "lbtest-ssh-pool"
+
+
+def pids(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
+# --- the runner, over local processes ---------------------------------------------------------
+
+
+def test_a_script_runs_detached_and_returns_its_output_and_exit_status(tmp_path: Path) -> None:
+    session = LocalSession(tmp_path / "run")
+    lines: list[str] = []
+    result = session.run_script(
+        "echo one\necho two >&2\nprintf 'no newline'\nexit 3\n", on_output=lines.append
+    )
+    assert (result.rc, result.stdout, result.stderr) == (3, "one\nno newline", "two\n")
+    assert lines == ["one", "! two", "no newline"]
+    assert "echo one" not in session.channels[0].proc.args[2]  # the script went on stdin
+    assert list((tmp_path / "run").iterdir()) == []  # its private directory is gone
+    assert session.run_script("cat; read -r x || echo stdin is empty\n").stdout == (
+        "stdin is empty\n"
+    )
+
+
+def test_a_dropped_connection_is_followed_again_from_where_it_stopped(tmp_path: Path) -> None:
+    session = LocalSession(tmp_path / "run")
+    lines: list[str] = []
+    dropper = session.drop_after(1.0)
+    result = session.run_script(
+        "for i in $(seq 1 8); do echo line $i; echo err $i >&2; sleep 0.25; done\nexit 5\n",
+        on_output=lines.append,
+        timeout=60,
+    )
+    dropper.join()
+    assert result.rc == 5
+    assert result.stdout == "".join(f"line {i}\n" for i in range(1, 9))  # each line once
+    assert result.stderr == "".join(f"err {i}\n" for i in range(1, 9))
+    assert session.logins == 1
+    assert any("the SSH connection dropped" in line for line in lines)
+
+
+def test_a_timed_out_script_has_all_its_processes_stopped(tmp_path: Path) -> None:
+    session = LocalSession(tmp_path / "run")
+    script = (
+        "sleep 977001 &\n"
+        "bash -c \"trap '' TERM; sleep 977002\" &\n"  # ignores TERM: needs the KILL
+        "sleep 977003\n"
+    )
+    started = time.monotonic()
+    result = session.run_script(script, timeout=2)
+    assert result.rc == 124
+    assert "timed out after 2 s; its processes in the guest were stopped" in result.stderr
+    assert time.monotonic() - started < 15
+    assert pids("sleep 97700[123]") == []
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_connection_that_does_not_come_back_ends_in_connection_lost(tmp_path: Path) -> None:
+    session = LocalSession(tmp_path / "run")
+    session.refuse_logins = True
+    session.drop_after(0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectionLostError, match="could not log in again: connection refused"):
+            session.run_script("sleep 977004\n", timeout=4)
+        assert time.monotonic() - started < 15  # within the step's time, not without end
+    finally:
+        subprocess.run(["pkill", "-f", "sleep 977004"], check=False)
+
+
+def test_a_missing_known_hosts_is_refused_before_connecting(tmp_path: Path) -> None:
+    with pytest.raises(HostKeyError) as caught:
+        SSHSession("192.0.2.1", "debian", tmp_path / "id_ed25519", node="controller", timeout=1)
+    error = caught.value
+    assert error.message.startswith("SSH host key check failed for node controller (192.0.2.1)")
+    assert str(tmp_path / "known_hosts") in error.message
+    assert error.hint is not None and "older labbuilder" in error.hint
+
+
+# --- against a real guest ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One small lab (the controller alone), up for this module; removed at the end."""
+    from lablib import lab_environment, one_node_lab, remove_labs, run_labbuilder
+
+    env = lab_environment(tmp_path_factory.mktemp("ssh-state"), POOL)
+    lab_file = tmp_path_factory.mktemp("ssh-lab") / "lab.toml"
+    lab_file.write_text(one_node_lab(LAB))
+    try:
+        started = time.monotonic()
+        up = run_labbuilder("up", str(lab_file), env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = LabState(LAB, Path(env["LABBUILDER_STATE_DIR"]) / "labs" / LAB)
+        record = json.loads((state.directory / "lab.json").read_text())
+        node = record["plan"]["nodes"][0]
+        yield {
+            "state": state,
+            "record": record,
+            "address": node["nics"][0]["address"],
+            "user": record["user"],
+            "up_seconds": time.monotonic() - started,
+        }
+    finally:
+        remove_labs([LAB], env)
+
+
+def connect(guest: dict[str, Any], **kwargs: Any) -> SSHSession:
+    state = guest["state"]
+    return SSHSession(guest["address"], guest["user"], state.key_path, node="controller", **kwargs)
+
+
+@pytest.mark.integration
+def test_a_wrong_host_key_is_refused_and_the_right_one_works(
+    guest: dict[str, Any], tmp_path: Path
+) -> None:
+    from labbuilder.installer import _connect
+    from labbuilder.planview import plan_from_dict
+
+    state = guest["state"]
+    with connect(guest) as session:
+        assert session.run("hostname").stdout.strip() == "controller"
+
+    known = state.known_hosts_path.read_text()
+    kind, blob = known.split()[1:3]
+    other = new_ed25519_key()[1].decode().split()[1]
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(known.replace(blob, other))
+    with pytest.raises(HostKeyError) as caught:
+        connect(guest, known_hosts=wrong)
+    message = caught.value.message
+    assert f"node controller ({guest['address']})" in message and str(wrong) in message
+    assert "refusing to connect" in message and "\n" not in message
+    assert caught.value.hint is not None
+
+    unknown = tmp_path / "unknown_hosts"
+    unknown.write_text(f"elsewhere,192.0.2.9 {kind} {blob}\n")
+    with pytest.raises(HostKeyError, match="holds no key for it"):
+        connect(guest, known_hosts=unknown)
+
+    # The install's sessions check the lab's own known_hosts the same way.
+    copy = LabState(LAB, tmp_path / "state")
+    copy.directory.mkdir()
+    copy.key_path.write_bytes(state.key_path.read_bytes())
+    copy.key_path.chmod(0o600)
+    copy.known_hosts_path.write_text(wrong.read_text())
+    plan = plan_from_dict(guest["record"]["plan"])
+    with pytest.raises(HostKeyError, match="refusing to connect"):
+        _connect(plan, guest["record"], copy)
+    copy.known_hosts_path.write_text(known)
+    for session in _connect(plan, guest["record"], copy).values():
+        session.close()
+
+
+@pytest.mark.integration
+def test_a_step_that_times_out_leaves_no_process_in_the_guest(guest: dict[str, Any]) -> None:
+    script = (
+        "sleep 988001 &\n"
+        "bash -c \"trap '' TERM; sleep 988002\" &\n"  # a child that ignores TERM
+        "sleep 988003\n"
+    )
+    with connect(guest) as session:
+        result = session.run_script(script, timeout=8)
+    assert result.rc == 124, result
+    assert "its processes in the guest were stopped" in result.stderr
+    with connect(guest) as fresh:
+        left = fresh.run("pgrep -af 'sleep 98800[123]' || true")
+        assert left.stdout.strip() == "", left.stdout
+        runs = fresh.run("sudo ls -A /run/labbuilder")
+        assert runs.stdout.strip() == "", runs.stdout  # no run directory left behind
+
+
+STEP_SCRIPT = (
+    "#!/bin/bash\nset -euo pipefail\n"
+    "for i in $(seq 1 30); do echo line $i; echo err $i >&2; sleep 0.5; done\n"
+)
+# sshd restarted and every SSH session's processes killed in the guest, from outside them.
+CUT_IN_GUEST = (
+    "systemd-run --quiet --on-active=3 sh -c 'systemctl restart ssh; pkill -f \"^sshd: .*@notty\"'"
+)
+
+
+def _step(name: str, script: str, timeout: float = 300) -> RenderedStep:
+    return RenderedStep(
+        stage="cut",
+        step=name,
+        node="controller",
+        title=f"a step whose connection is cut ({name})",
+        guide="",
+        script=script,
+        checks=(),
+        after=(),
+        digest=f"{name}-{time.time()}",  # runs every time
+        timeout=timeout,
+        retries=0,
+    )
+
+
+@pytest.mark.integration
+def test_a_step_survives_its_connection_being_cut_and_its_report_is_written(
+    guest: dict[str, Any], tmp_path: Path
+) -> None:
+    with connect(guest) as session:
+        # The guest's side: sshd restarted and the sessions' processes killed mid-step.
+        session.run(CUT_IN_GUEST, sudo=True).check("controller")
+        before = session._generation
+        lines: list[str] = []
+        result = session.run_script(STEP_SCRIPT + "exit 3\n", timeout=300, on_output=lines.append)
+        assert result.rc == 3, result
+        assert result.stdout == "".join(f"line {i}\n" for i in range(1, 31))
+        assert result.stderr == "".join(f"err {i}\n" for i in range(1, 31))
+        assert session._generation > before, "the cut did not drop the connection"
+
+        # The host's side: the transport closed mid-step, inside an engine run with reports.
+        def cut_host_side() -> None:
+            time.sleep(4)
+            session._client.close()
+
+        cutter = threading.Thread(target=cut_host_side)
+        cutter.start()
+        stage = RenderedStage("cut", "cut connections", "", (_step("host-side", STEP_SCRIPT),))
+        engine = Engine({"controller": session}, log_dir=tmp_path / "logs")
+        outcomes = engine.run([stage])
+        cutter.join()
+    step = outcomes[0].steps[0]
+    assert step.status == Status.OK, step
+    log = (tmp_path / "logs" / "cut" / "controller.log").read_text()
+    assert "the SSH connection dropped" in log
+    assert all(f"   line {i}\n" in log for i in range(1, 31))
+    info = RunInfo(LAB, "test", "digest", "fast", time.time(), 1.0, {}, "labbuilder install")
+    junit, report = write_reports(tmp_path / "reports", outcomes, info, compare(outcomes, {}))
+    case = ET.parse(junit).getroot().find("testsuite/testcase")
+    assert case is not None and case.find("failure") is None
+    assert json.loads(report.read_text())["result"] == "passed"
