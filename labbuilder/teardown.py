@@ -101,8 +101,6 @@ def down(lab: str, uri: str, *, state: LabState | None = None) -> Removed:
             removed.state_dir = str(state.directory)
             removed.left = remove_state_files(state.directory)
         registry.unregister(lab)
-        # Whoever holds the lock may delete its file (see filelock); waiters lock the new one.
-        lab_lock_path(lab).unlink(missing_ok=True)
     return removed
 
 
@@ -258,7 +256,9 @@ def gc(uri: str, match: str = "*") -> dict[str, Removed]:
                 if not locked or _busy_elsewhere(conn, lab) or _state_places(conn, lab):
                     continue
                 removed[lab] = remove_lab_objects(conn, lab)
-                registry.unregister(lab)
+                entry = registry.registration(lab)
+                if entry is not None and entry.uri in ("", uri):
+                    registry.unregister(lab)  # else its objects on that URI still need it
         return removed
     finally:
         conn.close()
