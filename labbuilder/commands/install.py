@@ -219,9 +219,23 @@ class InstallView:
         return table
 
 
+def check_optional_stages(lab: Lab, selection: installer.Selection) -> None:
+    """Every ``--with STAGE`` names a stage of the recipe (refused before anything runs)."""
+    recipe = load_recipe(selection.recipe or lab.recipe)
+    names = [stage.name for stage in recipe.stages]
+    for name in selection.optional:
+        if name not in names:
+            optional = [stage.name for stage in recipe.stages if stage.optional]
+            raise UsageError(
+                f"--with {name}: recipe {recipe.name} has no stage {name!r}",
+                f"its optional stages: {', '.join(optional) or '(none)'}",
+            )
+
+
 def cmd_install(args: argparse.Namespace, console: Console) -> int:
     lab = selected_lab(args, Sizes.IF_UP)
     selection = selection_from(args)
+    check_optional_stages(lab, selection)
     if args.dry_run:
         recipe, rendered = installer.dry_run(lab, selection)
         print_dry_run(console, lab, recipe.name, rendered)
@@ -335,7 +349,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             "--keep keeps one lab; it cannot be combined with --repeat",
             "leave out --keep, or --repeat",
         )
-    load_recipe(selection.recipe or lab.recipe)  # a bad recipe fails before `up`
+    check_optional_stages(lab, selection)  # a bad recipe or stage fails before `up`
+    installer.dry_run(lab, selection)  # so do --from, --until and --only
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report_dir = args.report_dir or state_root() / "runs" / f"{lab.name}-{stamp}"
     try:
