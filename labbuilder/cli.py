@@ -100,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             errors.file.write(traceback.format_exc())
         errors.print(f"error: {one_line(message)}")
-        if hint:
-            errors.print(f"hint: {one_line(hint)}")
+        errors.print(f"hint: {one_line(hint or 'run again with --debug to see where it happened')}")
         return code
 
     try:

@@ -27,7 +27,7 @@ from labbuilder.commands.common import (
     plain_table,
     selected_lab,
 )
-from labbuilder.commands.lab import up_reported
+from labbuilder.commands.lab import up_reported, up_reports_dir
 from labbuilder.errors import UsageError
 from labbuilder.install import EngineEvent, StageOutcome, Status
 from labbuilder.installreport import Comparison, error_entry
@@ -437,14 +437,14 @@ def copy_reports(lab: Lab, target: Path, since: float) -> list[Path]:
     """Copy the reports of the lab written since ``since`` (epoch seconds) to ``target``:
     ``up-<time>``/``install-<time>`` as they are, and the newest as ``up-latest`` and
     ``latest`` (install), in JUnit XML and JSON."""
-    reports = lab_state(lab.name).directory / "reports"
+    folders = {"up": up_reports_dir(lab.name), "install": lab_state(lab.name).directory / "reports"}
     copied: list[Path] = []
     target.mkdir(parents=True, exist_ok=True)
     for kind, latest in (("up", "up-latest"), ("install", "latest")):
         for suffix in (".xml", ".json"):
             found = sorted(
                 path
-                for path in reports.glob(f"{kind}-*{suffix}")
+                for path in folders[kind].glob(f"{kind}-*{suffix}")
                 if not path.is_symlink()
                 and path.stem != "up-latest"
                 and path.stat().st_mtime >= since - 1

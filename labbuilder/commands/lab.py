@@ -24,9 +24,10 @@ from labbuilder.commands.common import (
     plain_table,
     selected_lab,
 )
+from labbuilder.errors import LabbuilderError
 from labbuilder.installreport import UpRecord, error_entry, write_up_reports
-from labbuilder.labstate import lab_state
 from labbuilder.model import Lab
+from labbuilder.paths import state_root
 from labbuilder.planview import plan_as_dict, plan_tables
 from labbuilder.readiness import RUNGS
 from labbuilder.teardown import Removed
@@ -269,7 +270,9 @@ def up_reported(
     """``api.up`` that leaves its report (``reports/up-latest.json`` and ``.xml`` in the lab's
     state directory) whether it succeeds or fails; a failure's error names the report."""
     record = UpRecord(lab.name)
-    directory = lab_state(lab.name).directory
+    # Beside the labs' state, not in it: the report of an `up` that failed and removed what it
+    # made must not make the lab look present, and it outlives `down`.
+    directory = up_reports_dir(lab.name)
 
     def on_log(message: str) -> None:
         record.on_log(message)
@@ -283,18 +286,21 @@ def up_reported(
     try:
         result = api.up(lab, auto_subnets=auto_subnets, log=on_log, on_rung=on_node_rung)
     except BaseException as err:
-        if directory.is_dir():  # `up` got as far as the lab's state: its report goes there
-            where = record.log[-1][1] if record.log else "checking the lab and the host"
+        where = record.log[-1][1] if record.log else "checking the lab and the host"
+        if not (isinstance(err, LabbuilderError) and err.exit_code == 2 and not record.log):
             try:
-                paths = write_up_reports(
-                    directory / "reports", record, RUNGS, error_entry(err, where)
-                )
+                paths = write_up_reports(directory, record, RUNGS, error_entry(err, where))
             except Exception as failed:  # noqa: BLE001 - the first error is the one to show
                 err.add_note(f"writing the report failed too: {failed}")
             else:
                 err.add_note(f"report: {paths[1]}")
         raise
-    return result, write_up_reports(directory / "reports", record, RUNGS)
+    return result, write_up_reports(directory, record, RUNGS)
+
+
+def up_reports_dir(lab: str) -> Path:
+    """Where ``up`` leaves its reports: ``<state root>/reports/<lab>/``."""
+    return state_root() / "reports" / lab
 
 
 def cmd_down(args: argparse.Namespace, console: Console) -> int:
