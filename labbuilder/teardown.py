@@ -160,10 +160,10 @@ def labs_on_host(conn: Any) -> dict[str, dict[str, int]]:
     def count(lab: str, kind: str) -> None:
         labs.setdefault(lab, {"domains": 0, "networks": 0, "volumes": 0, "state": 0})[kind] += 1
 
-    for domain in lv.owned_domains(conn):
-        count(lv.owner_lab(domain.XMLDesc(0)) or "?", "domains")
-    for network in lv.owned_networks(conn):
-        count(lv.owner_lab(network.XMLDesc(0)) or "?", "networks")
+    for _, xml in lv.owned_domain_xmls(conn):
+        count(lv.owner_lab(xml) or "?", "domains")
+    for _, xml in lv.owned_network_xmls(conn):
+        count(lv.owner_lab(xml) or "?", "networks")
     pool = storage.find_owned_pool(conn, pool_name(), str(pool_dir()))
     if pool is not None:
         for volume in storage.lab_volumes(pool):
@@ -181,8 +181,8 @@ def labs_on_host(conn: Any) -> dict[str, dict[str, int]]:
 
 
 def _metadata(conn: Any, lab: str) -> list[dict[str, str]]:
-    objects = [*lv.owned_domains(conn, lab), *lv.owned_networks(conn, lab)]
-    return [lv.lab_metadata(item.XMLDesc(0)) for item in objects]
+    objects = [*lv.owned_domain_xmls(conn, lab), *lv.owned_network_xmls(conn, lab)]
+    return [lv.lab_metadata(xml) for _, xml in objects]
 
 
 def _state_places(conn: Any, lab: str) -> list[str]:

@@ -8,6 +8,7 @@ define objects without booting any guest."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -125,6 +126,15 @@ def test_a_pool_of_labbuilders_name_elsewhere_is_refused(test_conn: Any) -> None
         storage.ensure_pool(test_conn, "default-pool", "/var/lib/labbuilder/pools/x")
     assert storage.find_owned_pool(test_conn, "default-pool", "/elsewhere") is None
     assert storage.ensure_pool(test_conn, "default-pool", "/default-pool").name() == pool.name()
+
+
+def test_an_object_removed_meanwhile_is_left_out_of_listings(test_conn: Any) -> None:
+    name = f"{PREFIX}gone"
+    network = test_conn.networkDefineXML(lab_network_xml(name, f"{PREFIX}g", "lbtowng0"))
+    listed = test_conn.listAllNetworks()
+    network.undefine()  # another program removes it between the listing and the read
+    assert name not in [item.name() for item, _ in lv._existing(listed)]
+    assert "default" in [item.name() for item, _ in lv._existing(listed)]
 
 
 def test_metadata_gets_the_state_directory_and_lock() -> None:
@@ -314,6 +324,11 @@ def test_gc_with_another_state_directory_keeps_a_lab_that_is_up(host: dict[str, 
     gc_elsewhere(host, lab)
     assert lab_objects(host["conn"], lab) == made
     assert registry.registration(lab) is not None
+    # `list` from another state directory sees the lab's state too.
+    env = {**host["env"], "LABBUILDER_STATE_DIR": str(host["tmp"] / "another-state")}
+    listed = run_labbuilder("list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[lab] == {"domains": 1, "networks": 1, "volumes": 1, "state": 1}
     # Without the registry entry, the state directory named in the metadata still counts.
     registry.unregister(lab)
     gc_elsewhere(host, lab)

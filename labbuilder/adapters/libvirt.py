@@ -47,10 +47,26 @@ def owner_lab(xml: str) -> str | None:
     return lab.get("name") if lab is not None else None
 
 
+_GONE = (libvirt.VIR_ERR_NO_NETWORK, libvirt.VIR_ERR_NO_DOMAIN)
+
+
+def _existing(objects: list[Any]) -> list[tuple[Any, str]]:
+    """(object, XML) of the networks or domains that still exist: one removed meanwhile (by
+    another program) is left out rather than failing the whole listing."""
+    found = []
+    for item in objects:
+        try:
+            found.append((item, item.XMLDesc(0)))
+        except libvirt.libvirtError as err:
+            if err.get_error_code() not in _GONE:
+                raise _error("cannot read an object's XML", err) from None
+    return found
+
+
 def network_facts(conn: Any) -> tuple[LibvirtNetworkFact, ...]:
     facts = []
-    for network in conn.listAllNetworks():
-        root = ET.fromstring(network.XMLDesc(0))
+    for network, xml in _existing(conn.listAllNetworks()):
+        root = ET.fromstring(xml)
         bridge = root.find("bridge")
         cidrs = []
         for ip in root.findall("ip"):
@@ -63,7 +79,7 @@ def network_facts(conn: Any) -> tuple[LibvirtNetworkFact, ...]:
                 name=network.name(),
                 bridge=bridge.get("name") if bridge is not None else None,
                 cidrs=tuple(cidrs),
-                lab=owner_lab(network.XMLDesc(0)),
+                lab=owner_lab(xml),
             )
         )
     return tuple(facts)
@@ -72,8 +88,7 @@ def network_facts(conn: Any) -> tuple[LibvirtNetworkFact, ...]:
 def used_macs(conn: Any) -> tuple[tuple[str, str], ...]:
     """(owner, MAC) of every domain's NICs; the owner is the lab, or the domain's name."""
     macs = []
-    for domain in conn.listAllDomains():
-        xml = domain.XMLDesc(0)
+    for domain, xml in _existing(conn.listAllDomains()):
         owner = owner_lab(xml) or domain.name()
         for mac in ET.fromstring(xml).findall("devices/interface/mac"):
             macs.append((owner, mac.get("address", "").lower()))
@@ -90,14 +105,28 @@ def lab_metadata(xml: str) -> dict[str, str]:
     return dict(element.attrib) if element is not None else {}
 
 
+def _owned(objects: list[Any], lab: str | None) -> list[tuple[Any, str]]:
+    found = []
+    for item, xml in _existing(objects):
+        owner = owner_lab(xml)
+        if owner is not None and (lab is None or owner == lab):
+            found.append((item, xml))
+    return found
+
+
+def owned_domain_xmls(conn: Any, lab: str | None = None) -> list[tuple[Any, str]]:
+    """(domain, XML) of the domains carrying labbuilder metadata (of ``lab``, or any lab)."""
+    return _owned(conn.listAllDomains(), lab)
+
+
+def owned_network_xmls(conn: Any, lab: str | None = None) -> list[tuple[Any, str]]:
+    """(network, XML) of the networks carrying labbuilder metadata (of ``lab``, or any lab)."""
+    return _owned(conn.listAllNetworks(), lab)
+
+
 def owned_domains(conn: Any, lab: str | None = None) -> list[Any]:
     """Domains carrying labbuilder metadata (of ``lab``, or of any lab)."""
-    found = []
-    for domain in conn.listAllDomains():
-        owner = owner_lab(domain.XMLDesc(0))
-        if owner is not None and (lab is None or owner == lab):
-            found.append(domain)
-    return found
+    return [domain for domain, _ in owned_domain_xmls(conn, lab)]
 
 
 def domain_memory(domain: Any) -> int:
@@ -111,12 +140,8 @@ def running_memory(conn: Any, lab: str) -> int:
 
 
 def owned_networks(conn: Any, lab: str | None = None) -> list[Any]:
-    found = []
-    for network in conn.listAllNetworks():
-        owner = owner_lab(network.XMLDesc(0))
-        if owner is not None and (lab is None or owner == lab):
-            found.append(network)
-    return found
+    """Networks carrying labbuilder metadata (of ``lab``, or of any lab)."""
+    return [network for network, _ in owned_network_xmls(conn, lab)]
 
 
 def with_metadata(xml: str, **attributes: str) -> str:
