@@ -289,15 +289,22 @@ def test_up_refuses_a_foreign_domain_and_leaves_it_alone(host: dict[str, Any]) -
     assert_nothing_made(host, lab)
 
 
-def make_lab_objects(host: dict[str, Any], lab: str, state_dir: Path) -> list[str]:
+def make_lab_objects(
+    host: dict[str, Any], lab: str, state_dir: Path, *, running: bool = False
+) -> list[str]:
     """What `up` leaves on the host, made through labbuilder's own adapters: a network, a
-    (defined, not started) domain and a volume, with the lab's metadata."""
+    domain (defined; ``running``: started, a diskless guest idling in its firmware) and a
+    volume, with the lab's metadata."""
     conn = host["conn"]
     attributes = {"state": str(state_dir), "lock": str(lab_lock_path(lab))}
     bridge = f"lbtown{lab[-4:]}".replace("-", "")[:15]
     xml = lab_network_xml(f"{lab}-management", lab, bridge, **attributes)
     lv.ensure_network(conn, f"{lab}-management", xml)
-    conn.defineXML(lab_domain_xml(f"{lab}-controller", lab, **attributes))
+    domain_xml = lab_domain_xml(f"{lab}-controller", lab, **attributes)
+    if running:
+        lv.ensure_domain(conn, f"{lab}-controller", domain_xml)
+    else:
+        conn.defineXML(domain_xml)
     pool = storage.ensure_pool(conn, TEST_POOL, str(pool_dir_for_tests()))
     volume = storage.lab_volume_name(lab, "controller", "seed.iso")
     storage.upload(conn, pool, volume, io.BytesIO(b"x" * 512), 512)
@@ -320,9 +327,10 @@ def test_gc_with_another_state_directory_keeps_a_lab_that_is_up(host: dict[str, 
     state_dir.mkdir(parents=True)
     (state_dir / "lab.json").write_text("{}")
     registry.register(lab, state_dir, URI)
-    made = make_lab_objects(host, lab, state_dir)
+    made = make_lab_objects(host, lab, state_dir, running=True)
     gc_elsewhere(host, lab)
     assert lab_objects(host["conn"], lab) == made
+    assert host["conn"].lookupByName(f"{lab}-controller").isActive()
     assert registry.registration(lab) is not None
     # `list` from another state directory sees the lab's state too.
     env = {**host["env"], "LABBUILDER_STATE_DIR": str(host["tmp"] / "another-state")}
