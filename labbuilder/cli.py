@@ -154,18 +154,27 @@ def handle(err: BaseException, report: Callable[[str, str | None, int], int]) ->
 
 
 def leave_stuck_threads(code: int) -> None:
-    """After an error or Ctrl-C, threads of a run that stopped (waiting on a guest, say) may
-    not end soon; Python would wait for them at exit. Their reports are written: leave."""
+    """After an error or Ctrl-C, the threads of a run that stopped (waiting for a guest or a
+    connection) may not end soon, and Python waits for a thread pool's threads at exit. The
+    reports are written and the error shown: leave without waiting for them."""
     deadline = time.monotonic() + 2.0
-    for thread in threading.enumerate():
-        if thread is threading.main_thread() or thread.daemon:
-            continue
+    for thread in run_threads():
         thread.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t for t in threading.enumerate() if t.is_alive() and not t.daemon]
-    if len(stuck) > 1:  # the main thread and others
+    if run_threads():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def run_threads() -> list[threading.Thread]:
+    """Threads of labbuilder's runs still alive: thread pools' and the install's."""
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread.is_alive()
+        and thread is not threading.current_thread()
+        and thread.name.startswith(("ThreadPoolExecutor-", "labbuilder-"))
+    ]
 
 
 if __name__ == "__main__":
