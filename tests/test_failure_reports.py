@@ -237,9 +237,8 @@ def test_an_up_that_fails_half_way_leaves_its_report_and_run_copies_it(tmp_path:
     """`up` fails after it made the lab's networks (its storage pool's folder cannot be made):
     it removes what it made, writes reports/<lab>/up-latest.json and .xml, exits 1; `run`
     copies that report to --report-dir."""
-    from lablib import TEST_CACHE, free_subnets
-
     import libvirt
+    from lablib import TEST_CACHE, free_subnets
 
     from labbuilder.adapters import libvirt as lv
 
