@@ -201,19 +201,21 @@ def _existing_image_file(path: Path, location: str) -> Path:
             f"image file {path} (named as {location!r}) does not exist or is not a file",
             hint="check the path; relative paths are resolved from the lab file's folder",
         )
-    problem = local_image_problem(path)
+    problem = local_image_problem(path, header=False)
     if problem is not None:
         raise ImageError(f"image file {path} (named as {location!r}) {problem[0]}", problem[1])
     return path
 
 
-def local_image_problem(path: Path, *, qcow2_only: bool = False) -> tuple[str, str] | None:
+def local_image_problem(
+    path: Path, *, qcow2_only: bool = False, header: bool = True
+) -> tuple[str, str] | None:
     """Why a local file cannot be a lab's image (``(rule, hint)``), or None.
 
     It must be a regular file (a symlink counts as the file it leads to), never a device, FIFO,
-    socket or directory; a qcow2 image must stand alone: a backing file or an external data
-    file would make the guest's disk read another file of the host. With ``qcow2_only`` (an
-    image a lab file names) anything but a qcow2 image is refused too.
+    socket or directory. With ``header``, a qcow2 image must stand alone: a backing file or an
+    external data file would make the guest's disk read another file of the host. With
+    ``qcow2_only`` (an image a lab file names) anything but a qcow2 image is refused too.
     """
     try:
         info = path.stat()
@@ -228,9 +230,13 @@ def local_image_problem(path: Path, *, qcow2_only: bool = False) -> tuple[str, s
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return "changed into something that is not a regular file", "name an image file"
-        header = os.read(fd, 104)
+        head = os.read(fd, 104) if header else b""
     finally:
         os.close(fd)
+    return _qcow2_problem(head, qcow2_only) if header else None
+
+
+def _qcow2_problem(header: bytes, qcow2_only: bool) -> tuple[str, str] | None:
     if header[:4] != _QCOW2_MAGIC:
         if qcow2_only:
             return (

@@ -295,7 +295,7 @@ def check_options(lab: Lab) -> None:
 def check_lab_recipe(lab: Lab, recipe: Recipe) -> None:
     """Refuse a lab that ``recipe`` cannot install: ``options.stages`` names that are not
     optional stages of the recipe (or whose nodes the lab lacks), no controller or more than
-    one, a networking variant the recipe has no stages for."""
+    one."""
     optional = [stage for stage in recipe.stages if stage.optional]
     optional_names = ", ".join(stage.name for stage in optional) or "none"
     roles = {str(node.role) for node in lab.nodes}
@@ -322,18 +322,10 @@ def check_lab_recipe(lab: Lab, recipe: Recipe) -> None:
             )
     controllers = [node for node in lab.nodes if node.role == Role.CONTROLLER]
     if len(controllers) != 1:
+        key = controllers[1].defined_by if controllers else "nodes.controller"
         what = "no controller node" if not controllers else f"{len(controllers)} controller nodes"
         raise LabFileError(
-            f"{lab.source}: the lab has {what}; recipe {recipe.name} installs one controller",
-            "keep exactly one node with role controller (nodes.controller)",
-        )
-    variants = {stage.networking for stage in recipe.stages if stage.networking is not None}
-    if variants and str(lab.networking) not in variants:
-        raise fail(
-            lab,
-            "networking",
-            str(lab.networking),
-            f"is not a networking variant recipe {recipe.name} installs "
-            f"({', '.join(sorted(variants))})",
-            f'set networking = "{sorted(variants)[0]}", or choose another recipe',
+            f"{lab.source}: {key}: the lab has {what}; recipe {recipe.name} installs one "
+            "controller, which every other node uses",
+            "keep exactly one node with role controller ([nodes.controller], without count)",
         )

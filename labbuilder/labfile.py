@@ -172,7 +172,10 @@ def parse_lab(text: str, *, source: str, force: bool = False, folder: Path | Non
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise LabFileError(f"{source}: not valid TOML: {one_line(str(err))}") from None
+        raise LabFileError(
+            f"{source}: not valid TOML: {one_line(str(err))}",
+            "fix the TOML syntax at that line and column (https://toml.io)",
+        ) from None
     except RecursionError:
         raise LabFileError(
             f"{source}: not valid TOML: arrays or tables nested too deeply",
@@ -185,10 +188,21 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+DEFAULT_HINT = "the README's lab file reference gives each key's rule"
+
+
 def lab_from_data(
     data: dict[str, Any], *, source: str, force: bool = False, folder: Path | None = None
 ) -> Lab:
     """Build a Lab from a lab file's parsed TOML (a dict as ``tomllib`` returns it)."""
+    try:
+        return _lab_from_data(data, source, force, folder)
+    except LabFileError as err:
+        err.hint = err.hint or DEFAULT_HINT
+        raise
+
+
+def _lab_from_data(data: dict[str, Any], source: str, force: bool, folder: Path | None) -> Lab:
     where = Where(source)
     check_keys(data, TOP_KEYS + TABLE_KEYS, where)
 

@@ -13,16 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from labbuilder.errors import PlanError
+from labbuilder.adapters import storage
+from labbuilder.errors import LabFileError, PlanError
 from labbuilder.labfile import load_builtin_lab, parse_lab
 from labbuilder.model import (
     GiB,
     HostFacts,
     HostRoute,
     LibvirtNetworkFact,
+    Plan,
 )
-from labbuilder.planner import derive_mac, plan
+from labbuilder.planner import derive_mac, lab_tag, plan
 from labbuilder.planview import plan_as_dict
 
 CASES = Path(__file__).parent / "plans"
@@ -145,3 +149,79 @@ def test_auto_subnets_keeps_addresses_in_place_and_avoids_everything_taken() -> 
     assert result.node("controller").nics[0].address == "10.0.3.11"
     assert result.hosts[0] == ("10.0.3.11", "controller")
     assert len(result.warnings) == 2
+
+
+# --- two labs never plan the same object name --------------------------------------------------
+
+lab_names = st.from_regex(r"\A[a-z][a-z0-9-]{0,12}[a-z0-9]\Z").filter(
+    lambda name: not name.startswith(("lbbake", "lbprobe"))
+)
+node_names = st.from_regex(r"\A[a-z]{1,10}\Z")
+
+
+def lab_with_node(lab: str, node: str) -> Plan:
+    """A lab with one extra node named ``node`` (at its own addresses), planned."""
+    text = (
+        f'name = "{lab}"\n[nodes.{node}]\nrole = "compute"\n'
+        'addresses = { management = "10.0.0.99", tunnel = "10.0.1.99" }\n'
+    )
+    return plan(parse_lab(text, source="lab.toml"), HostFacts())
+
+
+def object_names(result: Plan) -> set[tuple[str, str]]:
+    names = {("domain", node.domain) for node in result.nodes}
+    names |= {("network", net.libvirt_name) for net in result.networks}
+    names |= {
+        ("volume", storage.lab_volume_name(result.lab, node.name, f"{disk.device}.qcow2"))
+        for node in result.nodes
+        for disk in node.disks
+    }
+    return names
+
+
+@settings(max_examples=150, deadline=None)
+@given(lab_names, node_names, lab_names, node_names)
+def test_two_labs_never_plan_the_same_domain_network_or_volume(
+    lab_a: str, node_a: str, lab_b: str, node_b: str
+) -> None:
+    assume(lab_a != lab_b)
+    first, second = lab_with_node(lab_a, node_a), lab_with_node(lab_b, node_b)
+    assert not object_names(first) & object_names(second)
+
+
+@given(lab_names, node_names, lab_names, node_names)
+def test_a_name_splits_back_into_its_lab_and_node(
+    lab_a: str, node_a: str, lab_b: str, node_b: str
+) -> None:
+    """Node and network names have no '-': the part after a domain's last '-' is its node."""
+    assume((lab_a, node_a) != (lab_b, node_b))
+    assert f"{lab_a}-{node_a}" != f"{lab_b}-{node_b}"
+    assert f"{lab_a}-{node_a}".rsplit("-", 1) == [lab_a, node_a]
+
+
+def test_the_collision_of_the_issue_is_refused() -> None:
+    """Lab a-b with node c and lab a with node b-c would both be domain a-b-c."""
+    assert lab_with_node("a-b", "c").node("c").domain == "a-b-c"
+    with pytest.raises(LabFileError, match=r'nodes.b-c = "b-c" is not a valid name'):
+        parse_lab('name = "a"\n[nodes.b-c]\nrole = "compute"\n', source="x.toml")
+
+
+def test_a_bridge_name_shared_through_the_hash_is_refused_when_the_other_lab_has_it() -> None:
+    """Bridge names hold 6 hex digits of the lab's name (Linux allows 15 characters): two labs
+    can share them, and the planner refuses the second while the first has its bridge."""
+    seen: dict[str, str] = {}
+    for i in range(100_000):
+        name = f"lbtest-in-{i}"
+        tag = lab_tag(name)
+        if tag in seen:
+            break
+        seen[tag] = name
+    first, second = seen[tag], name
+    owner = plan(parse_lab(f'name = "{first}"', source="a.toml"), HostFacts())
+    host = HostFacts(
+        libvirt_networks=tuple(
+            LibvirtNetworkFact(net.libvirt_name, net.bridge, (), first) for net in owner.networks
+        )
+    )
+    with pytest.raises(PlanError, match="is already used by libvirt network"):
+        plan(parse_lab(f'name = "{second}"', source="b.toml"), host)

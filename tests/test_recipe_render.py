@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,11 @@ import pytest
 from labbuilder import api
 from labbuilder.commands.coverage import recipe_coverage
 from labbuilder.errors import LabFileError, RecipeError
+from labbuilder.imagemodel import CloudInitFlavour
 from labbuilder.installer import Selection, render_for_lab
-from labbuilder.labfile import parse_lab
+from labbuilder.labcheck import check_lab_recipe
+from labbuilder.labfile import load_builtin_lab, parse_lab
+from labbuilder.quoting import QuotingError, aptconf, chrony, ini, shell, yaml
 from labbuilder.recipecoverage import (
     GuideLine,
     installing_lines,
@@ -22,6 +29,7 @@ from labbuilder.recipecoverage import (
 )
 from labbuilder.recipefile import load_recipe
 from labbuilder.reciperender import applicable_stages
+from labbuilder.render import SeedInput, render_seed_files
 
 GUIDE = """\
 # A guide
@@ -191,6 +199,15 @@ def test_a_lab_file_selects_optional_stages(tmp_path: Path) -> None:
     text = 'name = "demo"\n[options]\nstages = ["demo", "not-in-this-recipe"]\n'
     lab = parse_lab(text, source="lab.toml")
     assert lab.options.optional_stages == ("demo", "not-in-this-recipe")
+    # A stage name the recipe does not have is refused, naming the recipe's optional stages.
+    with pytest.raises(LabFileError) as err:
+        check_lab_recipe(lab, load_recipe(str(folder)))
+    assert err.value.message == (
+        'lab.toml: options.stages[1] = "not-in-this-recipe" is not a stage of recipe demo-recipe'
+    )
+    assert err.value.hint == "optional stages of demo-recipe: demo"
+    lab = parse_lab('name = "demo"\n[options]\nstages = ["demo"]\n', source="lab.toml")
+    check_lab_recipe(lab, load_recipe(str(folder)))
     plan = api.plan_lab(lab, host_check=False).plan
     selection = Selection(recipe=str(folder))
     _, stages = render_for_lab(lab, selection, secrets=None, plan=plan, virt_type="qemu")
@@ -212,3 +229,124 @@ def test_the_built_in_zed_full_lab_runs_every_stage_and_the_guide_lab_the_core_p
         plan = api.plan_lab(lab, host_check=False).plan
         stages = applicable_stages(recipe, plan, lab.options.optional_stages)
         assert [stage.name for stage in stages] == expected, name
+
+
+# --- one quoting filter per destination --------------------------------------------------------
+
+HOSTILE = [
+    'http://p:3142";\nAPT::Update::Pre-Invoke {"touch /tmp/x"};',
+    "pool.ntp.org\nallow all",
+    "a b",
+    "$(reboot)",
+    "`id`",
+    "it's",
+    'back\\slash "quoted"',
+    "tab\there",
+    "\u2028line separator",
+    "esc\x1b[2J",
+    "ünïcödé and 🙂",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_the_shell_filter_gives_bash_one_word(value: str) -> None:
+    assert shlex.split(shell(value)) == [value]
+    out = subprocess.run(
+        ["bash", "-c", f"printf %s {shell(value)}"], capture_output=True, check=True
+    ).stdout
+    assert out.decode() == value
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_the_yaml_filter_is_one_double_quoted_string(value: str) -> None:
+    text = yaml(value)
+    assert "\n" not in text and text.isascii() and text.startswith('"') and text.endswith('"')
+    if all(ord(c) <= 0xFFFF for c in value):  # JSON reads YAML's double-quoted BMP escapes
+        assert json.loads(text) == value
+    else:
+        assert "\\U0001f642" in text
+
+
+def test_the_apt_conf_filter_refuses_what_apt_conf_cannot_hold() -> None:
+    assert aptconf("http://10.0.0.1:3142") == '"http://10.0.0.1:3142"'
+    for value in HOSTILE[:1] + ['a"b', "a\\b", "a\nb", "a\x00b"]:
+        with pytest.raises(QuotingError):
+            aptconf(value)
+
+
+def test_the_chrony_filter_takes_one_host_word_only() -> None:
+    assert chrony("ntp.example.org") == "ntp.example.org"
+    assert chrony("2001:db8::1") == "2001:db8::1"
+    for value in ("pool.ntp.org\nallow all", "a b", "x iburst minpoll 0", "#x", "-x", ""):
+        with pytest.raises(QuotingError):
+            chrony(value)
+
+
+def test_the_ini_filter_keeps_one_line_and_doubles_dollars() -> None:
+    assert ini("pa$$word") == "pa$$$$word"
+    for value in ("a\nb = c", "a\rb", " padded "):
+        with pytest.raises(QuotingError):
+            ini(value)
+
+
+def _seed(apt_proxy: str | None) -> dict[str, bytes]:
+    lab = load_builtin_lab("guide-3node")
+    plan = api.plan_lab(lab, host_check=False).plan
+    seed = SeedInput(
+        user="lab", password_hash="$6$x$y", ssh_public_key="ssh-ed25519 AAAA k", apt_proxy=apt_proxy
+    )
+    return render_seed_files(
+        plan, plan.nodes[0], digest="d", seed=seed, flavour=CloudInitFlavour.V2
+    )
+
+
+def test_user_data_writes_the_apt_proxy_through_apt_conf_then_yaml_quoting() -> None:
+    text = _seed("http://10.0.0.1:3142")["user-data"].decode()
+    line = next(line for line in text.splitlines() if "Acquire::http::Proxy" in line)
+    assert (
+        json.loads(line.split("content: ", 1)[1])
+        == 'Acquire::http::Proxy "http://10.0.0.1:3142";\n'
+    )
+    hosts = next(line for line in text.splitlines() if "127.0.0.1 localhost" in line)
+    assert json.loads(hosts.split("content: ", 1)[1]).splitlines()[1] == "10.0.0.11 controller"
+
+
+def test_a_hostile_apt_proxy_that_reached_the_template_is_never_written() -> None:
+    """Validation refuses it at parse time (test_hostile_inputs); if it got past that, the
+    apt.conf filter would refuse it rather than add directives to the guests' apt.conf."""
+    with pytest.raises(QuotingError, match="apt.conf"):
+        _seed(HOSTILE[0])
+
+
+def test_a_hostile_ntp_server_that_reached_the_template_is_never_written() -> None:
+    lab = load_builtin_lab("guide-3node")
+    lab = dataclasses.replace(
+        lab, options=dataclasses.replace(lab.options, ntp_servers=("pool.ntp.org\nallow all",))
+    )
+    plan = api.plan_lab(lab, host_check=False).plan
+    with pytest.raises(RecipeError, match="chrony"):
+        render_for_lab(lab, Selection(), secrets=None, plan=plan, virt_type="qemu")
+    fine = dataclasses.replace(
+        lab, options=dataclasses.replace(lab.options, ntp_servers=("192.0.2.10",))
+    )
+    _, stages = render_for_lab(fine, Selection(), secrets=None, plan=plan, virt_type="qemu")
+    scripts = "".join(step.script for stage in stages for step in stage.steps)
+    assert "server 192.0.2.10 iburst\n" in scripts
+
+
+def test_recipe_templates_render_in_a_sandbox(tmp_path: Path) -> None:
+    """A recipe folder's templates cannot reach Python's internals (and so the host)."""
+    folder = write_recipe(tmp_path)
+    stage = folder / "stages" / "10-demo.toml"
+    stage.write_text(
+        stage.read_text().replace(
+            "apt-get install -y mysql-server python-mysqldb",
+            "echo {{ ''.__class__.__mro__[1].__subclasses__() }}",
+        )
+    )
+    lab = parse_lab('name = "demo"\n', source="lab.toml")
+    plan = api.plan_lab(lab, host_check=False).plan
+    with pytest.raises(RecipeError, match="SecurityError|unsafe"):
+        render_for_lab(
+            lab, Selection(recipe=str(folder)), secrets=None, plan=plan, virt_type="qemu"
+        )
