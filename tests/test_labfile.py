@@ -175,6 +175,30 @@ ERRORS = [
     ('name = "x"\n[options]\negress = "allow"\negress_allow = ["deb.debian.org"]', 'lab.toml: options.egress_allow[0] = "deb.debian.org" is not an IPv4 address', None),
     ('name = "x"\n[options]\napt_proxy = "10.0.0.1:3142"', 'lab.toml: options.apt_proxy = "10.0.0.1:3142" is not an http:// or https:// URL', None),
     ('name = "x"\nlibvirt_uri = "system"', 'lab.toml: libvirt_uri = "system" is not a libvirt URI', None),
+    # what leaves labbuilder: libvirt URIs, URLs, NTP servers, egress destinations
+    ('name = "x"\nlibvirt_uri = "qemu+ext:///system?command=/bin/sh"', 'lab.toml: libvirt_uri = "qemu+ext:///system?command=/bin/sh" is not a libvirt URI labbuilder supports (it has parameters)', "use qemu:///system, qemu:///session or qemu+ssh://[user@]host[:port]/system, without '?' parameters"),
+    ('name = "x"\nlibvirt_uri = "qemu+tcp://h/system"', "lab.toml: libvirt_uri = \"qemu+tcp://h/system\" uses the transport 'qemu+tcp', which labbuilder does not support", None),
+    ('name = "x"\n[options]\napt_proxy = "http://p:3142\\nAcquire::x \\"y\\";"', 'lab.toml: options.apt_proxy = "http://p:3142\\nAcquire::x \\"y\\";" is not a plain URL: it holds white space, a quote or one of', None),
+    ('name = "x"\n[options]\napt_mirror = "http://u:p@m/debian"', 'lab.toml: options.apt_mirror = "http://u:p@m/debian" is a URL with a user or password', "use a proxy or mirror that needs no login"),
+    ('name = "x"\n[options]\nntp_servers = ["pool.ntp.org\\nallow all"]', 'lab.toml: options.ntp_servers[0] = "pool.ntp.org\\nallow all" is not a host name or an IP address of an NTP server', None),
+    ('name = "x"\n[options]\negress = "allow"\negress_allow = ["127.0.0.0/8"]', 'lab.toml: options.egress_allow[0] = "127.0.0.0/8" is in a range guests cannot be allowed to: loopback', None),
+    # limits
+    ('name = "x"\n[nodes.compute]\ncount = 65', "lab.toml: nodes.compute.count = 65 is above the most labbuilder allows, 64", "a group has 0 to 64 nodes"),
+    ('name = "x"\n[nodes.compute1]\nvcpus = 65', "lab.toml: nodes.compute1.vcpus = 65 is above the most labbuilder allows, 64", None),
+    ('name = "x"\n[nodes.compute1]\nmemory = "257 GiB"', 'lab.toml: nodes.compute1.memory = "257 GiB" is above 256 GB, the most labbuilder allows', None),
+    ('name = "x"\n[nodes.compute1]\nmemory = "64 MiB"', 'lab.toml: nodes.compute1.memory = "64 MiB" is below 128 MB, the least a guest can have', None),
+    ('name = "x"\n[nodes.compute1]\nextra_disks = ["1 GB", "1 GB", "1 GB", "1 GB", "1 GB", "1 GB", "1 GB", "1 GB", "1 GB"]', "lab.toml: nodes.compute1.extra_disks has 9 disks; a node has at most 8 extra disks", None),
+    ('name = "x"\ndescription = "a\\u0007b"', 'lab.toml: description = "a\\u0007b" holds a control character', None),
+    # reserved ranges and MACs
+    ('name = "x"\n[networks.management]\ncidr = "169.254.0.0/24"\ngateway = "169.254.0.1"', 'lab.toml: networks.management.cidr = "169.254.0.0/24" overlaps a range no lab network can use: link-local', None),
+    ('name = "x"\n[nodes.compute1]\nmacs = { management = "fe:54:00:00:00:01" }', 'lab.toml: nodes.compute1.macs.management = "fe:54:00:00:00:01" starts with fe, which libvirt reserves', None),
+    ('name = "x"\n[nodes.compute1]\nmacs = { management = "00:00:00:00:00:00" }', 'lab.toml: nodes.compute1.macs.management = "00:00:00:00:00:00" is the all-zero MAC', None),
+    # names, images, recipes
+    ('name = "x"\n[nodes.compute-2]\nrole = "compute"', 'lab.toml: nodes.compute-2 = "compute-2" is not a valid name', "use lower-case letters and digits, starting with a letter, at most 40 characters; no '-': libvirt names are <lab>-<name>, so a '-' would let two labs plan the same name"),
+    ('name = "lbbake-1"', 'lab.toml: name = "lbbake-1" starts with \'lbbake\', which labbuilder keeps for its own temporary machines', None),
+    ('name = "x"\nrecipe = "./my-recipe"', 'lab.toml: recipe = "./my-recipe" is not a built-in recipe', None),
+    ('name = "x"\nimage = "/etc/shadow"', 'lab.toml: image = "/etc/shadow" is a local image, which only a lab file in a folder may name', None),
+    ('name = "x"\nimage = "http://localhost/x.qcow2"', 'lab.toml: image = "http://localhost/x.qcow2" names this host', None),
 ]  # fmt: skip
 
 
@@ -186,3 +210,23 @@ def test_validation_message(text: str, message: str, hint: str | None) -> None:
     assert "\n" not in err.value.message
     if hint is not None:
         assert err.value.hint == hint
+
+
+def test_a_value_in_a_message_is_one_line_and_cut_short() -> None:
+    with pytest.raises(LabFileError) as err:
+        lab_from('name = "x"\ndescription = "' + "a\\n" * 500 + '"')
+    assert "\n" not in err.value.message
+    assert len(err.value.message) < 250 and "… holds a control character" in err.value.message
+
+
+def test_a_local_image_must_be_a_standalone_qcow2_in_the_lab_files_folder(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    image.write_bytes(b"QFI\xfb" + b"\x00\x00\x00\x03" + b"\x00" * 200)
+    lab = tmp_path / "lab.toml"
+    lab.write_text('name = "x"\nimage = "disk.qcow2"\n')
+    assert load_lab_file(lab).image == str(image)
+    image.write_bytes(
+        b"QFI\xfb" + b"\x00\x00\x00\x03" + b"\x00\x00\x00\x00\x00\x00\x01\x00" + b"\x00" * 200
+    )
+    with pytest.raises(LabFileError, match="qcow2 image with a backing file"):
+        load_lab_file(lab)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from labbuilder.errors import LabFileError, PlanError
+from labbuilder.labcheck import check_lab_recipe
 from labbuilder.labfile import (
     NETWORK_KEYS,
     NODE_KEYS,
@@ -20,6 +21,9 @@ from labbuilder.labfile import (
 )
 from labbuilder.model import HostFacts, HostRoute
 from labbuilder.planner import plan
+from labbuilder.recipefile import load_recipe, recipe_names
+
+RECIPES = {name: load_recipe(name) for name in recipe_names()}
 
 SOURCE = "fuzz.toml"
 
@@ -39,6 +43,8 @@ plausible = st.sampled_from(
         "controller", "network", "compute", "block", "object", "allow", "none",
         "203.0.113.101-203.0.113.200", "10.0.0.2-10.0.0.100", "a-b", "-",
         "52:54:00:00:00:01", "01:00:00:00:00:00", "qemu:///system", "http://10.0.0.1:3142",
+        "fe:00:00:00:00:01", "qemu+ext:///system?command=/bin/sh", "http://p\n;x", "/etc/shadow",
+        "127.0.0.0/24", "224.0.0.0/24", "dashboard", "nope", "zed-debian-12", "a\u0000b",
     ]
 )  # fmt: skip
 values = st.recursive(
@@ -112,6 +118,10 @@ def test_any_lab_data_is_a_lab_or_a_lab_file_error(
         assert err.message.startswith(f"{SOURCE}: ")
         assert err.message.strip()
         return
+    try:
+        check_lab_recipe(lab, RECIPES[lab.recipe])
+    except LabFileError as err:
+        assert err.message.startswith(f"{SOURCE}: ") and err.hint
     try:
         plan(lab, HOST, auto_subnets=auto)
     except PlanError as err:
