@@ -33,7 +33,7 @@ from labbuilder.labstate import (
     password_hash,
     write_secret_file,
 )
-from labbuilder.model import Lab, LibvirtNetworkFact, Plan, PlannedNode
+from labbuilder.model import Egress, Lab, LibvirtNetworkFact, Plan, PlannedNode
 from labbuilder.paths import lab_lock_path, pool_dir, pool_name, state_root
 from labbuilder.planner import plan as make_plan
 from labbuilder.planview import plan_as_dict
@@ -194,6 +194,10 @@ def check_ownership(lab: Lab, plan: Plan) -> None:
             storage.refuse_foreign_pool(pool, str(pool_dir()))
     finally:
         conn.close()
+    if lab.options.egress != Egress.NAT:
+        from labbuilder.adapters import firewall
+
+        firewall.check_lab_chain(lab.name)
 
 
 def check_bridges(lab: Lab, plan: Plan, networks: tuple[LibvirtNetworkFact, ...]) -> None:

@@ -162,7 +162,7 @@ def test_firewall_removal_leaves_rules_labbuilder_did_not_tag() -> None:
     assert f"-D FORWARD -i lbx0 {tag} -j {chain}" in script
     assert "eth9" not in script
     assert f"-X {chain}" not in script  # still referenced by a rule that is not the lab's
-    with pytest.raises(Exception, match="not labbuilder"):
+    with pytest.raises(PlanError, match="not labbuilder"):
         firewall._ensure_script(lab, table, ["lbx0"], [])
 
 
@@ -171,7 +171,7 @@ def test_firewall_never_flushes_a_chain_with_untagged_rules() -> None:
     chain = firewall.chain_name(lab)
     table = firewall.parse_save(f"*mangle\n:{chain} - [0:0]\n-A {chain} -j ACCEPT\nCOMMIT\n")
     assert firewall._remove_script(lab, table) is None
-    with pytest.raises(Exception, match=f"chain {chain}"):
+    with pytest.raises(PlanError, match=f"chain {chain}"):
         firewall._ensure_script(lab, table, ["lbx0"], [])
 
 
@@ -503,3 +503,31 @@ def test_up_refuses_a_lab_that_is_up_with_another_state_directory(host: dict[str
     entry = registry.registration(lab)
     assert entry is not None and entry.state_dir == elsewhere
     assert lab_objects(host["conn"], lab) == []
+
+
+@pytest.mark.integration
+def test_up_refuses_a_firewall_chain_of_the_labs_name_with_foreign_rules(
+    host: dict[str, Any],
+) -> None:
+    lab = unique("c")
+    host["labs"].append(lab)
+    chain = firewall.chain_name(lab)
+    subprocess.run(["iptables", "-w", "-t", "mangle", "-N", chain], check=True)
+    try:
+        subprocess.run(["iptables", "-w", "-t", "mangle", "-A", chain, "-j", "RETURN"], check=True)
+        before = firewall.read_table(firewall.IPV4)
+        lab_file = host["tmp"] / "lab.toml"
+        lab_file.write_text(one_node_lab(lab))
+        result = run_labbuilder("up", str(lab_file), env=host["env"], timeout=600)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"the firewall chain {chain} of lab {lab}" in result.stderr
+        assert "not labbuilder" in result.stderr
+        after = firewall.read_table(firewall.IPV4)
+        assert [r for r in after.rules if r.chain == chain] == [
+            r for r in before.rules if r.chain == chain
+        ]
+        assert_nothing_made(host, lab)
+        assert lab not in firewall.owned_labs()
+    finally:
+        subprocess.run(["iptables", "-w", "-t", "mangle", "-F", chain], check=False)
+        subprocess.run(["iptables", "-w", "-t", "mangle", "-X", chain], check=False)

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from labbuilder.errors import HostError
+from labbuilder.errors import HostError, PlanError
 from labbuilder.model import Egress
 from labbuilder.planner import lab_tag
 
@@ -301,6 +301,14 @@ def _foreign_references(lab: str, chain: str, table: Table) -> list[Rule]:
     ]
 
 
+def check_lab_chain(lab: str) -> None:
+    """Refuse (``PlanError``) a lab whose chain exists with rules that are not the lab's:
+    `up` asks before it creates anything, as ``ensure_egress`` checks again."""
+    _check_lab(lab)
+    for family in families():
+        _refuse_foreign_chain(lab, chain_name(lab), read_table(family))
+
+
 def _refuse_foreign_chain(lab: str, chain: str, table: Table) -> None:
     """labbuilder changes a chain only when every rule in it, and every jump to it, is the
     lab's: it never flushes or rewrites a rule it did not tag for that lab."""
@@ -309,7 +317,7 @@ def _refuse_foreign_chain(lab: str, chain: str, table: Table) -> None:
         owners = sorted(
             {f"lab {rule.owner}" if rule.owner else "not labbuilder" for rule in foreign}
         )
-        raise HostError(
+        raise PlanError(
             f"the firewall chain {chain} of lab {lab} already exists with rules of "
             f"{', '.join(owners)} (in or jumping to it: {foreign[0].chain} {foreign[0].spec})",
             hint="labbuilder never changes rules it did not make: remove that chain "
