@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import stat
-import urllib.parse
 from pathlib import Path
 
 from labbuilder.catalog import file_kind, load_catalog, local_image_problem
@@ -92,7 +91,7 @@ def parse_image(value: object, where: Where, folder: Path | None) -> str:
     text = parse_str(value, where)
     if text in load_catalog():
         return text
-    scheme = urllib.parse.urlsplit(text).scheme
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
     if scheme in ("http", "https"):
         try:
             return check_image_url(text)

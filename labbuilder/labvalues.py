@@ -18,7 +18,15 @@ _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 # A URL's path: the characters of RFC 3986 paths that no destination treats specially.
 _PATH = re.compile(r"^(/[A-Za-z0-9._~%+,=@:-]*)*$")
-_UNSAFE = re.compile(r"[\s\"'`\\;{}<>|$^\[\]\x00-\x1f\x7f-\x9f]")
+_UNSAFE = re.compile(r"[\s\"'`\\;{}<>|$^\x00-\x1f\x7f-\x9f]")
+
+
+def split_url(text: str, hint: str | None = None) -> urllib.parse.SplitResult:
+    """``urllib.parse.urlsplit``, with its ValueError (unbalanced ``[``) as a ValueProblem."""
+    try:
+        return urllib.parse.urlsplit(text)
+    except ValueError:
+        raise ValueProblem("is not a URL: its [IPv6 address] is not closed", hint) from None
 
 
 @dataclass
@@ -57,7 +65,7 @@ def check_libvirt_uri(text: str) -> str:
         return text
     if _UNSAFE.search(text) or "?" in text or "#" in text:
         raise ValueProblem("is not a libvirt URI labbuilder supports (it has parameters)", hint)
-    parts = urllib.parse.urlsplit(text)
+    parts = split_url(text, hint)
     if "://" not in text:
         raise ValueProblem("is not a libvirt URI such as qemu:///system", hint)
     if parts.scheme != "qemu+ssh":
@@ -104,7 +112,7 @@ def check_url(text: str, *, what: str = "URL") -> str:
         raise ValueProblem(
             f"is not a plain {what}: it holds white space, a quote or one of ;{{}}<>|$\\", hint
         )
-    parts = urllib.parse.urlsplit(text)
+    parts = split_url(text, hint)
     if parts.scheme not in ("http", "https"):
         raise ValueProblem(f"is not an http:// or https:// {what}", hint)
     if parts.query or parts.fragment or "?" in text or "#" in text:
@@ -123,7 +131,7 @@ def check_url(text: str, *, what: str = "URL") -> str:
 def check_image_url(text: str) -> str:
     """An image download: an http(s) URL of a file, not on this host (loopback, link-local)."""
     check_url(text, what="image URL")
-    parts = urllib.parse.urlsplit(text)
+    parts = split_url(text)
     if not parts.path.rstrip("/").rsplit("/", 1)[-1] or parts.path.endswith("/"):
         raise ValueProblem("has no file name", "give the full URL of the image file")
     host = (parts.hostname or "").lower()

@@ -116,6 +116,10 @@ TEXT_CASES: list[tuple[str, str, str]] = [
     ("mirror-ftp", options('apt_mirror = "ftp://m/debian"'), "options.apt_mirror"),
     ("proxy-password", options('apt_proxy = "http://u:secret@p:3142"'), "options.apt_proxy"),
     ("proxy-bad-port", options('apt_proxy = "http://p:99999"'), "options.apt_proxy"),
+    ("proxy-open-bracket", options('apt_proxy = "http://[::1:3142"'), "options.apt_proxy"),
+    ("proxy-bracket-not-v6", options('apt_proxy = "http://[x]:3142"'), "options.apt_proxy"),
+    ("image-open-bracket", f'{LAB}image = "https://[x/y.qcow2"', "image"),
+    ("uri-open-bracket", f'{LAB}libvirt_uri = "qemu+ssh://[::1/system"', "libvirt_uri"),
     ("proxy-query", options('apt_proxy = "http://p:3142/?x=1"'), "options.apt_proxy"),
     # ntp_servers reach the controller's chrony.conf / ntp.conf
     ("ntp-newline", options('ntp_servers = ["pool.ntp.org\\nallow all"]'), "options.ntp_servers[0]"),
@@ -350,7 +354,7 @@ hostile_text = st.sampled_from(
     [
         "", " ", "x", "a\nb", "a\x00b", '"', "'", ";", "{}", "$(id)", "`id`", "[bold]x[/]",
         "\u202e", "\x1b[2J", "../../etc/shadow", "/etc/shadow", "/dev/zero", "file:///etc",
-        "http://p:3142", "http://p:3142\n", "https://[::1]/x.qcow2", "qemu:///system",
+        "http://p:3142", "http://p:3142\n", "https://[::1]/x.qcow2", "http://[::1", "qemu:///system",
         "qemu:///session", "qemu+ssh://u@h:22/system", "qemu+ext:///system?command=/bin/sh",
         "10.0.0.0/24", "127.0.0.0/8", "224.0.0.1", "0.0.0.0/0", "10.0.0.11", "52:54:00:00:00:01",
         "fe:00:00:00:00:01", "2 GB", "0 GB", "99999 TB", "-1 GB", "dashboard", "nope",
@@ -465,4 +469,17 @@ def test_plan_of_any_lab_file_answers_0_or_2_in_seconds(
     if run.code == 2:
         lines = run.err.splitlines()
         assert lines and lines[0].startswith("error: "), (text, run.err)
+    assert run.seconds < SECONDS
+
+
+@settings(max_examples=60, deadline=SECONDS * 1000)
+@given(
+    name=st.one_of(hostile_text, st.text(max_size=30)),
+    flags=st.lists(st.sampled_from(["--json", "--auto-subnets"]), unique=True),
+)
+def test_plan_of_any_lab_name_answers_0_or_2_in_seconds(name: str, flags: list[str]) -> None:
+    name = name.replace("\x00", "")  # argv cannot hold NUL
+    run = run_plan(["--lab", name, "--no-host-check", *flags])
+    assert "Traceback" not in run.err, (name, run.err)
+    assert run.code in (0, 2), (name, run.code, run.err)
     assert run.seconds < SECONDS

@@ -212,6 +212,14 @@ def test_validation_message(text: str, message: str, hint: str | None) -> None:
         assert err.value.hint == hint
 
 
+def test_an_ipv6_proxy_and_ssh_host_are_fine() -> None:
+    lab = lab_from(
+        'name = "x"\nlibvirt_uri = "qemu+ssh://root@[2001:db8::1]:2222/system"\n'
+        '[options]\napt_proxy = "http://[2001:db8::1]:3142"\nntp_servers = ["2001:db8::123"]\n'
+    )
+    assert lab.options.apt_proxy == "http://[2001:db8::1]:3142"
+
+
 def test_a_value_in_a_message_is_one_line_and_cut_short() -> None:
     with pytest.raises(LabFileError) as err:
         lab_from('name = "x"\ndescription = "' + "a\\n" * 500 + '"')
