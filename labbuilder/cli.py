@@ -10,6 +10,7 @@ error comes here.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -87,6 +88,10 @@ def one_line(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        # paramiko logs a failed (re)connection with its traceback; the error comes here.
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
+        logging.getLogger("paramiko").propagate = False
     # Nothing labbuilder creates is writable by group or others, whatever the caller's umask.
     os.umask(os.umask(0) | 0o022)
     # Values (lab names, descriptions, output of guests) are printed literally, never as markup.

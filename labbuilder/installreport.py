@@ -151,7 +151,12 @@ def junit_xml(stages: Sequence[StageOutcome], info: RunInfo) -> str:
             )
             if step.status == Status.FAILED and step.rc is None and step.failed_check is None:
                 failures += 1  # stopped by an error, not by the step's own exit code
-                failure = ET.SubElement(case, "failure", message=step.reason, type="RunStopped")
+                failure = ET.SubElement(
+                    case,
+                    "failure",
+                    message=step.reason or "the step did not finish",
+                    type="RunStopped",
+                )
                 failure.text = step.output_tail
             elif step.status == Status.FAILED and step.failed_check is None:
                 failures += 1

@@ -23,6 +23,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from labbuilder import api
@@ -230,6 +231,151 @@ def test_ctrl_c_during_an_install_exits_130_with_its_reports(lab: Lab) -> None:
         "hint": None,
     }
     assert [e.get("type") for e in junit.iter("error")] == ["interrupted"]
+
+
+class DroppingGuest(paramiko.ServerInterface):
+    """An SSH server standing in for a node: it accepts the lab's key and presents the node's
+    host key, ends every command with exit status 0 and no output (a node with no run-once
+    markers), but drops the whole connection in the middle of the script that holds
+    ``DROP_MARK``, and takes no login after that."""
+
+    def __init__(self, lab: Lab, *, hang: bool = False) -> None:
+        self.hang = hang  # instead of dropping the connection, keep it (the script runs on)
+        self.hanging = threading.Event()
+        state = lab.root / "state" / "labs" / lab.name
+        self.host_key = paramiko.Ed25519Key.from_private_key_file(
+            str(state / "host-keys" / "controller")
+        )
+        self.client_key = (state / "id_ed25519.pub").read_text().split()[1]
+        self.server = socket.create_server((lab.address, 22))
+        self.dropped = threading.Event()
+        self.transports: list[paramiko.Transport] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while not self.dropped.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.dropped.is_set():
+                client.close()
+                return
+            transport = paramiko.Transport(client)
+            transport.add_server_key(self.host_key)
+            self.transports.append(transport)
+            transport.start_server(server=self)
+            threading.Thread(target=self.channels, args=(transport,), daemon=True).start()
+
+    def channels(self, transport: paramiko.Transport) -> None:
+        opened = []  # kept: a channel object that is collected closes its channel
+        while transport.is_active():
+            opened.append(transport.accept(1))
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        ok = key.get_base64() == self.client_key
+        return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if kind == "session":
+            return paramiko.OPEN_SUCCEEDED
+        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        threading.Thread(target=self.run, args=(channel,), daemon=True).start()
+        return True
+
+    def run(self, channel: paramiko.Channel) -> None:
+        script = b""
+        while chunk := channel.recv(65536):
+            script += chunk
+        if DROP_MARK.encode() in script and self.hang:
+            self.hanging.set()
+            return
+        if DROP_MARK.encode() in script:
+            time.sleep(0.5)  # the script runs; then the connection is gone for good
+            self.close()
+            return
+        channel.send_exit_status(0)
+        channel.close()
+
+    def close(self) -> None:
+        self.dropped.set()
+        self.server.close()
+        for transport in self.transports:
+            transport.close()
+
+
+DROP_MARK = "lbtest-cli-the-connection-drops-here"
+
+
+def test_a_connection_lost_in_the_middle_of_a_step_is_reported(lab: Lab) -> None:
+    """The node's SSH connection drops during a step and no new login succeeds before the
+    step's time is up: that step fails with the lost connection as its output, the next stage
+    is not run, the reports say so, and the install exits 1 with its failure report."""
+    stage = lab.recipe / "stages" / "10-hello.toml"
+    stage.write_text(
+        stage.read_text().replace('run = "echo hello"', f'run = "echo {DROP_MARK}"\ntimeout = 6')
+    )
+    guest = DroppingGuest(lab)
+    try:
+        result = subprocess.run(lab.install(), env=lab.env, capture_output=True, text=True,
+                                timeout=120, check=False)  # fmt: skip
+    finally:
+        guest.close()
+    assert guest.dropped.is_set(), result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "install failed: stage hello, step greet, node controller" in result.stdout
+    report, junit = read_reports(lab.reports())
+    assert report["result"] == "failed"
+    assert report["failure"] == {"stage": "hello", "step": "greet", "node": "controller"}
+    hello, wait = report["stages"]  # type: ignore[misc]
+    assert [(s["step"], s["status"]) for s in hello["steps"]] == [("greet", "failed")]
+    assert "lost the SSH connection to node controller" in hello["steps"][0]["output_tail"]
+    assert [(s["step"], s["status"]) for s in wait["steps"]] == [("nap", "not-run")]
+    failed = [
+        case.get("name") for case in junit.iter("testcase") if case.find("failure") is not None
+    ]
+    assert failed == ["greet: greet"]
+
+
+def test_ctrl_c_in_the_middle_of_a_step_exits_130_at_once_with_its_reports(lab: Lab) -> None:
+    """Ctrl-C while a step runs (the node keeps it running and says nothing): the install
+    leaves at once with exit 130, and its reports have the step as failed (interrupted)."""
+    stage = lab.recipe / "stages" / "10-hello.toml"
+    stage.write_text(stage.read_text().replace('run = "echo hello"', f'run = "echo {DROP_MARK}"'))
+    guest = DroppingGuest(lab, hang=True)
+    try:
+        process = subprocess.Popen(lab.install(), env=lab.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert guest.hanging.wait(60), "the step never started"
+            time.sleep(0.5)
+            interrupted = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    finally:
+        guest.close()
+    assert process.returncode == 130, out + err
+    assert time.monotonic() - interrupted < 10
+    error, hint = one_error_line(err)
+    assert error == "error: interrupted" and "reports:" in hint
+    report, junit = read_reports(lab.reports())
+    assert report["result"] == "interrupted"
+    assert report["error"]["where"] == "stage hello"  # type: ignore[index]
+    hello, wait = report["stages"]  # type: ignore[misc]
+    assert [(s["step"], s["status"]) for s in hello["steps"]] == [("greet", "failed")]
+    assert hello["steps"][0]["output_tail"] == "interrupted (Ctrl-C)"
+    assert [(s["step"], s["status"]) for s in wait["steps"]] == [("nap", "not-run")]
+    assert [f.get("type") for f in junit.iter("failure")] == ["RunStopped"]
 
 
 @pytest.mark.integration
