@@ -2,8 +2,8 @@
 
 ``LocalSession`` runs every channel's command with ``sh -c`` on this host (no ``sudo``, its run
 directory under a test folder), so the shell that runs scripts detached, follows their output
-and stops them is the real one. ``drop()`` ends the "connection" as sshd would when it goes:
-every channel's processes get SIGHUP, and the session is not alive until it logs in again
+and stops them is the real one. ``drop()`` ends the "connection" as when it goes: every
+channel's pipes close (its processes go on until they write), and the session is not alive until it logs in again
 (``refuse_logins`` makes that fail).
 """
 
@@ -25,6 +25,7 @@ class LocalChannel:
     """A command in its own process group, with the part of paramiko's Channel we use."""
 
     def __init__(self, command: str) -> None:
+        self.command = command
         self.proc = subprocess.Popen(
             ["sh", "-c", command],
             stdin=subprocess.PIPE,
@@ -33,6 +34,7 @@ class LocalChannel:
             start_new_session=True,
         )
         self.closed = False
+        self.hung_up = False  # closed before its command ended: no exit status
         self._buffers = {"out": bytearray(), "err": bytearray()}
         self._lock = threading.Lock()
         assert self.proc.stdout is not None and self.proc.stderr is not None
@@ -44,9 +46,10 @@ class LocalChannel:
             reader.start()
 
     def _pump(self, kind: str, stream: IO[bytes]) -> None:
-        for chunk in iter(lambda: stream.read1(4096), b""):  # type: ignore[attr-defined]
-            with self._lock:
-                self._buffers[kind] += chunk
+        with contextlib.suppress(ValueError, OSError):  # closed by hang_up()
+            for chunk in iter(lambda: stream.read1(4096), b""):  # type: ignore[attr-defined]
+                with self._lock:
+                    self._buffers[kind] += chunk
 
     def _take(self, kind: str, size: int) -> bytes:
         with self._lock:
@@ -78,15 +81,30 @@ class LocalChannel:
         return self._take("err", size)
 
     def exit_status_ready(self) -> bool:
+        # As paramiko's: also "ready" once closed, with -1 when no exit status came.
         finished = not any(reader.is_alive() for reader in self._readers)
-        return not self.closed and self.proc.poll() is not None and finished
+        return self.closed or (self.proc.poll() is not None and finished)
 
     def recv_exit_status(self) -> int:
-        return self.proc.wait()
+        return -1 if self.hung_up else self.proc.wait()
+
+    def hang_up(self) -> None:
+        """The connection is gone: our ends of its pipes close; its processes go on until
+        they write (SIGPIPE), as a command's do in a guest whose client vanished."""
+        if self.proc.poll() is None:
+            self.hung_up = True
+        self.closed = True
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
 
     def close(self) -> None:
+        if self.hung_up:
+            return  # its connection is gone: closing it reaches nothing
         self.closed = True
         if self.proc.poll() is None:
+            self.hung_up = True
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGHUP)
         self.proc.wait()
@@ -132,9 +150,10 @@ class LocalSession(SSHSession):
 
     def drop(self) -> None:
         """The connection goes: its channels' processes are hung up."""
+        channels = list(self.channels)  # not those of the next login
         self.connected = False
-        for channel in self.channels:
-            channel.close()
+        for channel in channels:
+            channel.hang_up()
 
     def drop_after(self, seconds: float) -> threading.Thread:
         def later() -> None:

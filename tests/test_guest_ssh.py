@@ -48,7 +48,7 @@ def test_a_script_runs_detached_and_returns_its_output_and_exit_status(tmp_path:
     )
     assert (result.rc, result.stdout, result.stderr) == (3, "one\nno newline", "two\n")
     assert lines == ["one", "! two", "no newline"]
-    assert "echo one" not in session.channels[0].proc.args[2]  # the script went on stdin
+    assert "echo one" not in session.channels[0].command  # the script went on stdin
     assert list((tmp_path / "run").iterdir()) == []  # its private directory is gone
     assert session.run_script("cat; read -r x || echo stdin is empty\n").stdout == (
         "stdin is empty\n"
@@ -70,6 +70,17 @@ def test_a_dropped_connection_is_followed_again_from_where_it_stopped(tmp_path: 
     assert result.stderr == "".join(f"err {i}\n" for i in range(1, 9))
     assert session.logins == 1
     assert any("the SSH connection dropped" in line for line in lines)
+
+
+def test_only_the_newest_follower_collects_the_exit_status(tmp_path: Path) -> None:
+    # A follower of the dropped connection that writes nothing more is not hung up: it sees
+    # the script end too, and must leave the exit status to the new one.
+    for _ in range(4):
+        session = LocalSession(tmp_path / "run")
+        session.drop_after(0.5)
+        result = session.run_script("echo before\nsleep 1.5\nexit 4\n", timeout=60)
+        assert (result.rc, result.stdout) == (4, "before\n"), result
+        assert session.logins == 1
 
 
 def test_a_timed_out_script_has_all_its_processes_stopped(tmp_path: Path) -> None:
@@ -210,7 +221,8 @@ STEP_SCRIPT = (
 )
 # sshd restarted and every SSH session's processes killed in the guest, from outside them.
 CUT_IN_GUEST = (
-    "systemd-run --quiet --on-active=3 sh -c 'systemctl restart ssh; pkill -f \"^sshd: .*@notty\"'"
+    "systemd-run --quiet --on-active=3 --timer-property=AccuracySec=100ms "
+    "sh -c 'systemctl restart ssh; pkill -f \"^sshd: .*@notty\"'"
 )
 
 

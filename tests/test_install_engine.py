@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from localssh import LocalSession
 
 from labbuilder import api, installer
-from labbuilder.adapters.ssh import CommandResult
+from labbuilder.adapters.ssh import CommandResult, ConnectionLostError
 from labbuilder.errors import GuestCommandError, RecipeError
 from labbuilder.install import Engine, Redactor, Status, install_helpers
 from labbuilder.installreport import (
@@ -31,6 +32,7 @@ from labbuilder.installreport import (
     load_history,
     report_dict,
     save_history,
+    write_reports,
 )
 from labbuilder.recipefile import load_recipe
 from labbuilder.recipemodel import ApiPath, RenderedStage
@@ -203,7 +205,7 @@ def lab_nodes() -> tuple[dict[str, FakeNode], list[tuple[str, str, float]]]:
 
 def engine_for(nodes: dict[str, FakeNode], tmp_path: Path, **kwargs: object) -> Engine:
     return Engine(
-        nodes,  # type: ignore[arg-type]
+        nodes,
         redact=Redactor([SECRET]),
         log_dir=tmp_path / "logs",
         check_interval=0.01,
@@ -615,3 +617,120 @@ def test_zed_recipe_renders_for_the_guide_labs_and_passes_shellcheck(tmp_path: P
             check=False,
         )
         assert checked.returncode == 0, f"{step.key} on {step.node}:\n{checked.stdout}"
+
+
+# --- lost connections ---------------------------------------------------------------------------
+
+
+class LocalNode:
+    """A node whose scripts run on this host through ``SSHSession``'s own runner (its
+    connection can be dropped: ``localssh.LocalSession``); run-once markers stay in memory."""
+
+    def __init__(self, run_root: Path) -> None:
+        self.session = LocalSession(run_root, node="controller")
+        self.markers: dict[str, str] = {}
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        timeout: float = 60,
+        on_output: Callable[[str], None] | None = None,
+        interpreter: str = "bash",
+    ) -> CommandResult:
+        if script.startswith(f"mkdir -p {MARKER_DIR}\nfor f in"):
+            return CommandResult("markers", 0, "", "")
+        written = re.search(rf"printf '%s\\n' (\S+) > {MARKER_DIR}/(\S+)", script)
+        if written:
+            self.markers[written.group(2)] = written.group(1)
+            return CommandResult("marker", 0, "", "")
+        return self.session.run_script(
+            script, timeout=timeout, on_output=on_output, interpreter=interpreter
+        )
+
+
+LONG_STAGE = {
+    "10-long": """
+name = "long"
+[[steps]]
+name = "slow"
+roles = ["controller"]
+run = "for i in $(seq 1 8); do echo line $i; sleep 0.25; done; echo done"
+[[steps.checks]]
+name = "answers"
+run = "echo fine"
+expect = "fine"
+""",
+}
+
+
+def test_a_step_whose_connection_drops_goes_on_to_its_end(tmp_path: Path) -> None:
+    node = LocalNode(tmp_path / "run")
+    stages = render(write_recipe(tmp_path, LONG_STAGE))
+    dropper = node.session.drop_after(0.8)
+    outcome = engine_for({"controller": node}, tmp_path).run(stages)  # type: ignore[dict-item]
+    dropper.join()
+    step = outcome[0].steps[0]
+    assert step.status == Status.OK and step.rc == 0, step
+    assert step.checks[0].passed
+    assert node.session.logins == 1  # it logged in again once
+    assert list(node.markers) == ["long.slow"]
+    logged = (tmp_path / "logs" / "long" / "controller.log").read_text()
+    assert "the SSH connection dropped; logging in again" in logged
+    assert [f"line {i}" in logged for i in range(1, 9)] == [True] * 8
+    assert logged.count("   line 3\n") == 1 and "   done\n" in logged
+
+
+def test_a_node_that_cannot_be_reached_again_fails_its_step_with_the_report(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, _ = lab_nodes
+
+    def lost(script: str) -> CommandResult | None:
+        if "echo database" in script:
+            raise ConnectionLostError(
+                "lost the SSH connection to node controller (10.0.0.11) and could not log in "
+                f"again: timed out ({SECRET})",
+                "check that the node runs",
+            )
+        return None
+
+    nodes["controller"].rules.append(lost)
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, STAGES)))
+    db = next(s for s in outcome[0].steps if s.step == "db")
+    assert db.status == Status.FAILED and db.rc is None
+    assert db.reason.startswith("lost the SSH connection to node controller (10.0.0.11)")
+    assert SECRET not in db.reason + db.output_tail and "********" in db.reason
+    assert next(s for s in outcome[0].steps if s.step == "agent").status == Status.NOT_RUN
+    assert all(s.status == Status.NOT_RUN for s in outcome[1].steps)
+    info = RunInfo("lab1", "test-recipe", "abc", "fast", time.time(), 1.0, {}, "x")
+    junit, report = write_reports(tmp_path / "reports", outcome, info, compare(outcome, {}))
+    failures = [
+        f
+        for f in ET.parse(junit).getroot().iter("failure")
+        if "lost the SSH" in f.get("message", "")
+    ]
+    assert len(failures) == 1
+    data = json.loads(report.read_text())
+    assert data["result"] == "failed"
+    assert "lost the SSH connection" in (failure_report(outcome, info) or "")
+    logged = (tmp_path / "logs" / "first" / "controller.log").read_text()
+    assert "FAILED: lost the SSH connection" in logged
+
+
+def test_a_node_that_cannot_be_prepared_fails_the_first_stage(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, log = lab_nodes
+
+    def unreachable(*args: object, **kwargs: object) -> CommandResult:
+        raise ConnectionLostError("lost the SSH connection to node network (10.0.0.21)")
+
+    nodes["network"].run_script = unreachable  # type: ignore[method-assign]
+    outcome = engine_for(nodes, tmp_path).run(render(write_recipe(tmp_path, STAGES)))
+    failed_steps = [s for s in outcome[0].steps if s.status == Status.FAILED]
+    assert [s.node for s in failed_steps] == ["network"]
+    assert failed_steps[0].reason.startswith("preparing node network: lost the SSH connection")
+    others = [s for stage in outcome for s in stage.steps if s.node != "network"]
+    assert {s.status for s in others} == {Status.NOT_RUN}
+    assert log == []  # nothing ran anywhere

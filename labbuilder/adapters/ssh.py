@@ -113,15 +113,19 @@ e=0
 
 # $1 run root, $2 id; $o and $e: the bytes of stdout and stderr already read, $pid the run's
 # session leader (read from its directory when not set). The output from there on, until the
-# session leader ends; then its exit status as ours.
+# session leader ends; then its exit status as ours. Only the newest follower (a follower of
+# a dropped connection may still run) removes the run's directory.
 _FOLLOW = """d="$1/$2"
 if [ -z "$pid" ] && ! read -r pid < "$d/pid"; then
   echo "labbuilder: run $2 is gone from $1 (did the node restart?)" >&2
   exit 255
 fi
+echo $$ > "$d/follower"
 tail -s 0.05 --pid="$pid" -c +$((o + 1)) -f "$d/out" &
 tail -s 0.05 --pid="$pid" -c +$((e + 1)) -f "$d/err" >&2 &
 wait
+{ read -r follower < "$d/follower"; } 2> /dev/null
+[ "$follower" = $$ ] || exit 255  # a follower of a newer connection collects the run
 if read -r rc < "$d/rc"; then
   rm -rf "$d"
   exit "$rc"
@@ -481,9 +485,10 @@ class SSHSession:
                 if busy:
                     continue
                 if channel.exit_status_ready():
-                    if not channel.recv_ready() and not channel.recv_stderr_ready():
-                        return "exit"
-                    continue
+                    if channel.recv_ready() or channel.recv_stderr_ready():
+                        continue
+                    # paramiko: "ready" with -1 when the channel closed without an exit status
+                    return "exit" if channel.recv_exit_status() != -1 else "lost"
                 if channel.closed or not self._alive():
                     return "lost"
                 if time.monotonic() > deadline:
