@@ -6,6 +6,7 @@ Secrets are generated per lab and kept in files of mode 0600; they are never log
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -240,10 +241,34 @@ def ensure_host_keys(state: LabState, nodes: Mapping[str, str]) -> dict[str, tup
 
 
 def load_secrets(state: LabState) -> dict[str, str]:
-    if not state.secrets_path.exists():
+    if not os.path.lexists(state.secrets_path):
         return {}
-    loaded: dict[str, str] = json.loads(state.secrets_path.read_text())
-    return loaded
+    text = read_state_file(state.secrets_path)
+    try:
+        loaded = json.loads(text)
+    except ValueError as err:
+        raise UsageError(
+            f"{state.secrets_path} is not the lab's secrets file (not JSON: {err})",
+            "labbuilder made it as JSON; remove it only if the lab will be made anew",
+        ) from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
+        raise UsageError(f"{state.secrets_path} is not the lab's secrets file (not a table)")
+    return {str(key): value for key, value in loaded.items()}
+
+
+def read_state_file(path: Path) -> str:
+    """A state file's text, read without following a link planted at its name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UsageError(
+                f"{path} is a symbolic link; labbuilder reads its state files only as they are",
+                f"remove {path} (and find out who put it there)",
+            ) from None
+        raise
+    with os.fdopen(fd, encoding="utf-8") as handle:
+        return handle.read()
 
 
 def ensure_secrets(state: LabState, names: tuple[str, ...]) -> dict[str, str]:

@@ -6,6 +6,7 @@ reaches libvirt: they are refused before anything is looked up or created."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from test_failure_reports import Lab, free_loopback
 
 from labbuilder import api
+from labbuilder.errors import UsageError
+from labbuilder.labstate import lab_state, load_secrets, write_secret_file, write_state_file
 from labbuilder.planview import plan_tables
 
 Setup = Callable[[Path], tuple[list[str], dict[str, str]]]
@@ -238,3 +242,74 @@ def test_markup_in_any_table_cell_is_literal() -> None:
     console.print(table)
     text = console.export_text()
     assert "[/] title [bold]" in text and "[bold red]x" in text
+
+
+# --- planted links and loose permissions in the state directory ---------------------------------
+
+
+def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path: Path) -> None:
+    """The old predictable name (``secrets.json.tmp``) and any other: the file is made under a
+    random name with O_EXCL | O_NOFOLLOW, so a planted link's target stays as it was."""
+    folder = tmp_path / "lab"
+    folder.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (folder / "secrets.json.tmp").symlink_to(victim)
+    (folder / ".secrets.json.tmp").symlink_to(victim)
+    write_secret_file(folder / "secrets.json", b'{"a": "b"}')
+    assert victim.read_text() == "precious\n"
+    assert (folder / "secrets.json").read_bytes() == b'{"a": "b"}'
+    assert not (folder / "secrets.json").is_symlink()
+    assert stat.S_IMODE((folder / "secrets.json").stat().st_mode) == 0o600
+    leftovers = {p.name for p in folder.iterdir()} - {"secrets.json", "secrets.json.tmp",
+                                                       ".secrets.json.tmp"}  # fmt: skip
+    assert leftovers == set()
+
+
+def test_a_link_planted_at_the_target_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "lab"
+    folder.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (folder / "secrets.json").symlink_to(victim)
+    with pytest.raises(UsageError, match="secrets.json is a symbolic link"):
+        write_secret_file(folder / "secrets.json", b"{}")
+    with pytest.raises(UsageError, match="secrets.json is a symbolic link"):
+        load_secrets(lab_state("x", folder))
+    assert victim.read_text() == "precious\n"
+    assert (folder / "secrets.json").is_symlink()
+
+
+def test_state_files_are_0600_and_new_folders_0700_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        write_state_file(tmp_path / "a" / "b" / "known_hosts", "x\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a" / "b" / "known_hosts").stat().st_mode) == 0o600
+
+
+def test_a_state_folder_others_can_write_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    folder.chmod(0o777)
+    with pytest.raises(UsageError, match="writable by group or others"):
+        write_secret_file(folder / "secrets.json", b"{}")
+    assert list(folder.iterdir()) == []
+
+
+def test_install_refuses_a_linked_secrets_file_with_exit_2(tmp_path: Path) -> None:
+    """Through the command line: a lab that is up, whose secrets.json someone replaced by a
+    link to another file: `install` stops with exit 2 naming it, and the file is untouched."""
+    lab = Lab(tmp_path, free_loopback())
+    lab.write_up_state()
+    secrets_file = lab.root / "state" / "labs" / lab.name / "secrets.json"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    secrets_file.symlink_to(victim)
+    result = subprocess.run(lab.install(), env=lab.env, capture_output=True, text=True,
+                            timeout=60, check=False)  # fmt: skip
+    assert_refused(result, f"{secrets_file} is a symbolic link")
+    assert victim.read_text() == "precious\n"
