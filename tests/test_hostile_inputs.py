@@ -446,7 +446,7 @@ def _remove_folder() -> Iterator[None]:
 
 
 @settings(
-    max_examples=150,
+    max_examples=300,
     deadline=SECONDS * 1000,
     suppress_health_check=[HealthCheck.too_slow],
 )
