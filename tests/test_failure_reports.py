@@ -171,6 +171,10 @@ def test_an_install_whose_node_refuses_ssh_writes_its_reports_and_exits_1(lab: L
     assert len(errors) == 1 and "Connection refused" in (errors[0].get("message") or "")
     assert len(list(junit.iter("skipped"))) == 2  # the two steps, not run
     assert (lab.reports() / "latest.json").resolve().stat().st_mode & 0o777 == 0o600
+    as_json = subprocess.run([*lab.install(), "--json"], env=lab.env, capture_output=True,
+                             text=True, timeout=120, check=False)  # fmt: skip
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["error"]["type"] == "InstallError"  # the report, on stdout
     assert time.monotonic() - started < 60
 
 

@@ -240,7 +240,15 @@ def cmd_install(args: argparse.Namespace, console: Console) -> int:
         recipe, rendered = installer.dry_run(lab, selection)
         print_dry_run(console, lab, recipe.name, rendered)
         return 0
-    result = run_install(lab, selection, json_output=args.json)
+    since = time.time()
+    try:
+        result = run_install(lab, selection, json_output=args.json)
+    except BaseException:
+        latest = lab_state(lab.name).directory / "reports" / "latest.json"
+        if args.json and latest.is_file() and latest.stat().st_mtime >= since - 1:
+            sys.stdout.write(latest.read_text())  # the report of the run that stopped
+            sys.stdout.flush()
+        raise
     if args.json:
         assert result.report is not None
         sys.stdout.write(result.report.read_text())  # plain: rich would wrap long strings
