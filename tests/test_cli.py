@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from labbuilder import __version__
-from labbuilder.cli import main
+from labbuilder.cli import build_parser, main
 from labbuilder.hostfacts import read_routes
 
 SUBCOMMANDS = ("plan", "labs")
@@ -164,3 +165,66 @@ def test_the_console_script_runs() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["networking"] == "legacy"
+
+
+@pytest.mark.integration
+def test_down_and_gc_print_json_for_scripts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the real libvirtd, for a lab that is not there: nothing is removed, and says so."""
+    monkeypatch.setenv("LABBUILDER_STATE_DIR", str(tmp_path / "state"))
+    lab = tmp_path / "lab.toml"
+    lab.write_text('name = "lbtest-cli-none"\n')
+    code, out, err = run(["down", "--file", str(lab), "--json"], capsys)
+    assert code == 0, err
+    removed = json.loads(out)
+    assert removed["lab"] == "lbtest-cli-none"
+    assert removed["domains"] == removed["networks"] == removed["volumes"] == []
+    code, out, err = run(["gc", "--match", "lbtest-cli-none-nothing-*", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == {}
+
+
+def test_every_command_that_prints_for_scripts_takes_json() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[union-attr]
+    wanted = {
+        ("plan",), ("labs",), ("up",), ("down",), ("status",), ("list",), ("gc",), ("install",),
+        ("run",), ("doctor",), ("snapshot", "list"), ("snapshot", "take"), ("snapshot", "restore"),
+        ("snapshot", "delete"), ("images", "list"), ("images", "pull"), ("images", "build"),
+        ("images", "show"), ("images", "prune"), ("recipe", "list"), ("recipe", "show"),
+        ("recipe", "coverage"),
+    }  # fmt: skip
+    for path in wanted:
+        sub = commands[path[0]]
+        if len(path) == 2:
+            actions = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+            sub = actions.choices[path[1]]
+        assert "--json" in sub._option_string_actions, path
+
+
+def test_every_lab_command_selects_the_lab_the_same_way() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[union-attr]
+    lab_commands = [
+        "plan",
+        "up",
+        "down",
+        "status",
+        "ssh",
+        "ssh-config",
+        "console",
+        "install",
+        "run",
+    ]
+    subs = [commands[name] for name in lab_commands]
+    snapshot = next(
+        a for a in commands["snapshot"]._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    subs += list(snapshot.choices.values())
+    for sub in subs:
+        options = sub._option_string_actions
+        assert {"--lab", "--file", "-f"} <= set(options), sub.prog
+        assert options["--lab"].metavar == "NAME", sub.prog
+        assert ("--allow-small" in options) == (sub.prog.split()[-1] in ("plan", "up", "run"))
+        assert ("--force" in options) == (sub.prog.split()[-1] in ("install", "run"))
