@@ -70,7 +70,18 @@ def placeholder_secrets(recipe: Recipe) -> dict[str, str]:
 def applicable_stages(
     recipe: Recipe, plan: Plan, optional: Sequence[str] = ()
 ) -> tuple[StageSpec, ...]:
-    """The stages that apply to this lab, in order: networking variant, roles, optional ones."""
+    """The stages that apply to this lab, in order: networking variant, roles, optional ones.
+
+    A name in ``optional`` (``options.stages``, ``install --with``) that is not an optional
+    stage of ``recipe`` is refused, never ignored."""
+    choices = [stage.name for stage in recipe.stages if stage.optional]
+    for name in optional:
+        if name not in choices:
+            raise RecipeError(
+                f"stage {name!r} (options.stages or --with) is not an optional stage of recipe "
+                f"{recipe.name}",
+                f"optional stages of {recipe.name}: {', '.join(choices) or 'none'}",
+            )
     roles = {str(node.role) for node in plan.nodes}
     chosen = []
     for stage in recipe.stages:

@@ -350,3 +350,17 @@ def test_recipe_templates_render_in_a_sandbox(tmp_path: Path) -> None:
         render_for_lab(
             lab, Selection(recipe=str(folder)), secrets=None, plan=plan, virt_type="qemu"
         )
+
+
+def test_a_with_stage_the_recipe_does_not_have_is_refused_not_ignored() -> None:
+    lab = load_builtin_lab("guide-3node")
+    plan = api.plan_lab(lab, host_check=False).plan
+    with pytest.raises(RecipeError) as err:
+        render_for_lab(
+            lab, Selection(optional=("dashbord",)), secrets=None, plan=plan, virt_type="qemu"
+        )
+    assert err.value.message == (
+        "stage 'dashbord' (options.stages or --with) is not an optional stage of recipe "
+        "zed-debian-12"
+    )
+    assert err.value.hint is not None and "dashboard" in err.value.hint
