@@ -1,5 +1,6 @@
-"""One quoting filter per destination a lab value can reach: shell, apt.conf, INI, chrony/ntp
-and YAML (cloud-init). Pure functions, registered as jinja filters by the renderers.
+"""One quoting filter per destination a lab value can reach: shell, apt.conf, INI, chrony/ntp,
+/etc/network/interfaces and YAML (cloud-init). Pure functions, registered as jinja filters by
+the renderers.
 
 The lab file's values are validated for their type when the lab is read (``labfile``); these
 filters are the second fence: whatever reaches a template is written so that its destination
@@ -78,6 +79,18 @@ def chrony(value: object) -> str:
     return text
 
 
+_ENI_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:/_-]*$")
+
+
+def eni(value: object) -> str:
+    """A value in /etc/network/interfaces (and /etc/hosts): one word, as neither file quotes;
+    an address, a netmask, an interface or host name."""
+    text = _text(value, "interfaces")
+    if not _ENI_WORD.match(text):
+        raise _refuse(text, "interfaces", "is not one word naming an address, interface or host")
+    return text
+
+
 def yaml(value: object) -> str:
     """A YAML double-quoted scalar that YAML 1.1 (cloud-init's PyYAML) and 1.2 read back as the
     same string: every character outside printable ASCII is escaped (``\\uXXXX``, and
@@ -105,5 +118,6 @@ FILTERS: dict[str, Callable[[object], str]] = {
     "aptconf": aptconf,
     "ini": ini,
     "chrony": chrony,
+    "eni": eni,
     "yaml": yaml,
 }

@@ -21,7 +21,7 @@ from labbuilder.addressing import netmask
 from labbuilder.imagemodel import CloudInitFlavour
 from labbuilder.model import Plan, PlannedNetwork, PlannedNode
 from labbuilder.planview import plan_as_dict
-from labbuilder.quoting import FILTERS
+from labbuilder.quoting import FILTERS, eni
 from labbuilder.resources import data_dir
 
 
@@ -142,7 +142,8 @@ def render_seed_files(
         "node": node,
         "hosts": plan.hosts,
         "hosts_file": "".join(
-            f"{address} {name}\n" for address, name in (("127.0.0.1", "localhost"), *plan.hosts)
+            f"{eni(address)} {eni(name)}\n"
+            for address, name in (("127.0.0.1", "localhost"), *plan.hosts)
         ),
         "user": seed.user,
         "password_hash": seed.password_hash,

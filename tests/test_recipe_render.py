@@ -19,7 +19,7 @@ from labbuilder.imagemodel import CloudInitFlavour
 from labbuilder.installer import Selection, render_for_lab
 from labbuilder.labcheck import check_lab_recipe
 from labbuilder.labfile import load_builtin_lab, parse_lab
-from labbuilder.quoting import QuotingError, aptconf, chrony, ini, shell, yaml
+from labbuilder.quoting import QuotingError, aptconf, chrony, eni, ini, shell, yaml
 from labbuilder.recipecoverage import (
     GuideLine,
     installing_lines,
@@ -364,3 +364,34 @@ def test_a_with_stage_the_recipe_does_not_have_is_refused_not_ignored() -> None:
         "zed-debian-12"
     )
     assert err.value.hint is not None and "dashboard" in err.value.hint
+
+
+def test_the_interfaces_filter_takes_one_word() -> None:
+    assert eni("10.0.0.11") == "10.0.0.11" and eni("eth0") == "eth0"
+    for value in ("10.0.0.11\n    up reboot", "a b", "", "-x"):
+        with pytest.raises(QuotingError):
+            eni(value)
+
+
+def test_the_seed_files_of_a_node_are_rendered_with_their_filters() -> None:
+    files = _seed(None)
+    interfaces = files["network-interfaces"].decode()
+    assert "address 10.0.0.11\n    netmask 255.255.255.0\n    gateway 10.0.0.1" in interfaces
+    assert 'local-hostname: "controller"' in files["meta-data"].decode()
+
+
+def test_pyyaml_reads_the_yaml_filter_back_as_the_same_strings() -> None:
+    """cloud-init reads user-data with PyYAML; the host's python3 has it (this venv need not)."""
+    probe = subprocess.run(["python3", "-c", "import yaml"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("the host's python3 has no PyYAML")
+    values = [*HOSTILE, "\x00\x7f\x85\u00a0\ufeff", "🙂" * 3]
+    document = "\n".join(f"- {yaml(value)}" for value in values) + "\n"
+    read = subprocess.run(
+        ["python3", "-c", "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"],
+        input=document,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(read.stdout) == values
