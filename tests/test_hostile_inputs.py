@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 from labbuilder.cli import main
 
-SECONDS = 5.0  # every answer comes within this
+SECONDS = 5.0  # every answer comes within this (in this process)
+PROCESS_SECONDS = 10.0  # with a new Python's start-up, on a loaded 2-core CI host
 PYTHON = Path(sys.executable)
 
 
@@ -73,7 +74,7 @@ def run_subprocess(args: list[str], cwd: Path) -> Run:
     return Run(result.returncode, result.stdout, result.stderr, time.monotonic() - started)
 
 
-def assert_refused(run: Run, key: str) -> None:
+def assert_refused(run: Run, key: str, seconds: float = SECONDS) -> None:
     """Exit 2, one `error:` line naming ``key``, a `hint:` line, no traceback, in time."""
     assert "Traceback" not in run.err, run.err
     assert run.code == 2, (run.code, run.out, run.err)
@@ -82,7 +83,7 @@ def assert_refused(run: Run, key: str) -> None:
     assert lines[0].startswith("error: "), lines
     assert key in lines[0], (key, lines[0])
     assert lines[1].startswith("hint: ") and len(lines[1]) > len("hint: "), lines
-    assert run.seconds < SECONDS, run.seconds
+    assert run.seconds < seconds, run.seconds
 
 
 # --- lab file texts ---------------------------------------------------------------------------
@@ -325,7 +326,7 @@ def test_a_libvirt_uri_with_a_command_runs_nothing(tmp_path: Path) -> None:
     lab = tmp_path / "lab.toml"
     lab.write_text(f'{LAB}libvirt_uri = "qemu+ext:///system?command=/usr/bin/touch%20{marker}"\n')
     run = run_subprocess([str(lab)], tmp_path)
-    assert_refused(run, "libvirt_uri")
+    assert_refused(run, "libvirt_uri", PROCESS_SECONDS)
     assert not marker.exists()
 
 
@@ -338,14 +339,14 @@ def test_special_files_as_a_subprocess(
     tmp_path: Path, make: Callable[[Path], Path], key: str
 ) -> None:
     run = run_subprocess([str(make(tmp_path)), "--no-host-check"], tmp_path)
-    assert_refused(run, key)
+    assert_refused(run, key, PROCESS_SECONDS)
 
 
 def test_an_apt_proxy_with_apt_directives_as_a_subprocess(tmp_path: Path) -> None:
     lab = tmp_path / "lab.toml"
     lab.write_text(options('apt_proxy = "http://p:3142\\";\\nAPT::Update::Pre-Invoke {\\"sh\\"}"'))
     run = run_subprocess([str(lab), "--no-host-check"], tmp_path)
-    assert_refused(run, "options.apt_proxy")
+    assert_refused(run, "options.apt_proxy", PROCESS_SECONDS)
 
 
 # --- the property test ------------------------------------------------------------------------
