@@ -191,6 +191,8 @@ def parse_size_value(value: object, where: Where) -> int:
         size = parse_size(text)
     except ValueError as err:
         raise where.error(text, str(err)) from None
+    except OverflowError:
+        raise where.error(text, "is far too big a size") from None
     if size <= 0:
         raise where.error(text, "must be more than zero")
     return size

@@ -142,6 +142,7 @@ TEXT_CASES: list[tuple[str, str, str]] = [
     ("vcpus-huge", f"{LAB}[nodes.compute1]\nvcpus = 100000", "nodes.compute1.vcpus"),
     ("memory-huge", f'{LAB}[nodes.compute1]\nmemory = "100 TB"', "nodes.compute1.memory"),
     ("disk-huge", f'{LAB}[nodes.compute1]\ndisk = "100000 GB"', "nodes.compute1.disk"),
+    ("memory-overflow", f'{LAB}[nodes.compute1]\nmemory = "{"9" * 400} GB"', "nodes.compute1.memory"),
     ("extra-disks-many", f"{LAB}[nodes.compute1]\nextra_disks = {['1 GB'] * 30!r}".replace("'", '"'), "nodes.compute1.extra_disks"),
     ("extra-disk-huge", f'{LAB}[nodes.block1]\nextra_disks = ["100000 GB"]', "nodes.block1.extra_disks[0]"),
     ("extra-disk-root", f'{LAB}[nodes.block1]\nextra_disks = [{{ size = "1 GB", purpose = "root" }}]', "nodes.block1.extra_disks[0].purpose"),
