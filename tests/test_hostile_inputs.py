@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import struct
@@ -364,6 +365,8 @@ hostile_text = st.sampled_from(
     ]
 )  # fmt: skip
 toml_values = st.one_of(
+    st.text(max_size=40).map(lambda text: json.dumps(text, ensure_ascii=False)),
+    st.from_regex(r"\A[0-9]{1,400}(\.[0-9]{1,5})? ?[kmgtKMGT]i?[bB]\Z").map(json.dumps),
     hostile_text.map(
         lambda text: '"' + text.encode("unicode_escape").decode().replace('"', '\\"') + '"'
     ),
