@@ -84,6 +84,10 @@ def test_repeated_runs_are_counted_and_their_reports_kept(
         junit = ET.parse(reports / f"run-{number}" / "latest.xml").getroot()
         names = [case.get("name") for case in junit.iter("testcase")]
         assert "greet check: greeted" in names
+        up = json.loads((reports / f"run-{number}" / "up-latest.json").read_text())
+        assert up["result"] == "passed" and up["nodes"]["controller"]["rung"] == "ready"
+        assert set(up["nodes"]["controller"]["rungs"]) == {"running", "link", "port 22",
+                                                           "ssh login", "cloud-init"}  # fmt: skip
     assert domains(LAB) == []  # each run took its lab down
 
 
