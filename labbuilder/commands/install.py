@@ -40,8 +40,9 @@ INSTALL_EPILOG = """\
 Each step runs once: a marker in the guest remembers the digest of what ran, so a re-run skips
 finished steps unless their rendered content changed (use --force to run them anyway). After
 each completed stage all nodes are snapshotted live (`labbuilder snapshot list`).
-Exit codes: 0 every step and check passed, 1 a step or check failed (the report says where and
-how to resume), 2 bad input.
+Exit codes: 0 every step and check passed, 1 a step or check failed or the run stopped on an
+error (the report says where and how to resume), 2 bad input, 130 interrupted (Ctrl-C). The
+reports are written in every case but bad input.
 """
 
 
@@ -77,7 +78,8 @@ def register(commands: Subparsers) -> None:
             "--repeat N it does this N times from scratch and reports how many runs passed "
             "(flakiness), with each stage's times."
         ),
-        epilog="Exit codes: 0 every run passed, 1 a run failed, 2 bad input.",
+        epilog="Exit codes: 0 every run passed, 1 a run failed, 2 bad input, 130 interrupted. "
+        "The reports of a run are copied to --report-dir whatever failed.",
     )
     add_lab_arguments(run, allow_small=True)
     add_install_options(run)
