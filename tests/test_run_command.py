@@ -16,7 +16,8 @@ from lablib import run_labbuilder as labbuilder
 from labbuilder.adapters import libvirt as lv
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-LAB = "lbtest-run"
+LAB = "lbtest-cli-run"
+POOL = "lbtest-cli-pool"  # its own: removing the shared test pool would hit other tests' labs
 
 RECIPE = {
     "recipe.toml": 'name = "lbtest-tiny"\ndescription = "two tiny stages"\nguide = "none"\n',
@@ -52,7 +53,7 @@ def domains(lab: str) -> list[str]:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, Path]]:
-    env = lab_environment(tmp_path / "state")
+    env = lab_environment(tmp_path / "state", pool=POOL)
     lab_file = tmp_path / "lab.toml"
     lab_file.write_text(one_node_lab(LAB))
     recipe = tmp_path / "recipe"
@@ -63,7 +64,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, Path]]:
         yield env, lab_file, recipe
     finally:
         labbuilder("down", str(lab_file), env=env)
-        remove_test_pool()
+        remove_test_pool(POOL)
 
 
 def test_repeated_runs_are_counted_and_their_reports_kept(
