@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labbuilder.bakeseed import input_problem
-from labbuilder.catalog import find_image
-from labbuilder.errors import ImageError
+from labbuilder.catalog import find_image, local_image_problem
+from labbuilder.errors import ImageError, ImageRefusedError
 from labbuilder.imagebuild import build_image
 from labbuilder.imagecache import CachedImage, default_cache_dir, pull
 from labbuilder.imagemodel import CloudInitFlavour, DiskFormat, ImageEntry
@@ -153,6 +153,12 @@ def boot_file_entry(entry: ImageEntry, kind: str) -> ImageEntry | None:
 
 
 def _from_download(entry: ImageEntry, cached: CachedImage, cache: Path) -> BaseImage:
+    # A downloaded qcow2 may name a backing or data file: QEMU (and libvirt's relabelling)
+    # would then open a file of this host for the guest. Such an image is never used.
+    problem = local_image_problem(cached.path)
+    if problem is not None:
+        rule, hint = problem
+        raise ImageRefusedError(f"image {entry.name} ({cached.path}) {rule}", hint)
     kernel = initrd = None
     cmdline = entry.download.cmdline if entry.download is not None else None
     kernel_entry, initrd_entry = (boot_file_entry(entry, kind) for kind in BOOT_FILES)

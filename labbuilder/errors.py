@@ -60,6 +60,13 @@ class ImageError(LabbuilderError):
     """An image could not be found, downloaded, verified or built."""
 
 
+class ImageRefusedError(ImageError):
+    """An image's content would make a guest read another file of the host (a qcow2 backing
+    file or external data file): refused before any lab object uses it."""
+
+    exit_code = 2
+
+
 class RecipeError(LabbuilderError):
     """An install recipe (its folder, a stage file or a template) is not valid."""
 

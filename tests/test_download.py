@@ -572,3 +572,34 @@ def test_prune(server: ImageServer, tmp_path: Path) -> None:
     assert prune(tmp_path, keep=set()) == [busy, kept.path, sidecar_of(kept.path)]
     assert list_cached(tmp_path) == [] and list(images.iterdir()) == []
     assert pull(other_entry, tmp_path, retry_delay=0).bytes_downloaded == len(OTHER)
+
+
+def test_a_downloaded_qcow2_with_a_backing_file_is_never_used(
+    server: ImageServer, tmp_path: Path
+) -> None:
+    """An image served with a backing file that names a file of this host is refused (exit 2)
+    before any lab object uses it; a stand-alone qcow2 from the same server is accepted."""
+    import subprocess
+
+    from labbuilder.baseimage import resolve_base_image
+    from labbuilder.errors import ImageRefusedError
+
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"not for guests\n")
+    made = tmp_path / "made"
+    made.mkdir()
+    for name, extra in (("chained", ["-b", str(secret), "-F", "raw"]), ("alone", [])):
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", *extra, str(made / name), "64M"],
+            check=True,
+        )
+        data = (made / name).read_bytes()
+        server.state.files[f"/img/{name}.qcow2"] = data
+        image = entry(server, f"/img/{name}.qcow2", name, checksum=hashlib.sha256(data).hexdigest())
+        catalog = {name: image}
+        if name == "chained":
+            with pytest.raises(ImageRefusedError, match="backing file") as refused:
+                resolve_base_image(name, cache_dir=tmp_path / "cache", catalog=catalog)
+            assert refused.value.exit_code == 2
+        else:
+            assert resolve_base_image(name, cache_dir=tmp_path / "cache", catalog=catalog).disk
