@@ -182,7 +182,11 @@ def install(
             if not selection.snapshots or progress.stopped.is_set():
                 return None
             progress.where = f"the snapshot after stage {stage.name}"
-            return snapshot_stage(lab, stage, recipe)
+            progress.snapshotting.set()
+            try:
+                return snapshot_stage(lab, stage, recipe)
+            finally:
+                progress.snapshotting.clear()
 
         def run(sessions: dict[str, SSHSession]) -> list[StageOutcome]:
             engine = Engine(
@@ -253,6 +257,7 @@ class RunProgress:
         self.finished: list[StageOutcome] = []
         self.where = "connecting to the lab's nodes over SSH"
         self.stopped = threading.Event()  # set when the run stopped: no more events, snapshots
+        self.snapshotting = threading.Event()  # the nodes are paused for a snapshot right now
         self._lock = threading.Lock()
         self._stage_started: dict[str, float] = {}
         self._steps: dict[tuple[str, str, str], tuple[str, float]] = {}  # -> (status, since)
@@ -334,7 +339,7 @@ def _run_in_thread(
         except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
             box["error"] = err
         finally:
-            if progress.stopped.is_set() or "error" in box:
+            if "error" in box:
                 progress.stopped.set()
             for session in list(sessions.values()):
                 session.close()
@@ -346,6 +351,10 @@ def _run_in_thread(
             runner.join(0.25)
     except BaseException:
         progress.stopped.set()
+        # A snapshot pauses every node: it is let finish (a few seconds), not cut off with the
+        # nodes paused; a second Ctrl-C does not wait.
+        while progress.snapshotting.is_set() and runner.is_alive():
+            runner.join(0.25)
         for session in list(sessions.values()):
             with contextlib.suppress(Exception):
                 session.close()
