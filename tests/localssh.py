@@ -126,6 +126,8 @@ class LocalSession(SSHSession):
         self._lock = threading.Lock()
         self._generation = 0
         self._client = None
+        self._closed = False
+        self._runs: set[str] = set()
         self.connected = True
         self.refuse_logins = False
         self.logins = 0
@@ -165,5 +167,5 @@ class LocalSession(SSHSession):
         return thread
 
     def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
+        super().close()  # stops the scripts it runs, through a channel of its own
+        self.connected = False

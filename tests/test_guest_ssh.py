@@ -10,6 +10,7 @@ killed in the guest, or the host's side closed), with the engine's JUnit/JSON re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -22,7 +23,13 @@ from typing import Any
 import pytest
 from localssh import LocalSession
 
-from labbuilder.adapters.ssh import ConnectionLostError, HostKeyError, SSHSession
+from labbuilder.adapters.ssh import (
+    _FOLLOW,
+    _START,
+    ConnectionLostError,
+    HostKeyError,
+    SSHSession,
+)
 from labbuilder.install import Engine, Status
 from labbuilder.installreport import RunInfo, compare, write_reports
 from labbuilder.labstate import LabState, new_ed25519_key
@@ -53,6 +60,19 @@ def test_a_script_runs_detached_and_returns_its_output_and_exit_status(tmp_path:
     assert session.run_script("cat; read -r x || echo stdin is empty\n").stdout == (
         "stdin is empty\n"
     )
+
+
+def test_a_script_that_arrives_incomplete_does_not_run(tmp_path: Path) -> None:
+    session = LocalSession(tmp_path / "run")
+    script = b"touch " + str(tmp_path / "ran").encode() + b"\n"
+    channel = session._channel(session._runner(_START + _FOLLOW, "cut", "bash", len(script) + 9))
+    channel.sendall(script)  # the rest never comes: the connection dropped
+    channel.shutdown_write()
+    while not channel.exit_status_ready():
+        time.sleep(0.05)
+    assert channel.recv_exit_status() == 255
+    assert b"the script arrived incomplete; it did not run" in channel.recv_stderr(4096)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_a_dropped_connection_is_followed_again_from_where_it_stopped(tmp_path: Path) -> None:
@@ -97,6 +117,25 @@ def test_a_timed_out_script_has_all_its_processes_stopped(tmp_path: Path) -> Non
     assert time.monotonic() - started < 15
     assert pids("sleep 97700[123]") == []
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_closing_a_session_stops_the_scripts_it_runs(tmp_path: Path) -> None:
+    session = LocalSession(tmp_path / "run")
+    results: list[object] = []
+
+    def run() -> None:
+        try:
+            results.append(session.run_script("sleep 977005\n", timeout=60))
+        except ConnectionLostError as err:
+            results.append(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.5)
+    session.close()  # as an interrupted install does
+    worker.join(20)
+    assert not worker.is_alive() and len(results) == 1
+    assert pids("sleep 977005") == []
 
 
 def test_a_connection_that_does_not_come_back_ends_in_connection_lost(tmp_path: Path) -> None:
@@ -205,7 +244,7 @@ def test_a_step_that_times_out_leaves_no_process_in_the_guest(guest: dict[str, A
         "sleep 988003\n"
     )
     with connect(guest) as session:
-        result = session.run_script(script, timeout=8)
+        result = session.run_script(script, timeout=5)
     assert result.rc == 124, result
     assert "its processes in the guest were stopped" in result.stderr
     with connect(guest) as fresh:
@@ -214,10 +253,28 @@ def test_a_step_that_times_out_leaves_no_process_in_the_guest(guest: dict[str, A
         runs = fresh.run("sudo ls -A /run/labbuilder")
         assert runs.stdout.strip() == "", runs.stdout  # no run directory left behind
 
+    # A session closed while its script runs (an interrupted install) stops it too.
+    session = connect(guest)
+
+    def run() -> None:
+        with contextlib.suppress(ConnectionLostError):  # the session closed under it
+            session.run_script("sleep 988004\n")
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(3)
+    session.close()
+    worker.join(60)
+    with connect(guest) as fresh:
+        end = time.monotonic() + 30
+        while fresh.run("pgrep -f 'sleep 988004'").rc == 0:
+            assert time.monotonic() < end, "the script of a closed session still runs"
+            time.sleep(1)
+
 
 STEP_SCRIPT = (
     "#!/bin/bash\nset -euo pipefail\n"
-    "for i in $(seq 1 30); do echo line $i; echo err $i >&2; sleep 0.5; done\n"
+    "for i in $(seq 1 20); do echo line $i; echo err $i >&2; sleep 0.5; done\n"
 )
 # sshd restarted and every SSH session's processes killed in the guest, from outside them.
 CUT_IN_GUEST = (
@@ -253,8 +310,8 @@ def test_a_step_survives_its_connection_being_cut_and_its_report_is_written(
         lines: list[str] = []
         result = session.run_script(STEP_SCRIPT + "exit 3\n", timeout=300, on_output=lines.append)
         assert result.rc == 3, result
-        assert result.stdout == "".join(f"line {i}\n" for i in range(1, 31))
-        assert result.stderr == "".join(f"err {i}\n" for i in range(1, 31))
+        assert result.stdout == "".join(f"line {i}\n" for i in range(1, 21))
+        assert result.stderr == "".join(f"err {i}\n" for i in range(1, 21))
         assert session._generation > before, "the cut did not drop the connection"
 
         # The host's side: the transport closed mid-step, inside an engine run with reports.
@@ -272,7 +329,7 @@ def test_a_step_survives_its_connection_being_cut_and_its_report_is_written(
     assert step.status == Status.OK, step
     log = (tmp_path / "logs" / "cut" / "controller.log").read_text()
     assert "the SSH connection dropped" in log
-    assert all(f"   line {i}\n" in log for i in range(1, 31))
+    assert all(f"   line {i}\n" in log for i in range(1, 21))
     info = RunInfo(LAB, "test", "digest", "fast", time.time(), 1.0, {}, "labbuilder install")
     junit, report = write_reports(tmp_path / "reports", outcomes, info, compare(outcomes, {}))
     case = ET.parse(junit).getroot().find("testsuite/testcase")

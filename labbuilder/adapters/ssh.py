@@ -91,15 +91,19 @@ def port_open(host: str, port: int = 22, timeout: float = 2.0) -> bool:
 # Each runs as root with ``sh -c SCRIPT sh RUN_ROOT ID ...``: only the run's id and numbers are
 # on the command line; the script travels on stdin into the run's private directory.
 
-# $1 run root, $2 id, $3 interpreter. Start the script in a session of its own, its output and
-# exit status going to files in the run's private directory (which ``_FOLLOW`` removes once it
-# has the exit status), then follow it.
+# $1 run root, $2 id, $3 interpreter, $4 the script's size. Start the script (when it arrived
+# whole) in a session of its own, its output and exit status going to files in the run's
+# private directory (which ``_FOLLOW`` removes once it has the exit status), then follow it.
 _START = """set -e
 umask 077
 [ -d "$1" ] || mkdir -p "$1"
 d="$1/$2"
 mkdir "$d"
 cat > "$d/script"
+if [ "$(wc -c < "$d/script")" -ne "$4" ]; then
+  echo "labbuilder: the script arrived incomplete; it did not run" >&2
+  exit 255
+fi
 : > "$d/out"
 : > "$d/err"
 setsid sh -c '"$2" "$1/script" < /dev/null >> "$1/out" 2>> "$1/err"; echo $? > "$1/rc"' \\
@@ -117,7 +121,7 @@ e=0
 # a dropped connection may still run) removes the run's directory.
 _FOLLOW = """d="$1/$2"
 if [ -z "$pid" ] && ! read -r pid < "$d/pid"; then
-  echo "labbuilder: run $2 is gone from $1 (did the node restart?)" >&2
+  echo "labbuilder: run $2 did not start, or is gone from $1 (did the node restart?)" >&2
   exit 255
 fi
 echo $$ > "$d/follower"
@@ -135,10 +139,11 @@ rm -rf "$d"
 exit 255
 """
 
-# $1 run root, $2 id. Stop every process of the run's session: TERM, then KILL after 5 s.
+# $1 run root, $2 id. Stop every process of the run's session: TERM, then KILL after 5 s. It
+# says "stopping" first: from there on it finishes even if the connection closes.
 _KILL = f"""d="$1/$2"
-[ -f "$d/pid" ] || exit 0
-sid=$(cat "$d/pid")
+echo stopping
+read -r sid < "$d/pid" || exit 0
 pkill -TERM -s "$sid"
 i=0
 while pgrep -s "$sid" > /dev/null && [ $i -lt {KILL_GRACE_STEPS} ]; do
@@ -242,6 +247,8 @@ class SSHSession:
         self._lock = threading.Lock()
         self._generation = 0
         self._client: Any = None
+        self._closed = False
+        self._runs: set[str] = set()  # scripts running now (their run ids)
         self._open()
 
     # --- connecting ---------------------------------------------------------------------------
@@ -321,6 +328,8 @@ class SSHSession:
         with self._lock:
             if self._generation != generation and self._alive():
                 return
+            if self._closed:
+                raise ConnectionLostError(f"the SSH session to node {self.node} was closed")
             problem = "the connection dropped"
             while True:
                 try:
@@ -399,14 +408,29 @@ class SSHSession:
         the guest, and rc is 124.
         """
         run_id = secrets.token_hex(8)
+        self._runs.add(run_id)
+        try:
+            return self._run_script(run_id, script, timeout, on_output, interpreter)
+        finally:
+            self._runs.discard(run_id)
+
+    def _run_script(
+        self,
+        run_id: str,
+        script: str,
+        timeout: float,
+        on_output: Callable[[str], None] | None,
+        interpreter: str,
+    ) -> CommandResult:
         deadline = time.monotonic() + timeout
         output = _Output(on_output)
-        command = self._runner(_START + _FOLLOW, run_id, interpreter)
+        data = script.encode()
+        command = self._runner(_START + _FOLLOW, run_id, interpreter, len(data))
         reconnects = 0
         generation = self._generation
         try:
             channel = self._channel(command)
-            channel.sendall(script.encode())
+            channel.sendall(data)
             channel.shutdown_write()
         except (_Lost, *_NETWORK_ERRORS) as err:
             # Nothing tells whether the script started: following it finds out.
@@ -517,6 +541,21 @@ class SSHSession:
         return "its processes in the guest were stopped"
 
     def close(self) -> None:
+        """Close the session. Scripts it still runs (another thread follows them, or the
+        caller was interrupted) are stopped in the guest: the stop is under way before the
+        connection closes (a few seconds at most)."""
+        self._closed = True
+        for run_id in list(self._runs) if self._alive() else ():
+            try:
+                channel = self._channel(self._runner(_KILL, run_id))
+                channel.shutdown_write()
+                end = time.monotonic() + 5
+                while not (channel.recv_ready() or channel.exit_status_ready()):
+                    if time.monotonic() > end:
+                        break
+                    time.sleep(0.05)
+            except (_Lost, GuestCommandError, *_NETWORK_ERRORS):
+                break
         if self._client is not None:
             self._client.close()
 
