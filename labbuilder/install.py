@@ -14,6 +14,10 @@ For each step on each node:
 * then each check runs, retried until it matches or its timeout passes;
 * only when the script and every check succeeded is the marker written.
 
+A node that cannot be reached (its connection dropped and could not be made again: see
+``adapters.ssh``) fails the step it was on, with the reason, like any failed step; the run is
+reported as usual.
+
 The engine is the only place that runs recipe commands. It talks to nodes through ``Transport``
 (paramiko in production, a fake in unit tests), writes one log per stage and node (secrets
 redacted), and reports every step and check as a ``StepOutcome``.
