@@ -34,6 +34,7 @@ from labbuilder.installreport import (
     save_history,
     write_reports,
 )
+from labbuilder.labcheck import check_lab_recipe
 from labbuilder.labstate import LabState, ensure_secrets, lab_lock, lab_state
 from labbuilder.model import Lab, Plan
 from labbuilder.paths import state_root
@@ -162,6 +163,7 @@ def install(
         )
     plan = plan_from_dict(record["plan"])
     recipe = load_recipe(selection.recipe or lab.recipe)
+    check_lab_recipe(lab, recipe)
     check_memory(recipe, plan)
     with lab_lock(state, "labbuilder install"):
         secrets = ensure_secrets(state, recipe.secret_names)

@@ -70,7 +70,7 @@ DISK_KEYS = ("size", "purpose")
 # Limits: what libvirt, the kernel or this program would refuse or choke on is refused first.
 MAX_NODES = 64  # per lab, and per group (`count`)
 MAX_VCPUS = 64
-MIN_MEMORY, MAX_MEMORY = 128 * MiB, 256 * GiB  # the minimum holds even with --force
+MIN_MEMORY, MAX_MEMORY = 128 * MiB, 256 * GiB  # the minimum holds even with --allow-small
 MIN_DISK, MAX_DISK = 1 * GiB, 4096 * GiB  # the root disk; extra disks have the same maximum
 MIN_EXTRA_DISK = 1 * MiB
 MAX_EXTRA_DISKS = 8  # vdb..vdi; the seed takes the next letter
@@ -401,7 +401,7 @@ def parse_node(
                 table[key], f"is below the guide's minimum of {shown} for a {role} node"
             )
             if not force:
-                problem.hint = "give it at least the guide's minimum, or pass --force"
+                problem.hint = "give it at least the guide's minimum, or pass --allow-small"
                 raise problem
             warnings.append(problem.message)
     return NodeSpec(

@@ -124,7 +124,7 @@ class Lab:
     networks: tuple[NetworkSpec, ...]
     nodes: tuple[NodeSpec, ...]
     options: Options = field(default_factory=Options)
-    warnings: tuple[str, ...] = ()  # sizes below the guide's minimums, allowed by --force
+    warnings: tuple[str, ...] = ()  # sizes below the guide's minimums, allowed by --allow-small
 
     def network(self, role: NicRole) -> NetworkSpec | None:
         return next((net for net in self.networks if net.role == role), None)

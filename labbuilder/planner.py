@@ -321,7 +321,7 @@ def check_capacity(
             f"{lab.source}: the lab needs {format_size(totals.memory)} of memory "
             f"({', '.join(f'{n.name} {format_size(n.memory)}' for n in nodes)}), but the host "
             f"has {format_size(host.memory_available)} available",
-            "free memory on the host, or give the nodes less memory (--force allows "
+            "free memory on the host, or give the nodes less memory (--allow-small allows "
             "less than the guide's minimums)",
         )
     if host.disk_free is not None and totals.disk > host.disk_free:

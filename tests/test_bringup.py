@@ -96,7 +96,7 @@ def test_ssh_config_works_with_plain_ssh(lab: dict[str, Any], tmp_path: Path) ->
 
 
 def test_labbuilder_ssh_runs_a_command(lab: dict[str, Any]) -> None:
-    result = labbuilder("ssh", "--lab", str(lab["file"]), "controller", "hostname", env=lab["env"])
+    result = labbuilder("ssh", "--file", str(lab["file"]), "controller", "hostname", env=lab["env"])
     assert result.stdout.strip() == "controller", result.stderr
 
 

@@ -189,7 +189,7 @@ def test_down_leaves_nothing(lab: dict[str, Any], tmp_path: Path) -> None:
     own state says what belongs to it), and nothing of it is left, snapshots included."""
     lab_file = tmp_path / "lab.toml"
     lab_file.write_text(f'name = "{GUIDE_LAB}"\n')
-    result = labbuilder("down", "--lab", str(lab_file), env=lab["env"])
+    result = labbuilder("down", "--file", str(lab_file), env=lab["env"])
     assert result.returncode == 0, result.stderr
     assert lab_leftovers(GUIDE_LAB, GUIDE_POOL) == {"domains": [], "networks": [], "volumes": []}
     assert not lab["state"].exists()

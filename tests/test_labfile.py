@@ -164,7 +164,7 @@ ERRORS = [
     ('name = "x"\n[nodes.network]\naddresses = { external = "203.0.113.5" }', 'lab.toml: nodes.network.addresses.external = "203.0.113.5" is set, but the external NIC stays up without an address', None),
     ('name = "x"\n[nodes.controller]\naddresses = { tunnel = "10.0.1.11" }', 'lab.toml: nodes.controller.addresses.tunnel = "10.0.1.11" is for a tunnel NIC, which node controller does not have', None),
     # sizes below the guide's minimums (the issue's own example)
-    ('name = "x"\n[nodes.compute1]\nmemory = "1 GiB"', 'lab.toml: nodes.compute1.memory = "1 GiB" is below the guide\'s minimum of 2 GB for a compute node', "give it at least the guide's minimum, or pass --force"),
+    ('name = "x"\n[nodes.compute1]\nmemory = "1 GiB"', 'lab.toml: nodes.compute1.memory = "1 GiB" is below the guide\'s minimum of 2 GB for a compute node', "give it at least the guide's minimum, or pass --allow-small"),
     ('name = "x"\n[nodes.network]\ndisk = "4 GB"', 'lab.toml: nodes.network.disk = "4 GB" is below the guide\'s minimum of 5 GB for a network node', None),
     # groups and roles
     ('name = "x"\n[nodes.compute2]\ncount = 2', "lab.toml: nodes.compute2.count = 2 needs a group name without a number, such as 'compute'", None),

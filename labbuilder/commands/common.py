@@ -106,11 +106,13 @@ def lab_selection(args: argparse.Namespace) -> tuple[Path | None, str | None]:
 def selected_lab(args: argparse.Namespace, sizes: Sizes = Sizes.ACCEPT) -> Lab:
     """The lab the command line selects (``api.DEFAULT_LAB`` when it names none)."""
     file, name = lab_selection(args)
+    recipe = getattr(args, "recipe", None)  # `install --recipe`: the lab is checked against it
     if sizes == Sizes.FLAG:
-        return api.load_lab(file, name, allow_small=bool(getattr(args, "allow_small", False)))
-    lab = api.load_lab(file, name, allow_small=True)
+        allow_small = bool(getattr(args, "allow_small", False))
+        return api.load_lab(file, name, allow_small=allow_small, recipe=recipe)
+    lab = api.load_lab(file, name, allow_small=True, recipe=recipe)
     if sizes == Sizes.IF_UP and lab.warnings and load_state_record(lab_state(lab.name)) is None:
-        api.load_lab(file, name)  # not up: refuse the sizes as `up` would, with their key
+        api.load_lab(file, name, recipe=recipe)  # not up: refuse the sizes as `up` would
     return lab
 
 
