@@ -32,13 +32,16 @@ def load_lab(
     *,
     allow_small: bool = False,
     recipe: str | None = None,
+    check_recipe: bool = True,
 ) -> Lab:
     """A lab from a file, or a built-in lab by name (``guide-3node`` when neither is given).
 
     ``allow_small`` turns node sizes below the guide's minimums into warnings. An empty name
     is refused: it never means the default lab. The lab is checked against the recipe that
     will install it (``recipe``, as `install --recipe` names it, else the lab's own): its
-    ``options.stages``, its controller, its networking variant."""
+    ``options.stages``, its controller, its networking variant; ``check_recipe=False`` skips
+    that for commands that install nothing (``down`` must remove a lab whose file no longer
+    suits its recipe)."""
     if path is not None and name is not None:
         raise UsageError("give a lab file or --lab NAME, not both")
     if name is not None and not name.strip():
@@ -49,7 +52,8 @@ def load_lab(
         lab = load_lab_file(path, force=allow_small)
     else:
         lab = load_builtin_lab(name or DEFAULT_LAB, force=allow_small)
-    check_lab_recipe(lab, load_recipe(recipe or lab.recipe))
+    if check_recipe:
+        check_lab_recipe(lab, load_recipe(recipe or lab.recipe))
     return lab
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from labbuilder import registry
 from labbuilder.adapters import firewall, storage
 from labbuilder.adapters import libvirt as lv
+from labbuilder.errors import HypervisorError
 from labbuilder.filelock import file_lock, is_locked
 from labbuilder.labstate import LabState, lab_lock, lab_state
 from labbuilder.paths import lab_dir, lab_lock_path, pool_dir, pool_name, state_root
@@ -64,7 +65,10 @@ def remove_lab_objects(conn: Any, lab: str) -> Removed:
     for network in lv.owned_networks(conn, lab):
         removed.networks.append(network.name())
         lv.remove_network(network)
-    pool = storage.find_owned_pool(conn, pool_name(), str(pool_dir()))
+    try:
+        pool = storage.find_owned_pool(conn, pool_name(), str(pool_dir()))
+    except HypervisorError:
+        pool = None  # a pool that cannot start holds no volume anyone can reach; go on
     if pool is not None:
         for volume in storage.lab_volumes(pool, lab):
             removed.volumes.append(volume.name())

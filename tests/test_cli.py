@@ -185,6 +185,22 @@ def test_down_and_gc_print_json_for_scripts(
     assert json.loads(out) == {}
 
 
+@pytest.mark.integration
+def test_down_removes_a_lab_whose_file_no_longer_suits_its_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`plan` refuses a stage the recipe does not have; `down` of the same file still works,
+    so a lab is never stuck on the host because its file was edited."""
+    monkeypatch.setenv("LABBUILDER_STATE_DIR", str(tmp_path / "state"))
+    lab = tmp_path / "lab.toml"
+    lab.write_text('name = "lbtest-cli-edited"\n[options]\nstages = ["no-such-stage"]\n')
+    code, _, err = run(["plan", "--file", str(lab), "--no-host-check"], capsys)
+    assert code == 2 and "options.stages[0]" in err, err
+    code, out, err = run(["down", "--file", str(lab), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["lab"] == "lbtest-cli-edited"
+
+
 def test_every_command_that_prints_for_scripts_takes_json() -> None:
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[union-attr]

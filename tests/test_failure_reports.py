@@ -9,7 +9,6 @@ or a socket that accepts and never speaks. No guest is booted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -402,6 +401,7 @@ def test_an_up_that_fails_half_way_leaves_its_report_and_run_copies_it(tmp_path:
     pool = f"lbtest-cli-pool-{secrets.token_hex(3)}"
     env = {**lab.env, "LABBUILDER_CACHE_DIR": str(TEST_CACHE), "LABBUILDER_POOL": pool,
            "LABBUILDER_POOL_DIR": str(tmp_path / "afile" / "pool")}  # fmt: skip
+    pool_left = True
     try:
         result = subprocess.run(
             [sys.executable, "-m", "labbuilder", "run", str(lab.file), "--recipe",
@@ -409,15 +409,20 @@ def test_an_up_that_fails_half_way_leaves_its_report_and_run_copies_it(tmp_path:
             env=env, capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
     finally:
-        subprocess.run([sys.executable, "-m", "labbuilder", "down", str(lab.file)], env=env,
-                       capture_output=True, timeout=300, check=False)  # fmt: skip
+        down = subprocess.run([sys.executable, "-m", "labbuilder", "down", str(lab.file)],
+                              env=env, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
         conn = lv.connect("qemu:///system")
         try:
-            with contextlib.suppress(libvirt.libvirtError):  # defined, never started
+            try:  # a pool that never started is not kept: nothing half-made
                 conn.storagePoolLookupByName(pool).undefine()
+            except libvirt.libvirtError:
+                pool_left = False
         finally:
             conn.close()
     assert result.returncode == 1, result.stdout + result.stderr
+    assert not pool_left
+    assert down.returncode == 0, down.stderr
+    assert not (Path("/var/lib/labbuilder/registry") / f"{lab.name}.json").exists()
     error, hint = one_error_line(result.stderr)
     assert "afile" in error
     up_dir = tmp_path / "state" / "reports" / lab.name

@@ -104,6 +104,7 @@ def ensure_pool(conn: Any, name: str, path: str) -> Any:
     """labbuilder's directory pool ``name`` at ``path``, defined, built and started if needed.
     A pool of that name that is not labbuilder's (see ``is_labbuilder_pool``) is refused with
     ``PlanError``."""
+    defined_here = False
     try:
         pool = conn.storagePoolLookupByName(name)
         refuse_foreign_pool(pool, path)
@@ -115,14 +116,17 @@ def ensure_pool(conn: Any, name: str, path: str) -> Any:
         ET.SubElement(ET.SubElement(root, "target"), "path").text = path
         try:
             pool = conn.storagePoolDefineXML(ET.tostring(root, encoding="unicode"), 0)
-            pool.build(0)
         except libvirt.libvirtError as err:
             raise _error(f"cannot create the labbuilder storage pool at {path}", err) from None
+        defined_here = True
     if not pool.isActive():
         try:
             pool.build(0)  # (re)creates its directory if someone removed it
             pool.create(0)
         except libvirt.libvirtError as err:
+            if defined_here:  # nothing half-made: a pool that never started is not kept
+                with contextlib.suppress(libvirt.libvirtError):
+                    pool.undefine()
             raise _error(f"cannot start storage pool {name}", err) from None
     with contextlib.suppress(libvirt.libvirtError):
         pool.setAutostart(1)

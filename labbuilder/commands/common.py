@@ -110,7 +110,11 @@ def selected_lab(args: argparse.Namespace, sizes: Sizes = Sizes.ACCEPT) -> Lab:
     if sizes == Sizes.FLAG:
         allow_small = bool(getattr(args, "allow_small", False))
         return api.load_lab(file, name, allow_small=allow_small, recipe=recipe)
-    lab = api.load_lab(file, name, allow_small=True, recipe=recipe)
+    # Commands that plan or install check the lab against its recipe; the others (down,
+    # status, ssh, snapshots) must work on a lab whose file no longer suits its recipe.
+    lab = api.load_lab(
+        file, name, allow_small=True, recipe=recipe, check_recipe=sizes == Sizes.IF_UP
+    )
     if sizes == Sizes.IF_UP and lab.warnings and load_state_record(lab_state(lab.name)) is None:
         api.load_lab(file, name, recipe=recipe)  # not up: refuse the sizes as `up` would
     return lab
