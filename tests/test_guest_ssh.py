@@ -3,9 +3,11 @@
 The first part runs ``SSHSession``'s runner over local processes (``localssh.LocalSession``):
 the shell that starts a script detached, follows its output and stops it is the real one. The
 second part (``integration``) boots one small lab under the real libvirtd and checks the same
-against a real Debian 12 guest: a wrong host key is refused, a step that times out leaves no
-process behind, and a step survives its connection being cut (sshd restarted and its sessions
-killed in the guest, or the host's side closed), with the engine's JUnit/JSON report written.
+against a real Debian 12 guest: a wrong host key is refused, a step that times out (or whose
+session is closed) leaves no process behind, a step survives its connection being cut (sshd
+restarted and its sessions killed in the guest, or the host's side closed) with the engine's
+JUnit/JSON report written, and a step whose node stays unreachable fails with the reason in
+that report. One boot; the module takes about two and a half minutes under TCG.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 from localssh import LocalSession
 
@@ -335,3 +338,40 @@ def test_a_step_survives_its_connection_being_cut_and_its_report_is_written(
     case = ET.parse(junit).getroot().find("testsuite/testcase")
     assert case is not None and case.find("failure") is None
     assert json.loads(report.read_text())["result"] == "passed"
+
+
+@pytest.mark.integration
+def test_a_step_whose_node_stays_unreachable_fails_with_its_report(
+    guest: dict[str, Any], tmp_path: Path
+) -> None:
+    # sshd stopped and the sessions killed a second into the step; sshd back only after the
+    # step's time is up: the step fails with the reason, in the reports.
+    later = "systemd-run --quiet --timer-property=AccuracySec=100ms"
+    script = (
+        "#!/bin/bash\nset -euo pipefail\n"
+        f"{later} --on-active=1 sh -c 'systemctl stop ssh; pkill -f \"^sshd: .*@notty\"'\n"
+        f"{later} --on-active=40 systemctl start ssh\n"
+        "sleep 10\necho finished\n"
+    )
+    stage = RenderedStage("cut", "cut connections", "", (_step("unreachable", script, 20),))
+    started = time.monotonic()
+    with connect(guest) as session:
+        outcomes = Engine({"controller": session}, log_dir=tmp_path / "logs").run([stage])
+    assert time.monotonic() - started < 60  # within the step's time, not without end
+    step = outcomes[0].steps[0]
+    assert step.status == Status.FAILED and step.rc is None, step
+    assert step.reason.startswith("lost the SSH connection to node controller"), step.reason
+    info = RunInfo(LAB, "test", "digest", "fast", time.time(), 1.0, {}, "labbuilder install")
+    junit, report = write_reports(tmp_path / "reports", outcomes, info, compare(outcomes, {}))
+    failure = ET.parse(junit).getroot().find("testsuite/testcase/failure")
+    assert failure is not None and "lost the SSH connection" in failure.get("message", "")
+    assert json.loads(report.read_text())["result"] == "failed"
+
+    end = time.monotonic() + 120  # sshd comes back for whatever runs next
+    while True:
+        try:
+            connect(guest).close()
+            break
+        except (OSError, ConnectionLostError, paramiko.SSHException):
+            assert time.monotonic() < end, "sshd did not come back"
+            time.sleep(2)
