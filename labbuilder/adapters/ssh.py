@@ -91,16 +91,17 @@ def port_open(host: str, port: int = 22, timeout: float = 2.0) -> bool:
 # Each runs as root with ``sh -c SCRIPT sh RUN_ROOT ID ...``: only the run's id and numbers are
 # on the command line; the script travels on stdin into the run's private directory.
 
-# $1 run root, $2 id, $3 interpreter, $4 the script's size. Start the script (when it arrived
-# whole) in a session of its own, its output and exit status going to files in the run's
-# private directory (which ``_FOLLOW`` removes once it has the exit status), then follow it.
+# $1 run root, $2 id, $3 interpreter, $4 the script's size ("-": the interpreter refuses an
+# incomplete script itself, see ``_whole``). Start the script (when it arrived whole) in a
+# session of its own, its output and exit status going to files in the run's private
+# directory (which ``_FOLLOW`` removes once it has the exit status), then follow it.
 _START = """set -e
 umask 077
 [ -d "$1" ] || mkdir -p "$1"
 d="$1/$2"
 mkdir "$d"
 cat > "$d/script"
-if [ "$(wc -c < "$d/script")" -ne "$4" ]; then
+if [ "$4" != - ] && [ "$(wc -c < "$d/script")" -ne "$4" ]; then
   echo "labbuilder: the script arrived incomplete; it did not run" >&2
   exit 255
 fi
@@ -130,13 +131,13 @@ tail -s 0.05 --pid="$pid" -c +$((e + 1)) -f "$d/err" >&2 &
 wait
 { read -r follower < "$d/follower"; } 2> /dev/null
 [ "$follower" = $$ ] || exit 255  # a follower of a newer connection collects the run
-if read -r rc < "$d/rc"; then
-  rm -rf "$d"
-  exit "$rc"
-fi 2> /dev/null
-echo "labbuilder: the script ended without an exit status" >&2
-rm -rf "$d"
-exit 255
+rc=255
+if ! { read -r rc < "$d/rc"; } 2> /dev/null; then
+  rc=255
+  echo "labbuilder: the script ended without an exit status" >&2
+fi
+rm -rf "$d" < /dev/null > /dev/null 2>&1 &  # not waited for
+exit "$rc"
 """
 
 # $1 run root, $2 id. Stop every process of the run's session: TERM, then KILL after 5 s. It
@@ -154,6 +155,17 @@ pkill -KILL -s "$sid"
 rm -rf "$d"
 exit 0
 """
+
+
+def _whole(script: str, interpreter: str) -> tuple[bytes, str]:
+    """The script as sent, and the size the runner checks it against. A shell script is sent
+    as one brace group: the shell reads a whole group before it runs any of it, so a script
+    cut short on the way (the connection dropped) is a syntax error and runs nothing; this
+    costs the guest nothing, unlike counting its bytes there."""
+    if interpreter in ("bash", "sh"):
+        return ("{\n" + script + ("" if script.endswith("\n") else "\n") + "}\n").encode(), "-"
+    data = script.encode()
+    return data, str(len(data))
 
 
 class Channel(Protocol):
@@ -424,8 +436,8 @@ class SSHSession:
     ) -> CommandResult:
         deadline = time.monotonic() + timeout
         output = _Output(on_output)
-        data = script.encode()
-        command = self._runner(_START + _FOLLOW, run_id, interpreter, len(data))
+        data, size = _whole(script, interpreter)
+        command = self._runner(_START + _FOLLOW, run_id, interpreter, size)
         reconnects = 0
         generation = self._generation
         try:
