@@ -25,6 +25,7 @@ redacted), and reports every step and check as a ``StepOutcome``.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import threading
@@ -313,7 +314,14 @@ class Engine:
                         step, Status.NOT_RUN, reason="an earlier step failed"
                     )
                     continue
-                outcome = self.run_step(step)
+                try:
+                    outcome = self.run_step(step)
+                except BaseException:
+                    # Nodes waiting on this step's `after` must not wait for ever: they stop.
+                    with condition:
+                        stop.set()
+                        condition.notify_all()
+                    raise
                 results[(node, step.step)] = outcome
                 with condition:
                     if outcome.status == Status.FAILED:
@@ -534,7 +542,9 @@ class Engine:
             return
         path = self.log_dir / step.stage / f"{step.node}.log"
         with self._log_lock:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as log:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Never through a link planted where a log goes; logs may hold secrets' context.
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(os.open(path, flags, 0o600), "a") as log:
                 stamp = time.strftime("%H:%M:%S")
                 log.write(f"{stamp} {self.redact(text)}\n")

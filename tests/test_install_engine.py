@@ -734,3 +734,50 @@ def test_a_node_that_cannot_be_prepared_fails_the_first_stage(
     others = [s for stage in outcome for s in stage.steps if s.node != "network"]
     assert {s.status for s in others} == {Status.NOT_RUN}
     assert log == []  # nothing ran anywhere
+
+
+def test_an_error_inside_a_step_stops_the_nodes_that_wait_on_it(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    """compute1's agent waits for the controller's db; the db step raises (a bug, a transport
+    error): the run raises at once instead of leaving compute1 waiting for ever."""
+    nodes, log = lab_nodes
+
+    def broken_db(script: str) -> CommandResult | None:
+        if "echo database" in script:
+            raise RuntimeError("the transport broke")
+        return None
+
+    nodes["controller"].rules.append(broken_db)
+    stages = render(write_recipe(tmp_path, STAGES))
+    engine = engine_for(nodes, tmp_path)
+    result: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            engine.run(stages)
+        except BaseException as err:  # noqa: BLE001 - handed to the test below
+            result.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "the engine waits for ever on a step that raised"
+    assert len(result) == 1 and "the transport broke" in str(result[0])
+    assert not any(n == "compute1" and "echo agent" in s for n, s, _ in log)
+
+
+def test_step_logs_are_private_and_never_written_through_a_link(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, _ = lab_nodes
+    stages = render(write_recipe(tmp_path, STAGES))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not a log\n")
+    (tmp_path / "logs" / "first").mkdir(parents=True)
+    (tmp_path / "logs" / "first" / "network.log").symlink_to(outside)
+    with pytest.raises(OSError):
+        engine_for(nodes, tmp_path).run(stages)
+    assert outside.read_text() == "not a log\n"
+    log = tmp_path / "logs" / "first" / "controller.log"
+    assert log.exists() and log.stat().st_mode & 0o077 == 0
