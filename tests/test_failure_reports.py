@@ -203,25 +203,33 @@ class SilentListener:
             client.close()
 
 
+def interrupt_install(lab: Lab, ready: threading.Event, what: str, wait: float) -> str:
+    """Start ``labbuilder install``, press Ctrl-C half a second after ``ready`` is set, and
+    return its stderr once it has exited 130 at once (not after a connection's timeout)."""
+    process = subprocess.Popen(lab.install(), env=lab.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert ready.wait(wait), what
+        time.sleep(0.5)
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, out + err
+    assert time.monotonic() - interrupted < 10
+    return err
+
+
 def test_ctrl_c_during_an_install_exits_130_with_its_reports(lab: Lab) -> None:
     listener = SilentListener(lab.address)
     try:
-        process = subprocess.Popen(lab.install(), env=lab.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
-        try:
-            assert listener.accepted.wait(30), "the install never tried to log in"
-            time.sleep(0.5)  # in the middle of the SSH handshake, waiting for the banner
-            interrupted = time.monotonic()
-            process.send_signal(signal.SIGINT)
-            out, err = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        # Ctrl-C in the middle of the SSH handshake, waiting for the banner.
+        err = interrupt_install(lab, listener.accepted, "the install never tried to log in", 30)
     finally:
         listener.close()
-    assert process.returncode == 130, out + err
-    assert time.monotonic() - interrupted < 10  # it does not wait for the connection's timeout
     error, hint = one_error_line(err)
     assert error == "error: interrupted"
     assert "reports:" in hint
@@ -353,22 +361,9 @@ def test_ctrl_c_in_the_middle_of_a_step_exits_130_at_once_with_its_reports(lab: 
     stage.write_text(stage.read_text().replace('run = "echo hello"', f'run = "echo {DROP_MARK}"'))
     guest = DroppingGuest(lab, hang=True)
     try:
-        process = subprocess.Popen(lab.install(), env=lab.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
-        try:
-            assert guest.hanging.wait(60), "the step never started"
-            time.sleep(0.5)
-            interrupted = time.monotonic()
-            process.send_signal(signal.SIGINT)
-            out, err = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        err = interrupt_install(lab, guest.hanging, "the step never started", 60)
     finally:
         guest.close()
-    assert process.returncode == 130, out + err
-    assert time.monotonic() - interrupted < 10
     error, hint = one_error_line(err)
     assert error == "error: interrupted" and "reports:" in hint
     report, junit = read_reports(lab.reports())

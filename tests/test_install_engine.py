@@ -51,6 +51,19 @@ from labbuilder.reciperender import (
 Rule = Callable[[str], CommandResult | None]
 
 
+def answer_markers(script: str, markers: dict[str, str]) -> CommandResult | None:
+    """The engine's run-once marker scripts answered as a guest would, from ``markers``
+    (reading them, or writing one); None for any other script."""
+    if script.startswith(f"mkdir -p {MARKER_DIR}\nfor f in"):
+        listing = "".join(f"{k} {v}\n" for k, v in markers.items())
+        return CommandResult("markers", 0, listing, "")
+    written = re.search(rf"printf '%s\\n' (\S+) > {MARKER_DIR}/(\S+)", script)
+    if written:
+        markers[written.group(2)] = written.group(1)
+        return CommandResult("marker", 0, "", "")
+    return None
+
+
 class FakeNode:
     """One node: keeps run-once markers like the guest would, answers scripts by rules."""
 
@@ -69,13 +82,9 @@ class FakeNode:
         on_output: Callable[[str], None] | None = None,
         interpreter: str = "bash",
     ) -> CommandResult:
-        if script.startswith(f"mkdir -p {MARKER_DIR}\nfor f in"):
-            listing = "".join(f"{k} {v}\n" for k, v in self.markers.items())
-            return CommandResult("markers", 0, listing, "")
-        written = re.search(rf"printf '%s\\n' (\S+) > {MARKER_DIR}/(\S+)", script)
-        if written:
-            self.markers[written.group(2)] = written.group(1)
-            return CommandResult("marker", 0, "", "")
+        marker = answer_markers(script, self.markers)
+        if marker is not None:
+            return marker
         with self.lock:
             self.log.append((self.name, script, time.monotonic()))
         for rule in self.rules:
@@ -638,12 +647,9 @@ class LocalNode:
         on_output: Callable[[str], None] | None = None,
         interpreter: str = "bash",
     ) -> CommandResult:
-        if script.startswith(f"mkdir -p {MARKER_DIR}\nfor f in"):
-            return CommandResult("markers", 0, "", "")
-        written = re.search(rf"printf '%s\\n' (\S+) > {MARKER_DIR}/(\S+)", script)
-        if written:
-            self.markers[written.group(2)] = written.group(1)
-            return CommandResult("marker", 0, "", "")
+        marker = answer_markers(script, self.markers)
+        if marker is not None:
+            return marker
         return self.session.run_script(
             script, timeout=timeout, on_output=on_output, interpreter=interpreter
         )
