@@ -256,13 +256,23 @@ def _instrument(conn: Any) -> None:
     auth_session.request = request_once
 
 
+_OUTPUT = threading.Lock()
+
+
+def say(line: str) -> None:
+    """Print one line of the step's log, whole: the watchdog's thread prints too."""
+    with _OUTPUT:
+        sys.stdout.write(f"{line}\n")
+        sys.stdout.flush()
+
+
 def _watchdog(heartbeat: float) -> None:
     tick = min(1.0, heartbeat / 4)
     while True:
         time.sleep(tick)
         line = CALLS.overdue(heartbeat)
         if line:
-            print(line, flush=True)  # noqa: T201
+            say(line)
 
 
 def _one_line(err: BaseException) -> str:
@@ -661,7 +671,7 @@ def _volume(conn: Any, op: dict[str, Any]) -> str:
         except StateFailed as error:
             if _status(conn.block_storage.find_volume(volume.id)) != "error":
                 raise
-            print(f"volume {op['name']} went to error (try {attempt + 1}): {error}", flush=True)  # noqa: T201
+            say(f"volume {op['name']} went to error (try {attempt + 1}): {error}")
             _delete_volume(conn, volume)
             volume = None
             time.sleep(30)
@@ -852,10 +862,9 @@ def _run(conn: Any, op: dict[str, Any], config: Settings) -> str:
             if attempt >= config.attempts or not _retriable(err):
                 raise
             attempt += 1
-            print(  # noqa: T201
+            say(
                 f"retrying {_describe(op)} (try {attempt}/{config.attempts}) after "
-                f"{type(err).__name__}: {_one_line(err)}",
-                flush=True,
+                f"{type(err).__name__}: {_one_line(err)}"
             )
             time.sleep(config.retry_delay)
 
@@ -875,24 +884,23 @@ def main() -> int:
     try:  # after reading stdin: importing openstacksdk is the slow part
         conn = _connect(config)
     except Exception as err:  # noqa: BLE001 - reported, then the step fails
-        print(f"FAILED connecting: {type(err).__name__}: {_one_line(err)}", flush=True)  # noqa: T201
+        say(f"FAILED connecting: {type(err).__name__}: {_one_line(err)}")
         return 1
     for op in document["operations"]:
         made = CALLS.count
         try:
             outcome = _run(conn, op, config)
         except Exception as err:  # noqa: BLE001 - reported, then the step fails
-            print(  # noqa: T201
+            say(
                 f"FAILED {_describe(op)}: {type(err).__name__}: {_one_line(err)}; "
-                f"{CALLS.describe(made)}",
-                flush=True,
+                f"{CALLS.describe(made)}"
             )
             return 1
         if outcome == SKIPPED:
             wanted = op["if_service"]
-            print(f"skipped {_describe(op)}: no {wanted} service in this cloud", flush=True)  # noqa: T201
+            say(f"skipped {_describe(op)}: no {wanted} service in this cloud")
         else:
-            print(f"{outcome} {_describe(op)}", flush=True)  # noqa: T201
+            say(f"{outcome} {_describe(op)}")
     return 0
 
 
