@@ -267,7 +267,7 @@ def say(line: str) -> None:
 
 
 def _watchdog(heartbeat: float) -> None:
-    tick = min(1.0, heartbeat / 4)
+    tick = min(1.0, max(0.05, heartbeat / 4))
     while True:
         time.sleep(tick)
         line = CALLS.overdue(heartbeat)
@@ -279,11 +279,15 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+def _sdk_exceptions() -> Any:
+    return importlib.import_module("openstack.exceptions")
+
+
 def _retriable(err: BaseException | None) -> bool:
     """A lost connection, a request timeout (keystoneauth raises ConnectTimeout for a read
     timeout too) or an HTTP 502/503/504 answer, here or as the cause of a wrapping error."""
     ksa: Any = importlib.import_module("keystoneauth1.exceptions")
-    sdk: Any = importlib.import_module("openstack.exceptions")
+    sdk = _sdk_exceptions()
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -573,7 +577,10 @@ def _security_group_rule(conn: Any, op: dict[str, Any]) -> str:
     for rule in conn.network.security_group_rules(security_group_id=group.id):
         if all(getattr(rule, key) == value for key, value in wanted.items()):
             return "exists"
-    conn.network.create_security_group_rule(security_group_id=group.id, **wanted)
+    try:
+        conn.network.create_security_group_rule(security_group_id=group.id, **wanted)
+    except _sdk_exceptions().ConflictException:  # neutron's answer to the same rule twice:
+        return "exists"  # an earlier try's request, whose answer was lost, made it
     return "created"
 
 
@@ -638,7 +645,12 @@ def _floating_ip(conn: Any, op: dict[str, Any]) -> str:
             return "exists"
     # Created bound to its port in one request: a retry after a lost answer finds it above,
     # where an unbound address would be made a second time.
-    conn.network.create_ip(floating_network_id=network.id, port_id=ports[0].id)
+    try:
+        conn.network.create_ip(floating_network_id=network.id, port_id=ports[0].id)
+    except _sdk_exceptions().ConflictException:  # the port has an address: an earlier try's
+        if not any(True for _ in conn.network.ips(port_id=ports[0].id)):  # request made it late
+            raise
+        return "exists"
     return "created"
 
 

@@ -5,7 +5,8 @@ on the exit status, the lines the step's log gets and the objects the cloud ends
 
 The fake cloud keeps its objects in memory; a test scripts faults for a method and path (each
 fault is used by one request, in order): ``hang`` never answers and makes nothing, ``lost`` makes
-the object and never answers, a number (``503``) answers with that status, ``slow`` answers after
+the object and never answers, ``conflict`` makes it and answers 409 (as when an earlier
+request, given up on, finished late), a number (``503``) answers with that status, ``slow`` answers after
 ``SLOW`` seconds. Names start with ``lbtestga-``; nothing outlives the test (the server and
 every process are stopped at its end).
 """
@@ -104,7 +105,7 @@ class FakeCloud:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def do_GET(self) -> None:
@@ -143,6 +144,9 @@ class FakeCloud:
                     status, answer, headers = cloud.route(method, path, query, body)
                 if fault == "lost":
                     cloud.release.wait(HANG)
+                    return
+                if fault == "conflict":
+                    self.answer(409, {"NeutronError": {"message": "made by an earlier request"}})
                     return
                 self.answer(status, answer, headers)
 
@@ -352,7 +356,28 @@ def test_a_request_that_never_answers_is_retried_then_fails_naming_it(
     assert len(lines) == 3, out
     assert cloud.count("POST", "/network/v2.0/networks") == 3
     assert not cloud.networks  # nothing was made
-    assert seconds < 20  # three 1 s timeouts, two 0.1 s pauses and Python's start
+    assert 3 <= seconds < 20  # three 1 s timeouts, two 0.1 s pauses and Python's start
+
+
+def test_an_operation_with_its_own_credentials_has_the_same_deadline(
+    cloud: FakeCloud, tmp_path: Path
+) -> None:
+    openrc = tmp_path / "demo-openrc"
+    openrc.write_text(
+        f"export OS_AUTH_URL={cloud.url}/identity/v3\nexport OS_USERNAME=demo\n"
+        "export OS_PASSWORD='lbtestga-demo'\nexport OS_PROJECT_NAME=demo\n"
+        "export OS_USER_DOMAIN_NAME=Default\nexport OS_PROJECT_DOMAIN_NAME=Default\n"
+        "export OS_IDENTITY_API_VERSION=3\n"
+    )
+    cloud.faults[("POST", "/network/v2.0/networks")] = ["hang"]
+    operation = {**NETWORK, "env": str(openrc)}
+    rc, out, err, seconds = run_guestapi(cloud, document(operation), tmp_path)
+    assert rc == 0, out + err
+    assert out.splitlines()[1:] == [f"created network {PREFIX}net"], out
+    assert out.startswith(f"retrying network {PREFIX}net (try 2/3) after ConnectTimeout: "), out
+    tokens = [body for method, path, body in cloud.bodies if path == "/identity/v3/auth/tokens"]
+    assert [t["auth"]["identity"]["password"]["user"]["name"] for t in tokens] == ["demo"]
+    assert seconds < 15  # the hung request ended after request_timeout (1 s), not HANG (30 s)
 
 
 def test_a_503_is_retried_and_the_operation_succeeds(cloud: FakeCloud, tmp_path: Path) -> None:
@@ -397,6 +422,19 @@ def test_a_floating_ip_whose_answer_is_lost_is_made_once(cloud: FakeCloud, tmp_p
     assert address["port_id"] == port["id"]
     assert address["floating_network_id"] == external["id"]
     assert not [r for r in cloud.requests if r[0] == "PUT"]
+
+
+def test_a_floating_ip_made_late_by_an_earlier_request_is_taken(
+    cloud: FakeCloud, tmp_path: Path
+) -> None:
+    cloud.add_network(f"{PREFIX}ext", external=True)
+    server = cloud.add_server(f"{PREFIX}vm", cloud.add_network(f"{PREFIX}int"))
+    cloud.faults[("POST", "/network/v2.0/floatingips")] = ["conflict"]
+    operation = {"kind": "floating_ip", "network": f"{PREFIX}ext", "server": server["name"]}
+    rc, out, err, _ = run_guestapi(cloud, document(operation), tmp_path)
+    assert rc == 0, out + err
+    assert out.splitlines() == [f"exists floating IP from {PREFIX}ext for server {PREFIX}vm"], out
+    assert len(cloud.floating_ips) == 1
 
 
 def test_a_slow_request_is_shown_while_it_runs(cloud: FakeCloud, tmp_path: Path) -> None:
