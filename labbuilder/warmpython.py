@@ -11,16 +11,31 @@ three ways they call ``python3``::
     warmpython.py FILE [ARG ...]
 
 It hands the code to a server on a Unix socket (``SOCKET``), which imported openstacksdk once
-and forks a child per request. The child takes the caller's stdin, stdout and stderr (passed over
+and forks a child per call. The child takes the caller's stdin, stdout and stderr (passed over
 the socket), environment, working directory and arguments, runs the code as ``__main__``, and
-sends back its exit status, which becomes the caller's. The first call starts the server (in the
-background, for every later call) and waits for it. Without a server, or if the server cannot
-be reached, the code runs in the calling process, as ``python3`` would run it.
+the caller exits with the code's exit status. The first call starts the server (in the
+background, for every later call). Without a server, or if the server cannot be reached, the
+code runs in the calling process, as ``python3`` would run it.
 
-The server exits after ``IDLE`` seconds without a request, and when the openstacksdk it imported
-changes on disk; it does not stay without one (a caller then runs the code itself). A child
-whose caller went away (a check's timeout) is stopped. It uses only the standard library and
-must run on the guest's Python, so labbuilder never imports it.
+A call is never lost and never waits without end:
+
+- The conversation on the socket: the caller sends the request; the child answers ``ready``;
+  the caller answers ``go``, its three standard streams riding along; the child answers ``run``
+  and only then runs the code; the exit status follows as ``exit N``. A caller that hears no
+  ``ready`` in time goes away and runs the code itself: the child, reading no ``go``, runs
+  nothing. A caller that hears no ``run`` knows the code never started and runs it itself.
+- The child writes its own exit status, so a call outlives a server that is killed. The server
+  waits for every child (a pidfd each) and writes the status of a child that died without
+  writing it (killed by signal N: ``exit 128+N``, as a shell reports it).
+- The server exits after ``IDLE`` seconds *without a running call* and without a request, and
+  when the openstacksdk it imported changes on disk; it then stops listening at once (a new
+  server may start) but waits for its running calls and reports them. Idle time is measured on
+  the monotonic clock: a guest paused by a snapshot and its clock stepped afterwards changes
+  nothing for a running call.
+- A child whose caller went away (a check's timeout) is stopped.
+
+Every start, call and exit is logged in ``LOG``. It uses only the standard library and must run
+on the guest's Python (3.9 or later: pidfds), so labbuilder never imports it.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ import contextlib
 import fcntl
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -38,14 +54,17 @@ import time
 import traceback
 from typing import Any
 
-# WARMPYTHON_DIR and WARMPYTHON_PRELOAD (comma-separated modules, the first one watched) change
-# where the server lives and what it imports: labbuilder's own tests use them.
+# WARMPYTHON_DIR, WARMPYTHON_PRELOAD (comma-separated modules, the first one watched) and
+# WARMPYTHON_IDLE change where the server lives, what it imports and when it leaves:
+# labbuilder's own tests use them.
 DIRECTORY = os.environ.get("WARMPYTHON_DIR", "/run/labbuilder")
 SOCKET = f"{DIRECTORY}/warmpython.sock"
 LOCK = f"{DIRECTORY}/warmpython.lock"  # holds the running server's process id
 LOG = f"{DIRECTORY}/warmpython.log"
-IDLE = 900.0  # seconds without a request before the server exits
-START_WAIT = 120.0  # seconds a caller waits for a server it started to listen
+IDLE = float(os.environ.get("WARMPYTHON_IDLE", "900"))  # seconds without a call, then it exits
+START_WAIT = 180.0  # seconds a caller waits for a server that is starting to listen
+# seconds a caller waits for a child to take its request
+READY_WAIT = float(os.environ.get("WARMPYTHON_READY_WAIT", "60"))
 PRELOAD = tuple(filter(None, os.environ.get("WARMPYTHON_PRELOAD", "").split(","))) or (
     "openstack",
     "openstack.connection",
@@ -61,6 +80,7 @@ PRELOAD = tuple(filter(None, os.environ.get("WARMPYTHON_PRELOAD", "").split(",")
 )
 MAX_FDS = 3
 LOST_THE_LOCK = 0  # the server's exit status when another one runs already
+NO_SERVER = 3  # the server's exit status when it cannot serve (no module, no pidfds)
 MAX_REQUEST = 64 * 1024 * 1024
 
 
@@ -116,13 +136,15 @@ def connect() -> socket.socket | None:
 
 
 def start_server() -> socket.socket | None:
-    """Start a server and connect to it; None if it cannot start (no openstacksdk, not root)."""
+    """Start a server and connect to it: None if none listens within ``START_WAIT`` seconds
+    (no openstacksdk, not root, or another caller's server still importing)."""
     try:
         os.makedirs(DIRECTORY, mode=0o700, exist_ok=True)
-        with open(LOG, "ab") as log, open(os.devnull, "rb") as null:
+        with open(LOG, "ab") as log_file, open(os.devnull, "rb") as null:
             server = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--serve"],
-                stdin=null, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+                stdin=null, stdout=log_file, stderr=log_file, start_new_session=True,
+                close_fds=True,
             )  # fmt: skip
     except OSError:
         return None
@@ -148,6 +170,28 @@ def server_running() -> bool:
     return False
 
 
+class Reply:
+    """The lines a child (or its server) writes back to a caller."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.buffer = b""
+
+    def line(self, timeout: float | None) -> str | None:
+        """The next line; None at the end of the conversation or after ``timeout`` seconds."""
+        self.client.settimeout(timeout)
+        while b"\n" not in self.buffer:
+            try:
+                chunk = self.client.recv(256)
+            except OSError:  # a timeout, or the other end is gone
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode(errors="replace")
+
+
 def call(code: str, filename: str, args: list[str]) -> int:
     """Run the code in the server (started if need be); here if the server does not take it."""
     client = connect() or start_server()
@@ -165,24 +209,29 @@ def call(code: str, filename: str, args: list[str]) -> int:
         ).encode()
         sys.stdout.flush()
         sys.stderr.flush()
-        reply = b""
+        reply = Reply(client)
         try:
-            socket.send_fds(client, [len(request).to_bytes(8, "big")], [0, 1, 2])
-            client.sendall(request)
-            while reply.count(b"\n") < 2:
-                chunk = client.recv(64)
-                if not chunk:
-                    break
-                reply += chunk
+            client.sendall(len(request).to_bytes(8, "big") + request)
         except OSError:
-            pass
-    lines = reply.decode(errors="replace").splitlines()
-    if not lines or lines[0] != "run":  # the server turned it down before running anything
-        return run_here(code, filename, args)
-    if len(lines) < 2 or not lines[1].startswith("exit "):
-        print("warmpython: the code stopped without an exit status", file=sys.stderr)
-        return 1
-    return int(lines[1].split()[1])
+            return run_here(code, filename, args)  # nobody took it: the code never started
+        if reply.line(READY_WAIT) != "ready":
+            return run_here(code, filename, args)  # the child runs nothing without our "go"
+        try:  # our standard streams travel with the "go", to a child that is there to take them
+            socket.send_fds(client, [b"go\n"], [0, 1, 2])
+        except OSError:
+            return run_here(code, filename, args)
+        first = reply.line(None)
+        if first is None or not first.startswith("run"):
+            return run_here(code, filename, args)  # the child died before the code started
+        last = reply.line(None)
+        if last is None or not last.startswith("exit "):
+            print(
+                "warmpython: the server and the process running the code are both gone;"
+                " the code's exit status is lost",
+                file=sys.stderr,
+            )
+            return 1
+        return int(last.split()[1])
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -202,6 +251,119 @@ def mtime(path: str | None) -> float | None:
         return None
 
 
+class Call:
+    """A running call: its child process, the pidfd that says when it ends, and the caller's
+    connection (to write the exit status of a child that could not)."""
+
+    def __init__(self, pid: int, pidfd: int, conn: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.conn = conn
+        self.started = time.monotonic()
+
+
+class Server:
+    """Accepts calls and forks a child for each; see the module's docstring."""
+
+    def __init__(self, listener: socket.socket, lock: Any, watched: str) -> None:
+        self.listener: socket.socket | None = listener
+        self.inode = os.stat(SOCKET).st_ino  # the socket file this server bound
+        self.lock = lock
+        self.watched = watched
+        self.stamp = mtime(watched)
+        self.calls: dict[int, Call] = {}  # by pidfd
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(listener, selectors.EVENT_READ)
+        self.last_activity = time.monotonic()
+
+    def loop(self) -> int:
+        while self.listener is not None or self.calls:
+            timeout = None
+            if self.listener is not None and not self.calls:
+                timeout = max(0.0, self.last_activity + IDLE - time.monotonic())
+            events = self.selector.select(timeout)
+            idle = not events and not self.calls and self.listener is not None
+            if idle and time.monotonic() >= self.last_activity + IDLE:
+                log(f"server {os.getpid()}: idle for {IDLE:.0f} s, exiting")
+                self.stop_listening()
+            for key, _ in events:
+                if key.fileobj is self.listener:
+                    self.accept()
+                else:
+                    self.reap(self.calls[int(key.fd)])
+        return 0
+
+    def accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        self.last_activity = time.monotonic()
+        if mtime(self.watched) != self.stamp:
+            log(f"server {os.getpid()}: {self.watched} changed, exiting after its calls")
+            conn.close()  # the caller hears no "ready" and runs the code itself
+            self.stop_listening()
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self.become_child(conn)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # the child has gone already and was reaped: nothing to report
+            conn.close()
+            return
+        self.calls[pidfd] = Call(pid, pidfd, conn)
+        self.selector.register(pidfd, selectors.EVENT_READ)
+        log(f"server {os.getpid()}: call {pid} started")
+
+    def become_child(self, conn: socket.socket) -> None:
+        """In the forked child: drop the server's descriptors, run the call, exit."""
+        status = 1
+        try:
+            self.selector.close()
+            if self.listener is not None:
+                self.listener.close()
+            self.lock.close()  # the server's lock stays the server's
+            for other in self.calls.values():
+                os.close(other.pidfd)
+                other.conn.close()  # its caller sees the end when its own child is gone
+            status = child(conn)
+        finally:
+            os._exit(status)
+
+    def reap(self, done: Call) -> None:
+        self.selector.unregister(done.pidfd)
+        del self.calls[done.pidfd]
+        os.close(done.pidfd)
+        _, wait_status = os.waitpid(done.pid, 0)
+        if os.WIFSIGNALED(wait_status):
+            status = 128 + os.WTERMSIG(wait_status)
+        else:
+            status = os.waitstatus_to_exitcode(wait_status) & 0xFF
+        with contextlib.suppress(OSError), done.conn:
+            done.conn.sendall(f"exit {status}\n".encode())  # the first "exit" line counts
+        seconds = time.monotonic() - done.started
+        log(f"server {os.getpid()}: call {done.pid} ended with exit {status} in {seconds:.1f} s")
+        self.last_activity = time.monotonic()
+
+    def stop_listening(self) -> None:
+        """Let a new server start: remove this one's socket (if it is still this one's) and
+        release the lock. Running calls go on and are reported."""
+        if self.listener is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(SOCKET).st_ino == self.inode:
+                os.unlink(SOCKET)
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+
+
 def serve() -> int:
     os.makedirs(DIRECTORY, mode=0o700, exist_ok=True)
     lock = open(LOCK, "a")  # noqa: SIM115 - held for the server's life
@@ -212,13 +374,9 @@ def serve() -> int:
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(SOCKET)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o077)
-    listener.bind(SOCKET)
-    os.umask(old_umask)
-    listener.listen(64)  # callers queue while the imports below run
+    if not hasattr(os, "pidfd_open"):
+        log(f"server {os.getpid()}: this Python has no pidfds, exiting (callers run the code)")
+        return NO_SERVER
     started = time.monotonic()
     for name in PRELOAD:
         with contextlib.suppress(Exception):
@@ -226,61 +384,46 @@ def serve() -> int:
     watched = watched_module()
     if watched is None:
         log(f"server {os.getpid()}: cannot import {PRELOAD[0]}, exiting (callers run the code)")
-        listener.close()
-        os.unlink(SOCKET)
-        return 3
-    stamp = mtime(watched)
+        return NO_SERVER
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SOCKET)  # a server that was killed left it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    listener.bind(SOCKET)
+    os.umask(old_umask)
+    listener.listen(64)
+    server = Server(listener, lock, watched)
     log(f"server {os.getpid()} ready in {time.monotonic() - started:.1f} s (watching {watched})")
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave no socket behind
-    listener.settimeout(IDLE)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # calls go on and report themselves
     try:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                log(f"server {os.getpid()}: idle for {IDLE:.0f} s, exiting")
-                return 0
-            if mtime(watched) != stamp:
-                log(f"server {os.getpid()}: {watched} changed, exiting")
-                conn.close()  # the caller runs the code itself
-                return 0
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if os.fork() == 0:
-                listener.close()
-                os._exit(child(conn))
-            conn.close()
+        return server.loop()
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(SOCKET)
-        listener.close()
+        server.stop_listening()
 
 
 def child(conn: socket.socket) -> int:
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        header, fds, _flags, _addr = socket.recv_fds(conn, 8, MAX_FDS)
+        header = receive(conn, 8)
         size = int.from_bytes(header, "big")
-        if len(header) != 8 or len(fds) != MAX_FDS or size > MAX_REQUEST:
+        if len(header) != 8 or size > MAX_REQUEST:
             return 1
-        data = b""
-        while len(data) < size:
-            chunk = conn.recv(min(1 << 20, size - len(data)))
-            if not chunk:
-                return 1
-            data += chunk
+        data = receive(conn, size)
+        if len(data) != size:
+            return 1
         request = json.loads(data)
+        conn.sendall(b"ready\n")
+        answer, fds, _flags, _addr = socket.recv_fds(conn, 3, MAX_FDS)
+        if answer != b"go\n" or len(fds) != MAX_FDS:
+            for fd in fds:
+                os.close(fd)
+            return 1  # the caller gave up waiting and runs the code itself
+        conn.sendall(f"run {os.getpid()}\n".encode())
     except (OSError, ValueError):
         return 1
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
-    try:
-        conn.sendall(b"run\n")
-    except OSError:
-        return 1
     os.environ.clear()
     os.environ.update(request["env"])
     with contextlib.suppress(OSError):
@@ -294,6 +437,17 @@ def child(conn: socket.socket) -> int:
     with contextlib.suppress(OSError):
         conn.sendall(f"exit {status}\n".encode())
     return status
+
+
+def receive(conn: socket.socket, size: int) -> bytes:
+    """``size`` bytes, or fewer if the caller stops sending."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(min(1 << 20, size - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def stop_when_caller_leaves(conn: socket.socket) -> None:

@@ -7,7 +7,9 @@ against a real Debian 12 guest: a wrong host key is refused, a step that times o
 session is closed) leaves no process behind, a step survives its connection being cut (sshd
 restarted and its sessions killed in the guest, or the host's side closed) with the engine's
 JUnit/JSON report written, and a step whose node stays unreachable fails with the reason in
-that report. One boot; the module takes about two and a half minutes under TCG.
+that report. The fast path's warm Python runs there too: a call survives the whole guest paused
+and its clock stepped by an hour, and its server killed. One boot; the module takes about three
+and a half minutes under TCG.
 """
 
 from __future__ import annotations
@@ -400,3 +402,100 @@ def test_a_step_whose_node_stays_unreachable_fails_with_its_report(
         except (OSError, ConnectionLostError, paramiko.SSHException):
             assert time.monotonic() < end, "sshd did not come back"
             time.sleep(2)
+
+
+# --- the fast path's warm Python in a real guest: paused, clock stepped, server killed ----------
+
+WARM_DIR = "/run/lbtestwarm"
+WARM = "/usr/local/lib/lbtestwarm/warmpython.py"
+WARM_ENV = f"WARMPYTHON_DIR={WARM_DIR} WARMPYTHON_PRELOAD=xml.dom.minidom WARMPYTHON_IDLE=5"
+
+
+def warm_call(session: SSHSession, code: str, results: list[Any]) -> threading.Thread:
+    """Run ``code`` through the guest's warm Python, in the background, as a step does."""
+
+    def run() -> None:
+        try:
+            results.append(
+                session.run_script(
+                    f"export {WARM_ENV}\nexec python3 {WARM} - <<'CODE'\n{code}\nCODE\n",
+                    timeout=600,
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - the test reports it
+            results.append(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker
+
+
+def wait_in_guest(session: SSHSession, command: str, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while session.run(command, sudo=True).rc != 0:
+        assert time.monotonic() < end, f"not within {seconds} s in the guest: {command}"
+        time.sleep(1)
+
+
+@pytest.mark.integration
+def test_the_warm_python_keeps_its_calls_through_a_pause_a_clock_step_and_a_killed_server(
+    guest: dict[str, Any],
+) -> None:
+    from labbuilder.adapters import libvirt as lv
+
+    source = (Path(__file__).parent.parent / "labbuilder" / "warmpython.py").read_text()
+    domain_name = guest["record"]["plan"]["nodes"][0]["domain"]
+    conn = lv.connect("qemu:///system")
+    with connect(guest) as session:
+        try:
+            session.run_script(
+                f"install -d -m 0700 {WARM_DIR} $(dirname {WARM})\n"
+                f"cat > {WARM} <<'SOURCE'\n{source}\nSOURCE\n"
+            ).check("controller")
+            # 1. A call that outlives the idle time, across a pause of the whole guest and a
+            # step of its clock by an hour (what a snapshot's restore and sync_clocks do).
+            gate = f"{WARM_DIR}/gate-1"
+            code = (
+                "import os, pathlib, sys, time\n"
+                f"while not pathlib.Path({gate!r}).exists(): time.sleep(0.2)\n"
+                "print('done', os.getppid()); sys.exit(6)"
+            )
+            results: list[Any] = []
+            worker = warm_call(session, code, results)
+            wait_in_guest(session, f"grep -q 'call .* started' {WARM_DIR}/warmpython.log", 120)
+            domain = lv.find_domain(conn, domain_name)
+            lv.suspend_domain(domain)
+            time.sleep(15)  # three idle times of the server, on the host's clock
+            lv.resume_domain(domain)
+            with connect(guest) as other:
+                other.run("date -u -s @$(( $(date +%s) + 3600 )) >/dev/null", sudo=True)
+                other.run(f"touch {gate}", sudo=True).check("controller")
+            worker.join(300)
+            assert results and not isinstance(results[0], Exception), results
+            first = results[0]
+            assert first.rc == 6, first
+            server = session.run(f"cat {WARM_DIR}/warmpython.lock", sudo=True).stdout.strip()
+            assert first.stdout.split() == ["done", server]  # run by the server's child
+
+            # 2. The server killed during a call: the call ends with its own status.
+            results.clear()
+            gate = f"{WARM_DIR}/gate-2"
+            worker = warm_call(session, code.replace("gate-1", "gate-2"), results)
+            wait_in_guest(
+                session, f"test $(grep -c 'call .* started' {WARM_DIR}/warmpython.log) = 2", 120
+            )
+            # (the first server left when idle: this call started a new one)
+            server = session.run(f"cat {WARM_DIR}/warmpython.lock", sudo=True).stdout.strip()
+            session.run(f"kill -KILL {server}", sudo=True).check("controller")
+            session.run(f"touch {gate}", sudo=True).check("controller")
+            worker.join(300)
+            assert results and not isinstance(results[0], Exception), results
+            assert results[0].rc == 6, results[0]
+
+            # Nothing stays running: the killed server's child ended, no new server started.
+            # (the pattern's [w] keeps pgrep from finding the shell that runs it)
+            wait_in_guest(session, f"! pgrep -f {WARM.replace('warmpython', '[w]armpython')}", 60)
+        finally:
+            session.run("date -u -s @%s >/dev/null", f"{time.time():.3f}", sudo=True)
+            session.run(f"pkill -KILL -f {WARM}; rm -rf {WARM_DIR} $(dirname {WARM})", sudo=True)
+            conn.close()

@@ -29,6 +29,26 @@ def warm(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {**os.environ, "WARMPYTHON_DIR": str(directory), "WARMPYTHON_PRELOAD": PRELOAD}
     yield env
     stop_server(directory)
+    # Nothing of the test's stays running: no server, no child, no caller.
+    assert wait_for(lambda: not processes_of(directory), 10), processes_of(directory)
+
+
+def processes_of(directory: Path) -> list[int]:
+    """The running processes of warmpython.py with this test's WARMPYTHON_DIR (killed here, so
+    that a failing test leaves none behind)."""
+    found = []
+    marker = f"WARMPYTHON_DIR={directory}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in environ and str(SCRIPT).encode() in cmdline and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 def server_pid(directory: Path) -> int | None:
@@ -170,3 +190,125 @@ def test_a_caller_that_goes_away_stops_its_code(warm: dict[str, str]) -> None:
     caller.wait()
     assert wait_for(lambda: not Path(f"/proc/{child}").exists(), 10)
     assert server_pid(Path(warm["WARMPYTHON_DIR"])) is not None  # the server itself stays
+
+
+# --- faults: every call ends with its real exit status, or runs in the caller; nothing stays ---
+
+
+def start_call(env: dict[str, str], code: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), "-c", code],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# The code prints its own process id, then waits for a file the test makes, then exits 7.
+GATED = (
+    "import os, pathlib, sys, time; print(os.getpid(), flush=True)\n"
+    "gate = pathlib.Path(sys.argv[1])\n"
+    "while not gate.exists(): time.sleep(0.05)\n"
+    "print('done', flush=True); sys.exit(7)"
+)
+
+
+def gated_call(env: dict[str, str], gate: Path) -> tuple[subprocess.Popen[str], int]:
+    caller = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "-c", GATED, str(gate)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert caller.stdout is not None
+    return caller, int(caller.stdout.readline())
+
+
+def test_a_server_killed_during_a_call_leaves_the_call_its_exit_status(
+    warm: dict[str, str], tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    caller, code_pid = gated_call(warm, gate)
+    server = server_pid(Path(warm["WARMPYTHON_DIR"]))
+    assert server is not None and code_pid != server
+    os.kill(server, signal.SIGKILL)
+    assert wait_for(lambda: not alive(server), 10)
+    gate.touch()
+    out, err = caller.communicate(timeout=30)
+    assert (caller.returncode, out) == (7, "done\n"), err
+    assert wait_for(lambda: not alive(code_pid), 10)
+    # The next call finds the killed server's socket, starts a new server and is served.
+    again = run(warm, "-c", "import os; print(os.getppid())")
+    assert again.returncode == 0, again.stderr
+    assert int(again.stdout) == server_pid(Path(warm["WARMPYTHON_DIR"])) != server
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGKILL, 137), (signal.SIGSEGV, 139)])
+def test_a_child_that_dies_gives_its_caller_the_status_a_shell_would(
+    warm: dict[str, str], tmp_path: Path, sig: signal.Signals, status: int
+) -> None:
+    caller, code_pid = gated_call(warm, tmp_path / "gate")
+    os.kill(code_pid, sig)
+    out, err = caller.communicate(timeout=30)
+    assert caller.returncode == status, (out, err)
+    assert not alive(code_pid)
+    server = server_pid(Path(warm["WARMPYTHON_DIR"]))
+    assert server is not None  # the server stays, and serves the next call
+    log = Path(warm["WARMPYTHON_DIR"]) / "warmpython.log"
+    assert wait_for(lambda: f"call {code_pid} ended with exit {status}" in log.read_text(), 10)
+    assert run(warm, "-c", "raise SystemExit(4)").returncode == 4
+
+
+def test_a_call_longer_than_the_idle_time_keeps_its_server_until_it_ends(
+    warm: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**warm, "WARMPYTHON_IDLE": "1"}
+    gate = tmp_path / "gate"
+    caller, code_pid = gated_call(env, gate)
+    server = server_pid(Path(warm["WARMPYTHON_DIR"]))
+    assert server is not None
+    time.sleep(3)  # three idle times
+    assert alive(server) and alive(code_pid)
+    gate.touch()
+    out, err = caller.communicate(timeout=30)
+    assert (caller.returncode, out) == (7, "done\n"), err
+    assert wait_for(lambda: not alive(server), 10)  # idle with no call running: it leaves
+    assert not (Path(warm["WARMPYTHON_DIR"]) / "warmpython.sock").exists()
+    assert "idle for 1 s, exiting" in (Path(warm["WARMPYTHON_DIR"]) / "warmpython.log").read_text()
+
+
+def test_concurrent_first_calls_all_end_with_their_own_status(warm: dict[str, str]) -> None:
+    callers = [start_call(warm, f"import sys; print('call', {n}); sys.exit({n})") for n in range(6)]
+    results = [(caller.communicate(timeout=120)[0], caller.returncode) for caller in callers]
+    assert results == [(f"call {n}\n", n) for n in range(6)]
+    log = (Path(warm["WARMPYTHON_DIR"]) / "warmpython.log").read_text()
+    assert log.count("ready in") == 1, log
+
+
+def test_a_server_that_does_not_take_the_call_in_time_leaves_it_to_the_caller_once(
+    warm: dict[str, str], tmp_path: Path
+) -> None:
+    assert run(warm, "-c", "pass").returncode == 0  # a server runs
+    server = server_pid(Path(warm["WARMPYTHON_DIR"]))
+    assert server is not None
+    ran = tmp_path / "ran"
+    code = (
+        f"import os; open({str(ran)!r}, 'a').write(str(os.getpid()) + chr(10)); raise SystemExit(9)"
+    )
+    os.kill(server, signal.SIGSTOP)  # as a server stuck in a paused guest, or starved
+    try:
+        late = run({**warm, "WARMPYTHON_READY_WAIT": "1"}, "-c", code)
+    finally:
+        os.kill(server, signal.SIGCONT)
+    assert late.returncode == 9, late.stderr
+    # The server takes the queued request now and forks a child; hearing no "go", the child
+    # runs nothing: the code ran once, in the caller.
+    log = Path(warm["WARMPYTHON_DIR"]) / "warmpython.log"
+    assert wait_for(lambda: log.read_text().count("ended with exit 1 ") == 1, 10), log.read_text()
+    assert len(ran.read_text().splitlines()) == 1
+    assert run(warm, "-c", "raise SystemExit(5)").returncode == 5  # and it serves the next call
