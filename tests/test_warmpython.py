@@ -9,6 +9,7 @@ lives in a temporary directory (WARMPYTHON_DIR). Every server a test starts is s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,9 +29,15 @@ def warm(tmp_path: Path) -> Iterator[dict[str, str]]:
     directory = tmp_path / "warm"
     env = {**os.environ, "WARMPYTHON_DIR": str(directory), "WARMPYTHON_PRELOAD": PRELOAD}
     yield env
-    stop_server(directory)
-    # Nothing of the test's stays running: no server, no child, no caller.
-    assert wait_for(lambda: not processes_of(directory), 10), processes_of(directory)
+
+    # Nothing of the test's stays running: no caller, no call's child. Servers are stopped; a
+    # server that a concurrent first caller started may begin only now (it then takes the lock
+    # and serves, as it would for the next call): it is stopped too.
+    def stopped() -> bool:
+        stop_server(directory)
+        return not processes_of(directory)
+
+    assert wait_for(stopped, 15), processes_of(directory)
 
 
 def processes_of(directory: Path) -> list[int]:
@@ -61,7 +68,8 @@ def server_pid(directory: Path) -> int | None:
 def stop_server(directory: Path) -> None:
     pid = server_pid(directory)
     if pid is not None:
-        os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10)
 
 
