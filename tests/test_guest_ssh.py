@@ -408,7 +408,7 @@ def test_a_step_whose_node_stays_unreachable_fails_with_its_report(
 
 WARM_DIR = "/run/lbtestwarm"
 WARM = "/usr/local/lib/lbtestwarm/warmpython.py"
-WARM_ENV = f"WARMPYTHON_DIR={WARM_DIR} WARMPYTHON_PRELOAD=xml.dom.minidom WARMPYTHON_IDLE=5"
+WARM_ENV = f"WARMPYTHON_DIR={WARM_DIR} WARMPYTHON_PRELOAD=xml.dom.minidom WARMPYTHON_IDLE=2"
 
 
 def warm_call(session: SSHSession, code: str, results: list[Any]) -> threading.Thread:
@@ -465,7 +465,7 @@ def test_the_warm_python_keeps_its_calls_through_a_pause_a_clock_step_and_a_kill
             wait_in_guest(session, f"grep -q 'call .* started' {WARM_DIR}/warmpython.log", 120)
             domain = lv.find_domain(conn, domain_name)
             lv.suspend_domain(domain)
-            time.sleep(15)  # three idle times of the server, on the host's clock
+            time.sleep(7)  # three idle times of the server, on the host's clock
             lv.resume_domain(domain)
             with connect(guest) as other:
                 other.run("date -u -s @$(( $(date +%s) + 3600 )) >/dev/null", sudo=True)

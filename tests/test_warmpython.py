@@ -70,7 +70,7 @@ def stop_server(directory: Path) -> None:
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10)
+        wait_for(lambda: not alive(pid), 10)
 
 
 def wait_for(condition: object, seconds: float) -> bool:
