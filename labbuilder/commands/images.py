@@ -16,7 +16,9 @@ from rich.progress import (
 
 from labbuilder import imagestore
 from labbuilder.commands.common import Subparsers, add_plain_row, plain_table
+from labbuilder.commands.watch import UpWatch, watching
 from labbuilder.imagecache import default_cache_dir
+from labbuilder.paths import state_root
 
 
 def register(commands: Subparsers) -> None:
@@ -100,10 +102,12 @@ def cmd_pull(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_build(args: argparse.Namespace, console: Console) -> int:
-    log = Console(stderr=True, emoji=False, highlight=False, markup=False) if args.json else console
-    built = imagestore.build(
-        args.name, default_cache_dir(), force=args.force, log=lambda m: log.print(m)
-    )
+    # Phases on stderr (stdout holds only the result), tools' output in the images' log.
+    log = state_root() / "logs" / "images.log"
+    with watching(log, f"labbuilder images build {args.name}") as progress:
+        built = imagestore.build(
+            args.name, default_cache_dir(), force=args.force, log=UpWatch(progress).on_log
+        )
     if args.json:
         console.print_json(
             json.dumps(

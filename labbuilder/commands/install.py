@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -12,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -27,12 +28,14 @@ from labbuilder.commands.common import (
     plain_table,
     selected_lab,
 )
-from labbuilder.commands.lab import up_reported, up_reports_dir
+from labbuilder.commands.lab import up_log_path, up_reports_dir, up_watched
+from labbuilder.commands.watch import InstallWatch, install_estimates, show_tail, watching
 from labbuilder.errors import UsageError
-from labbuilder.install import EngineEvent, StageOutcome, Status
+from labbuilder.install import StageOutcome, Status
 from labbuilder.installreport import Comparison, error_entry
 from labbuilder.labstate import lab_state
 from labbuilder.model import Lab
+from labbuilder.paths import state_root
 from labbuilder.recipefile import load_recipe, recipe_names
 from labbuilder.recipemodel import ApiPath, RenderedStage
 
@@ -188,39 +191,6 @@ def selection_from(args: argparse.Namespace) -> installer.Selection:
     )
 
 
-class InstallView:
-    """A live table: the stage, and each node's current step and elapsed time."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.stage = ""
-        self.nodes: dict[str, tuple[str, str, float]] = {}  # node -> (step, status, since)
-        self.finished: list[str] = []
-
-    def update(self, event: EngineEvent) -> None:
-        now = time.monotonic()
-        if event.kind == "stage-start":
-            self.stage = event.stage
-            self.nodes.clear()
-        elif event.kind == "step-start":
-            self.nodes[event.node] = (event.step, "running", now)
-        elif event.kind == "step-end":
-            self.nodes[event.node] = (event.step, event.status, now)
-        elif event.kind == "stage-end":
-            self.finished.append(f"{event.stage}: {event.status} in {event.elapsed:.0f} s")
-        elif event.kind == "snapshot":
-            self.stage = f"{event.stage} (snapshot)"
-
-    def __rich__(self) -> Table:
-        elapsed = time.monotonic() - self.started
-        title = f"install: stage {self.stage} ({elapsed:.0f} s)"
-        table = plain_table(title, ("node", "step", "status", "for"))
-        now = time.monotonic()
-        for node, (step, status, since) in sorted(self.nodes.items()):
-            add_plain_row(table, node, step, status, f"{now - since:.0f} s")
-        return table
-
-
 def check_optional_stages(lab: Lab, selection: installer.Selection) -> None:
     """Every ``--with STAGE`` names a stage of the recipe (refused before anything runs)."""
     recipe = load_recipe(selection.recipe or lab.recipe)
@@ -265,18 +235,24 @@ def cmd_install(args: argparse.Namespace, console: Console) -> int:
 def run_install(
     lab: Lab, selection: installer.Selection, *, json_output: bool
 ) -> installer.InstallResult:
-    view = InstallView()
-    progress = Console(stderr=True, emoji=False, highlight=False, markup=False)
-
-    def on_event(event: EngineEvent) -> None:
-        view.update(event)
-        if event.kind == "stage-end":
-            live.console.print(f"stage {event.stage}: {event.status} in {event.elapsed:.0f} s")
-        elif event.kind == "snapshot-end" and event.status:
-            live.console.print(f"stage {event.stage}: {event.status}")
-
-    with Live(view, console=progress, refresh_per_second=2, transient=True) as live:
-        return installer.install(lab, selection, on_event=on_event)
+    """``installer.install`` with its progress on stderr (stdout holds only the result: JSON
+    with ``--json``) and its detail in the lab's ``logs/install.log``; when a step fails, the
+    last lines of its log are shown."""
+    del json_output  # the progress is on stderr either way
+    state = lab_state(lab.name)
+    recipe = load_recipe(selection.recipe or lab.recipe)
+    stages, steps = install_estimates(
+        state_root() / "history" / f"{recipe.name}-{selection.path}.json",  # as installer's
+        state.directory / "reports" / "latest.json",
+    )
+    log = state.directory / "logs" / "install.log"
+    with watching(log, f"labbuilder install {lab_option(lab)}") as progress:
+        watch = InstallWatch(progress, stages, steps)
+        result = installer.install(lab, selection, on_event=watch.on_event)
+    if result.failure and watch.failed is not None:
+        stage, node = watch.failed
+        show_tail(sys.stderr, state.directory / "logs" / stage / f"{node}.log", "step's log")
+    return result
 
 
 def print_dry_run(console: Console, lab: Lab, recipe: str, stages: Sequence[RenderedStage]) -> None:
@@ -350,7 +326,6 @@ def print_summary(console: Console, result: installer.InstallResult) -> None:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from labbuilder import api
-    from labbuilder.paths import state_root
 
     lab = selected_lab(args, Sizes.FLAG)
     selection = selection_from(args)
@@ -385,15 +360,17 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         progress.print(f"run {number}/{args.repeat}: up")
         started = time.monotonic()
         since = time.time()
+        marks = log_marks(lab)
         target = report_dir / f"run-{number}" if args.repeat > 1 else report_dir
         up_seconds: float | None = None
         try:
-            up, _ = up_reported(lab, auto_subnets=args.auto_subnets, log=progress.print)
+            up = up_watched(lab, auto_subnets=args.auto_subnets)
             up_seconds = up.seconds
             result = run_install(lab, selection, json_output=args.json)
         except BaseException as err:
             # Whatever stopped the run, its reports (up's, and install's so far) are kept.
             copied = copy_reports(lab, target, since)
+            copy_logs(marks, target)
             err.add_note(f"reports in {target}" if copied else "no report was written")
             if args.always_down and not isinstance(err, KeyboardInterrupt):
                 try:
@@ -414,6 +391,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             summary()
             raise
         copy_reports(lab, target, since)
+        copy_logs(marks, target)
         keep = (args.keep and result.ok) or (not result.ok and not args.always_down)
         if not keep:
             api.down(lab)
@@ -441,6 +419,37 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 break
     summary()
     return status
+
+
+def log_marks(lab: Lab) -> dict[Path, int]:
+    """The lab's ``up`` and ``install`` logs, each with its size now (where a run begins)."""
+    logs = (up_log_path(lab.name), lab_state(lab.name).directory / "logs" / "install.log")
+    marks: dict[Path, int] = {}
+    for log in logs:
+        try:
+            marks[log] = log.stat().st_size if log.is_file() and not log.is_symlink() else 0
+        except OSError:
+            marks[log] = 0
+    return marks
+
+
+def copy_logs(marks: dict[Path, int], target: Path) -> None:
+    """Copy what each log of ``marks`` received since its mark (this run) to ``target``."""
+    for log, mark in marks.items():
+        try:
+            if log.is_symlink() or not log.is_file():
+                continue
+            with log.open("rb") as source:
+                source.seek(mark if log.stat().st_size >= mark else 0)  # moved to .1 meanwhile
+                data = source.read()
+        except OSError:
+            continue
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with (
+            contextlib.suppress(OSError),
+            os.fdopen(os.open(target / log.name, flags, 0o600), "wb") as copy,
+        ):
+            copy.write(data)  # a log that cannot be copied must not hide the run's result
 
 
 def copy_reports(lab: Lab, target: Path, since: float) -> list[Path]:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 from labbuilder import api
 from labbuilder.bringup import UpResult
@@ -21,9 +18,11 @@ from labbuilder.commands.common import (
     add_json,
     add_lab_arguments,
     add_plain_row,
+    lab_option,
     plain_table,
     selected_lab,
 )
+from labbuilder.commands.watch import UpWatch, watching
 from labbuilder.errors import LabbuilderError
 from labbuilder.installreport import UpRecord, error_entry, write_up_reports
 from labbuilder.model import Lab
@@ -204,40 +203,9 @@ def cmd_labs(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-class LadderView:
-    """A live table: which rung each node is on, and for how long."""
-
-    def __init__(self) -> None:
-        self.rungs: dict[str, tuple[str, float]] = {}
-        self.started = time.monotonic()
-
-    def update(self, node: str, rung: str, seconds: float) -> None:
-        self.rungs[node] = (rung, seconds)
-
-    def __rich__(self) -> Table:
-        title = f"readiness ({time.monotonic() - self.started:.0f} s)"
-        table = plain_table(title, ("node", "rung", *RUNGS))
-        for node, (rung, _) in sorted(self.rungs.items()):
-            marks = []
-            for step in RUNGS:
-                done = rung == "ready" or RUNGS.index(step) < RUNGS.index(rung)
-                marks.append("✓" if done else ("…" if step == rung else ""))
-            add_plain_row(table, node, rung, *marks)
-        return table
-
-
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
     lab = selected_lab(args, Sizes.FLAG)
-    view = LadderView()
-    # Progress goes to stderr, so that stdout holds only the result (JSON with --json).
-    progress = Console(stderr=True, emoji=False, highlight=False, markup=False)
-    with Live(view, console=progress, refresh_per_second=2, transient=args.json) as live:
-        result, _ = up_reported(
-            lab,
-            auto_subnets=args.auto_subnets,
-            log=lambda message: live.console.print(message),
-            on_rung=view.update,
-        )
+    result = up_watched(lab, auto_subnets=args.auto_subnets)
     if args.json:
         console.print_json(
             json.dumps(
@@ -258,6 +226,17 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
         f"({result.probe.acceleration}); try `labbuilder ssh controller hostname`"
     )
     return 0
+
+
+def up_watched(lab: Lab, *, auto_subnets: bool) -> UpResult:
+    """``up_reported`` with its progress on stderr (stdout holds only the result: JSON with
+    ``--json``) and its detail (tools' output) in the lab's ``up.log``."""
+    with watching(up_log_path(lab.name), f"labbuilder up {lab_option(lab)}") as progress:
+        watch = UpWatch(progress, up_reports_dir(lab.name) / "up-latest.json")
+        result, _ = up_reported(
+            lab, auto_subnets=auto_subnets, log=watch.on_log, on_rung=watch.on_rung
+        )
+    return result
 
 
 def up_reported(
@@ -301,6 +280,11 @@ def up_reported(
 def up_reports_dir(lab: str) -> Path:
     """Where ``up`` leaves its reports: ``<state root>/reports/<lab>/``."""
     return state_root() / "reports" / lab
+
+
+def up_log_path(lab: str) -> Path:
+    """``up``'s log (tools' output, every phase): ``<state root>/reports/<lab>/up.log``."""
+    return up_reports_dir(lab) / "up.log"
 
 
 def cmd_down(args: argparse.Namespace, console: Console) -> int:
