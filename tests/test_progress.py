@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from labbuilder.cli import main
 from labbuilder.commands.watch import (
     InstallWatch,
     UpWatch,
@@ -257,3 +258,20 @@ def test_the_heartbeat_thread_ends_with_the_progress() -> None:
     time.sleep(0.3)
     assert len(out.getvalue()) == size
     assert all(thread.name != "progress-heartbeat" for thread in threading.enumerate())
+
+
+def test_up_refuses_a_bad_heartbeat_with_exit_2_before_anything_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    lab_file = tmp_path / "lab.toml"
+    lab_file.write_text('name = "lbtest-qt-cli"\n')
+    monkeypatch.setenv("LABBUILDER_STATE_DIR", str(state))
+    monkeypatch.setenv(HEARTBEAT_ENV, "soon")
+    code = main(["up", "--file", str(lab_file), "--allow-small"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert err[0] == f"error: {HEARTBEAT_ENV}='soon' is not a number of seconds from 0.1 to 30"
+    assert err[1].startswith(f"hint: unset {HEARTBEAT_ENV}")
+    assert list(state.iterdir()) == []
