@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from labbuilder.cli import main
+from labbuilder.commands.install import copy_logs
 from labbuilder.commands.watch import (
     InstallWatch,
     UpWatch,
@@ -275,3 +276,18 @@ def test_up_refuses_a_bad_heartbeat_with_exit_2_before_anything_is_made(
     assert err[0] == f"error: {HEARTBEAT_ENV}='soon' is not a number of seconds from 0.1 to 30"
     assert err[1].startswith(f"hint: unset {HEARTBEAT_ENV}")
     assert list(state.iterdir()) == []
+
+
+def test_run_copies_what_each_log_received_during_the_run(tmp_path: Path) -> None:
+    up_log, install_log = tmp_path / "up.log", tmp_path / "install.log"
+    up_log.write_text("==== an earlier up\n10:00:00 probing the host\n")
+    marks = {up_log: up_log.stat().st_size, install_log: 0}
+    with up_log.open("a") as log:
+        log.write("==== this run's up\n10:05:00 probing the host\n")
+    install_log.write_text("==== this run's install\n")
+    target = tmp_path / "report"
+    target.mkdir()
+    copy_logs(marks, target)
+    assert (target / "up.log").read_text() == "==== this run's up\n10:05:00 probing the host\n"
+    assert (target / "install.log").read_text() == "==== this run's install\n"
+    assert stat.S_IMODE((target / "up.log").stat().st_mode) == 0o600
