@@ -20,8 +20,9 @@ the router's namespace and from this host), and the issue's target side by side:
 It also prints the core path's share of that run: `up`, the stages that are not optional
 chapters, and launch-instance through the floating IP's ping.
 
-With --core: the same on the core path itself, the guide's three nodes sized as zed-full with no
-optional chapter (no block1, object1, dashboard, volume, object or stack).
+With --core: the same on the core path itself, the guide's three nodes at the smallest sizes
+recipe zed-debian-12 declares (its minimums per role: the lab file sets no size) with no optional
+chapter (no block1, object1, dashboard, volume, object or stack).
 
 Run as root on a host with libvirt:
   .venv/bin/python bench/install.py [--faithful] [--until STAGE]
@@ -235,6 +236,7 @@ def measure_full(work: Path, keep: bool, core: bool = False) -> dict[str, Any]:
         if up.returncode != 0:
             raise SystemExit(f"up failed:\n{up.stdout}\n{up.stderr}")
         result["up_seconds"] = time.monotonic() - started
+        result["sizes"] = node_sizes(state)
         begin = time.monotonic()
         with MemorySampler(state) as sampler:
             run = labbuilder(
@@ -307,10 +309,26 @@ def verify_instance(state: Path) -> dict[str, Any]:
     }
 
 
+def node_sizes(state: Path) -> dict[str, str]:
+    """Each node's vCPUs, memory and root disk as `up` planned them (and whether the recipe's
+    minimum set them)."""
+    plan = json.loads((state / "lab.json").read_text())["plan"]
+    sizes = {}
+    for node in plan["nodes"]:
+        text = f"{node['vcpus']} vCPUs / {node['memory'] / 1024**3:g} GB / "
+        text += f"{node['disks'][0]['size'] / 1024**3:g} GB disk"
+        if node.get("recipe_minimum"):
+            text += f" (recipe minimum: {', '.join(node['recipe_minimum'])})"
+        sizes[node["name"]] = text
+    return sizes
+
+
 def print_full(result: dict[str, Any]) -> None:
     gib = 1024**3
     what = "core path (no optional chapter)" if result["lab"] == "lbbench-core" else "full pipeline"
     print(f"\n== {what}, fast path, lab {result['lab']} ==")
+    for node, size in result.get("sizes", {}).items():
+        print(f"  {node:<24}{size}")
     print(f"up                        {result['up_seconds']:8.1f} s")
     stages = result.get("stages", {})
     for stage, data in stages.items():

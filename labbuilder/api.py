@@ -21,6 +21,7 @@ from labbuilder.paths import state_root
 from labbuilder.planner import plan
 from labbuilder.probe import HostProbe
 from labbuilder.recipefile import load_recipe
+from labbuilder.recipesizes import fit_lab
 from labbuilder.teardown import Removed
 
 DEFAULT_LAB = "guide-3node"
@@ -36,12 +37,13 @@ def load_lab(
 ) -> Lab:
     """A lab from a file, or a built-in lab by name (``guide-3node`` when neither is given).
 
-    ``allow_small`` turns node sizes below the guide's minimums into warnings. An empty name
-    is refused: it never means the default lab. The lab is checked against the recipe that
-    will install it (``recipe``, as `install --recipe` names it, else the lab's own): its
-    ``options.stages``, its controller, its networking variant; ``check_recipe=False`` skips
-    that for commands that install nothing (``down`` must remove a lab whose file no longer
-    suits its recipe)."""
+    ``allow_small`` turns node sizes below the guide's (and the recipe's) minimums into
+    warnings. An empty name is refused: it never means the default lab. The lab is checked
+    against the recipe that will install it (``recipe``, as `install --recipe` names it, else
+    the lab's own): its ``options.stages``, its controller, its networking variant, and its
+    node sizes (a size the lab leaves out is raised to the recipe's minimum for the node's
+    role); ``check_recipe=False`` skips that for commands that install nothing (``down`` must
+    remove a lab whose file no longer suits its recipe)."""
     if path is not None and name is not None:
         raise UsageError("give a lab file or --lab NAME, not both")
     if name is not None and not name.strip():
@@ -53,7 +55,9 @@ def load_lab(
     else:
         lab = load_builtin_lab(name or DEFAULT_LAB, force=allow_small)
     if check_recipe:
-        check_lab_recipe(lab, load_recipe(recipe or lab.recipe))
+        installing = load_recipe(recipe or lab.recipe)
+        check_lab_recipe(lab, installing)
+        lab = fit_lab(lab, installing, allow_small=allow_small)
     return lab
 
 

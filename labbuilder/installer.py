@@ -49,7 +49,7 @@ from labbuilder.reciperender import (
     render_stages,
     select_stages,
 )
-from labbuilder.sizes import format_size
+from labbuilder.recipesizes import check_plan
 
 GUEST_API_SOURCE = Path(__file__).with_name("guestapi.py")
 WARM_PYTHON_SOURCE = Path(__file__).with_name("warmpython.py")
@@ -133,20 +133,6 @@ def dry_run(lab: Lab, selection: Selection) -> tuple[Recipe, tuple[RenderedStage
     return render_for_lab(lab, selection, secrets=None, plan=plan, virt_type=virt_type)
 
 
-def check_memory(recipe: Recipe, plan: Plan) -> None:
-    for node in plan.nodes:
-        needed = recipe.role_image(str(node.role)).min_memory
-        if needed is not None and node.memory < needed:
-            note = recipe.role_image(str(node.role)).memory_note
-            raise InstallError(
-                f"node {node.name} has {format_size(node.memory)} of memory; recipe "
-                f"{recipe.name} needs at least {format_size(needed)} for a {node.role} node"
-                + (f" ({note})" if note else ""),
-                f'set nodes.{node.name}.memory = "{format_size(needed)}" in the lab file, '
-                "then `labbuilder down` and `labbuilder up`",
-            )
-
-
 def install(
     lab: Lab,
     selection: Selection,
@@ -164,7 +150,7 @@ def install(
     plan = plan_from_dict(record["plan"])
     recipe = load_recipe(selection.recipe or lab.recipe)
     check_lab_recipe(lab, recipe)
-    check_memory(recipe, plan)
+    check_plan(lab, recipe, plan, bring_up_again=_select_args(lab))
     with lab_lock(state, "labbuilder install"):
         secrets = ensure_secrets(state, recipe.secret_names)
         recipe, rendered = render_for_lab(

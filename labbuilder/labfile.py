@@ -416,6 +416,7 @@ def parse_node(
         addresses=parse_nic_map(table.get("addresses", {}), where.key("addresses")),
         macs=parse_nic_map(table.get("macs", {}), where.key("macs")),
         extra_disks=parse_extra_disks(table, role, where),
+        sized=tuple(key for key in ("vcpus", "memory", "disk") if key in table),
     )
 
 

@@ -94,6 +94,8 @@ class NodeSpec:
     addresses: tuple[tuple[NicRole, str], ...] = ()  # explicit addresses from the lab file
     macs: tuple[tuple[NicRole, str], ...] = ()  # explicit MACs from the lab file
     extra_disks: tuple[DiskSpec, ...] = ()
+    sized: tuple[str, ...] = ()  # the size keys the lab file sets ("vcpus", "memory", "disk")
+    recipe_minimum: tuple[str, ...] = ()  # size keys raised to the lab's recipe's minimum
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ class PlannedNode:
     memory: int
     nics: tuple[PlannedNic, ...]
     disks: tuple[PlannedDisk, ...]
+    recipe_minimum: tuple[str, ...] = ()  # "vcpus", "memory", "disk": raised to the recipe's
 
     @property
     def management_address(self) -> str:

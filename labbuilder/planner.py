@@ -302,6 +302,7 @@ def plan_node(lab: Lab, node_index: int, macs: dict[tuple[str, NicRole], str]) -
         memory=node.memory,
         nics=tuple(nics),
         disks=tuple(disks),
+        recipe_minimum=node.recipe_minimum,
     )
 
 
@@ -311,10 +312,16 @@ def check_capacity(
     if host.cpus is not None:
         for node in nodes:
             if node.vcpus > host.cpus:
+                hint = f"set its vcpus to {host.cpus} or fewer"
+                if "vcpus" in node.recipe_minimum:
+                    hint += (
+                        f" and pass --allow-small (its recipe's minimum is {node.vcpus}, "
+                        "measured under emulation)"
+                    )
                 raise PlanError(
                     f"{lab.source}: node {node.name} has {node.vcpus} vCPUs, but the host has "
                     f"only {host.cpus} CPUs",
-                    f"set its vcpus to {host.cpus} or fewer",
+                    hint,
                 )
     if host.memory_available is not None and totals.memory > host.memory_available:
         raise PlanError(
@@ -322,7 +329,7 @@ def check_capacity(
             f"({', '.join(f'{n.name} {format_size(n.memory)}' for n in nodes)}), but the host "
             f"has {format_size(host.memory_available)} available",
             "free memory on the host, or give the nodes less memory (--allow-small allows "
-            "less than the guide's minimums)",
+            "less than the guide's and the recipe's minimums)",
         )
     if host.disk_free is not None and totals.disk > host.disk_free:
         raise PlanError(

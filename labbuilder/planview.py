@@ -66,13 +66,20 @@ def plan_tables(plan: Plan) -> Group:
     for column in ("node", "NIC", "network", "address", "gateway", "MAC"):
         nics.add_column(column)
     for node in plan.nodes:
-        disks = ", ".join(f"{d.device} {format_size(d.size)} {d.purpose}" for d in node.disks)
+        disks = ", ".join(
+            _sized(
+                node,
+                "disk" if d.purpose == "root" else "",
+                f"{d.device} {format_size(d.size)} {d.purpose}",
+            )
+            for d in node.disks
+        )
         _row(
             nodes,
             node.name,
             str(node.role),
-            str(node.vcpus),
-            format_size(node.memory),
+            _sized(node, "vcpus", str(node.vcpus)),
+            _sized(node, "memory", format_size(node.memory)),
             disks,
             node.domain,
         )
@@ -90,6 +97,11 @@ def plan_tables(plan: Plan) -> Group:
     parts: list[Table | Text] = [networks, nodes, nics, totals]
     parts += [Text(f"warning: {warning}", style="yellow") for warning in plan.warnings]
     return Group(*parts)
+
+
+def _sized(node: PlannedNode, key: str, text: str) -> str:
+    """A size, marked where the lab left it out and the recipe's minimum raised it."""
+    return f"{text} (recipe minimum)" if key in node.recipe_minimum else text
 
 
 def _row(table: Table, *cells: str) -> None:
@@ -123,6 +135,7 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
             memory=node["memory"],
             nics=tuple(PlannedNic(**nic) for nic in node["nics"]),
             disks=tuple(PlannedDisk(**disk) for disk in node["disks"]),
+            recipe_minimum=tuple(node.get("recipe_minimum", ())),
         )
         for node in data["nodes"]
     )

@@ -70,7 +70,7 @@ from labbuilder.tomlread import (
 )
 
 RECIPE_KEYS = ("name", "description", "guide", "secrets", "settings", "roles")
-ROLE_KEYS = ("packages", "masked_units", "min_memory", "memory_note")
+ROLE_KEYS = ("packages", "masked_units", "min_vcpus", "min_memory", "min_disk", "memory_note")
 STAGE_KEYS = ("name", "title", "guide", "networking", "optional", "requires_roles", "steps")
 STEP_KEYS = (
     "name",
@@ -255,7 +255,7 @@ def _parse_roles(value: object, where: Where) -> tuple[tuple[str, RoleImage], ..
             raise at.problem(f"unknown role {role!r}", f"roles: {', '.join(ROLES)}")
         table = parse_table(raw, at)
         check_keys(table, ROLE_KEYS, at)
-        memory = table.get("min_memory")
+        memory, disk, vcpus = (table.get(f"min_{key}") for key in ("memory", "disk", "vcpus"))
         roles.append(
             (
                 role,
@@ -264,9 +264,13 @@ def _parse_roles(value: object, where: Where) -> tuple[tuple[str, RoleImage], ..
                     masked_units=parse_str_list(
                         table.get("masked_units", []), at.key("masked_units")
                     ),
+                    min_vcpus=None
+                    if vcpus is None
+                    else parse_int(vcpus, at.key("min_vcpus"), minimum=1, maximum=64),
                     min_memory=None
                     if memory is None
                     else parse_size_value(memory, at.key("min_memory")),
+                    min_disk=None if disk is None else parse_size_value(disk, at.key("min_disk")),
                     memory_note=parse_str(table.get("memory_note", ""), at.key("memory_note")),
                 ),
             )

@@ -97,7 +97,10 @@ class RoleImage:
 
     packages: tuple[str, ...] = ()
     masked_units: tuple[str, ...] = ()
-    min_memory: int | None = None  # bytes the recipe needs, where the guide's minimum is too small
+    # What a node of the role needs to run the recipe (None: the guide's minimum will do).
+    min_vcpus: int | None = None
+    min_memory: int | None = None  # bytes
+    min_disk: int | None = None  # bytes, the root disk
     memory_note: str = ""
 
 

@@ -204,8 +204,9 @@ def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
 def full_lab(name: str, *, extra: str = "", core: bool = False) -> str:
     """The built-in lab ``zed-full`` (the guide's five nodes sized for recipe zed-debian-12, with
     every optional chapter) on free subnets, with egress confined to the lab and role images.
-    ``extra`` goes into its ``[options]`` table. ``core``: only the guide's three nodes, sized
-    the same, and no optional chapter (the core path to a launched instance)."""
+    ``extra`` goes into its ``[options]`` table. ``core``: only the guide's three nodes, with no
+    size of their own (so each gets the smallest its recipe declares for its role, the recipe's
+    minimum) and no optional chapter (the core path to a launched instance)."""
     import json
     import tomllib
 
@@ -222,9 +223,10 @@ def full_lab(name: str, *, extra: str = "", core: bool = False) -> str:
         addresses["object1"] = f'{{ management = "{m}.51" }}'
     nodes = ""
     for node, address in addresses.items():
-        sizes = builtin["nodes"][node]
         nodes += f"[nodes.{node}]\naddresses = {address}\n"
-        nodes += "".join(f"{key} = {json.dumps(value)}\n" for key, value in sizes.items())
+        if not core:
+            sizes = builtin["nodes"][node]
+            nodes += "".join(f"{key} = {json.dumps(value)}\n" for key, value in sizes.items())
     chapters = [] if core else builtin["options"]["stages"]
     stages = ", ".join(f'"{stage}"' for stage in chapters)
     return f"""

@@ -36,7 +36,8 @@ def test_plan_json_of_the_default_lab(capsys: pytest.CaptureFixture[str]) -> Non
         "network": ["10.0.0.21", "10.0.1.21", None],
         "compute1": ["10.0.0.31", "10.0.1.31"],
     }
-    assert [n["memory"] for n in data["nodes"]] == [2 * 2**30, 512 * 2**20, 2 * 2**30]
+    # the guide's minimums raised to recipe zed-debian-12's
+    assert [n["memory"] for n in data["nodes"]] == [5 * 2**30, 2 * 2**30, 2 * 2**30]
 
 
 def test_plan_tables_show_the_guides_addresses_and_sizes(
@@ -44,8 +45,9 @@ def test_plan_tables_show_the_guides_addresses_and_sizes(
 ) -> None:
     code, out, _ = run(["plan", "--no-host-check"], capsys)
     assert code == 0
-    for text in ("10.0.0.11/24", "10.0.1.21/24", "10.0.0.31/24", "up, no address", "512 MB",
-                 "vda 10 GB root", "203.0.113.101-203.0.113.200", "lb1663ab-ext"):  # fmt: skip
+    for text in ("10.0.0.11/24", "10.0.1.21/24", "10.0.0.31/24", "up, no address",
+                 "5 GB (recipe minimum)", "vda 10 GB root", "vda 5 GB root",
+                 "203.0.113.101-203.0.113.200", "lb1663ab-ext"):  # fmt: skip
         assert text in out
     assert "…" not in out  # nothing cut off when the output is not a terminal
 

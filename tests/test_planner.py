@@ -29,6 +29,8 @@ from labbuilder.model import (
 )
 from labbuilder.planner import derive_mac, lab_tag, plan
 from labbuilder.planview import plan_as_dict
+from labbuilder.recipefile import load_recipe
+from labbuilder.recipesizes import fit_lab
 
 CASES = Path(__file__).parent / "plans"
 UPDATE = os.environ.get("LABBUILDER_UPDATE_GOLDEN") == "1"
@@ -53,6 +55,7 @@ def run_case(case: Path) -> dict[str, Any]:
     host_file = case / "host.json"
     host_data = json.loads(host_file.read_text()) if host_file.exists() else {}
     lab = parse_lab((case / "lab.toml").read_text(), source="lab.toml")
+    lab = fit_lab(lab, load_recipe(lab.recipe))  # as `plan` does: sizes raised to the recipe's
     try:
         result = plan(
             lab, host_from_json(host_data), auto_subnets=host_data.get("auto_subnets", False)

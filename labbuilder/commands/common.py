@@ -58,7 +58,8 @@ def add_lab_arguments(
         parser.add_argument(
             "--allow-small",
             action="store_true",
-            help="allow node sizes below the guide's minimums (they become warnings)",
+            help="allow node sizes below the guide's or the recipe's minimums (they become "
+            "warnings)",
         )
 
 

@@ -421,6 +421,27 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return status
 
 
+def cmd_up_install(args: argparse.Namespace, console: Console) -> int:
+    """``up --install``: one ``run --keep``. Bring the lab up, install its recipe (the core path
+    to a launched instance, and the optional stages the lab file selects), keep the lab whether
+    the install passes or fails, and say where the reports are."""
+    defaults: dict[str, object] = {"recipe": None, "start": None, "until": None, "only": []}
+    defaults |= {"optional": [], "faithful": False, "force": False, "no_snapshots": False}
+    defaults |= {"repeat": 1, "keep": True, "always_down": False, "report_dir": None}
+    run_args = argparse.Namespace(**{**vars(args), **defaults})
+    status = cmd_run(run_args, console)
+    if status == 0 and not args.json:
+        lab = selected_lab(args, Sizes.FLAG)
+        console.print(
+            f"lab {lab.name} is up with recipe {lab.recipe} installed: "
+            f"`labbuilder ssh {lab_option(lab)} controller`, `labbuilder down {lab_option(lab)}` "
+            "when done",
+            markup=False,
+            soft_wrap=True,
+        )
+    return status
+
+
 def log_marks(lab: Lab) -> dict[Path, int]:
     """The lab's ``up`` and ``install`` logs, each with its size now (where a run begins)."""
     logs = (up_log_path(lab.name), lab_state(lab.name).directory / "logs" / "install.log")

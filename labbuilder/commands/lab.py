@@ -79,6 +79,18 @@ def register(commands: Subparsers) -> None:
     add_lab_arguments(up, allow_small=True)
     add_auto_subnets(up)
     up.add_argument("--json", action="store_true", help="print the result as JSON")
+    up.add_argument(
+        "--install",
+        action="store_true",
+        help="then install the lab's recipe through its core path to a launched instance (and "
+        "the optional stages the lab file selects), as `labbuilder run --keep` does: the lab "
+        "is kept whether the install passes or fails, and the reports' folder is printed",
+    )
+    up.epilog = (
+        "Exit codes: 0 the lab is up (with --install: and the install passed), 1 a failure (the "
+        "report says where), 2 bad input, refused before anything is created (a lab below the "
+        "guide's or its recipe's minimum sizes: --allow-small), 130 interrupted."
+    )
     up.set_defaults(handler=cmd_up)
 
     down = commands.add_parser(
@@ -204,6 +216,10 @@ def cmd_labs(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
+    if args.install:
+        from labbuilder.commands.install import cmd_up_install  # it imports this module
+
+        return cmd_up_install(args, console)
     lab = selected_lab(args, Sizes.FLAG)
     result = up_watched(lab, auto_subnets=args.auto_subnets)
     if args.json:
