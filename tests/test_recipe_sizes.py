@@ -244,3 +244,30 @@ def test_up_install_is_explained_and_takes_the_lab_flags_only(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(f'error: {lab}: options.stages[0] = "nosuch" is not a stage of recipe')
+
+
+def test_install_refuses_a_lab_that_is_up_below_its_recipes_minimums_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lab an older labbuilder brought up at the guide's sizes: `install` names the first
+    node below the recipe's minimum and how to bring it up again, before it touches the lab."""
+    from labbuilder.labstate import lab_state, write_state_file
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    monkeypatch.setenv("LABBUILDER_STATE_DIR", str(state))
+    lab_file = tmp_path / "lab.toml"
+    lab_file.write_text('name = "lbtest-mn-up"\n')
+    old = plan(parse_lab(lab_file.read_text(), source=str(lab_file)), HostFacts())
+    lab_json = lab_state("lbtest-mn-up").directory / "lab.json"
+    write_state_file(lab_json, json.dumps({"plan": plan_as_dict(old), "virt_type": "qemu"}))
+    assert main(["install", "--file", str(lab_file)]) == 2
+    out, err = capsys.readouterr()
+    first, hint = err.splitlines()[:2]
+    assert first.startswith(f"error: {lab_file}: nodes.controller.")
+    assert first.endswith("is below recipe zed-debian-12's minimum for role controller (5 GB)") or (
+        first.endswith("(2 vCPUs)")
+    )
+    assert hint.startswith(f"hint: the lab is up at that size: `labbuilder down {lab_file}`")
+    # nothing was touched: no lock taken, no log, no report
+    assert sorted(p.name for p in lab_json.parent.iterdir()) == ["lab.json"]
