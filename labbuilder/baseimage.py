@@ -6,14 +6,15 @@ and initrd when the entry boots by direct kernel boot (``kernel_url``, ``initrd_
 ``cmdline``). Either way the result is a ``BaseImage``: the disk the overlays sit on, and how
 it boots.
 
-``resolve_role_image`` adds a role's packages and masked units: a build gets them from
-mmdebstrap (``imagebuild``), a download is booted once and saved (``rolebake``).
+``resolve_role_image`` adds a role's packages and masked units: a build installs them over
+the base build's tree (``imagebuild``), a download is booted once and saved (``rolebake``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from labbuilder.imagecache import CachedImage, default_cache_dir, pull
 from labbuilder.imagemodel import CloudInitFlavour, DiskFormat, ImageEntry
 
 BOOT_FILES = ("vmlinuz", "initrd")  # a direct-boot download's extra files, cached as <name>.<kind>
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -194,12 +196,17 @@ def _from_build(
 ) -> BaseImage:
     assert entry.build is not None
     name = entry.name if role is None else f"{entry.name}-{role}"
+    # A role image is layered on the base build's tree (found in the cache, or built first).
+    base = None
+    if packages:
+        base = build_image(entry.name, entry.build, built_images_dir(cache), log=_log.debug)
     built = build_image(
         name,
         entry.build,
         built_images_dir(cache),
         extra_packages=packages,
         masked_units=masked_units,
+        base=base,
         log=log,
     )
     return BaseImage(

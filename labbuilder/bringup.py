@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,30 +131,39 @@ def up(
 
 
 def role_images(lab: Lab, plan: Plan, base: BaseImage, emit: Log) -> dict[str, BaseImage]:
-    """Each node's image: its role's image from the lab's recipe, or the lab's plain image."""
+    """Each node's image: its role's image from the lab's recipe, or the lab's plain image.
+
+    Roles that want the same packages share one image (network, compute: chrony only, say);
+    the distinct images are made side by side, at most one per host core."""
     images = {node.name: base for node in plan.nodes}
     if not lab.options.role_images:
         return images
     recipe = load_recipe(lab.recipe)
-    # Roles that want the same packages share one image (network, compute: chrony only, say).
-    by_content: dict[tuple[tuple[str, ...], tuple[str, ...]], BaseImage] = {}
+    Content = tuple[tuple[str, ...], tuple[str, ...]]
+    roles: dict[Content, str] = {}  # content -> the first role that wants it
+    content_of: dict[str, Content] = {}
     for node in plan.nodes:
-        role = str(node.role)
-        wanted = recipe.role_image(role)
+        wanted = recipe.role_image(str(node.role))
         content = (tuple(sorted(wanted.packages)), tuple(sorted(wanted.masked_units)))
-        if content not in by_content:
-            if wanted.packages or wanted.masked_units:
-                emit(f"role image {lab.image}-{role} for recipe {recipe.name}")
-            by_content[content] = resolve_role_image(
-                lab.image,
-                role=role,
-                packages=wanted.packages,
-                masked_units=wanted.masked_units,
-                libvirt_uri=lab.libvirt_uri,
-                log=emit,
-            )
-        images[node.name] = by_content[content]
-    return images
+        roles.setdefault(content, str(node.role))
+        content_of[node.name] = content
+
+    def resolve(content: Content) -> BaseImage:
+        packages, masked_units = content
+        return resolve_role_image(
+            lab.image,
+            role=roles[content],
+            packages=packages,
+            masked_units=masked_units,
+            libvirt_uri=lab.libvirt_uri,
+            log=emit,
+        )
+
+    workers = max(1, min(len(roles), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image") as pool:
+        futures = {content: pool.submit(resolve, content) for content in roles}
+        made = {content: future.result() for content, future in futures.items()}
+    return {name: made[content] for name, content in content_of.items()}
 
 
 def check_registration(lab: Lab, state: LabState) -> None:

@@ -10,17 +10,21 @@ first unless a build with the same recipe hash is there. The directory holds:
   ``BuiltImage.kernel_cmdline``; the disk must be a virtio disk, and so must the NoCloud seed
   (the cloud kernel has no AHCI);
 * ``manifest.json``: source, package versions, builder version, build time, recipe hash,
-  the disk's sha256, and the units masked for the configuring stage to unmask.
+  the disk's sha256, and the units masked for the configuring stage to unmask;
+* ``rootfs.tar`` (a base image only): its finished tree, which its role images are layered
+  on: a role image's build unpacks it and installs only the role's packages
+  (``rootfs.layer_argv``), so what every image shares is downloaded and configured once, and
+  the role images of a lab can be built side by side.
 
 The image carries no per-machine identity (see ``labbuilder.rootfs``). A build runs in a
 temporary directory inside ``cache_dir`` and is renamed into place when complete, so a failed or
-interrupted build leaves nothing that looks like an image.
+interrupted build leaves nothing that looks like an image. Builds of different images run in
+parallel; two builds of the same image take turns (a lock file per image name).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +32,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +40,12 @@ from typing import Any
 
 from labbuilder import __version__, rootfs
 from labbuilder.errors import HostError, ImageError
+from labbuilder.filelock import file_lock
 from labbuilder.imagemodel import BuildRecipe
-from labbuilder.processes import process_alive
 from labbuilder.rootfs import Log
 from labbuilder.sizes import parse_size
 
-BUILDER_VERSION = "1"  # bump when the build changes in a way recipe_hash cannot see
+BUILDER_VERSION = "2"  # bump when the build changes in a way recipe_hash cannot see
 MANIFEST_FORMAT = 1
 DISK_FILE = "disk.qcow2"
 KERNEL_FILE = "vmlinuz"
@@ -127,15 +131,21 @@ def build_image(
     extra_packages: tuple[str, ...] = (),
     masked_units: tuple[str, ...] = (),
     force: bool = False,
+    base: BuiltImage | None = None,
     log: Log | None = None,
 ) -> BuiltImage:
     """Build image ``name`` from ``recipe`` into ``cache_dir``, or return the cached build.
 
     The result lives in ``cache_dir/<name>-<hash[:16]>/``. A role image passes
-    ``extra_packages`` (installed by mmdebstrap with the rest) and ``masked_units`` (services
-    that must not start before they are configured); it gets its own hash. ``force``
-    rebuilds even when a build with the same hash exists (never while a lab's overlays still
-    use it). Needs root.
+    ``extra_packages`` and ``masked_units`` (services that must not start before they are
+    configured); it gets its own hash. With ``base`` (the recipe's own build, holding its tree)
+    the role's packages are installed over the base's tree; without it, mmdebstrap installs
+    them with the rest. ``force`` rebuilds even when a build with the same hash exists (never
+    while a lab's overlays still use it). Needs root.
+
+    ``log`` receives one sentence when the build starts and one when it ends (``image NAME:
+    building ...``, ``image NAME: built in N s``); the tools' output goes to the
+    ``labbuilder.tools`` logger.
     """
     emit = log or _log.info
     _check_inputs(name, recipe, extra_packages, masked_units)
@@ -147,7 +157,9 @@ def build_image(
         emit(f"image {name}: cache hit {final}")
         return cached
     _check_host(cache_dir)
-    with _locked(cache_dir):
+    tree = _base_tree(base, recipe) if extra_packages else None
+    started = time.monotonic()
+    with file_lock(cache_dir / f".build-{name}.lock"):
         if not force and (cached := _load_cached(final, digest)) is not None:
             emit(f"image {name}: built meanwhile by another process: {final}")
             return cached
@@ -155,14 +167,15 @@ def build_image(
         work = cache_dir / f".build-{name}-{digest[:16]}-{os.getpid()}"
         work.mkdir(mode=0o755)
         try:
-            _build_into(work, name, recipe, digest, extra_packages, masked_units, emit)
+            _build_into(work, name, recipe, digest, extra_packages, masked_units, tree, emit)
             if final.exists():
                 shutil.rmtree(final)
             work.rename(final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-    emit(f"image {name}: built {final}")
+    _log.debug("image %s: built %s", name, final)
+    emit(f"image {name}: built in {time.monotonic() - started:.0f} s")
     return load_built_image(final, from_cache=False)
 
 
@@ -205,6 +218,7 @@ def _build_into(
     digest: str,
     extra_packages: tuple[str, ...],
     masked_units: tuple[str, ...],
+    tree: Path | None,
     log: Log,
 ) -> None:
     started = time.monotonic()
@@ -212,15 +226,26 @@ def _build_into(
     packages = sorted(
         {*rootfs.BOOT_PACKAGES, *recipe.packages, recipe.kernel_package, *extra_packages}
     )
-    log(f"image {name}: mmdebstrap {recipe.suite} from {recipe.mirror}, {len(packages)} packages")
-    rootfs.run(rootfs.mmdebstrap_argv(recipe, packages, root), log=log, stream=True)
-    rootfs.customize_rootfs(root, masked_units, log)
-    installed = rootfs.installed_packages(root, log)
+    if tree is None:
+        log(f"image {name}: building ({len(packages)} packages from {recipe.mirror})")
+        rootfs.run(rootfs.mmdebstrap_argv(recipe, packages, root), stream=True)
+    else:
+        log(f"image {name}: building ({len(extra_packages)} role packages over its base)")
+        rootfs.run(
+            rootfs.layer_argv(recipe, tree, root, rootfs.layer_hook()),
+            stream=True,
+            env={rootfs.LAYER_PACKAGES_ENV: " ".join(sorted(set(extra_packages)))},
+        )
+    rootfs.customize_rootfs(root, masked_units)
+    installed = rootfs.installed_packages(root)
     enabled = rootfs.enabled_units(root)
-    kernel_version = rootfs.copy_boot_files(root, work / KERNEL_FILE, work / INITRD_FILE, log)
+    kernel_version = rootfs.copy_boot_files(root, work / KERNEL_FILE, work / INITRD_FILE)
     virtual_size = _fitting_size(root, _virtual_size(recipe))
     disk = work / DISK_FILE
-    rootfs.make_disk(root, disk, virtual_size, log)
+    rootfs.make_disk(root, disk, virtual_size)
+    is_base = not extra_packages and not masked_units
+    if is_base:
+        rootfs.save_tree(root, work / rootfs.TREE_FILE)
     shutil.rmtree(root)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -231,6 +256,8 @@ def _build_into(
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "build_seconds": round(time.monotonic() - started, 1),
         "source": {"suite": recipe.suite, "mirror": recipe.mirror, "variant": rootfs.VARIANT},
+        "layered_on": str(tree.parent.name) if tree is not None else None,
+        "tree": rootfs.TREE_FILE if is_base else None,
         "recipe": asdict(recipe),
         "extra_packages": list(extra_packages),
         "requested_packages": packages,
@@ -258,7 +285,16 @@ def _build_into(
     (work / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     work.chmod(0o755)  # libvirt's qemu user must reach the files
     for path in work.iterdir():
-        path.chmod(0o444 if path == disk else 0o644)
+        path.chmod(0o444 if path in (disk, work / rootfs.TREE_FILE) else 0o644)
+
+
+def _base_tree(base: BuiltImage | None, recipe: BuildRecipe) -> Path | None:
+    """The tree a role image of ``recipe`` is layered on: ``base``'s, when it is the same
+    recipe's build and kept its tree; None to build the role image from scratch."""
+    if base is None or base.manifest.get("recipe") != asdict(recipe):
+        return None
+    tree = base.directory / rootfs.TREE_FILE
+    return tree if tree.is_file() else None
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -313,22 +349,12 @@ def _load_cached(final: Path, digest: str) -> BuiltImage | None:
     return built
 
 
-@contextlib.contextmanager
-def _locked(cache_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``cache_dir`` so that two builds never race."""
-    fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_builds(cache_dir: Path, name: str) -> None:
-    """Remove temporary build directories of ``name`` left by processes that died."""
-    for path in cache_dir.glob(f".build-{name}-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
+    """Remove temporary build directories of ``name`` left by processes that died (the
+    caller holds ``name``'s lock: no live build of it can own one)."""
+    stale = re.compile(rf"^\.build-{re.escape(name)}-[0-9a-f]{{16}}-[0-9]+$")
+    for path in cache_dir.iterdir():
+        if stale.match(path.name) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 
 

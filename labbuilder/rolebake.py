@@ -343,7 +343,6 @@ def _bake_into(
             rootfs.run(
                 ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", "-c",
                  "-o", "compression_type=zstd", overlay, disk],
-                log=job.log,
             )  # fmt: skip
     finally:
         conn.close()
@@ -618,7 +617,7 @@ def _domain_type(uri: str, kernel: Path | None) -> str:
 
 
 def _virtual_size(disk: Path) -> int:
-    info = json.loads(rootfs.run(["qemu-img", "info", "-U", "--output=json", disk], log=_log.debug))
+    info = json.loads(rootfs.run(["qemu-img", "info", "-U", "--output=json", disk]))
     size: int = info["virtual-size"]
     return size
 

@@ -5,6 +5,15 @@ Everything runs natively on the host as root, with no loop device and no mount: 
 tree becomes a whole-disk ext4 filesystem through ``mkfs.ext4 -d`` (no partition table, no boot
 loader: the image boots by direct kernel boot with ``KERNEL_CMDLINE``). ``labbuilder.imagebuild``
 drives these steps and caches the result.
+
+A role image is layered: its build unpacks the base build's tree (``TREE_FILE``, kept beside
+the base's disk) and installs only the role's packages over it (``layer_argv``), the way
+mmdebstrap installs its own (apt outside the tree, dpkg inside it), so the packages every image
+shares are downloaded and configured once.
+
+The tools' own output (mmdebstrap, apt, dpkg, mkfs, qemu-img) goes to the ``labbuilder.tools``
+logger at DEBUG level, which a command sends to the lab's log file; it never reaches the
+terminal. Only a failure's last lines travel, in the ``ImageError``.
 """
 
 from __future__ import annotations
@@ -12,14 +21,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from labbuilder.errors import HostError, ImageError
 from labbuilder.imagemodel import BuildRecipe
+from labbuilder.resources import data_dir
 
 Log = Callable[[str], None]
 
@@ -77,22 +88,31 @@ NETWORKD_DROPIN_INTERFACES = tuple(f"eth{i}" for i in range(10))
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 FSTAB = f"LABEL={ROOT_LABEL}\t/\text4\tdefaults,errors=remount-ro\t0\t1\n"
 INITRD_MODULES = ("virtio_pci.ko", "virtio_blk.ko")
+TREE_FILE = "rootfs.tar"  # a base build's finished tree, which role images are layered on
+LAYER_HOOK = ("hooks", "role-layer.sh")  # under images/: installs a role's packages
+LAYER_PACKAGES_ENV = "LABBUILDER_ROLE_PACKAGES"
+# The tree's tar, as mmdebstrap's own tar-in reads it (numeric owners, extended attributes).
+TAR_CREATE = ("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--format=pax")
 
 _FULL = re.compile(r"No space left|Could not allocate|too small|not enough space", re.IGNORECASE)
 _log = logging.getLogger(__name__)
+_tools = logging.getLogger("labbuilder.tools")
 
 
-def run(argv: Sequence[str | Path], *, log: Log | None = None, stream: bool = False) -> str:
+def run(
+    argv: Sequence[str | Path], *, stream: bool = False, env: Mapping[str, str] | None = None
+) -> str:
     """Run ``argv`` (an argv list, never a shell), log it, and return its combined output.
 
-    The one place the image builder starts a process. With ``stream`` each output line is
-    logged as it arrives. Raises ``HostError`` when the program is missing and ``ImageError``
-    (command, exit code, last lines of output) when it fails.
+    The one place the image builder starts a process. The command and its output go to the
+    ``labbuilder.tools`` logger (DEBUG); with ``stream`` each line as it arrives, else all of
+    it at the end. ``env`` adds variables to the process's environment. Raises ``HostError``
+    when the program is missing and ``ImageError`` (command, exit code, last lines of output)
+    when it fails.
     """
     args = [str(a) for a in argv]
-    emit = log or _log.info
-    emit("$ " + " ".join(args))
-    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    _tools.debug("$ %s", " ".join(args))
+    env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
     tail: deque[str] = deque(maxlen=30)
     lines: list[str] = []
     try:
@@ -110,7 +130,9 @@ def run(argv: Sequence[str | Path], *, log: Log | None = None, stream: bool = Fa
             lines.append(line)
             tail.append(line.rstrip("\n"))
             if stream:
-                emit(line.rstrip("\n"))
+                _tools.debug("%s", line.rstrip("\n"))
+    if not stream and lines:
+        _tools.debug("%s", "".join(lines).rstrip("\n"))
     if proc.returncode != 0:
         raise ImageError(
             "Command: {}\nExit code: {}\nOutput (last lines):\n{}".format(
@@ -132,9 +154,34 @@ def mmdebstrap_argv(recipe: BuildRecipe, packages: Sequence[str], root: Path) ->
     return argv
 
 
-def customize_rootfs(root: Path, masked_units: Sequence[str], log: Log) -> None:
+def layer_argv(recipe: BuildRecipe, tree: Path, root: Path, hook: Path) -> list[str]:
+    """The mmdebstrap command that unpacks the base's ``tree`` (a tar) into the new directory
+    ``root`` and installs the packages named in ``LAYER_PACKAGES_ENV`` over it with ``hook``
+    (``layer_hook``)."""
+    argv = ["mmdebstrap", "--mode=unshare", "--variant=custom", "--format=directory"]
+    argv.append(f"--setup-hook=tar-in {tree} /")
+    argv.append(f'--customize-hook=sh {shlex.quote(str(hook))} "$1"')
+    argv.extend(f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES)
+    argv.extend([recipe.suite, str(root), recipe.mirror])
+    return argv
+
+
+def layer_hook() -> Path:
+    """The shell script (a data file under ``images/hooks/``) that installs a role's packages."""
+    hook = Path(str(data_dir("images").joinpath(*LAYER_HOOK)))
+    if not hook.is_file():
+        raise ImageError(f"labbuilder's data file {hook} is missing", hint="reinstall labbuilder")
+    return hook
+
+
+def save_tree(root: Path, tree: Path) -> None:
+    """Keep the finished tree ``root`` as the tar ``tree``, for role images to be layered on."""
+    run([*TAR_CREATE, "-C", root, "-cf", tree, "."])
+
+
+def customize_rootfs(root: Path, masked_units: Sequence[str]) -> None:
     """Strip per-machine identity, set cloud-init's and systemd's defaults, mask units."""
-    log("customizing the root filesystem")
+    _tools.debug("customizing the root filesystem %s", root)
     for pattern in IDENTITY_FILES:
         for path in root.glob(pattern):
             if path.is_dir() and not path.is_symlink():
@@ -154,16 +201,15 @@ def customize_rootfs(root: Path, masked_units: Sequence[str], log: Log) -> None:
         dropins = root / f"etc/systemd/network/10-cloud-init-{interface}.network.d"
         dropins.mkdir(parents=True, exist_ok=True)
         (dropins / "50-labbuilder-no-ra.conf").write_text(NETWORKD_DROPIN)
-    run(["chroot", root, "systemctl", "enable", "systemd-networkd.service"], log=log)
-    run(["chroot", root, "systemctl", "disable", *POLICY_DISABLED_UNITS], log=log)
-    run(["chroot", root, "systemctl", "mask", *POLICY_MASKED_UNITS, *masked_units], log=log)
+    run(["chroot", root, "systemctl", "enable", "systemd-networkd.service"])
+    run(["chroot", root, "systemctl", "disable", *POLICY_DISABLED_UNITS])
+    run(["chroot", root, "systemctl", "mask", *POLICY_MASKED_UNITS, *masked_units])
 
 
-def installed_packages(root: Path, log: Log) -> dict[str, str]:
+def installed_packages(root: Path) -> dict[str, str]:
     """Map each package installed in ``root`` to its version (dpkg-query inside the tree)."""
     out = run(
-        ["chroot", root, "dpkg-query", "-W", "-f=${Package}\t${Version}\t${db:Status-Abbrev}\n"],
-        log=log,
+        ["chroot", root, "dpkg-query", "-W", "-f=${Package}\t${Version}\t${db:Status-Abbrev}\n"]
     )
     packages: dict[str, str] = {}
     for line in out.splitlines():
@@ -184,7 +230,7 @@ def enabled_units(root: Path) -> list[str]:
     return sorted({link.name for link in system.glob("*.wants/*")} - masked)
 
 
-def copy_boot_files(root: Path, kernel: Path, initrd: Path, log: Log) -> str:
+def copy_boot_files(root: Path, kernel: Path, initrd: Path) -> str:
     """Copy the kernel and initrd out of ``root/boot``, check the initrd, return the version."""
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
@@ -199,7 +245,7 @@ def copy_boot_files(root: Path, kernel: Path, initrd: Path, log: Log) -> str:
             f"the image has kernel {version} but no {source_initrd.name}",
             hint="the recipe must install initramfs-tools with the kernel",
         )
-    listing = run(["chroot", root, "lsinitramfs", f"/boot/{source_initrd.name}"], log=log)
+    listing = run(["chroot", root, "lsinitramfs", f"/boot/{source_initrd.name}"])
     for module in INITRD_MODULES:
         if f"/{module}" not in listing:
             raise ImageError(
@@ -211,7 +257,7 @@ def copy_boot_files(root: Path, kernel: Path, initrd: Path, log: Log) -> str:
     return version
 
 
-def make_disk(root: Path, disk: Path, virtual_size: int, log: Log) -> None:
+def make_disk(root: Path, disk: Path, virtual_size: int) -> None:
     """Write ``root`` as a whole-disk ext4 of ``virtual_size`` bytes into the qcow2 ``disk``."""
     raw = disk.with_suffix(".ext4")
     with raw.open("wb") as handle:
@@ -220,7 +266,7 @@ def make_disk(root: Path, disk: Path, virtual_size: int, log: Log) -> None:
         # Inode tables are zeroed here, once, so no guest zeroes them into its overlay.
         mkfs: list[str | Path] = ["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", root]
         try:
-            run([*mkfs, "-E", "lazy_itable_init=0,lazy_journal_init=0", raw], log=log)
+            run([*mkfs, "-E", "lazy_itable_init=0,lazy_journal_init=0", raw])
         except ImageError as exc:
             if not _FULL.search(exc.message):
                 raise
@@ -228,8 +274,8 @@ def make_disk(root: Path, disk: Path, virtual_size: int, log: Log) -> None:
                 f"the root filesystem does not fit in {virtual_size} bytes: {exc.message}",
                 hint="raise the recipe's size",
             ) from exc
-        run(["e2fsck", "-f", "-n", raw], log=log)
+        run(["e2fsck", "-f", "-n", raw])
         convert: list[str | Path] = ["qemu-img", "convert", "-c", "-o", "compression_type=zstd"]
-        run([*convert, "-f", "raw", "-O", "qcow2", raw, disk], log=log)
+        run([*convert, "-f", "raw", "-O", "qcow2", raw, disk])
     finally:
         raw.unlink()

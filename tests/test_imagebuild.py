@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -195,20 +196,49 @@ def test_build_is_cached_and_carries_no_machine_identity(debian12: Build, workdi
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_role_image_masks_units_until_configured(debian12: Build, workdir: Path) -> None:
-    role = build_image(
-        "lbtest-role-memcached",
-        _recipe(),
-        _cache_dir(),
-        extra_packages=("memcached",),
-        masked_units=("memcached.service",),
-    )
-    assert role.recipe_hash != debian12.image.recipe_hash
+def test_role_image_is_layered_on_its_base_and_masks_units_until_configured(
+    debian12: Build, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = debian12.image
+    assert (base.directory / rootfs.TREE_FILE).is_file() and base.manifest["tree"]
+    lines: list[str] = []
+    with caplog.at_level(logging.DEBUG, logger="labbuilder.tools"):
+        role = build_image(
+            "lbtest-role-memcached",
+            _recipe(),
+            workdir / "cache",
+            extra_packages=("memcached",),
+            masked_units=("memcached.service",),
+            base=base,
+            log=lines.append,
+        )
+    # The log callback gets the build's two sentences; apt's and dpkg's lines go to the logger.
+    assert lines[0] == "image lbtest-role-memcached: building (1 role packages over its base)"
+    assert re.fullmatch(r"image lbtest-role-memcached: built in \d+ s", lines[1]), lines
+    assert len(lines) == 2
+    tools = [r.getMessage() for r in caplog.records if r.name == "labbuilder.tools"]
+    assert any(m.startswith("$ mmdebstrap --mode=unshare --variant=custom") for m in tools)
+    assert any(m.startswith("Setting up memcached") for m in tools), tools[-20:]
+    assert role.manifest["layered_on"] == base.directory.name
+    assert role.manifest["tree"] is None and not (role.directory / rootfs.TREE_FILE).exists()
+    assert role.recipe_hash != base.recipe_hash
     assert role.masked_units == ("memcached.service",)
+    # Everything of the base is there, at the base's versions, plus the role's packages.
+    for package, version in base.manifest["packages"].items():
+        assert role.manifest["packages"].get(package) == version, package
     assert "memcached" in role.manifest["packages"]
     assert "memcached.service" not in role.manifest["enabled_units"]
-    (link,) = _debugfs(role, workdir, "stat /etc/systemd/system/memcached.service")
+    link, ssh, dpkg_cfg = _debugfs(
+        role,
+        workdir,
+        "stat /etc/systemd/system/memcached.service",
+        "ls /etc/ssh",
+        "cat /etc/dpkg/dpkg.cfg.d/99mmdebstrap",
+    )
     assert '"/dev/null"' in link
+    assert "ssh_host_" not in ssh  # the role's build removed the identity again
+    # The base's dpkg settings hold; the build's dpkg speed-up is not left in the image.
+    assert "path-exclude=/usr/share/doc/*" in dpkg_cfg and "unsafe" not in dpkg_cfg
 
 
 # --- booting ----------------------------------------------------------------------------------
@@ -217,7 +247,7 @@ def test_role_image_masks_units_until_configured(debian12: Build, workdir: Path)
 def _free_subnet(conn: libvirt.virConnect) -> ipaddress.IPv4Network:
     """A /24 under 10.250.0.0/16 that no host route and no libvirt network uses."""
     used: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for route in json.loads(rootfs.run(["ip", "-j", "route"], log=_log.debug)):
+    for route in json.loads(rootfs.run(["ip", "-j", "route"])):
         if route.get("dst", "default") != "default":
             used.append(ipaddress.ip_network(route["dst"], strict=False))
     for net in conn.listAllNetworks():

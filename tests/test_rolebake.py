@@ -297,8 +297,8 @@ def _debugfs(disk: Path, workdir: Path, *requests: str) -> list[str]:
     """Run debugfs requests against a raw copy of a whole-disk ext4 (no mount, no loop)."""
     raw = workdir / "inspect.raw"
     if not raw.exists():
-        rootfs.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", disk, raw], log=_log.debug)
-    return [rootfs.run(["debugfs", "-R", request, raw], log=_log.debug) for request in requests]
+        rootfs.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", disk, raw])
+    return [rootfs.run(["debugfs", "-R", request, raw]) for request in requests]
 
 
 # --- baking ---------------------------------------------------------------------------------
