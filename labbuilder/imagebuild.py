@@ -291,7 +291,7 @@ def _build_into(
 def _base_tree(base: BuiltImage | None, recipe: BuildRecipe) -> Path | None:
     """The tree a role image of ``recipe`` is layered on: ``base``'s, when it is the same
     recipe's build and kept its tree; None to build the role image from scratch."""
-    if base is None or base.manifest.get("recipe") != asdict(recipe):
+    if base is None or base.recipe_hash != recipe_hash(recipe, BUILDER_VERSION):
         return None
     tree = base.directory / rootfs.TREE_FILE
     return tree if tree.is_file() else None
