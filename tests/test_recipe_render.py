@@ -415,3 +415,24 @@ def test_ubuntu_14_04_seeds_carry_the_nodes_host_key() -> None:
     )
     assert lean["ssh_keys"]["ed25519_private"] == key[0]
     assert "/etc/ssh/ssh_host_ed25519_key" not in {e["path"] for e in lean["write_files"]}
+
+
+def test_zed_starts_services_in_one_systemctl_call_without_sysv_bookkeeping() -> None:
+    """Every step of zed-debian-12 that unmasks or enables a service skips Debian's update-rc.d
+    run (SYSTEMCTL_SKIP_SYSV=1) and starts its services in one systemctl call, never one by one
+    in a loop: both cost minutes per install under emulation."""
+    lab = api.load_lab(None, "zed-full")
+    plan = api.plan_lab(lab, host_check=False).plan
+    _, stages = render_for_lab(lab, Selection(), secrets=None, plan=plan, virt_type="qemu")
+    starting = 0
+    for stage in stages:
+        for step in stage.steps:
+            lines = [line.strip() for line in step.script.splitlines()]
+            for line in lines:
+                if line.startswith(("systemctl unmask", "systemctl enable")):
+                    raise AssertionError(f"{stage.name}.{step.step}: {line}")
+                if "systemctl restart" in line and "$service" in line.replace("$services", ""):
+                    raise AssertionError(f"{stage.name}.{step.step} restarts in a loop: {line}")
+            if any(line.startswith("SYSTEMCTL_SKIP_SYSV=1 systemctl enable") for line in lines):
+                starting += 1
+    assert starting >= 15  # the steps that start services, core path and optional chapters
