@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_PREFIX = "lbtest-"
 GUIDE_LAB = "lbtest-guide"
 GUIDE_POOL = "lbtest-guide-pool"  # its own: other modules remove lbtest-pool as they end
+GUIDE_HEARTBEAT = 3  # seconds between progress heartbeats of its `up`
 # The modules that use guide_lab, in the order they run (after every other module).
 GUIDE_LAB_MODULES = ("test_bringup.py", "test_install_e2e.py")
 
@@ -47,11 +48,16 @@ def write_lab(tmp_path: Path):  # type: ignore[no-untyped-def]
 def guide_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The guide's three nodes on free subnets, booted from recipe zed-debian-12's role images,
     with egress confined to the lab: ``env`` (the test environment), ``file``, ``state`` (the
-    lab's state directory), ``record`` (its lab.json), ``key`` and ``up_seconds``. Removed with
+    lab's state directory), ``record`` (its lab.json), ``key``, ``up_seconds`` and ``up_stderr`` (its `up`'s progress). Removed with
     its pool when the session ends, whatever state the tests left it in."""
     from lablib import lab_environment, remove_labs, run_labbuilder, three_node_lab
 
+    from labbuilder.progress import HEARTBEAT_ENV
+
     env = lab_environment(tmp_path_factory.mktemp("guide-state"), GUIDE_POOL)
+    # Its `up` runs as in a CI log (output captured): heartbeats every few seconds while it waits
+    # (test_bringup checks what reached its output).
+    env[HEARTBEAT_ENV] = str(GUIDE_HEARTBEAT)
     lab_file = tmp_path_factory.mktemp("guide-lab") / "lab.toml"
     lab_file.write_text(three_node_lab(GUIDE_LAB, role_images=True))
     try:
@@ -67,6 +73,7 @@ def guide_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             record=json.loads((state / "lab.json").read_text()),
             key=state / "id_ed25519",
             up_seconds=time.monotonic() - started,
+            up_stderr=result.stderr,
         )
         yield info
     finally:

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import GUIDE_HEARTBEAT, GUIDE_LAB
 from lablib import lab_environment, lab_leftovers, one_node_lab, remove_labs
 from lablib import run_labbuilder as labbuilder
 
@@ -98,6 +102,52 @@ def test_ssh_config_works_with_plain_ssh(lab: dict[str, Any], tmp_path: Path) ->
 def test_labbuilder_ssh_runs_a_command(lab: dict[str, Any]) -> None:
     result = labbuilder("ssh", "--file", str(lab["file"]), "controller", "hostname", env=lab["env"])
     assert result.stdout.strip() == "controller", result.stderr
+
+
+STAMPED = re.compile(r"^(\d\d:\d\d:\d\d) (.+)$")
+# The raw output of mmdebstrap, apt, dpkg and of labbuilder's own host commands.
+RAW = re.compile(
+    r"^(\$ |Get:|Hit:|Ign:|Fetched |Unpacking |Setting up |Selecting previously |"
+    r"Preparing to unpack |Processing triggers |Reading package lists|[IWE]: )"
+)
+
+
+def test_up_in_a_ci_log_shows_phases_and_heartbeats_and_logs_the_detail(
+    lab: dict[str, Any],
+) -> None:
+    """The shared lab's `up` ran as a CI log gets it (output captured, not a terminal; role
+    images built there when the cache was empty): only timestamped phase lines, heartbeats while
+    the nodes boot, no external tool's raw output, pure JSON on stdout, the detail in up.log."""
+    lines = lab["up_stderr"].splitlines()
+    assert lines, "up printed no progress"
+    assert "\x1b" not in lab["up_stderr"] and "┘" not in lab["up_stderr"], lab["up_stderr"]
+    stamped = [STAMPED.match(line) for line in lines]
+    assert all(stamped), [line for line, match in zip(lines, stamped, strict=True) if not match]
+    texts = [match.group(2) for match in stamped if match]
+    assert not [text for text in texts if RAW.match(text)], lab["up_stderr"]
+    assert any(text.startswith(f"network {GUIDE_LAB}-") for text in texts), texts
+    assert "probing the host" in texts, texts
+
+    # While the nodes boot (from the first node's start to the last one ready), heartbeats.
+    first = next(i for i, t in enumerate(texts) if re.match(r"node \w+: domain running", t))
+    ready = max(i for i, t in enumerate(texts) if "cloud-init finished: ready" in t)
+    beats = [t for t in texts[first:ready] if re.fullmatch(r"still running: .+ \(\d+ s\)", t)]
+    assert len(beats) >= 2, texts
+    times = [datetime.strptime(m.group(1), "%H:%M:%S") for m in stamped[first : ready + 1] if m]
+    gaps = [(b - a).total_seconds() % 86400 for a, b in zip(times, times[1:], strict=False)]
+    assert max(gaps) <= GUIDE_HEARTBEAT + 2, (gaps, texts)  # never silent for long
+
+    # The detail is in the lab's up.log: every phase line, and the host commands run.
+    log = Path(lab["env"]["LABBUILDER_STATE_DIR"]) / "reports" / GUIDE_LAB / "up.log"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    detail = log.read_text()
+    runs = [line for line in detail.splitlines() if line.startswith("==== ")]
+    assert runs and "labbuilder up" in runs[0] and lab["file"] in runs[0], runs
+    logged = detail.split(runs[0])[1].split("==== ")[0]
+    for text in texts:
+        if not text.startswith("still running: "):
+            assert text in logged, text
+    assert re.search(r"^\d\d:\d\d:\d\d \$ ip6?tables", logged, re.MULTILINE), logged
 
 
 def test_status_shows_running_nodes(lab: dict[str, Any]) -> None:
