@@ -38,6 +38,7 @@ def test_plan_json_of_the_default_lab(capsys: pytest.CaptureFixture[str]) -> Non
     }
     # the guide's minimums raised to recipe zed-debian-12's
     assert [n["memory"] for n in data["nodes"]] == [5 * 2**30, 2 * 2**30, 2 * 2**30]
+    assert [n["vcpus"] for n in data["nodes"]] == [2, 2, 2]
 
 
 def test_plan_tables_show_the_guides_addresses_and_sizes(
@@ -46,7 +47,7 @@ def test_plan_tables_show_the_guides_addresses_and_sizes(
     code, out, _ = run(["plan", "--no-host-check"], capsys)
     assert code == 0
     for text in ("10.0.0.11/24", "10.0.1.21/24", "10.0.0.31/24", "up, no address",
-                 "5 GB (recipe minimum)", "vda 10 GB root", "vda 5 GB root",
+                 "5 GB (recipe minimum)", "vda 10 GB root (recipe minimum)", "vda 5 GB root",
                  "203.0.113.101-203.0.113.200", "lb1663ab-ext"):  # fmt: skip
         assert text in out
     assert "…" not in out  # nothing cut off when the output is not a terminal

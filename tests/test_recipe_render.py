@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -436,3 +437,45 @@ def test_zed_starts_services_in_one_systemctl_call_without_sysv_bookkeeping() ->
             if any(line.startswith("SYSTEMCTL_SKIP_SYSV=1 systemctl enable") for line in lines):
                 starting += 1
     assert starting >= 15  # the steps that start services, core path and optional chapters
+
+
+# --- service start timeouts under emulation ------------------------------------------------------
+
+
+def assert_every_service_start_waits_for_emulation(recipe: str) -> None:
+    """Stage environment of ``recipe`` gives every node systemd's longer start timeout (the
+    manager's default and ovs-vswitchd's own), right after the packages step, before any step
+    starts a service; its check passes on 15 minutes and fails on systemd's 90 s."""
+    lab = api.load_lab(None, "guide-full", recipe=recipe)
+    plan = api.plan_lab(lab, host_check=False).plan
+    every = tuple(stage.name for stage in load_recipe(recipe).stages if stage.optional)
+    selection = Selection(recipe=recipe, optional=every)
+    _, stages = render_for_lab(lab, selection, secrets=None, plan=plan, virt_type="qemu")
+    environment = stages[0]
+    assert environment.name == "environment"
+    for node in plan.nodes:
+        names = [step.step for step in environment.for_node(node.name)]
+        assert names.index("start-timeouts") == names.index("packages") + 1, node.name
+        (step,) = (s for s in environment.for_node(node.name) if s.step == "start-timeouts")
+        manager = "/etc/systemd/system.conf.d/50-labbuilder-start-timeout.conf"
+        ovs = "/etc/systemd/system/ovs-vswitchd.service.d/50-labbuilder-start-timeout.conf"
+        assert f"install -m 0644 -o root -g root {manager}.labbuilder-new {manager}" in step.script
+        assert "[Manager]\nDefaultTimeoutStartSec=900\n" in step.script
+        assert "[Service]\nTimeoutStartSec=900\n" in step.script and ovs in step.script
+        assert step.script.rstrip().endswith("systemctl daemon-reload")
+        (check,) = step.checks
+        shown = 2 if str(node.role) in ("network", "compute") else 1
+        assert check.command.count("systemctl show --value -p") == shown, node.name
+        assert ("ovs-vswitchd.service" in check.command) == (shown == 2)
+        assert check.expect is not None
+        expect = re.compile(check.expect, re.M)
+        assert expect.search("15min\n" * shown)
+        for wrong in ("1min 30s\n", "15min\n5min\n", "", "infinity\n"):
+            assert expect.search(wrong) is None, wrong
+    # One setting for every service: no step gives a unit a start timeout of its own any more.
+    others = [s for stage in stages for s in stage.steps if s.step != "start-timeouts"]
+    assert others and not any("TimeoutStartSec" in step.script for step in others)
+
+
+def test_every_service_start_of_recipe_zed_waits_as_long_as_emulation_needs() -> None:
+    assert_every_service_start_waits_for_emulation("zed-debian-12")

@@ -165,6 +165,45 @@ def test_the_built_in_labs_all_meet_their_recipes_minimums() -> None:
         assert fitted.warnings == (), lab.name
 
 
+def test_the_recipes_declare_their_minimums_per_role() -> None:
+    zed = load_recipe("zed-debian-12")
+    assert role_minimum(zed, "controller") == {"vcpus": 2, "memory": 5 * GiB, "disk": 10 * GiB}
+    assert role_minimum(zed, "network") == {"vcpus": 2, "memory": 2 * GiB}
+    assert role_minimum(zed, "compute") == {"vcpus": 2, "memory": 2 * GiB}
+    assert role_minimum(zed, "block") == {"vcpus": 1, "memory": 1 * GiB}
+    assert role_minimum(zed, "object") == {"vcpus": 1, "memory": 1536 * MiB}
+    icehouse = load_recipe("icehouse-ubuntu-14.04")  # the guide's own (L318-348)
+    assert role_minimum(icehouse, "controller") == {"vcpus": 1, "memory": 2 * GiB, "disk": 5 * GiB}
+    assert role_minimum(icehouse, "network") == {"vcpus": 1, "memory": 512 * MiB, "disk": 5 * GiB}
+    assert role_minimum(icehouse, "compute") == {"vcpus": 1, "memory": 2 * GiB, "disk": 10 * GiB}
+
+
+def test_the_default_lab_meets_its_recipes_minimums_and_plan_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lab = api.load_lab()
+    sizes = {n.name: (n.vcpus, n.memory, n.disk) for n in lab.nodes}
+    assert sizes == {
+        "controller": (2, 5 * GiB, 10 * GiB),
+        "network": (2, 2 * GiB, 5 * GiB),
+        "compute1": (2, 2 * GiB, 10 * GiB),
+    }
+    assert main(["plan", "--no-host-check"]) == 0
+    out = capsys.readouterr().out
+    assert "5 GB (recipe minimum)" in out
+    assert "vda 10 GB root (recipe minimum)" in out
+    assert main(["plan", "--no-host-check", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [n["recipe_minimum"] for n in data["nodes"]] == [
+        ["vcpus", "memory", "disk"],
+        ["vcpus", "memory"],
+        ["vcpus"],
+    ]
+    # zed-full sets its sizes itself, at the minimums: nothing is raised, nothing refused
+    full = api.load_lab(None, "zed-full")
+    assert all(node.recipe_minimum == () for node in full.nodes)
+
+
 @pytest.mark.parametrize("command", ["plan", "install", "run", "up"])
 def test_a_small_lab_is_refused_with_exit_2_before_anything_is_created(
     command: str,
@@ -265,8 +304,9 @@ def test_install_refuses_a_lab_that_is_up_below_its_recipes_minimums_with_exit_2
     out, err = capsys.readouterr()
     first, hint = err.splitlines()[:2]
     assert first.startswith(f"error: {lab_file}: nodes.controller.")
-    assert first.endswith("is below recipe zed-debian-12's minimum for role controller (5 GB)") or (
-        first.endswith("(2 vCPUs)")
+    assert first.endswith(
+        "nodes.controller.vcpus = 1 is below recipe zed-debian-12's minimum for role controller "
+        "(2 vCPUs)"
     )
     assert hint.startswith(f"hint: the lab is up at that size: `labbuilder down {lab_file}`")
     # nothing was touched: no lock taken, no log, no report
