@@ -126,6 +126,7 @@ def images_before(cache: Path) -> float:
 def first_up(work: Path) -> tuple[float, float]:
     """A real first ``labbuilder up`` of the default lab's three nodes with an empty image
     cache: (seconds until its images were there, seconds until every node was ready)."""
+    work.mkdir(mode=0o755)
     lab = work / "lab.toml"
     lab.write_text(three_node_lab("lbbench-first-up", role_images=True))
     pool = "lbbench-images-pool"
