@@ -15,14 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 import time
 from collections.abc import Iterator
 from io import TextIOWrapper
 from pathlib import Path
 
-from labbuilder.errors import UsageError
-from labbuilder.labstate import check_private_dir, ensure_private_dir
+from labbuilder.labstate import check_private_dir, ensure_private_dir, refuse_special
 
 TOOLS_LOGGER = "labbuilder.tools"  # external tools' output, one record per line, DEBUG
 MAX_BYTES = 8 * 2**20
@@ -69,12 +67,7 @@ def refuse_link(path: Path) -> None:
         info = path.lstat()
     except FileNotFoundError:
         return
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
-        what = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
-        raise UsageError(
-            f"{path} is {what}; labbuilder writes its logs only as regular files",
-            f"remove {path} (and find out who put it there)",
-        )
+    refuse_special(path, info, "logs")
 
 
 @contextlib.contextmanager

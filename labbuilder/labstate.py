@@ -106,10 +106,16 @@ def _refuse_link(path: Path, directory: int) -> None:
         info = os.stat(path.name, dir_fd=directory, follow_symlinks=False)
     except FileNotFoundError:
         return
+    refuse_special(path, info, "state files")
+
+
+def refuse_special(path: Path, info: os.stat_result, files: str) -> None:
+    """Refuse (exit 2) to write ``files`` ("state files", "logs") at ``path``, whose
+    ``lstat`` is ``info``, unless it is a regular file."""
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
         what = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
         raise UsageError(
-            f"{path} is {what}; labbuilder writes its state files only as regular files",
+            f"{path} is {what}; labbuilder writes its {files} only as regular files",
             f"remove {path} (and find out who put it there)",
         )
 
