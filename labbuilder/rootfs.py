@@ -95,7 +95,6 @@ LAYER_PACKAGES_ENV = "LABBUILDER_ROLE_PACKAGES"
 TAR_CREATE = ("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--format=pax")
 
 _FULL = re.compile(r"No space left|Could not allocate|too small|not enough space", re.IGNORECASE)
-_log = logging.getLogger(__name__)
 _tools = logging.getLogger("labbuilder.tools")
 
 
