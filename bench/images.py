@@ -7,9 +7,12 @@ HTTP server; the boot uses a one-node lab with free subnets (``lbbench-`` prefix
 
 ``--cold``: the first ``up`` of the default lab on a fresh host (three nodes, recipe
 zed-debian-12, role images), side by side in one run: the images built the way labbuilder built
-them before (the base, then each role image from scratch with all its packages, one after
-another), and a real ``labbuilder up`` with an empty image cache (role images layered on the
-base, side by side; then networks and boot to ready). Target: that ``up`` within 300 s.
+them before (the base, then each role image from scratch with the packages of every chapter,
+one after another), and a real ``labbuilder up`` with an empty image cache (role images with the
+lab's chapters only, layered on the base, side by side, the probe beside them, each node booted
+as soon as its image is there, ready once cloud-init has configured it). The "before" figure
+adds the new ``up``'s time after its images to the old images: a lower bound of the old ``up``.
+Target: that ``up`` within 300 s.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -110,8 +114,9 @@ def images_before(cache: Path) -> float:
     recipe = load_recipe("zed-debian-12")
     started = time.monotonic()
     build_image("debian-12", entry.build, cache, log=print)
+    every_chapter = [stage.name for stage in recipe.stages if stage.optional]
     for role in ("controller", "network", "compute"):
-        wanted = recipe.role_image(role)
+        wanted = recipe.role_image(role, every_chapter)
         build_image(
             f"debian-12-{role}",
             entry.build,
@@ -125,7 +130,7 @@ def images_before(cache: Path) -> float:
 
 def first_up(work: Path) -> tuple[float, float]:
     """A real first ``labbuilder up`` of the default lab's three nodes with an empty image
-    cache: (seconds until its images were there, seconds until every node was ready)."""
+    cache: (seconds until its last image was built, seconds until every node was ready)."""
     work.mkdir(mode=0o755)
     lab = work / "lab.toml"
     lab.write_text(three_node_lab("lbbench-first-up", role_images=True))
@@ -145,7 +150,7 @@ def first_up(work: Path) -> tuple[float, float]:
             assert proc.stderr is not None
             for line in proc.stderr:
                 print("   ", line.rstrip())
-                if images_done is None and "probing the host" in line:
+                if re.search(r"image \S+: built in", line):
                     images_done = time.monotonic() - started
         total = time.monotonic() - started
         if proc.returncode != 0:
@@ -166,9 +171,9 @@ def cold_first_up() -> None:
     boot = total - images
     print("first up of the default lab (3 nodes, zed-debian-12 role images), empty cache:")
     print(f"  images as before (base, then each role from scratch): {before:7.0f} s")
-    print(f"  images now (roles layered on the base, side by side): {images:7.0f} s"
+    print(f"  images now (the lab's chapters, layered, side by side): {images:5.0f} s"
           f"  ({images / before:.2f}x)")  # fmt: skip
-    print(f"  the rest of up (networks, disks, boot to ready):      {boot:7.0f} s")
+    print(f"  the rest of up after its last image (nodes to ready): {boot:7.0f} s")
     print(f"  first up before (its images + the same rest):         {before + boot:7.0f} s")
     print(f"  first up now:                                         {total:7.0f} s"
           f"  ({total / (before + boot):.2f}x; target 300 s)")  # fmt: skip

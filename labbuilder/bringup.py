@@ -10,10 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +40,7 @@ from labbuilder.paths import lab_lock_path, pool_dir, pool_name, state_root
 from labbuilder.planner import plan as make_plan
 from labbuilder.planview import plan_as_dict
 from labbuilder.probe import HostProbe
-from labbuilder.readiness import NodeTarget, RungCallback, wait_ready
+from labbuilder.readiness import NodeNotReadyError, NodeTarget, RungCallback, wait_ready
 from labbuilder.recipefile import load_recipe
 from labbuilder.render import (
     BootSpec,
@@ -74,6 +75,9 @@ def up(
     timeouts: dict[str, float] | None = None,
     state: LabState | None = None,
 ) -> UpResult:
+    """Bring the lab up. On a fresh host the work overlaps: the host probe runs beside the role
+    images' builds, the networks are made meanwhile, and each node boots as soon as its own image
+    is there (network and compute boot while the controller's larger image is still building)."""
     emit = log or (lambda _message: None)
     start = time.monotonic()
     state = state or lab_state(lab.name)
@@ -84,12 +88,6 @@ def up(
         check_ownership(lab, plan)
         digest = plan_hash(plan)
         base = resolve_base_image(lab.image, log=emit)
-        images = role_images(lab, plan, base, emit)
-        emit("probing the host")
-        probe = probecache.probe(lab.libvirt_uri, kernel=base.kernel)
-        emit(
-            f"guests run under {probe.acceleration}; compute nodes use virt_type {probe.virt_type}"
-        )
         conn = lv.connect(lab.libvirt_uri)
         try:
             existing = lv.owned_domains(conn, lab.name)
@@ -98,16 +96,61 @@ def up(
             # Registered before anything is made: a killed `up` leaves what `down`/`gc` find.
             registry.register(lab.name, state.directory, lab.libvirt_uri)
             try:
-                domains = create_lab(conn, lab, plan, digest, probe, images, state, emit)
+                probe, rungs = _bring_up(
+                    conn, lab, plan, digest, base, state, emit, on_rung, timeouts
+                )
             except BaseException:
                 if fresh:
                     emit("creating the lab failed; removing what was made")
                     remove_lab_objects(conn, lab.name)
                     registry.unregister(lab.name)
                 raise
-            save_state(state, lab, plan, probe, base, images)
-            targets = {
-                node.name: NodeTarget(
+        finally:
+            conn.close()
+    return UpResult(plan, probe, time.monotonic() - start, rungs, created=fresh)
+
+
+def _bring_up(
+    conn: Any,
+    lab: Lab,
+    plan: Plan,
+    digest: str,
+    base: BaseImage,
+    state: LabState,
+    emit: Log,
+    on_rung: RungCallback | None,
+    timeouts: dict[str, float] | None,
+) -> tuple[HostProbe, dict[str, dict[str, float]]]:
+    """The probe and the images in the background, the networks now, each node as soon as its
+    image and the probe are there; the probe and each node's rungs. On failure every thread
+    is told to stop and has stopped (nothing is created after) before the error goes on."""
+    stop = threading.Event()
+    builds = image_builds(lab, plan)
+    workers = 1 + max(1, min(len(builds), os.cpu_count() or 1))
+    with (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image") as builder,
+        ThreadPoolExecutor(max_workers=len(plan.nodes), thread_name_prefix="node") as starter,
+    ):
+        try:
+            emit("probing the host")
+            probing = builder.submit(probecache.probe, lab.libvirt_uri, kernel=base.kernel)
+            made = {
+                content: builder.submit(resolve_build, lab, base, build, emit)
+                for content, build in builds.items()
+            }
+            node_images: dict[str, Future[BaseImage]] = {}
+            for node in plan.nodes:
+                content = image_content(lab, node)
+                node_images[node.name] = made[content] if content in made else _done(base)
+            made_lab = prepare_lab(conn, lab, plan, digest, base, state, emit)
+
+            def bring(node: PlannedNode) -> dict[str, float]:
+                image = node_images[node.name].result()
+                probe = probing.result()
+                if stop.is_set():
+                    raise NodeNotReadyError(f"node {node.name}: stopped before it was created")
+                domain = create_node(conn, made_lab, node, probe, image, emit)
+                target = NodeTarget(
                     name=node.name,
                     address=node.management_address,
                     mac=node.nics[0].mac,
@@ -115,55 +158,84 @@ def up(
                     key_path=state.key_path,
                     console_log=state.console_log(node.name),
                 )
-                for node in plan.nodes
-            }
-            with ThreadPoolExecutor(max_workers=len(plan.nodes)) as pool:
-                futures = {
-                    name: pool.submit(
-                        wait_ready, domains[name], target, timeouts=timeouts, on_rung=on_rung
-                    )
-                    for name, target in targets.items()
-                }
-                rungs = {name: future.result() for name, future in futures.items()}
-        finally:
-            conn.close()
-    return UpResult(plan, probe, time.monotonic() - start, rungs, created=fresh)
+                return wait_ready(domain, target, timeouts=timeouts, on_rung=on_rung, stop=stop)
+
+            started = {node.name: starter.submit(bring, node) for node in plan.nodes}
+            probe = probing.result()
+            emit(
+                f"guests run under {probe.acceleration}; "
+                f"compute nodes use virt_type {probe.virt_type}"
+            )
+            images = {name: future.result() for name, future in node_images.items()}
+            save_state(state, lab, plan, probe, base, images)
+            rungs = {name: future.result() for name, future in started.items()}
+        except BaseException:
+            stop.set()
+            builder.shutdown(wait=False, cancel_futures=True)
+            raise
+    return probe, rungs
+
+
+def _done(image: BaseImage) -> Future[BaseImage]:
+    future: Future[BaseImage] = Future()
+    future.set_result(image)
+    return future
+
+
+Content = tuple[tuple[str, ...], tuple[str, ...]]  # a role image's packages and masked units
+
+
+@dataclass(frozen=True)
+class ImageBuild:
+    """One distinct role image a lab needs: what it carries and the first role that wants it."""
+
+    role: str
+    packages: tuple[str, ...]
+    masked_units: tuple[str, ...]
+
+
+def image_content(lab: Lab, node: PlannedNode) -> Content:
+    wanted = load_recipe(lab.recipe).role_image(str(node.role), lab.options.optional_stages)
+    return (tuple(sorted(wanted.packages)), tuple(sorted(wanted.masked_units)))
+
+
+def image_builds(lab: Lab, plan: Plan) -> dict[Content, ImageBuild]:
+    """The distinct role images of the lab (none without ``options.role_images``): roles that
+    want the same packages and masked units (network and compute, say) share one image, and a
+    role with nothing to add boots the plain image."""
+    if not lab.options.role_images:
+        return {}
+    builds: dict[Content, ImageBuild] = {}
+    for node in plan.nodes:
+        content = image_content(lab, node)
+        if content != ((), ()) and content not in builds:
+            builds[content] = ImageBuild(str(node.role), *content)
+    return builds
+
+
+def resolve_build(lab: Lab, base: BaseImage, build: ImageBuild, emit: Log) -> BaseImage:
+    return resolve_role_image(
+        lab.image,
+        role=build.role,
+        packages=build.packages,
+        masked_units=build.masked_units,
+        libvirt_uri=lab.libvirt_uri,
+        log=emit,
+    )
 
 
 def role_images(lab: Lab, plan: Plan, base: BaseImage, emit: Log) -> dict[str, BaseImage]:
-    """Each node's image: its role's image from the lab's recipe, or the lab's plain image.
-
-    Roles that want the same packages share one image (network, compute: chrony only, say);
-    the distinct images are made side by side, at most one per host core."""
-    images = {node.name: base for node in plan.nodes}
-    if not lab.options.role_images:
-        return images
-    recipe = load_recipe(lab.recipe)
-    Content = tuple[tuple[str, ...], tuple[str, ...]]
-    roles: dict[Content, str] = {}  # content -> the first role that wants it
-    content_of: dict[str, Content] = {}
-    for node in plan.nodes:
-        wanted = recipe.role_image(str(node.role))
-        content = (tuple(sorted(wanted.packages)), tuple(sorted(wanted.masked_units)))
-        roles.setdefault(content, str(node.role))
-        content_of[node.name] = content
-
-    def resolve(content: Content) -> BaseImage:
-        packages, masked_units = content
-        return resolve_role_image(
-            lab.image,
-            role=roles[content],
-            packages=packages,
-            masked_units=masked_units,
-            libvirt_uri=lab.libvirt_uri,
-            log=emit,
-        )
-
-    workers = max(1, min(len(roles), os.cpu_count() or 1))
+    """Each node's image: its role's image from the lab's recipe (with the optional stages the
+    lab selects), or the lab's plain image; the distinct images made side by side."""
+    builds = image_builds(lab, plan)
+    workers = max(1, min(len(builds), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image") as pool:
-        futures = {content: pool.submit(resolve, content) for content in roles}
+        futures = {
+            content: pool.submit(resolve_build, lab, base, build, emit)
+            for content, build in builds.items()
+        }
         made = {content: future.result() for content, future in futures.items()}
-    return {name: made[content] for name, content in content_of.items()}
+    return {node.name: made.get(image_content(lab, node), base) for node in plan.nodes}
 
 
 def check_registration(lab: Lab, state: LabState) -> None:
@@ -246,33 +318,36 @@ def check_same_plan(lab: Lab, domains: list[Any], digest: str) -> None:
             )
 
 
-def create_lab(
-    conn: Any,
-    lab: Lab,
-    plan: Plan,
-    digest: str,
-    probe: HostProbe,
-    images: dict[str, BaseImage],
-    state: LabState,
-    emit: Log,
-) -> dict[str, Any]:
-    """Networks, volumes and domains of the lab (existing ones kept); domains by node name."""
+@dataclass
+class MadeLab:
+    """What every node of a lab shares once its networks exist: the pool, the base volumes
+    uploaded so far (each once, whichever node needs it first) and the seed's input."""
+
+    lab: Lab
+    plan: Plan
+    digest: str
+    state: LabState
+    pool: Any
+    seed: SeedInput
+    volumes: dict[str, tuple[Any, BootSpec]] = field(default_factory=dict)
+    uploading: threading.Lock = field(default_factory=threading.Lock)
+
+
+def prepare_lab(
+    conn: Any, lab: Lab, plan: Plan, digest: str, base: BaseImage, state: LabState, emit: Log
+) -> MadeLab:
+    """The lab's networks (existing ones kept), egress rules, storage pool and keys (the seed's
+    user is the base image's: a role image is built from it and keeps it)."""
     for net in plan.networks:
         emit(f"network {net.libvirt_name} ({net.kind}, {net.cidr})")
         xml = owned_xml(render_network_xml(plan, net, digest), state)
         lv.ensure_network(conn, net.libvirt_name, xml, lab=lab.name)
     apply_egress(lab, plan)
-
     pool = storage.ensure_pool(conn, pool_name(), str(pool_dir()))
-    volumes: dict[str, tuple[Any, BootSpec]] = {}
-    for image in {image.volume_stem: image for image in images.values()}.values():
-        emit(f"base image {image.name} ({image.disk.name})")
-        volumes[image.volume_stem] = upload_base(conn, pool, image)
-    base = next(iter(images.values()))
-
     public_key = ensure_ssh_key(state)
     console_password = ensure_secrets(state, ("console_password",))["console_password"]
     host_keys = ensure_host_keys(state, {node.name: node.management_address for node in plan.nodes})
+    state.console_dir.mkdir(parents=True, exist_ok=True)
     seed = SeedInput(
         user=base.default_user,
         password_hash=password_hash(console_password),
@@ -280,26 +355,39 @@ def create_lab(
         apt_proxy=lab.options.apt_proxy,
         host_keys=host_keys,
     )
-    state.console_dir.mkdir(parents=True, exist_ok=True)
+    return MadeLab(lab, plan, digest, state, pool, seed)
 
-    def create_node(node: PlannedNode) -> Any:
-        domain = lv.find_domain(conn, node.domain)
-        if domain is None:
-            emit(f"node {node.name}: disks, seed and domain")
-            image = images[node.name]
-            base_volume, boot = volumes[image.volume_stem]
-            xml = node_domain_xml(
-                conn, pool, plan, node, digest, probe, image, base_volume, boot, seed, state
-            )
-            domain = lv.ensure_domain(conn, node.domain, owned_xml(xml, state), lab=lab.name)
-        elif not domain.isActive():
-            domain = lv.ensure_domain(conn, node.domain, "", lab=lab.name)
-        return domain
 
-    # All nodes are created and started together: QEMU's start-up is the slow part.
-    with ThreadPoolExecutor(max_workers=len(plan.nodes)) as workers:
-        futures = {node.name: workers.submit(create_node, node) for node in plan.nodes}
-        return {name: future.result() for name, future in futures.items()}
+def create_node(
+    conn: Any, made: MadeLab, node: PlannedNode, probe: HostProbe, image: BaseImage, emit: Log
+) -> Any:
+    """A node's disks, seed and domain, started (an existing domain is kept, and started)."""
+    lab_name = made.lab.name
+    domain = lv.find_domain(conn, node.domain)
+    if domain is None:
+        emit(f"node {node.name}: disks, seed and domain")
+        with made.uploading:
+            if image.volume_stem not in made.volumes:
+                emit(f"base image {image.name} ({image.disk.name})")
+                made.volumes[image.volume_stem] = upload_base(conn, made.pool, image)
+            base_volume, boot = made.volumes[image.volume_stem]
+        xml = node_domain_xml(
+            conn,
+            made.pool,
+            made.plan,
+            node,
+            made.digest,
+            probe,
+            image,
+            base_volume,
+            boot,
+            made.seed,
+            made.state,
+        )
+        domain = lv.ensure_domain(conn, node.domain, owned_xml(xml, made.state), lab=lab_name)
+    elif not domain.isActive():
+        domain = lv.ensure_domain(conn, node.domain, "", lab=lab_name)
+    return domain
 
 
 def owned_xml(xml: str, state: LabState) -> str:

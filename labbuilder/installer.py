@@ -118,7 +118,7 @@ def render_for_lab(
         apt_proxy=lab.options.apt_proxy,
         path=selection.path,
         guest_api_source=GUEST_API_SOURCE.read_text(),
-        optional_stages=selection.optional,
+        optional_stages=selection.optional + lab.options.optional_stages,
     )
     return recipe, render_stages(recipe, plan, chosen, options)
 

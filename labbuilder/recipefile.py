@@ -53,6 +53,7 @@ from labbuilder.recipemodel import (
     FileSpec,
     Recipe,
     RoleImage,
+    StagePackages,
     StageSpec,
     StepSpec,
 )
@@ -70,7 +71,16 @@ from labbuilder.tomlread import (
 )
 
 RECIPE_KEYS = ("name", "description", "guide", "secrets", "settings", "roles")
-ROLE_KEYS = ("packages", "masked_units", "min_vcpus", "min_memory", "min_disk", "memory_note")
+ROLE_KEYS = (
+    "packages",
+    "masked_units",
+    "min_vcpus",
+    "min_memory",
+    "min_disk",
+    "memory_note",
+    "stages",
+)
+STAGE_PACKAGE_KEYS = ("packages", "masked_units")
 STAGE_KEYS = ("name", "title", "guide", "networking", "optional", "requires_roles", "steps")
 STEP_KEYS = (
     "name",
@@ -214,6 +224,8 @@ def read_recipe(folder: Traversable) -> Recipe:
                         f"{spec.template!r}, which is not in {template_dir}"
                     )
 
+    roles = _parse_roles(top.get("roles", {}), where.key("roles"))
+    _check_stage_packages(roles, stages, where.key("roles"))
     return Recipe(
         name=parse_str(top["name"], where.key("name")),
         description=parse_str(top["description"], where.key("description")),
@@ -221,7 +233,7 @@ def read_recipe(folder: Traversable) -> Recipe:
         directory=str(folder),
         secrets=_parse_secrets(top.get("secrets", {}), where.key("secrets")),
         settings=tuple(sorted(parse_table(top.get("settings", {}), where.key("settings")).items())),
-        roles=_parse_roles(top.get("roles", {}), where.key("roles")),
+        roles=roles,
         stages=tuple(stages),
         templates=tuple(templates),
         digest=digest.hexdigest(),
@@ -272,10 +284,48 @@ def _parse_roles(value: object, where: Where) -> tuple[tuple[str, RoleImage], ..
                     else parse_size_value(memory, at.key("min_memory")),
                     min_disk=None if disk is None else parse_size_value(disk, at.key("min_disk")),
                     memory_note=parse_str(table.get("memory_note", ""), at.key("memory_note")),
+                    stages=_parse_stage_packages(table.get("stages", {}), at.key("stages")),
                 ),
             )
         )
     return tuple(roles)
+
+
+def _parse_stage_packages(value: object, where: Where) -> tuple[tuple[str, StagePackages], ...]:
+    stages = []
+    for stage, raw in parse_table(value, where).items():
+        at = where.key(stage)
+        table = parse_table(raw, at)
+        check_keys(table, STAGE_PACKAGE_KEYS, at)
+        stages.append(
+            (
+                stage,
+                StagePackages(
+                    packages=parse_str_list(table.get("packages", []), at.key("packages")),
+                    masked_units=parse_str_list(
+                        table.get("masked_units", []), at.key("masked_units")
+                    ),
+                ),
+            )
+        )
+    return tuple(stages)
+
+
+def _check_stage_packages(
+    roles: tuple[tuple[str, RoleImage], ...], stages: list[StageSpec], where: Where
+) -> None:
+    """A role's ``[roles.<role>.stages.<stage>]`` names an optional stage of the recipe: the
+    other stages always run, so their packages are the role's own."""
+    optional = [stage.name for stage in stages if stage.optional]
+    for role, image in roles:
+        for name, _ in image.stages:
+            if name not in optional:
+                at = where.key(role).key("stages").key(name)
+                raise at.problem(
+                    f"{at.path}: {name!r} is not an optional stage of the recipe",
+                    f"optional stages: {', '.join(optional) or 'none'}; packages every lab "
+                    "needs go in the role's own packages",
+                )
 
 
 def _parse_stage(data: dict[str, Any], source: str, file_name: str) -> StageSpec:

@@ -9,7 +9,8 @@ reads it into a ``Recipe``; ``labbuilder.reciperender`` renders it for one lab i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -92,16 +93,42 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
-class RoleImage:
-    """What a role's image carries pre-installed, and what is masked until configured."""
+class StagePackages:
+    """What an optional stage adds to a role's image, for labs that select the stage."""
 
     packages: tuple[str, ...] = ()
     masked_units: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoleImage:
+    """What a role's image carries pre-installed, and what is masked until configured.
+
+    ``packages`` and ``masked_units`` are the role's own (the core path's); ``stages`` adds, per
+    optional stage, what only that stage needs: a lab's image carries the stages it selects."""
+
+    packages: tuple[str, ...] = ()
+    masked_units: tuple[str, ...] = ()
+    stages: tuple[tuple[str, StagePackages], ...] = ()
     # What a node of the role needs to run the recipe (None: the guide's minimum will do).
     min_vcpus: int | None = None
     min_memory: int | None = None  # bytes
     min_disk: int | None = None  # bytes, the root disk
     memory_note: str = ""
+
+    def stage_packages(self, stage: str) -> StagePackages:
+        return dict(self.stages).get(stage, StagePackages())
+
+    def with_stages(self, selected: Iterable[str]) -> RoleImage:
+        """The role's image for a lab that selects the optional stages ``selected``: the role's
+        own packages and masked units, then each selected stage's (in the recipe's order)."""
+        wanted = set(selected)
+        packages, masked = list(self.packages), list(self.masked_units)
+        for name, extra in self.stages:
+            if name in wanted:
+                packages += [item for item in extra.packages if item not in packages]
+                masked += [item for item in extra.masked_units if item not in masked]
+        return replace(self, packages=tuple(packages), masked_units=tuple(masked), stages=())
 
 
 @dataclass(frozen=True)
@@ -120,8 +147,9 @@ class Recipe:
     def stage(self, name: str) -> StageSpec:
         return next(stage for stage in self.stages if stage.name == name)
 
-    def role_image(self, role: str) -> RoleImage:
-        return dict(self.roles).get(role, RoleImage())
+    def role_image(self, role: str, stages: Iterable[str] = ()) -> RoleImage:
+        """What the image of ``role`` carries in a lab that selects the optional ``stages``."""
+        return dict(self.roles).get(role, RoleImage()).with_stages(stages)
 
     @property
     def secret_names(self) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ class RenderOptions:
     apt_proxy: str | None = None
     path: ApiPath = ApiPath.FAST
     guest_api_source: str = ""  # the text of guestapi.py, written to the guest on the fast path
-    optional_stages: tuple[str, ...] = ()  # optional stages the lab selects
+    optional_stages: tuple[str, ...] = ()  # optional stages the lab selects (and --with adds)
 
 
 def placeholder_secrets(recipe: Recipe) -> dict[str, str]:
@@ -215,7 +215,11 @@ def _context(recipe: Recipe, plan: Plan, options: RenderOptions) -> dict[str, An
         "hosts": [{"address": address, "name": name} for address, name in plan.hosts],
         "networks": networks,
         "secrets": dict(options.secrets),
-        "packages": {role: list(image.packages) for role, image in recipe.roles},
+        # a role's packages in this lab: its own and those of the optional stages it selects
+        "packages": {
+            role: list(recipe.role_image(role, options.optional_stages).packages)
+            for role, _ in recipe.roles
+        },
         "settings": settings,
     }
 
@@ -241,7 +245,15 @@ def _render_stage(
 ) -> RenderedStage:
     rendered: list[RenderedStep] = []
     for node in plan.nodes:
-        context = {**base, "node": node_context(plan, node), "stage": stage.name}
+        context = {
+            **base,
+            "node": node_context(plan, node),
+            "stage": stage.name,
+            "stage_packages": {
+                role: list(image.stage_packages(stage.name).packages)
+                for role, image in recipe.roles
+            },
+        }
         node_steps = [
             _render_step(env, stage, step, node.name, context, options)
             for step in stage.steps

@@ -130,7 +130,7 @@ def test_up_in_a_ci_log_shows_phases_and_heartbeats_and_logs_the_detail(
 
     # While the nodes boot (from the first node's start to the last one ready), heartbeats.
     first = next(i for i, t in enumerate(texts) if re.match(r"node \w+: domain running", t))
-    ready = max(i for i, t in enumerate(texts) if "cloud-init finished: ready" in t)
+    ready = max(i for i, t in enumerate(texts) if "configured by cloud-init: ready" in t)
     beats = [t for t in texts[first:ready] if re.fullmatch(r"still running: .+ \(\d+ s\)", t)]
     assert len(beats) >= 2, texts
     times = [datetime.strptime(m.group(1), "%H:%M:%S") for m in stamped[first : ready + 1] if m]

@@ -142,8 +142,30 @@ def test_up_lines_carry_each_rung_and_the_last_up_s_times(tmp_path: Path) -> Non
         "node controller: NIC link up after 2 s (last time 3 s)",
         "node controller: port 22 open after 38 s (last time 40 s)",
         "node controller: SSH login works after 45 s (last time 44 s)",
-        "node controller: cloud-init finished: ready after 80 s (last time 90 s)",
+        "node controller: configured by cloud-init: ready after 80 s (last time 90 s)",
     ]
+
+
+def test_an_image_built_beside_the_nodes_stays_a_phase_until_it_is_built(tmp_path: Path) -> None:
+    """``up`` boots a node whose image is there while another node's image builds: between the
+    ready node and the last image, the heartbeat still names the build."""
+    out = io.StringIO()
+    now = [1000.0]
+    with Progress(out, heartbeat=5, clock=lambda: now[0]) as progress:
+        watch = UpWatch(progress, tmp_path / "up-latest.json")
+        watch.on_log("image debian-12-controller: building (17 role packages over its base)")
+        watch.on_log("network lbtest-management (nat, 10.0.0.0/24)")
+        watch.on_log("node network: disks, seed and domain")
+        for rung in (*RUNGS, "ready"):
+            watch.on_rung("network", rung, 1.0)
+        assert progress.tracks() == ["image debian-12-controller"]
+        now[0] += 6  # nothing printed for longer than the heartbeat's interval
+        deadline = time.monotonic() + 10
+        while "still running: image" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "still running: image debian-12-controller: building" in out.getvalue()
+        watch.on_log("image debian-12-controller: built in 95 s")
+        assert progress.tracks() == []
 
 
 def test_install_lines_carry_stage_and_step_times_and_last_time_s(tmp_path: Path) -> None:

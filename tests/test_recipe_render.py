@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from labbuilder import api
+from labbuilder.bringup import image_builds
 from labbuilder.commands.coverage import recipe_coverage
 from labbuilder.errors import LabFileError, RecipeError
 from labbuilder.imagemodel import CloudInitFlavour
@@ -230,6 +231,84 @@ def test_the_built_in_zed_full_lab_runs_every_stage_and_the_guide_lab_the_core_p
         plan = api.plan_lab(lab, host_check=False).plan
         stages = applicable_stages(recipe, plan, lab.options.optional_stages)
         assert [stage.name for stage in stages] == expected, name
+
+
+def test_a_labs_images_carry_its_own_optional_stages_and_a_stage_chosen_later_installs_its_own() -> (
+    None
+):
+    """zed-debian-12's role images carry the core path's packages and those of the optional
+    stages the lab selects: the default lab's controller image has no horizon, heat, cinder,
+    swift or telemetry; zed-full's has them all (masked until configured). A stage chosen at
+    install time (--with) on such a lab installs its packages in its first step."""
+    guide = api.load_lab(None, "guide-3node")
+    full = api.load_lab(None, "zed-full")
+    builds = {
+        name: {
+            build.role: build
+            for build in image_builds(lab, api.plan_lab(lab, host_check=False).plan).values()
+        }
+        for name, lab in (("guide", guide), ("full", full))
+    }
+    core = builds["guide"]["controller"]
+    assert {"keystone", "glance", "nova-api", "neutron-server"} <= set(core.packages)
+    extras = {"openstack-dashboard-apache", "heat-api", "cinder-api", "swift-proxy",
+              "gnocchi-api"}  # fmt: skip
+    assert not extras & set(core.packages), core.packages
+    assert "apache2.service" not in core.masked_units
+    every = builds["full"]["controller"]
+    assert extras <= set(every.packages) and set(core.packages) < set(every.packages)
+    assert {"apache2.service", "heat-engine.service"} <= set(every.masked_units)
+    assert "ceilometer-agent-compute" in builds["full"]["compute"].packages
+    assert "ceilometer-agent-compute" not in builds["guide"]["compute"].packages
+
+    plan = api.plan_lab(guide, host_check=False).plan
+    selection = Selection(optional=("dashboard",))
+    _, stages = render_for_lab(guide, selection, secrets=None, plan=plan, virt_type="qemu")
+    steps = {(step.stage, step.step, step.node): step.script for st in stages for step in st.steps}
+    # The environment's packages step wants the lab's stages' packages too ...
+    assert "openstack-dashboard-apache" in steps[("environment", "packages", "controller")]
+    plain = render_for_lab(guide, Selection(), secrets=None, plan=plan, virt_type="qemu")[1]
+    environment = next(step for step in plain[0].steps if step.step == "packages")
+    assert "openstack-dashboard-apache" not in environment.script
+    # ... and the chosen stage's first step installs its own when the image lacks them.
+    script = steps[("dashboard", "packages", "controller")]
+    assert "dpkg -s openstack-dashboard-apache" in script
+    assert "apt-get install -y --no-install-recommends openstack-dashboard-apache" in script
+    assert [step.step for step in stages[-2].steps][:1] == ["packages"]  # dashboard comes first
+
+    _, stages = render_for_lab(full, Selection(), secrets=None, plan=api.plan_lab(full, host_check=False).plan,
+                               virt_type="qemu")  # fmt: skip
+    firsts = {
+        stage.name: sorted(step.node for step in stage.steps if step.step == "packages")
+        for stage in stages
+        if stage.name in ("dashboard", "block-storage", "object-storage", "orchestration",
+                          "telemetry")
+    }  # fmt: skip
+    assert firsts == {
+        "dashboard": ["controller"],
+        "block-storage": ["controller"],
+        "object-storage": ["controller"],
+        "orchestration": ["controller"],
+        "telemetry": ["compute1", "controller"],
+    }
+
+
+def test_a_role_may_add_packages_only_for_an_optional_stage(tmp_path: Path) -> None:
+    for optional in (True, False):
+        folder = write_recipe(tmp_path / str(optional), optional=optional)
+        with (folder / "recipe.toml").open("a") as recipe:
+            recipe.write('[roles.controller]\npackages = ["a"]\n'
+                         '[roles.controller.stages.demo]\npackages = ["b"]\n')  # fmt: skip
+        if optional:
+            loaded = load_recipe(str(folder))
+            assert loaded.role_image("controller").packages == ("a",)
+            assert loaded.role_image("controller", ["demo"]).packages == ("a", "b")
+            continue
+        with pytest.raises(RecipeError) as err:
+            load_recipe(str(folder))
+        assert "roles.controller.stages.demo" in err.value.message, err.value.message
+        assert "is not an optional stage of the recipe" in err.value.message
+        assert err.value.hint is not None and "optional stages: none" in err.value.hint
 
 
 # --- one quoting filter per destination --------------------------------------------------------

@@ -72,7 +72,7 @@ def register(commands: Subparsers) -> None:
             "Bring a lab up: probe the host, create its libvirt networks, disks (thin overlays "
             "on the shared base image) and seed ISOs, start every node in parallel, and wait "
             "for each to climb the readiness ladder: running, NIC link, port 22, SSH login, "
-            "cloud-init finished. Running it again on a running lab changes nothing; on a "
+            "configured by cloud-init. Running it again on a running lab changes nothing; on a "
             "partial lab it completes what is missing."
         ),
     )

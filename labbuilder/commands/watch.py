@@ -31,7 +31,7 @@ RUNG_REACHED = {
     "link": "NIC link up",
     "port 22": "port 22 open",
     "ssh login": "SSH login works",
-    "cloud-init": "cloud-init finished: ready",
+    "cloud-init": "configured by cloud-init: ready",
 }
 IMAGE_SENTENCE = re.compile(r"^(?:role )?image (\S+?):? ")
 IMAGE_DONE = ("built", "cache", "reused", "ready", "found", "failed")  # "cache hit ..."
@@ -95,16 +95,15 @@ class UpWatch:
         self.current: dict[str, str] = {}  # node -> the rung it waits for
 
     def on_log(self, message: str) -> None:
-        """A sentence of ``up``: a line, and the phase running until the next one (an image's
-        sentences are the phases of that image, which may be built beside others)."""
+        """A sentence of ``up``: a line, and the phase running until the next one. An image's
+        sentences are the phases of that image until its last one (built, cache hit, failed):
+        images are built beside the rest of ``up`` (networks, the nodes whose images are
+        there)."""
         image = IMAGE_SENTENCE.match(message)
         track = f"image {image.group(1)}" if image else "up"
         if image and message[image.end() :].startswith(IMAGE_DONE):
             self.progress.finish(track, message)
             return
-        if not image:
-            for other in self.progress.tracks("image "):
-                self.progress.finish(other)
         self.progress.line(message)
         self.progress.start(track, message)
 
