@@ -80,8 +80,9 @@ def seconds(value: float) -> str:
 
 
 def with_estimate(text: str, estimate: float | None) -> str:
-    """``text``, and what the same phase took last time where that is known."""
-    return text if estimate is None else f"{text} (last time {seconds(estimate)})"
+    """``text``, and what the same phase took last time where that is known (a last time under
+    a second, say a re-run that found every step done, is no estimate)."""
+    return text if estimate is None or estimate < 1 else f"{text} (last time {seconds(estimate)})"
 
 
 @dataclass

@@ -29,7 +29,7 @@ from labbuilder.errors import HostError, UsageError
 from labbuilder.install import EngineEvent
 from labbuilder.installreport import UpRecord, write_up_reports
 from labbuilder.lablog import TOOLS_LOGGER, lab_log, tail
-from labbuilder.progress import HEARTBEAT_ENV, Progress, heartbeat_interval
+from labbuilder.progress import HEARTBEAT_ENV, Progress, heartbeat_interval, with_estimate
 from labbuilder.readiness import RUNGS
 
 STAMPED = re.compile(r"^\d\d:\d\d:\d\d \S")
@@ -313,3 +313,11 @@ def test_run_copies_what_each_log_received_during_the_run(tmp_path: Path) -> Non
     assert (target / "up.log").read_text() == "==== this run's up\n10:05:00 probing the host\n"
     assert (target / "install.log").read_text() == "==== this run's install\n"
     assert stat.S_IMODE((target / "up.log").stat().st_mode) == 0o600
+
+
+def test_a_last_time_that_did_nothing_is_no_estimate() -> None:
+    assert with_estimate("stage identity: ok in 354 s", 0.0) == "stage identity: ok in 354 s"
+    assert with_estimate("stage identity: ok in 354 s", None) == "stage identity: ok in 354 s"
+    assert with_estimate("stage identity: ok in 354 s", 182.0) == (
+        "stage identity: ok in 354 s (last time 182 s)"
+    )
