@@ -268,14 +268,13 @@ def _parse_roles(value: object, where: Where) -> tuple[tuple[str, RoleImage], ..
         table = parse_table(raw, at)
         check_keys(table, ROLE_KEYS, at)
         memory, disk, vcpus = (table.get(f"min_{key}") for key in ("memory", "disk", "vcpus"))
+        packages, masked_units = _image_content(table, at)
         roles.append(
             (
                 role,
                 RoleImage(
-                    packages=parse_str_list(table.get("packages", []), at.key("packages")),
-                    masked_units=parse_str_list(
-                        table.get("masked_units", []), at.key("masked_units")
-                    ),
+                    packages=packages,
+                    masked_units=masked_units,
                     min_vcpus=None
                     if vcpus is None
                     else parse_int(vcpus, at.key("min_vcpus"), minimum=1, maximum=64),
@@ -297,18 +296,16 @@ def _parse_stage_packages(value: object, where: Where) -> tuple[tuple[str, Stage
         at = where.key(stage)
         table = parse_table(raw, at)
         check_keys(table, STAGE_PACKAGE_KEYS, at)
-        stages.append(
-            (
-                stage,
-                StagePackages(
-                    packages=parse_str_list(table.get("packages", []), at.key("packages")),
-                    masked_units=parse_str_list(
-                        table.get("masked_units", []), at.key("masked_units")
-                    ),
-                ),
-            )
-        )
+        stages.append((stage, StagePackages(*_image_content(table, at))))
     return tuple(stages)
+
+
+def _image_content(table: dict[str, Any], where: Where) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A role's (or an optional stage's) ``packages`` and ``masked_units``."""
+    return (
+        parse_str_list(table.get("packages", []), where.key("packages")),
+        parse_str_list(table.get("masked_units", []), where.key("masked_units")),
+    )
 
 
 def _check_stage_packages(
