@@ -78,9 +78,8 @@ def up(
     state: LabState | None = None,
 ) -> UpResult:
     """Bring the lab up. On a fresh host the work overlaps: the host probe runs beside the role
-    images' builds, the networks are made meanwhile, and on a host with cores to spare each node
-    boots as soon as its own image is there (network and compute boot while the controller's
-    larger image is still building; ``boots_beside_builds``)."""
+    images' builds, the networks are made meanwhile, and each node boots as soon as its own image
+    is there (network and compute boot while the controller's larger image is still building)."""
     emit = log or (lambda _message: None)
     start = time.monotonic()
     state = state or lab_state(lab.name)
@@ -147,15 +146,8 @@ def _bring_up(
                 node_images[node.name] = made[content] if content in made else _done(base)
             made_lab = prepare_lab(conn, lab, plan, digest, base, state, emit)
 
-            early = boots_beside_builds(
-                os.cpu_count() or 1, len(builds), max(node.vcpus for node in plan.nodes)
-            )
-
             def bring(node: PlannedNode) -> dict[str, float]:
                 image = node_images[node.name].result()
-                if not early:
-                    for other in made.values():
-                        other.result()
                 probe = probing.result()
                 if stop.is_set():
                     raise NodeNotReadyError(f"node {node.name}: stopped before it was created")
@@ -184,16 +176,6 @@ def _bring_up(
             builder.shutdown(wait=False, cancel_futures=True)
             raise
     return probe, rungs
-
-
-def boots_beside_builds(cores: int, builds: int, vcpus: int) -> bool:
-    """Whether a node may boot while other nodes' images are still being built: only where the
-    host has a core for every build and for every vCPU of a node besides. Under emulation a
-    booting guest keeps as many host cores busy as it has vCPUs, and on a small host it slows the
-    largest image's build (the one the lab waits for longest) more than its early start saves:
-    on two cores, the controller's image took 105 s alone and 202 s beside the network node's
-    boot; there, every node boots once the images are built."""
-    return cores >= builds + vcpus
 
 
 def _done(image: BaseImage) -> Future[BaseImage]:

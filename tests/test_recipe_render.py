@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from labbuilder import api
-from labbuilder.bringup import boots_beside_builds, image_builds
+from labbuilder.bringup import image_builds
 from labbuilder.commands.coverage import recipe_coverage
 from labbuilder.errors import LabFileError, RecipeError
 from labbuilder.imagemodel import CloudInitFlavour
@@ -294,13 +294,6 @@ def test_a_labs_images_carry_its_own_optional_stages_and_a_stage_chosen_later_in
         "telemetry": ["compute1", "controller"],
     }
 
-
-
-def test_nodes_boot_beside_image_builds_only_where_the_host_has_cores_to_spare() -> None:
-    assert not boots_beside_builds(cores=2, builds=3, vcpus=2)  # this two-core host
-    assert not boots_beside_builds(cores=4, builds=3, vcpus=2)
-    assert boots_beside_builds(cores=8, builds=3, vcpus=2)
-    assert boots_beside_builds(cores=2, builds=0, vcpus=2)  # every image cached: no build
 
 def test_a_role_may_add_packages_only_for_an_optional_stage(tmp_path: Path) -> None:
     for optional in (True, False):
