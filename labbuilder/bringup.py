@@ -7,7 +7,6 @@ fails and the lab did not exist before, everything made so far is removed again.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -15,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,7 +51,6 @@ from labbuilder.render import (
     render_network_xml,
     render_seed_files,
 )
-from labbuilder.rootfs import yielding_cpu
 from labbuilder.seed_iso import build_seed_iso
 from labbuilder.teardown import remove_lab_objects
 
@@ -194,7 +192,6 @@ class ImageBuild:
     role: str
     packages: tuple[str, ...]
     masked_units: tuple[str, ...]
-    yields: bool = False  # smaller than the lab's largest: its build yields the CPU to that one
 
 
 def image_content(lab: Lab, node: PlannedNode) -> Content:
@@ -205,9 +202,7 @@ def image_content(lab: Lab, node: PlannedNode) -> Content:
 def image_builds(lab: Lab, plan: Plan) -> dict[Content, ImageBuild]:
     """The distinct role images of the lab (none without ``options.role_images``): roles that
     want the same packages and masked units (network and compute, say) share one image, and a
-    role with nothing to add boots the plain image. The builds of all but the largest image
-    yield the CPU (``nice``) to the largest's: it is the one the lab waits for longest, and on a
-    small host side-by-side builds otherwise slow it down as much as they save."""
+    role with nothing to add boots the plain image."""
     if not lab.options.role_images:
         return {}
     builds: dict[Content, ImageBuild] = {}
@@ -215,24 +210,18 @@ def image_builds(lab: Lab, plan: Plan) -> dict[Content, ImageBuild]:
         content = image_content(lab, node)
         if content != ((), ()) and content not in builds:
             builds[content] = ImageBuild(str(node.role), *content)
-    largest = max((len(build.packages) for build in builds.values()), default=0)
-    return {
-        content: replace(build, yields=len(build.packages) < largest)
-        for content, build in builds.items()
-    }
+    return builds
 
 
 def resolve_build(lab: Lab, base: BaseImage, build: ImageBuild, emit: Log) -> BaseImage:
-    """The role image of ``build``, from the cache or built (yielding the CPU if it should)."""
-    with yielding_cpu() if build.yields else contextlib.nullcontext():
-        return resolve_role_image(
-            lab.image,
-            role=build.role,
-            packages=build.packages,
-            masked_units=build.masked_units,
-            libvirt_uri=lab.libvirt_uri,
-            log=emit,
-        )
+    return resolve_role_image(
+        lab.image,
+        role=build.role,
+        packages=build.packages,
+        masked_units=build.masked_units,
+        libvirt_uri=lab.libvirt_uri,
+        log=emit,
+    )
 
 
 def role_images(lab: Lab, plan: Plan, base: BaseImage, emit: Log) -> dict[str, BaseImage]:

@@ -25,9 +25,7 @@ import shlex
 import shutil
 import subprocess
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from labbuilder.errors import HostError, ImageError
@@ -100,23 +98,6 @@ _FULL = re.compile(r"No space left|Could not allocate|too small|not enough space
 _tools = logging.getLogger("labbuilder.tools")
 
 
-# Set in a thread that builds an image beside a larger one: its tools run niced.
-_YIELDING: ContextVar[bool] = ContextVar("labbuilder_image_yielding", default=False)
-YIELD_NICENESS = 10
-
-
-@contextmanager
-def yielding_cpu() -> Iterator[None]:
-    """Within it, the tools this thread runs have a lower CPU priority (``nice``): a small image
-    built beside a larger one leaves the host's cores to the larger, which the lab waits for
-    longest, and still gets what the larger leaves idle."""
-    token = _YIELDING.set(True)
-    try:
-        yield
-    finally:
-        _YIELDING.reset(token)
-
-
 def run(
     argv: Sequence[str | Path], *, stream: bool = False, env: Mapping[str, str] | None = None
 ) -> str:
@@ -129,8 +110,6 @@ def run(
     when it fails.
     """
     args = [str(a) for a in argv]
-    if _YIELDING.get():
-        args = ["nice", "-n", str(YIELD_NICENESS), *args]
     _tools.debug("$ %s", " ".join(args))
     env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
     tail: deque[str] = deque(maxlen=30)

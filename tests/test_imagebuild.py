@@ -18,7 +18,6 @@ import re
 import shutil
 import socket
 import tempfile
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -138,24 +137,6 @@ def test_bad_input_is_refused_before_anything_runs(
     with pytest.raises(ImageError, match=message):
         build_image(name, recipe, workdir, masked_units=masked, log=lines.append)
     assert lines == [] and list(workdir.iterdir()) == []
-
-
-def test_a_build_beside_a_larger_one_runs_its_tools_niced() -> None:
-    """In a thread that yields the CPU the image tools run at niceness 10; elsewhere, and in
-    other threads meanwhile, at the caller's."""
-    base = int(rootfs.run(["nice"]).strip())
-    seen: dict[str, int] = {}
-
-    def other() -> None:
-        seen["other"] = int(rootfs.run(["nice"]).strip())
-
-    with rootfs.yielding_cpu():
-        seen["yielding"] = int(rootfs.run(["nice"]).strip())
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join()
-    assert seen == {"yielding": min(base + rootfs.YIELD_NICENESS, 19), "other": base}
-    assert int(rootfs.run(["nice"]).strip()) == base
 
 
 @pytest.mark.slow

@@ -250,8 +250,6 @@ def test_a_labs_images_carry_its_own_optional_stages_and_a_stage_chosen_later_in
         for name, lab in (("guide", guide), ("full", full))
     }
     core = builds["guide"]["controller"]
-    # The largest image's build has the CPU; the others' yield to it.
-    assert [role for role, build in builds["guide"].items() if not build.yields] == ["controller"]
     assert {"keystone", "glance", "nova-api", "neutron-server"} <= set(core.packages)
     extras = {"openstack-dashboard-apache", "heat-api", "cinder-api", "swift-proxy",
               "gnocchi-api"}  # fmt: skip
