@@ -125,7 +125,8 @@ def _bring_up(
     image and the probe are there; the probe and each node's rungs. On failure every thread
     is told to stop and has stopped (nothing is created after) before the error goes on."""
     stop = threading.Event()
-    builds = image_builds(lab, plan)
+    contents = node_contents(lab, plan)
+    builds = image_builds(lab, plan, contents)
     workers = 1 + max(1, min(len(builds), os.cpu_count() or 1))
     with (
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image") as builder,
@@ -140,7 +141,7 @@ def _bring_up(
             }
             node_images: dict[str, Future[BaseImage]] = {}
             for node in plan.nodes:
-                content = image_content(lab, node)
+                content = contents[node.name]
                 node_images[node.name] = made[content] if content in made else _done(base)
             made_lab = prepare_lab(conn, lab, plan, digest, base, state, emit)
 
@@ -194,20 +195,29 @@ class ImageBuild:
     masked_units: tuple[str, ...]
 
 
-def image_content(lab: Lab, node: PlannedNode) -> Content:
-    wanted = load_recipe(lab.recipe).role_image(str(node.role), lab.options.optional_stages)
-    return (tuple(sorted(wanted.packages)), tuple(sorted(wanted.masked_units)))
+def node_contents(lab: Lab, plan: Plan) -> dict[str, Content]:
+    """What each node's image adds to the lab's image (nothing without ``options.role_images``),
+    from one reading of the recipe."""
+    if not lab.options.role_images:
+        return {node.name: ((), ()) for node in plan.nodes}
+    recipe = load_recipe(lab.recipe)
+    contents = {}
+    for node in plan.nodes:
+        wanted = recipe.role_image(str(node.role), lab.options.optional_stages)
+        contents[node.name] = (tuple(sorted(wanted.packages)), tuple(sorted(wanted.masked_units)))
+    return contents
 
 
-def image_builds(lab: Lab, plan: Plan) -> dict[Content, ImageBuild]:
+def image_builds(
+    lab: Lab, plan: Plan, contents: dict[str, Content] | None = None
+) -> dict[Content, ImageBuild]:
     """The distinct role images of the lab (none without ``options.role_images``): roles that
     want the same packages and masked units (network and compute, say) share one image, and a
     role with nothing to add boots the plain image."""
-    if not lab.options.role_images:
-        return {}
+    contents = node_contents(lab, plan) if contents is None else contents
     builds: dict[Content, ImageBuild] = {}
     for node in plan.nodes:
-        content = image_content(lab, node)
+        content = contents[node.name]
         if content != ((), ()) and content not in builds:
             builds[content] = ImageBuild(str(node.role), *content)
     return builds
@@ -222,20 +232,6 @@ def resolve_build(lab: Lab, base: BaseImage, build: ImageBuild, emit: Log) -> Ba
         libvirt_uri=lab.libvirt_uri,
         log=emit,
     )
-
-
-def role_images(lab: Lab, plan: Plan, base: BaseImage, emit: Log) -> dict[str, BaseImage]:
-    """Each node's image: its role's image from the lab's recipe (with the optional stages the
-    lab selects), or the lab's plain image; the distinct images made side by side."""
-    builds = image_builds(lab, plan)
-    workers = max(1, min(len(builds), os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image") as pool:
-        futures = {
-            content: pool.submit(resolve_build, lab, base, build, emit)
-            for content, build in builds.items()
-        }
-        made = {content: future.result() for content, future in futures.items()}
-    return {node.name: made.get(image_content(lab, node), base) for node in plan.nodes}
 
 
 def check_registration(lab: Lab, state: LabState) -> None:
