@@ -102,7 +102,8 @@ def render_for_lab(
     lab: Lab, selection: Selection, *, secrets: dict[str, str] | None, plan: Plan, virt_type: str
 ) -> tuple[Recipe, tuple[RenderedStage, ...]]:
     recipe = load_recipe(selection.recipe or lab.recipe)
-    stages = applicable_stages(recipe, plan, selection.optional + lab.options.optional_stages)
+    optional = selection.optional + lab.options.optional_stages
+    stages = applicable_stages(recipe, plan, optional)
     chosen = select_stages(
         stages,
         start=selection.start,
@@ -118,7 +119,7 @@ def render_for_lab(
         apt_proxy=lab.options.apt_proxy,
         path=selection.path,
         guest_api_source=GUEST_API_SOURCE.read_text(),
-        optional_stages=selection.optional + lab.options.optional_stages,
+        optional_stages=optional,
     )
     return recipe, render_stages(recipe, plan, chosen, options)
 
