@@ -159,7 +159,9 @@ def _bring_up(
                     key_path=state.key_path,
                     console_log=state.console_log(node.name),
                 )
-                return wait_ready(domain, target, timeouts=timeouts, on_rung=on_rung, stop=stop)
+                return wait_ready(
+                    domain, target, timeouts=timeouts, on_rung=on_rung, stop=stop, note=emit
+                )
 
             started = {node.name: starter.submit(bring, node) for node in plan.nodes}
             probe = probing.result()

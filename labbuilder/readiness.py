@@ -2,7 +2,8 @@
 configured by cloud-init (its init and config stages; services the image starts at boot may
 still be starting, and the install's steps wait for those they use). Each rung has its own
 timeout and its own diagnosis; a failure names the node and the rung and shows the last console
-lines (kernel panic, cloud-init error).
+lines (kernel panic, cloud-init error). An emulated guest whose kernel stalls while it boots (a soft
+lockup, an RCU stall, a hung task: rare, from a loaded host) is reset once, said in the log.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import libvirt
 import paramiko
 
-from labbuilder.adapters.libvirt import domain_state
+from labbuilder.adapters.libvirt import domain_state, reset_domain
 from labbuilder.adapters.ssh import SSHSession, port_open
 from labbuilder.errors import HypervisorError
 
@@ -39,6 +40,15 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 _FATAL = re.compile(
     r"Kernel panic|end Kernel panic|VFS: Unable to mount root|Attempted to kill init"
 )
+# The kernel's own headlines for a stall; the trace under them is registers and addresses.
+_STALL = re.compile(
+    r"soft lockup|hard LOCKUP|self-detected stall|detected stalls|blocked for more than \d+ sec"
+    r"|BUG: |Oops|general protection fault"
+)
+BOOT_RUNGS = ("link", "port 22")  # the rungs a stalled kernel never reaches
+# A node normally reaches its link within 20-40 s; a stalled one this long after its rung began
+# is reset (once) rather than waited for until the rung's timeout.
+STALL_GRACE = 90.0
 
 RungCallback = Callable[[str, str, float], None]  # node, rung, seconds since the node started
 
@@ -68,6 +78,28 @@ def console_tail(path: Path, lines: int = CONSOLE_LINES) -> str:
     return "\n".join(kept) or "(the console printed nothing)"
 
 
+def kernel_stall(path: Path, offset: int = 0) -> str | None:
+    """The first stall headline the guest's kernel printed on its console after byte
+    ``offset``, or None."""
+    try:
+        with path.open("rb") as console:
+            console.seek(offset)
+            text = console.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if _STALL.search(line):
+            return _ANSI.sub("", line).strip()[:200]
+    return None
+
+
+def _console_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def wait_ready(
     domain: Any,
     node: NodeTarget,
@@ -75,12 +107,16 @@ def wait_ready(
     timeouts: dict[str, float] | None = None,
     on_rung: RungCallback | None = None,
     stop: threading.Event | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Climb the ladder; return the seconds at which each rung was reached. ``stop`` set (the
-    rest of ``up`` failed) ends the climb at the next poll."""
+    rest of ``up`` failed) ends the climb at the next poll. A kernel stall on the way to the
+    node's network resets the domain once (``note`` says so) and the rung is waited for anew."""
     limits = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
     start = time.monotonic()
     reached: dict[str, float] = {}
+    console_from = 0  # the console's bytes before a reset are not this boot's
+    restarted = False
     checks: dict[str, Callable[[], str | None]] = {
         "running": lambda: _running(domain),
         "link": lambda: _link(domain, node),
@@ -91,7 +127,8 @@ def wait_ready(
     for rung in RUNGS:
         if on_rung is not None:
             on_rung(node.name, rung, time.monotonic() - start)
-        deadline = time.monotonic() + limits[rung]
+        began = time.monotonic()
+        deadline = began + limits[rung]
         problem: str | None = "not checked yet"
         while True:
             if stop is not None and stop.is_set():
@@ -102,8 +139,23 @@ def wait_ready(
                 problem = checks[rung]()
             if problem is None:
                 break
-            if problem.startswith("fatal: ") or time.monotonic() > deadline:
+            if problem.startswith("fatal: "):
                 raise _not_ready(node, rung, limits[rung], problem.removeprefix("fatal: "))
+            now = time.monotonic()
+            stall = kernel_stall(node.console_log, console_from) if rung in BOOT_RUNGS else None
+            overdue = now - began > STALL_GRACE or now > deadline
+            if stall is not None and not restarted and overdue:
+                console_from = _console_size(node.console_log)
+                reset_domain(domain)
+                restarted = True
+                began, deadline = now, now + limits[rung]
+                if note is not None:
+                    note(f"node {node.name}: its kernel stalled while booting ({stall}); reset it")
+                continue
+            if now > deadline:
+                if stall is not None:
+                    problem += f"; the guest's kernel reported: {stall}"
+                raise _not_ready(node, rung, limits[rung], problem)
             time.sleep(1.0)
         reached[rung] = time.monotonic() - start
     if on_rung is not None:

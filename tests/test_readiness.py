@@ -11,12 +11,18 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from labbuilder.readiness import NodeNotReadyError, NodeTarget, cloud_init_problem, wait_ready
+from labbuilder.readiness import (
+    NodeNotReadyError,
+    NodeTarget,
+    cloud_init_problem,
+    kernel_stall,
+    wait_ready,
+)
 
 
 def status(*, config_finished: float | None, errors: tuple[str, ...] = ()) -> str:
     stage = {"errors": [], "finished": 1796476534.0, "start": 1796476528.7}
-    v1 = {
+    v1: dict[str, object] = {
         "datasource": "DataSourceNoCloud [seed=/dev/vdb][dsmode=net]",
         "init-local": stage,
         "init": {**stage, "errors": list(errors)},
@@ -66,3 +72,45 @@ def test_a_stopped_up_ends_the_climb_at_the_next_poll(tmp_path: Path) -> None:
             wait_ready(domain, target, timeouts={"link": 1.0})
     finally:
         conn.close()
+
+
+SOFT_LOCKUP = "[  252.101113] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [modprobe:312]"
+RCU_STALL = "[   61.300214] rcu: INFO: rcu_preempt self-detected stall on CPU"
+
+
+def test_a_kernel_stalled_at_boot_is_reset_once_then_named_in_the_failure(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text(
+        "[    8.2] systemd[1]: Starting modprobe@drm.service\n"
+        f"\x1b[0m{SOFT_LOCKUP}\r\n[  252.101200] Call Trace:\n[  252.101210]  <TASK>\n"
+    )
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        with console.open("a") as out:  # the boot after the reset stalls too
+            out.write(f"[    0.000000] Linux version 6.1.0\n{RCU_STALL}\n")
+
+    conn = libvirt.open("test:///default")
+    try:
+        domain = conn.lookupByName("test")
+        target = NodeTarget("controller", "192.0.2.11", "52:54:00:00:00:01", "debian",
+                            tmp_path / "key", console)  # fmt: skip
+        with pytest.raises(NodeNotReadyError) as failed:
+            wait_ready(domain, target, timeouts={"link": 1.0}, note=note)
+    finally:
+        conn.close()
+    assert notes == [f"node controller: its kernel stalled while booting ({SOFT_LOCKUP}); reset it"]
+    # The second boot's headline, not the first's: the console before the reset is not counted.
+    assert f"the guest's kernel reported: {RCU_STALL}" in str(failed.value)
+    assert "did not reach 'link' within 1 s" in str(failed.value)
+
+
+def test_a_console_without_a_stall_has_no_headline(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text("[    0.329274] rcu: Preemptible hierarchical RCU implementation.\n")
+    assert kernel_stall(console) is None
+    assert kernel_stall(tmp_path / "missing.log") is None
+    console.write_text(f"x\n{RCU_STALL}\n{SOFT_LOCKUP}\n")
+    assert kernel_stall(console) == RCU_STALL
+    assert kernel_stall(console, offset=len(f"x\n{RCU_STALL}\n")) == SOFT_LOCKUP

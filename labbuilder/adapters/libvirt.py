@@ -297,6 +297,11 @@ def domain_state(domain: Any) -> str:
     }.get(state, "unknown")
 
 
+def reset_domain(domain: Any) -> None:
+    """Reset a running domain's machine (the reset button): it boots again from its disks."""
+    domain.reset(0)
+
+
 def is_active(domain: Any) -> bool:
     try:
         return bool(domain.isActive())
