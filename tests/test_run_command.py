@@ -89,6 +89,9 @@ def test_repeated_runs_are_counted_and_their_reports_kept(
         assert up["result"] == "passed" and up["nodes"]["controller"]["rung"] == "ready"
         assert set(up["nodes"]["controller"]["rungs"]) == {"running", "link", "port 22",
                                                            "ssh login", "cloud-init"}  # fmt: skip
+        # Each run's own boot of the node, from its kernel's first line: kept beside its reports.
+        boot = (reports / f"run-{number}" / "console-controller.log").read_text(errors="replace")
+        assert boot.count("Linux version") == 1, boot[:2000]
     assert domains(LAB) == []  # each run took its lab down
 
 

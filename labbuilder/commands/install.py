@@ -371,6 +371,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             # Whatever stopped the run, its reports (up's, and install's so far) are kept.
             copied = copy_reports(lab, target, since)
             copy_logs(marks, target)
+            copy_consoles(lab, target, since)
             err.add_note(f"reports in {target}" if copied else "no report was written")
             if args.always_down and not isinstance(err, KeyboardInterrupt):
                 try:
@@ -392,6 +393,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             raise
         copy_reports(lab, target, since)
         copy_logs(marks, target)
+        copy_consoles(lab, target, since)
         keep = (args.keep and result.ok) or (not result.ok and not args.always_down)
         if not keep:
             api.down(lab)
@@ -454,8 +456,9 @@ def log_marks(lab: Lab) -> dict[Path, int]:
     return marks
 
 
-def copy_logs(marks: dict[Path, int], target: Path) -> None:
-    """Copy what each log of ``marks`` received since its mark (this run) to ``target``."""
+def copy_logs(marks: dict[Path, int], target: Path, name: str | None = None) -> None:
+    """Copy what each log of ``marks`` received since its mark (this run) to ``target``, under
+    its own name or ``name``."""
     for log, mark in marks.items():
         try:
             if log.is_symlink() or not log.is_file():
@@ -468,9 +471,19 @@ def copy_logs(marks: dict[Path, int], target: Path) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         with (
             contextlib.suppress(OSError),
-            os.fdopen(os.open(target / log.name, flags, 0o600), "wb") as copy,
+            os.fdopen(os.open(target / (name or log.name), flags, 0o600), "wb") as copy,
         ):
             copy.write(data)  # a log that cannot be copied must not hide the run's result
+
+
+def copy_consoles(lab: Lab, target: Path, since: float) -> None:
+    """Copy the serial consoles the lab's nodes wrote since ``since`` (epoch seconds) to
+    ``target`` as ``console-<node>.log``: a node that did not come up is diagnosed from its
+    console, which ``down`` removes with the lab."""
+    with contextlib.suppress(OSError):
+        for log in sorted(lab_state(lab.name).console_dir.glob("*.log")):
+            if not log.is_symlink() and log.is_file() and log.stat().st_mtime >= since - 1:
+                copy_logs({log: 0}, target, name=f"console-{log.name}")
 
 
 def copy_reports(lab: Lab, target: Path, since: float) -> list[Path]:
