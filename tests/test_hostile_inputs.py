@@ -58,7 +58,10 @@ def run_plan(args: list[str]) -> Run:
     out, err = io.StringIO(), io.StringIO()
     started = time.monotonic()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["plan", *args])
+        try:
+            code = main(["plan", *args])
+        except SystemExit as done:  # argparse's own refusal (e.g. `--lab -:`): exit 2, said
+            code = done.code if isinstance(done.code, int) else 1
     return Run(code, out.getvalue(), err.getvalue(), time.monotonic() - started)
 
 

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,7 +26,13 @@ from labbuilder.commands.common import (
     plain_table,
     selected_lab,
 )
-from labbuilder.commands.lab import up_log_path, up_reports_dir, up_watched
+from labbuilder.commands.lab import (
+    copy_consoles,
+    copy_logs,
+    up_log_path,
+    up_reports_dir,
+    up_watched,
+)
 from labbuilder.commands.watch import InstallWatch, install_estimates, show_tail, watching
 from labbuilder.errors import UsageError
 from labbuilder.install import StageOutcome, Status
@@ -454,36 +458,6 @@ def log_marks(lab: Lab) -> dict[Path, int]:
         except OSError:
             marks[log] = 0
     return marks
-
-
-def copy_logs(marks: dict[Path, int], target: Path, name: str | None = None) -> None:
-    """Copy what each log of ``marks`` received since its mark (this run) to ``target``, under
-    its own name or ``name``."""
-    for log, mark in marks.items():
-        try:
-            if log.is_symlink() or not log.is_file():
-                continue
-            with log.open("rb") as source:
-                source.seek(mark if log.stat().st_size >= mark else 0)  # moved to .1 meanwhile
-                data = source.read()
-        except OSError:
-            continue
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        with (
-            contextlib.suppress(OSError),
-            os.fdopen(os.open(target / (name or log.name), flags, 0o600), "wb") as copy,
-        ):
-            copy.write(data)  # a log that cannot be copied must not hide the run's result
-
-
-def copy_consoles(lab: Lab, target: Path, since: float) -> None:
-    """Copy the serial consoles the lab's nodes wrote since ``since`` (epoch seconds) to
-    ``target`` as ``console-<node>.log``: a node that did not come up is diagnosed from its
-    console, which ``down`` removes with the lab."""
-    with contextlib.suppress(OSError):
-        for log in sorted(lab_state(lab.name).console_dir.glob("*.log")):
-            if not log.is_symlink() and log.is_file() and log.stat().st_mtime >= since - 1:
-                copy_logs({log: 0}, target, name=f"console-{log.name}")
 
 
 def copy_reports(lab: Lab, target: Path, since: float) -> list[Path]:

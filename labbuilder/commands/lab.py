@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from labbuilder.commands.common import (
 from labbuilder.commands.watch import UpWatch, watching
 from labbuilder.errors import LabbuilderError
 from labbuilder.installreport import UpRecord, error_entry, write_up_reports
+from labbuilder.labstate import lab_state
 from labbuilder.model import Lab
 from labbuilder.paths import state_root
 from labbuilder.planview import plan_as_dict, plan_tables
@@ -278,11 +281,13 @@ def up_reported(
         if on_rung is not None:
             on_rung(node, rung, seconds)
 
+    since = time.time()
     try:
         result = api.up(lab, auto_subnets=auto_subnets, log=on_log, on_rung=on_node_rung)
     except BaseException as err:
         where = record.log[-1][1] if record.log else "checking the lab and the host"
         if not (isinstance(err, LabbuilderError) and err.exit_code == 2 and not record.log):
+            copy_consoles(lab, directory, since)  # `down` removes them with the lab
             try:
                 paths = write_up_reports(directory, record, RUNGS, error_entry(err, where))
             except Exception as failed:  # noqa: BLE001 - the first error is the one to show
@@ -291,6 +296,36 @@ def up_reported(
                 err.add_note(f"report: {paths[1]}")
         raise
     return result, write_up_reports(directory, record, RUNGS)
+
+
+def copy_logs(marks: dict[Path, int], target: Path, name: str | None = None) -> None:
+    """Copy what each log of ``marks`` received since its mark (this run) to ``target``, under
+    its own name or ``name``."""
+    for log, mark in marks.items():
+        try:
+            if log.is_symlink() or not log.is_file():
+                continue
+            with log.open("rb") as source:
+                source.seek(mark if log.stat().st_size >= mark else 0)  # moved to .1 meanwhile
+                data = source.read()
+        except OSError:
+            continue
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with (
+            contextlib.suppress(OSError),
+            os.fdopen(os.open(target / (name or log.name), flags, 0o600), "wb") as copy,
+        ):
+            copy.write(data)  # a log that cannot be copied must not hide the run's result
+
+
+def copy_consoles(lab: Lab, target: Path, since: float) -> None:
+    """Copy the serial consoles the lab's nodes wrote since ``since`` (epoch seconds) to
+    ``target`` as ``console-<node>.log``: a node that did not come up is diagnosed from its
+    console, which ``down`` removes with the lab."""
+    with contextlib.suppress(OSError):
+        for log in sorted(lab_state(lab.name).console_dir.glob("*.log")):
+            if not log.is_symlink() and log.is_file() and log.stat().st_mtime >= since - 1:
+                copy_logs({log: 0}, target, name=f"console-{log.name}")
 
 
 def up_reports_dir(lab: str) -> Path:
