@@ -77,6 +77,7 @@ def resolve_role_image(
     role: str,
     packages: tuple[str, ...],
     masked_units: tuple[str, ...],
+    build_script: tuple[str, str] | None = None,
     cache_dir: Path | None = None,
     base_dir: Path | None = None,
     libvirt_uri: str = "qemu:///system",
@@ -84,14 +85,15 @@ def resolve_role_image(
     catalog: Mapping[str, ImageEntry] | None = None,
 ) -> BaseImage:
     """The image of a role's nodes: the base image ``name`` with ``packages`` installed and
-    ``masked_units`` masked (services that must not start before they are configured).
+    ``masked_units`` masked (services that must not start before they are configured), and
+    ``build_script`` (file name, text) run in its tree once they are installed.
 
     Without packages and masked units it is the base image. An entry with a ``[build]``
     recipe (and mmdebstrap on the host) is built with them as image ``<name>-<role>``; an
     entry with only ``[download]`` is pulled, then booted once under ``libvirt_uri`` and saved
     (``rolebake.bake``). Both are cached: asking again does no work.
     """
-    if not packages and not masked_units:
+    if not packages and not masked_units and build_script is None:
         return resolve_base_image(
             name, cache_dir=cache_dir, base_dir=base_dir, log=log, catalog=catalog
         )
@@ -105,10 +107,22 @@ def resolve_role_image(
     entry = find_image(name, catalog=catalog, base_dir=base_dir)
     if entry.build is not None and shutil.which("mmdebstrap"):
         return _from_build(
-            entry, cache, log, role=role, packages=packages, masked_units=masked_units
+            entry,
+            cache,
+            log,
+            role=role,
+            packages=packages,
+            masked_units=masked_units,
+            build_script=build_script,
         )
     if entry.download is None:
         raise _cannot_build(name)
+    if build_script is not None:
+        raise ImageError(
+            f"role image of {name} for role {role}: its build script {build_script[0]} runs "
+            "only in an image labbuilder builds (mmdebstrap), and this image is downloaded",
+            "install mmdebstrap on the host, or use a recipe without build scripts",
+        )
     cached = pull(entry, cache)
     base = _from_download(entry, cached, cache)
     baked = rolebake.bake(
@@ -193,6 +207,7 @@ def _from_build(
     role: str | None = None,
     packages: tuple[str, ...] = (),
     masked_units: tuple[str, ...] = (),
+    build_script: tuple[str, str] | None = None,
 ) -> BaseImage:
     assert entry.build is not None
     name = entry.name if role is None else f"{entry.name}-{role}"
@@ -206,6 +221,7 @@ def _from_build(
         built_images_dir(cache),
         extra_packages=packages,
         masked_units=masked_units,
+        build_script=build_script,
         base=base,
         log=log,
     )

@@ -185,7 +185,9 @@ def _done(image: BaseImage) -> Future[BaseImage]:
     return future
 
 
-Content = tuple[tuple[str, ...], tuple[str, ...]]  # a role image's packages and masked units
+# A role image's packages, masked units and build script (file name, text).
+Content = tuple[tuple[str, ...], tuple[str, ...], tuple[str, str] | None]
+NOTHING: Content = ((), (), None)
 
 
 @dataclass(frozen=True)
@@ -195,18 +197,23 @@ class ImageBuild:
     role: str
     packages: tuple[str, ...]
     masked_units: tuple[str, ...]
+    build_script: tuple[str, str] | None = None
 
 
 def node_contents(lab: Lab, plan: Plan) -> dict[str, Content]:
     """What each node's image adds to the lab's image (nothing without ``options.role_images``),
     from one reading of the recipe."""
     if not lab.options.role_images:
-        return {node.name: ((), ()) for node in plan.nodes}
+        return {node.name: NOTHING for node in plan.nodes}
     recipe = load_recipe(lab.recipe)
     contents = {}
     for node in plan.nodes:
         wanted = recipe.role_image(str(node.role), lab.options.optional_stages)
-        contents[node.name] = (tuple(sorted(wanted.packages)), tuple(sorted(wanted.masked_units)))
+        contents[node.name] = (
+            tuple(sorted(wanted.packages)),
+            tuple(sorted(wanted.masked_units)),
+            wanted.build_script,
+        )
     return contents
 
 
@@ -220,7 +227,7 @@ def image_builds(
     builds: dict[Content, ImageBuild] = {}
     for node in plan.nodes:
         content = contents[node.name]
-        if content != ((), ()) and content not in builds:
+        if content != NOTHING and content not in builds:
             builds[content] = ImageBuild(str(node.role), *content)
     return builds
 
@@ -231,6 +238,7 @@ def resolve_build(lab: Lab, base: BaseImage, build: ImageBuild, emit: Log) -> Ba
         role=build.role,
         packages=build.packages,
         masked_units=build.masked_units,
+        build_script=build.build_script,
         libvirt_uri=lab.libvirt_uri,
         log=emit,
     )

@@ -85,11 +85,12 @@ def recipe_hash(
     *,
     extra_packages: tuple[str, ...] = (),
     masked_units: tuple[str, ...] = (),
+    build_script: tuple[str, str] | None = None,
 ) -> str:
     """Return the hex sha256 identifying what ``build_image`` would build from these inputs.
 
-    Covers the recipe (packages as a set, size in bytes), the role's extra packages and
-    masked units, ``builder_version`` and the builder's own fixed choices (boot packages,
+    Covers the recipe (packages as a set, size in bytes), the role's extra packages, masked
+    units and build script, ``builder_version`` and the builder's own fixed choices (boot packages,
     kernel command line, cloud-init settings), so any change to them means a rebuild.
     """
     doc = {
@@ -119,6 +120,8 @@ def recipe_hash(
         "extra_packages": sorted(set(extra_packages) - set(recipe.packages)),
         "masked_units": sorted(set(masked_units)),
     }
+    if build_script is not None:  # absent otherwise: builds without one keep their hashes
+        doc["build_script"] = list(build_script)
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -130,6 +133,7 @@ def build_image(
     *,
     extra_packages: tuple[str, ...] = (),
     masked_units: tuple[str, ...] = (),
+    build_script: tuple[str, str] | None = None,
     force: bool = False,
     base: BuiltImage | None = None,
     log: Log | None = None,
@@ -138,10 +142,11 @@ def build_image(
 
     The result lives in ``cache_dir/<name>-<hash[:16]>/``. A role image passes
     ``extra_packages`` and ``masked_units`` (services that must not start before they are
-    configured); it gets its own hash. With ``base`` (the recipe's own build, holding its tree)
-    the role's packages are installed over the base's tree; without it, mmdebstrap installs
-    them with the rest. ``force`` rebuilds even when a build with the same hash exists (never
-    while a lab's overlays still use it). Needs root.
+    configured) and its ``build_script`` (file name, shell text: run in the tree after the
+    packages, natively, in mmdebstrap's namespaces); it gets its own hash. With ``base`` (the
+    recipe's own build, holding its tree) the role's packages are installed over the base's
+    tree; without it, mmdebstrap installs them with the rest. ``force`` rebuilds even when a
+    build with the same hash exists (never while a lab's overlays still use it). Needs root.
 
     ``log`` receives one sentence when the build starts and one when it ends (``image NAME:
     building ...``, ``image NAME: built in N s``); the tools' output goes to the
@@ -150,7 +155,11 @@ def build_image(
     emit = log or _log.info
     _check_inputs(name, recipe, extra_packages, masked_units)
     digest = recipe_hash(
-        recipe, BUILDER_VERSION, extra_packages=extra_packages, masked_units=masked_units
+        recipe,
+        BUILDER_VERSION,
+        extra_packages=extra_packages,
+        masked_units=masked_units,
+        build_script=build_script,
     )
     final = cache_dir / f"{name}-{digest[:16]}"
     if not force and (cached := _load_cached(final, digest)) is not None:
@@ -167,7 +176,9 @@ def build_image(
         work = cache_dir / f".build-{name}-{digest[:16]}-{os.getpid()}"
         work.mkdir(mode=0o755)
         try:
-            _build_into(work, name, recipe, digest, extra_packages, masked_units, tree, emit)
+            _build_into(
+                work, name, recipe, digest, extra_packages, masked_units, build_script, tree, emit
+            )
             if final.exists():
                 shutil.rmtree(final)
             work.rename(final)
@@ -218,6 +229,7 @@ def _build_into(
     digest: str,
     extra_packages: tuple[str, ...],
     masked_units: tuple[str, ...],
+    build_script: tuple[str, str] | None,
     tree: Path | None,
     log: Log,
 ) -> None:
@@ -226,16 +238,23 @@ def _build_into(
     packages = sorted(
         {*rootfs.BOOT_PACKAGES, *recipe.packages, recipe.kernel_package, *extra_packages}
     )
+    script_hooks: list[str] = []
+    if build_script is not None:
+        script = work / rootfs.BUILD_SCRIPT_FILE
+        script.write_text(build_script[1])
+        script_hooks = rootfs.script_hooks(script)
     if tree is None:
         log(f"image {name}: building ({len(packages)} packages from {recipe.mirror})")
-        rootfs.run(rootfs.mmdebstrap_argv(recipe, packages, root), stream=True)
+        rootfs.run(rootfs.mmdebstrap_argv(recipe, packages, root, script_hooks), stream=True)
     else:
         log(f"image {name}: building ({len(extra_packages)} role packages over its base)")
         rootfs.run(
-            rootfs.layer_argv(recipe, tree, root, rootfs.layer_hook()),
+            rootfs.layer_argv(recipe, tree, root, rootfs.layer_hook(), script_hooks),
             stream=True,
             env={rootfs.LAYER_PACKAGES_ENV: " ".join(sorted(set(extra_packages)))},
         )
+    if build_script is not None:
+        (work / rootfs.BUILD_SCRIPT_FILE).unlink()
     rootfs.customize_rootfs(root, masked_units)
     installed = rootfs.installed_packages(root)
     enabled = rootfs.enabled_units(root)
@@ -243,7 +262,7 @@ def _build_into(
     virtual_size = _fitting_size(root, _virtual_size(recipe))
     disk = work / DISK_FILE
     rootfs.make_disk(root, disk, virtual_size)
-    is_base = not extra_packages and not masked_units
+    is_base = not extra_packages and not masked_units and build_script is None
     if is_base:
         rootfs.save_tree(root, work / rootfs.TREE_FILE)
     shutil.rmtree(root)
@@ -262,6 +281,7 @@ def _build_into(
         "extra_packages": list(extra_packages),
         "requested_packages": packages,
         "masked_units": sorted(set(masked_units)),
+        "build_script": None if build_script is None else build_script[0],
         "policy_masked_units": list(rootfs.POLICY_MASKED_UNITS),
         "enabled_units": enabled,
         "packages": installed,

@@ -3,6 +3,7 @@
 Layout of ``recipes/<name>/``::
 
     recipe.toml           name, description, guide, [secrets], [settings], [roles.<role>]
+    images/*.sh           a role's build_script: run in its image's tree when it is built
     stages/NN-<name>.toml one guide chapter each, run in file-name order
     templates/*.j2        jinja2 templates the stages' files name
 
@@ -79,8 +80,10 @@ ROLE_KEYS = (
     "min_disk",
     "memory_note",
     "stages",
+    "build_script",
 )
 STAGE_PACKAGE_KEYS = ("packages", "masked_units")
+_SCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.sh")
 STAGE_KEYS = ("name", "title", "guide", "networking", "optional", "requires_roles", "steps")
 STEP_KEYS = (
     "name",
@@ -224,7 +227,11 @@ def read_recipe(folder: Traversable) -> Recipe:
                         f"{spec.template!r}, which is not in {template_dir}"
                     )
 
-    roles = _parse_roles(top.get("roles", {}), where.key("roles"))
+    roles = _parse_roles(top.get("roles", {}), where.key("roles"), folder / "images")
+    for _, image in roles:
+        if image.build_script is not None:
+            name, text = image.build_script
+            digest.update(f"images/{name}\0".encode() + text.encode())
     _check_stage_packages(roles, stages, where.key("roles"))
     return Recipe(
         name=parse_str(top["name"], where.key("name")),
@@ -259,7 +266,9 @@ def _parse_secrets(value: object, where: Where) -> tuple[tuple[str, str], ...]:
     return tuple(secrets)
 
 
-def _parse_roles(value: object, where: Where) -> tuple[tuple[str, RoleImage], ...]:
+def _parse_roles(
+    value: object, where: Where, scripts: Traversable
+) -> tuple[tuple[str, RoleImage], ...]:
     roles = []
     for role, raw in parse_table(value, where).items():
         at = where.key(role)
@@ -284,10 +293,25 @@ def _parse_roles(value: object, where: Where) -> tuple[tuple[str, RoleImage], ..
                     min_disk=None if disk is None else parse_size_value(disk, at.key("min_disk")),
                     memory_note=parse_str(table.get("memory_note", ""), at.key("memory_note")),
                     stages=_parse_stage_packages(table.get("stages", {}), at.key("stages")),
+                    build_script=None
+                    if "build_script" not in table
+                    else _build_script(table["build_script"], at.key("build_script"), scripts),
                 ),
             )
         )
     return tuple(roles)
+
+
+def _build_script(value: object, where: Where, scripts: Traversable) -> tuple[str, str]:
+    """A role's ``build_script``: the name of a shell script in the recipe's ``images/``
+    folder, and its text."""
+    name = parse_str(value, where)
+    if not _SCRIPT_NAME.fullmatch(name):
+        raise where.error(name, "is not a file name such as controller.sh (in images/)")
+    entry = scripts / name
+    if not entry.is_file():
+        raise where.error(name, f"is not a file in {scripts}")
+    return name, entry.read_text()
 
 
 def _parse_stage_packages(value: object, where: Where) -> tuple[tuple[str, StagePackages], ...]:

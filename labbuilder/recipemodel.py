@@ -115,6 +115,9 @@ class RoleImage:
     min_memory: int | None = None  # bytes
     min_disk: int | None = None  # bytes, the root disk
     memory_note: str = ""
+    # A shell script of the recipe's images/ folder, run in the image's tree at build time,
+    # natively (work that does not depend on the lab: database schemas); (file name, text).
+    build_script: tuple[str, str] | None = field(default=None, repr=False)
 
     def stage_packages(self, stage: str) -> StagePackages:
         return dict(self.stages).get(stage, StagePackages())

@@ -91,6 +91,7 @@ INITRD_MODULES = ("virtio_pci.ko", "virtio_blk.ko")
 TREE_FILE = "rootfs.tar"  # a base build's finished tree, which role images are layered on
 LAYER_HOOK = ("hooks", "role-layer.sh")  # under images/: installs a role's packages
 LAYER_PACKAGES_ENV = "LABBUILDER_ROLE_PACKAGES"
+BUILD_SCRIPT_FILE = "build-script.sh"  # a role's build script, beside the build while it runs
 # The tree's tar, as mmdebstrap's own tar-in reads it (numeric owners, extended attributes).
 TAR_CREATE = ("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--format=pax")
 
@@ -142,27 +143,51 @@ def run(
     return "".join(lines)
 
 
-def mmdebstrap_argv(recipe: BuildRecipe, packages: Sequence[str], root: Path) -> list[str]:
-    """The mmdebstrap command that installs ``packages`` into the new directory ``root``."""
+def mmdebstrap_argv(
+    recipe: BuildRecipe, packages: Sequence[str], root: Path, hooks: Sequence[str] = ()
+) -> list[str]:
+    """The mmdebstrap command that installs ``packages`` into the new directory ``root``, then
+    runs ``hooks`` (``script_hooks``)."""
     argv = ["mmdebstrap", "--mode=unshare", f"--variant={VARIANT}", "--format=directory"]
     if MERGED_USR_HOOKS.is_dir():  # merged /usr without the usrmerge package and its perl
         argv.append(f"--hook-dir={MERGED_USR_HOOKS}")
     argv.append("--include=" + ",".join(packages))
     argv.extend(f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES)
+    argv.extend(hooks)
     argv.extend([recipe.suite, str(root), recipe.mirror])
     return argv
 
 
-def layer_argv(recipe: BuildRecipe, tree: Path, root: Path, hook: Path) -> list[str]:
+def layer_argv(
+    recipe: BuildRecipe, tree: Path, root: Path, hook: Path, hooks: Sequence[str] = ()
+) -> list[str]:
     """The mmdebstrap command that unpacks the base's ``tree`` (a tar) into the new directory
     ``root`` and installs the packages named in ``LAYER_PACKAGES_ENV`` over it with ``hook``
-    (``layer_hook``)."""
+    (``layer_hook``), then runs ``hooks``."""
     argv = ["mmdebstrap", "--mode=unshare", "--variant=custom", "--format=directory"]
     argv.append(f"--setup-hook=tar-in {tree} /")
     argv.append(f'--customize-hook=sh {shlex.quote(str(hook))} "$1"')
     argv.extend(f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES)
+    argv.extend(hooks)
     argv.extend([recipe.suite, str(root), recipe.mirror])
     return argv
+
+
+def script_hooks(script: Path) -> list[str]:
+    """mmdebstrap hooks that run the shell ``script`` inside the tree, after its packages are
+    installed: copied in, run with ``/bin/sh -eu`` chrooted into the tree (in mmdebstrap's
+    user and mount namespaces, with its /proc, /sys and /dev), removed."""
+    if any(char.isspace() for char in str(script)):
+        raise ImageError(
+            f"the image build's folder {script.parent} has a space in its path",
+            hint="set LABBUILDER_CACHE_DIR to a folder without spaces",
+        )
+    inside = f"/tmp/{script.name}"
+    return [
+        f"--customize-hook=copy-in {script} /tmp",
+        f'--customize-hook=chroot "$1" /bin/sh -eu {inside}',
+        f'--customize-hook=rm -f "$1{inside}"',
+    ]
 
 
 def layer_hook() -> Path:

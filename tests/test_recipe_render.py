@@ -311,6 +311,47 @@ def test_a_role_may_add_packages_only_for_an_optional_stage(tmp_path: Path) -> N
         assert err.value.hint is not None and "optional stages: none" in err.value.hint
 
 
+def test_a_roles_build_script_is_a_file_of_images_and_part_of_the_image_and_recipe(
+    tmp_path: Path,
+) -> None:
+    from labbuilder.bringup import NOTHING
+    from labbuilder.imagebuild import recipe_hash
+    from labbuilder.imagemodel import BuildRecipe
+
+    folder = write_recipe(tmp_path / "r")
+    plain = load_recipe(str(folder)).digest
+    (folder / "images").mkdir()
+    (folder / "images" / "schemas.sh").write_text("echo one\n")
+    with (folder / "recipe.toml").open("a") as recipe:
+        recipe.write('[roles.controller]\npackages = ["a"]\nbuild_script = "schemas.sh"\n')
+    loaded = load_recipe(str(folder))
+    image = loaded.role_image("controller", ["demo"])
+    assert image.build_script == ("schemas.sh", "echo one\n")
+    assert loaded.digest != plain  # a changed script means the recipe changed
+    base = BuildRecipe(suite="bookworm", mirror="http://deb.debian.org/debian", packages=("a",),
+                       kernel_package="linux-image-amd64", size="2 GiB")  # fmt: skip
+    hashes = {
+        recipe_hash(base, "1", extra_packages=("a",)),
+        recipe_hash(base, "1", extra_packages=("a",), build_script=("schemas.sh", "echo one\n")),
+        recipe_hash(base, "1", extra_packages=("a",), build_script=("schemas.sh", "echo two\n")),
+    }
+    assert len(hashes) == 3  # the script's text is part of what the image is
+    assert NOTHING == ((), (), None)
+    for value, problem in (
+        ('"../secrets.sh"', "is not a file name such as controller.sh"),
+        ('"missing.sh"', "is not a file in"),
+        ("1", "roles.controller.build_script"),
+    ):
+        text = (folder / "recipe.toml").read_text()
+        (folder / "recipe.toml").write_text(
+            re.sub(r"build_script = .*", f"build_script = {value}", text)
+        )
+        with pytest.raises(RecipeError) as err:
+            load_recipe(str(folder))
+        assert "roles.controller.build_script" in err.value.message, err.value.message
+        assert problem in err.value.message, err.value.message
+
+
 # --- one quoting filter per destination --------------------------------------------------------
 
 HOSTILE = [
