@@ -52,7 +52,8 @@ from labbuilder.adapters import storage  # noqa: E402
 from labbuilder.adapters.ssh import SSHSession  # noqa: E402
 from labbuilder.recipefile import load_recipe  # noqa: E402
 
-FULL_TARGET = 3600.0  # seconds: up through a verified instance (issue 8)
+CORE_TARGET = 1800.0  # the core path (up to a verified instance) on this host
+FULL_TARGET = 3600.0  # seconds: up through a verified instance on the five-node lab
 # What the core path (no optional chapter) skips of recipe zed-debian-12: the optional stages
 # (the recipe says which), and launch-instance's steps that use them (no-ops without them).
 INSTANCE_STAGE = "launch-instance"
@@ -365,6 +366,12 @@ def print_full(result: dict[str, Any]) -> None:
             f"up through a verified instance {total:8.1f} s   target <= {FULL_TARGET:.0f} s: "
             f"ratio {total / FULL_TARGET:.2f}"
         )
+        if result["lab"] == "lbbench-core":
+            core = result["core_seconds"]
+            print(
+                f"  the core path (up, stages, their snapshots) {core:8.1f} s   target <= "
+                f"{CORE_TARGET:.0f} s: ratio {core / CORE_TARGET:.2f}"
+            )
         if result["lab"] == "lbbench-full":
             core = result["core_seconds"]
             print(
