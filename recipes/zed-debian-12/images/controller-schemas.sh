@@ -11,6 +11,12 @@
 # unchanged: CREATE DATABASE IF NOT EXISTS finds the database, and each db-sync finds its schema
 # at head and has nothing to do.
 #
+# Each schema's state (the package version and the alembic revisions) is recorded in
+# /var/lib/labbuilder/schemas/<database>, with the command that compares a database with its
+# record, lb-schema-at-head: the lab's db-sync steps use it as their guard, so a schema found as
+# the image made it is not synced again (under emulation neutron's sync takes a minute even at
+# head: it loads every migration to find out).
+#
 # The server runs only for this script: no network (a socket in /run), the character set the
 # guide's my.cnf sets (utf8, utf8_general_ci), no durability it would not need (it is shut down
 # cleanly before the tree becomes a disk). The tools run as root with a configuration file of
@@ -33,6 +39,32 @@ stop_server() {
 	wait "$server" || true
 }
 trap stop_server EXIT
+
+records=/var/lib/labbuilder/schemas
+mkdir -p "$records"
+cat >/usr/local/sbin/lb-schema-at-head <<'HELPER'
+#!/bin/sh
+# lb-schema-at-head DATABASE PACKAGE [record]: exit 0 when DATABASE holds the alembic revisions
+# recorded when the image was built, with PACKAGE at the version it had then; "record" records
+# them. Written by labbuilder's image build (the recipe's images/controller-schemas.sh).
+set -eu
+record="/var/lib/labbuilder/schemas/$1"
+current() {
+	dpkg-query -W -f='${Version}\n' "$2"
+	mysql ${LB_SCHEMA_SOCKET:+--socket="$LB_SCHEMA_SOCKET"} -N \
+		-e "SELECT version_num FROM \`$1\`.alembic_version ORDER BY version_num"
+}
+if [ "${3:-}" = record ]; then
+	current "$1" "$2" >"$record"
+	exit 0
+fi
+[ -f "$record" ] && [ "$(current "$1" "$2")" = "$(cat "$record")" ]
+HELPER
+chmod 0755 /usr/local/sbin/lb-schema-at-head
+
+recorded() { # record database $1 of package $2 as it is now
+	LB_SCHEMA_SOCKET="$sock" /usr/local/sbin/lb-schema-at-head "$1" "$2" record
+}
 
 tries=0
 until mariadb-admin --socket="$sock" ping >/dev/null 2>&1; do
@@ -64,6 +96,7 @@ conf keystone <<CONF
 connection = $(url keystone)
 CONF
 keystone-manage --config-file "$run/keystone.conf" db_sync
+recorded keystone python3-keystone
 
 echo "schemas: glance"
 database glance
@@ -72,6 +105,7 @@ conf glance <<CONF
 connection = $(url glance)
 CONF
 glance-manage --config-file "$run/glance.conf" db_sync
+recorded glance python3-glance
 
 echo "schemas: placement"
 database placement
@@ -80,6 +114,7 @@ conf placement <<CONF
 connection = $(url placement)
 CONF
 placement-manage --config-file "$run/placement.conf" db sync
+recorded placement python3-placement
 
 echo "schemas: nova_api, nova, nova_cell0"
 database nova_api
@@ -97,6 +132,7 @@ nova-manage --config-file "$run/nova.conf" api_db sync
 # --local_cell: this cell's database only (no cell mapping exists yet; the lab makes them)
 nova-manage --config-file "$run/nova.conf" db sync --local_cell
 nova-manage --config-file "$run/nova_cell0.conf" db sync --local_cell
+for db in nova_api nova nova_cell0; do recorded "$db" python3-nova; done
 
 echo "schemas: neutron"
 database neutron
@@ -108,6 +144,7 @@ service_plugins = router
 connection = $(url neutron)
 CONF
 neutron-db-manage --config-file "$run/neutron.conf" upgrade head
+recorded neutron python3-neutron
 
 trap - EXIT
 stop_server
