@@ -23,7 +23,7 @@ from pathlib import Path
 from labbuilder.bakeseed import input_problem
 from labbuilder.catalog import find_image, local_image_problem
 from labbuilder.errors import ImageError, ImageRefusedError
-from labbuilder.imagebuild import build_image, cached_build
+from labbuilder.imagebuild import build_image
 from labbuilder.imagecache import CachedImage, default_cache_dir, pull
 from labbuilder.imagemodel import CloudInitFlavour, DiskFormat, ImageEntry
 
@@ -71,21 +71,6 @@ def resolve_base_image(
     raise _cannot_build(name)
 
 
-def base_image_cached(
-    name: str,
-    *,
-    cache_dir: Path | None = None,
-    base_dir: Path | None = None,
-    catalog: Mapping[str, ImageEntry] | None = None,
-) -> bool:
-    """Whether the base image ``name`` is built (or, for a download, pulled) in the cache."""
-    entry = find_image(name, catalog=catalog, base_dir=base_dir)
-    cache = cache_dir or default_cache_dir()
-    if entry.build is not None and shutil.which("mmdebstrap"):
-        return cached_build(entry.name, entry.build, built_images_dir(cache)) is not None
-    return True  # a download: pulling it is not a build to overlap
-
-
 def resolve_role_image(
     name: str,
     *,
@@ -93,7 +78,6 @@ def resolve_role_image(
     packages: tuple[str, ...],
     masked_units: tuple[str, ...],
     build_script: tuple[str, str] | None = None,
-    layered: bool = True,
     cache_dir: Path | None = None,
     base_dir: Path | None = None,
     libvirt_uri: str = "qemu:///system",
@@ -102,9 +86,7 @@ def resolve_role_image(
 ) -> BaseImage:
     """The image of a role's nodes: the base image ``name`` with ``packages`` installed and
     ``masked_units`` masked (services that must not start before they are configured), and
-    ``build_script`` (file name, text) run in its tree once they are installed. A build is
-    layered on the base build's tree (built first if need be); ``layered`` False builds it
-    from scratch instead, beside a base build that has not finished.
+    ``build_script`` (file name, text) run in its tree once they are installed.
 
     Without packages and masked units it is the base image. An entry with a ``[build]``
     recipe (and mmdebstrap on the host) is built with them as image ``<name>-<role>``; an
@@ -132,7 +114,6 @@ def resolve_role_image(
             packages=packages,
             masked_units=masked_units,
             build_script=build_script,
-            layered=layered,
         )
     if entry.download is None:
         raise _cannot_build(name)
@@ -227,13 +208,12 @@ def _from_build(
     packages: tuple[str, ...] = (),
     masked_units: tuple[str, ...] = (),
     build_script: tuple[str, str] | None = None,
-    layered: bool = True,
 ) -> BaseImage:
     assert entry.build is not None
     name = entry.name if role is None else f"{entry.name}-{role}"
     # A role image is layered on the base build's tree (found in the cache, or built first).
     base = None
-    if packages and layered:
+    if packages:
         base = build_image(entry.name, entry.build, built_images_dir(cache), log=_log.debug)
     built = build_image(
         name,

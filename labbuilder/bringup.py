@@ -22,12 +22,7 @@ from urllib.parse import urlsplit
 from labbuilder import probecache, registry
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
-from labbuilder.baseimage import (
-    BaseImage,
-    base_image_cached,
-    resolve_base_image,
-    resolve_role_image,
-)
+from labbuilder.baseimage import BaseImage, resolve_base_image, resolve_role_image
 from labbuilder.errors import PlanError
 from labbuilder.hostfacts import gather_host_facts
 from labbuilder.labstate import (
@@ -92,67 +87,26 @@ def up(
         check_registration(lab, state)
         check_ownership(lab, plan)
         digest = plan_hash(plan)
-        contents = node_contents(lab, plan)
-        builds = image_builds(lab, plan, contents)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image") as early:
-            # On a host without the base image, the largest role image is built from scratch
-            # beside it instead of over it (one build per core: mmdebstrap and dpkg use one).
-            scratch = {
-                content: early.submit(resolve_build, lab, builds[content], emit, layered=False)
-                for content in _scratch_builds(lab, builds)
-            }
-            try:
-                base = resolve_base_image(lab.image, log=emit)
-            except BaseException:
-                for future in scratch.values():
-                    future.cancel()
-                raise
-            return _up_with(lab, plan, state, digest, base, contents, builds, scratch, emit,
-                            on_rung, timeouts, start)  # fmt: skip
-
-
-def _scratch_builds(lab: Lab, builds: dict[Content, ImageBuild]) -> list[Content]:
-    """The role image built beside the base rather than over it: the one with the most
-    packages, when the base image is not built yet (else layering on it is faster)."""
-    if not builds or base_image_cached(lab.image):
-        return []
-    return [max(builds, key=lambda content: len(content[0]))]
-
-
-def _up_with(
-    lab: Lab,
-    plan: Plan,
-    state: LabState,
-    digest: str,
-    base: BaseImage,
-    contents: dict[str, Content],
-    builds: dict[Content, ImageBuild],
-    scratch: dict[Content, Future[BaseImage]],
-    emit: Log,
-    on_rung: RungCallback | None,
-    timeouts: dict[str, float] | None,
-    start: float,
-) -> UpResult:
-    conn = lv.connect(lab.libvirt_uri)
-    try:
-        existing = lv.owned_domains(conn, lab.name)
-        check_same_plan(lab, existing, digest)
-        fresh = not existing and not lv.owned_networks(conn, lab.name)
-        # Registered before anything is made: a killed `up` leaves what `down`/`gc` find.
-        registry.register(lab.name, state.directory, lab.libvirt_uri)
+        base = resolve_base_image(lab.image, log=emit)
+        conn = lv.connect(lab.libvirt_uri)
         try:
-            probe, rungs = _bring_up(
-                conn, lab, plan, digest, base, state, emit, on_rung, timeouts,
-                contents, builds, scratch,
-            )  # fmt: skip
-        except BaseException:
-            if fresh:
-                emit("creating the lab failed; removing what was made")
-                remove_lab_objects(conn, lab.name)
-                registry.unregister(lab.name)
-            raise
-    finally:
-        conn.close()
+            existing = lv.owned_domains(conn, lab.name)
+            check_same_plan(lab, existing, digest)
+            fresh = not existing and not lv.owned_networks(conn, lab.name)
+            # Registered before anything is made: a killed `up` leaves what `down`/`gc` find.
+            registry.register(lab.name, state.directory, lab.libvirt_uri)
+            try:
+                probe, rungs = _bring_up(
+                    conn, lab, plan, digest, base, state, emit, on_rung, timeouts
+                )
+            except BaseException:
+                if fresh:
+                    emit("creating the lab failed; removing what was made")
+                    remove_lab_objects(conn, lab.name)
+                    registry.unregister(lab.name)
+                raise
+        finally:
+            conn.close()
     return UpResult(plan, probe, time.monotonic() - start, rungs, created=fresh)
 
 
@@ -166,15 +120,13 @@ def _bring_up(
     emit: Log,
     on_rung: RungCallback | None,
     timeouts: dict[str, float] | None,
-    contents: dict[str, Content],
-    builds: dict[Content, ImageBuild],
-    scratch: dict[Content, Future[BaseImage]],
 ) -> tuple[HostProbe, dict[str, dict[str, float]]]:
-    """The probe and the images in the background (``scratch``: builds already started), the
-    networks now, each node as soon as its image and the probe are there; the probe and each
-    node's rungs. On failure every thread is told to stop and has stopped (nothing is created
-    after) before the error goes on."""
+    """The probe and the images in the background, the networks now, each node as soon as its
+    image and the probe are there; the probe and each node's rungs. On failure every thread
+    is told to stop and has stopped (nothing is created after) before the error goes on."""
     stop = threading.Event()
+    contents = node_contents(lab, plan)
+    builds = image_builds(lab, plan, contents)
     workers = 1 + max(1, min(len(builds), os.cpu_count() or 1))
     with (
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image") as builder,
@@ -184,7 +136,7 @@ def _bring_up(
             emit("probing the host")
             probing = builder.submit(probecache.probe, lab.libvirt_uri, kernel=base.kernel)
             made = {
-                content: scratch.get(content) or builder.submit(resolve_build, lab, build, emit)
+                content: builder.submit(resolve_build, lab, base, build, emit)
                 for content, build in builds.items()
             }
             node_images: dict[str, Future[BaseImage]] = {}
@@ -280,16 +232,13 @@ def image_builds(
     return builds
 
 
-def resolve_build(lab: Lab, build: ImageBuild, emit: Log, *, layered: bool = True) -> BaseImage:
-    """The role image ``build``, over the base image's tree or (``layered`` False) from
-    scratch, not waiting for the base."""
+def resolve_build(lab: Lab, base: BaseImage, build: ImageBuild, emit: Log) -> BaseImage:
     return resolve_role_image(
         lab.image,
         role=build.role,
         packages=build.packages,
         masked_units=build.masked_units,
         build_script=build.build_script,
-        layered=layered,
         libvirt_uri=lab.libvirt_uri,
         log=emit,
     )

@@ -190,12 +190,6 @@ def build_image(
     return load_built_image(final, from_cache=False)
 
 
-def cached_build(name: str, recipe: BuildRecipe, cache_dir: Path) -> BuiltImage | None:
-    """The build of image ``name`` (no role content) from ``recipe`` in ``cache_dir``, if any."""
-    digest = recipe_hash(recipe, BUILDER_VERSION)
-    return _load_cached(cache_dir / f"{name}-{digest[:16]}", digest)
-
-
 def load_built_image(directory: Path, *, from_cache: bool = True) -> BuiltImage:
     """Read a build directory's manifest back into a ``BuiltImage``."""
     manifest_path = directory / MANIFEST_FILE

@@ -293,29 +293,6 @@ def test_a_labs_images_carry_its_own_optional_stages_and_a_stage_chosen_later_in
     }
 
 
-def test_without_a_base_image_the_largest_role_image_is_built_beside_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On a host that has not built the base image yet, the controller's image (the most
-    packages) is built from scratch beside the base, not after it; with the base built, every
-    role image is layered on it. The controller's image carries the schemas' build script."""
-    from labbuilder.bringup import _scratch_builds
-
-    lab = api.load_lab(None, "guide-3node")
-    builds = image_builds(lab, api.plan_lab(lab, host_check=False).plan)
-    assert {build.role for build in builds.values()} == {"controller", "network", "compute"}
-    monkeypatch.setenv("LABBUILDER_CACHE_DIR", str(tmp_path / "empty-cache"))
-    (scratch,) = _scratch_builds(lab, builds)
-    assert builds[scratch].role == "controller"
-    assert builds[scratch].build_script is not None
-    assert builds[scratch].build_script[0] == "controller-schemas.sh"
-    built = Path("/var/cache/labbuilder-test")
-    if not any((built / "built").glob("debian-12-*/rootfs.tar")):
-        return  # no base build on this host to see the other side
-    monkeypatch.setenv("LABBUILDER_CACHE_DIR", str(built))
-    assert _scratch_builds(lab, builds) == []
-
-
 def test_a_role_may_add_packages_only_for_an_optional_stage(tmp_path: Path) -> None:
     for optional in (True, False):
         folder = write_recipe(tmp_path / str(optional), optional=optional)
