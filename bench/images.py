@@ -9,8 +9,8 @@ HTTP server; the boot uses a one-node lab with free subnets (``lbbench-`` prefix
 zed-debian-12, role images), side by side in one run: the images built the way labbuilder built
 them before (the base, then each role image from scratch with the packages of every chapter,
 one after another), and a real ``labbuilder up`` with an empty image cache (role images with the
-lab's chapters only, the controller's built from scratch beside the base and the others
-layered on it, side by side, the controller's with its database schemas, the probe beside them,
+lab's chapters only, layered on the base, side by side, the controller's with its database
+schemas, the probe beside them,
 each node booted as soon as its image is there, ready once cloud-init has configured it). The
 "before" figure adds the new ``up``'s time after its images to the old images: a lower bound of
 the old ``up``.
