@@ -7,6 +7,7 @@ fails and the lab did not exist before, everything made so far is removed again.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from labbuilder import probecache, registry
+from labbuilder import probecache, registry, rootfs
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
 from labbuilder.baseimage import BaseImage, resolve_base_image, resolve_role_image
@@ -135,8 +136,9 @@ def _bring_up(
         try:
             emit("probing the host")
             probing = builder.submit(probecache.probe, lab.libvirt_uri, kernel=base.kernel)
+            first = first_in_line(builds)
             made = {
-                content: builder.submit(resolve_build, lab, base, build, emit)
+                content: builder.submit(resolve_build, lab, base, build, emit, content != first)
                 for content, build in builds.items()
             }
             node_images: dict[str, Future[BaseImage]] = {}
@@ -232,16 +234,27 @@ def image_builds(
     return builds
 
 
-def resolve_build(lab: Lab, base: BaseImage, build: ImageBuild, emit: Log) -> BaseImage:
-    return resolve_role_image(
-        lab.image,
-        role=build.role,
-        packages=build.packages,
-        masked_units=build.masked_units,
-        build_script=build.build_script,
-        libvirt_uri=lab.libvirt_uri,
-        log=emit,
-    )
+def first_in_line(builds: dict[Content, ImageBuild]) -> Content | None:
+    """The role image the lab waits for longest (the one with a build script and the most
+    packages: the controller's): built at normal CPU priority, the others yield to it."""
+    if not builds:
+        return None
+    return max(builds, key=lambda c: (builds[c].build_script is not None, len(c[0])))
+
+
+def resolve_build(
+    lab: Lab, base: BaseImage, build: ImageBuild, emit: Log, yielding: bool = False
+) -> BaseImage:
+    with rootfs.yielding() if yielding else contextlib.nullcontext():
+        return resolve_role_image(
+            lab.image,
+            role=build.role,
+            packages=build.packages,
+            masked_units=build.masked_units,
+            build_script=build.build_script,
+            libvirt_uri=lab.libvirt_uri,
+            log=emit,
+        )
 
 
 def check_registration(lab: Lab, state: LabState) -> None:

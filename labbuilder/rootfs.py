@@ -25,7 +25,9 @@ import shlex
 import shutil
 import subprocess
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from labbuilder.errors import HostError, ImageError
@@ -95,8 +97,23 @@ BUILD_SCRIPT_FILE = "build-script.sh"  # a role's build script, beside the build
 # The tree's tar, as mmdebstrap's own tar-in reads it (numeric owners, extended attributes).
 TAR_CREATE = ("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--format=pax")
 
+# The CPU priority (nice value) of a build that others wait for less: see ``yielding``.
+YIELDING_NICENESS = 10
+_niceness: ContextVar[int] = ContextVar("labbuilder_build_niceness", default=0)
 _FULL = re.compile(r"No space left|Could not allocate|too small|not enough space", re.IGNORECASE)
 _tools = logging.getLogger("labbuilder.tools")
+
+
+@contextmanager
+def yielding(niceness: int = YIELDING_NICENESS) -> Iterator[None]:
+    """Within it, the processes ``run`` starts (and their children: mmdebstrap's apt and dpkg)
+    run at CPU priority ``niceness``: where image builds share too few cores, the one the lab
+    waits for longest gets the CPU first and the others use what it leaves."""
+    token = _niceness.set(niceness)
+    try:
+        yield
+    finally:
+        _niceness.reset(token)
 
 
 def run(
@@ -111,6 +128,8 @@ def run(
     when it fails.
     """
     args = [str(a) for a in argv]
+    if _niceness.get():
+        args = ["nice", "-n", str(_niceness.get()), *args]
     _tools.debug("$ %s", " ".join(args))
     env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
     tail: deque[str] = deque(maxlen=30)

@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -99,6 +100,23 @@ RECIPE = BuildRecipe(
     kernel_package="linux-image-cloud-amd64",
     size="2 GiB",
 )
+
+
+def test_a_yielding_build_runs_its_processes_at_a_lower_cpu_priority() -> None:
+    # `nice` without arguments prints its own niceness: what the build's tools would get.
+    assert rootfs.run(["nice"]).strip() == "0"
+    seen: dict[str, str] = {}
+
+    def other_thread() -> None:
+        seen["other"] = rootfs.run(["nice"]).strip()
+
+    with rootfs.yielding():
+        assert rootfs.run(["nice"]).strip() == str(rootfs.YIELDING_NICENESS)
+        thread = threading.Thread(target=other_thread)  # a build beside it: not yielding
+        thread.start()
+        thread.join()
+    assert seen["other"] == "0"
+    assert rootfs.run(["nice"]).strip() == "0"
 
 
 def test_recipe_hash_sees_what_changes_the_image_and_nothing_else() -> None:

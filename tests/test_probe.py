@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 from lablib import TEST_CACHE
 from rich.console import Console
@@ -436,7 +438,9 @@ def test_the_linux_probe_domain_boots_the_kernel_alone(tmp_path: Path) -> None:
     assert root.get("type") == "kvm" and root.findtext("name") == "lbprobe-kvm-1-abc"
     assert root.findtext("memory") == "256" and root.find("memory").get("unit") == "MiB"  # type: ignore[union-attr]
     assert root.findtext("os/kernel") == str(tmp_path / "vmlinuz")
-    assert root.findtext("os/cmdline") == "console=ttyS0 panic=-1 root=/dev/null"
+    assert root.findtext("os/cmdline") == (
+        "earlyprintk=serial,ttyS0,115200 console=ttyS0 panic=-1 root=/dev/null"
+    )
     assert root.find("os/initrd") is None and root.find("os/boot") is None
     assert root.find("devices/disk") is None and root.find("devices/interface") is None
     assert root.findtext("on_reboot") == "destroy"  # panic=-1 reboots: the guest ends itself
@@ -471,6 +475,14 @@ def test_the_linux_proof_in_words() -> None:
         f"Linux ({VMLINUZ}) did not get to mounting its root file system within 30.0 s; the "
         "serial port stayed silent"
     )
+    quiet = probeguest.linux_reason(
+        Waited(None, None, 11.6, b"Probing EDD (edd=off to disable)... ok\r\n", 10.0), VMLINUZ
+    )
+    assert quiet == (
+        f"Linux ({VMLINUZ}) did not get to mounting its root file system: its serial port "
+        "gained nothing for 10 s (11.6 s after start); its last line on the serial port: "
+        '"Probing EDD (edd=off to disable)... ok"'
+    )
     paused = probeguest.linux_reason(
         Waited(None, "was paused (reason unknown)", 0.9, SERIAL), VMLINUZ
     )
@@ -483,6 +495,49 @@ def test_the_linux_proof_in_words() -> None:
         "Probing EDD (edd=off to disable)... ok"
     )
     assert len(probeguest.last_line(b"x" * 500)) == 120
+
+
+def test_a_serial_log_that_stops_growing_ends_the_wait_early(tmp_path: Path) -> None:
+    # libvirt's test driver gives a domain that runs; the log is a real file another thread
+    # writes to: the wait goes on while it grows, and ends once it has gained nothing for
+    # the quiet time, long before the deadline.
+    conn = libvirt.open("test:///default")
+    try:
+        domain = conn.lookupByName("test")
+        log = tmp_path / "serial.log"
+        log.write_bytes(b"Probing EDD (edd=off to disable)... ok\r\n")
+
+        def grow() -> None:
+            for i in range(6):
+                time.sleep(0.1)
+                with log.open("ab") as out:
+                    out.write(f"[    0.{i}] line\r\n".encode())
+
+        writer = threading.Thread(target=grow)
+        started = time.monotonic()
+        writer.start()
+        waited = probeguest._wait_for_marker(
+            domain, log, started + 30, probeguest.LINUX_MARKERS, quiet=0.4
+        )
+        writer.join()
+        seconds = time.monotonic() - started
+        assert waited.marker is None and waited.stopped is None and waited.quiet == 0.4
+        assert waited.output.endswith(b"[    0.5] line\r\n")  # it waited while the log grew
+        assert 0.9 <= seconds < 5
+        # Without a quiet time, silence is waited out to the deadline.
+        waited = probeguest._wait_for_marker(
+            domain, log, time.monotonic() + 0.6, probeguest.LINUX_MARKERS
+        )
+        assert waited.quiet is None and waited.seconds >= 0.6
+        # A marker ends the wait whatever the quiet time.
+        with log.open("ab") as out:
+            out.write(VFS)
+        waited = probeguest._wait_for_marker(
+            domain, log, time.monotonic() + 30, probeguest.LINUX_MARKERS, quiet=0.4
+        )
+        assert waited.marker == b"VFS: Cannot open root device" and waited.quiet is None
+    finally:
+        conn.close()
 
 
 def test_a_marker_is_found_wherever_it_is_and_the_earliest_wins() -> None:
@@ -1026,8 +1081,17 @@ def test_the_linux_proof_on_this_host_agrees_with_a_direct_check(
             assert f"({kernel}) did not get to mounting its root file system" in detail
             assert any(
                 how in detail
-                for how in ("within", "was paused", "is gone", "stopped", "libvirt could not")
+                for how in (
+                    "within",
+                    "was paused",
+                    "is gone",
+                    "stopped",
+                    "libvirt could not",
+                    "gained nothing",
+                )
             ), detail
+            if "gained nothing" in detail:  # a stalled guest ends long before the timeout
+                assert probe.seconds < 25, detail
         else:  # the boot sector failed already: the Linux proof was not needed
             assert detail.startswith(
                 ("a probe guest with domain type kvm did not run: ", "KVM not tested: ")

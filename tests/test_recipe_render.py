@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from labbuilder import api
-from labbuilder.bringup import image_builds
+from labbuilder.bringup import first_in_line, image_builds
 from labbuilder.commands.coverage import recipe_coverage
 from labbuilder.errors import LabFileError, RecipeError
 from labbuilder.imagemodel import CloudInitFlavour
@@ -249,6 +249,13 @@ def test_a_labs_images_carry_its_own_optional_stages_and_a_stage_chosen_later_in
         }
         for name, lab in (("guide", guide), ("full", full))
     }
+    # The controller's image (build script, most packages) is the one the lab waits for
+    # longest: it is built at normal priority, the others yield the CPU to it.
+    for lab in (guide, full):
+        found = image_builds(lab, api.plan_lab(lab, host_check=False).plan)
+        first = first_in_line(found)
+        assert first is not None and found[first].role == "controller"
+    assert first_in_line({}) is None
     core = builds["guide"]["controller"]
     assert {"keystone", "glance", "nova-api", "neutron-server"} <= set(core.packages)
     extras = {"openstack-dashboard-apache", "heat-api", "cinder-api", "swift-proxy",
