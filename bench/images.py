@@ -41,16 +41,16 @@ from lablib import (  # noqa: E402
 
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
-from labbuilder.catalog import find_image  # noqa: E402
-from labbuilder.imagebuild import build_image  # noqa: E402
-from labbuilder.imagecache import pull  # noqa: E402
-from labbuilder.imagemodel import (  # noqa: E402
+from labbuilder.catalog.files import find_image  # noqa: E402
+from labbuilder.catalog.model import (  # noqa: E402
     ChecksumAlgorithm,
     DiskFormat,
     DownloadSource,
     ImageEntry,
 )
-from labbuilder.recipefile import load_recipe  # noqa: E402
+from labbuilder.images.build import build_image  # noqa: E402
+from labbuilder.images.cache import pull  # noqa: E402
+from labbuilder.recipe.files import load_recipe  # noqa: E402
 
 
 def timed_builds(cache: Path) -> tuple[float, float, Path]:

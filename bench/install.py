@@ -50,7 +50,7 @@ from lablib import full_lab, lab_environment, remove_test_pool, three_node_lab  
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
 from labbuilder.adapters.ssh import SSHSession  # noqa: E402
-from labbuilder.recipefile import load_recipe  # noqa: E402
+from labbuilder.recipe.files import load_recipe  # noqa: E402
 
 CORE_TARGET = 1800.0  # the core path (up to a verified instance) on this host
 FULL_TARGET = 3600.0  # seconds: up through a verified instance on the five-node lab

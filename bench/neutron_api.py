@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from labbuilder.adapters.ssh import SSHSession  # noqa: E402
-from labbuilder.recipefile import load_recipe  # noqa: E402
+from labbuilder.recipe.files import load_recipe  # noqa: E402
 
 INI = "/etc/neutron/neutron-api-uwsgi.ini"
 # Each way: the shell that sets it. The baseline is the recipe's earlier setting (Debian's layout,

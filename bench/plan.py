@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from labbuilder.labfile import parse_lab
-from labbuilder.model import HostFacts, HostRoute, LibvirtNetworkFact
-from labbuilder.planner import plan
+from labbuilder.lab.files import parse_lab
+from labbuilder.lab.planner import plan
+from labbuilder.model.lab import HostFacts, HostRoute, LibvirtNetworkFact
 
 FIVE_NODES = """
 name = "bench-{i}"

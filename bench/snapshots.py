@@ -27,7 +27,7 @@ from labbuilder import snapshots  # noqa: E402
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
 from labbuilder.adapters.ssh import SSHSession  # noqa: E402
-from labbuilder.labstate import lab_state  # noqa: E402
+from labbuilder.lifecycle.state import lab_state  # noqa: E402
 
 LAB = "lbbench-snap"
 POOL = "lbbench-snap-pool"
@@ -42,7 +42,7 @@ def lab_bytes(conn: object) -> int:
 
 def guest_work(state_dir: Path, round_: int) -> None:
     """Change something on every node between snapshots, as an install stage would."""
-    from labbuilder.bringup import load_state_record
+    from labbuilder.lifecycle.state import load_state_record
 
     record = load_state_record(lab_state(LAB, state_dir / "labs" / LAB))
     assert record is not None

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from lablib import TEST_CACHE, free_subnets, lab_environment, remove_test_pool  # noqa: E402
 
 from labbuilder import probecache  # noqa: E402
-from labbuilder.baseimage import resolve_base_image  # noqa: E402
-from labbuilder.paths import pool_dir  # noqa: E402
+from labbuilder.common.paths import pool_dir  # noqa: E402
+from labbuilder.images.boot import resolve_base_image  # noqa: E402
 
 NODES = (("controller", 2048, 11), ("network", 512, 21), ("compute1", 2048, 31))
 
@@ -104,8 +104,8 @@ def prewarm_pool(env: dict[str, str]) -> None:
     """Put the shared base volumes in the pool, as a host that ran a lab before has them."""
     from labbuilder.adapters import libvirt as lv
     from labbuilder.adapters import storage
-    from labbuilder.bringup import upload_base
-    from labbuilder.paths import pool_name
+    from labbuilder.api.up import upload_base
+    from labbuilder.common.paths import pool_name
 
     image = resolve_base_image("debian-12")
     conn = lv.connect("qemu:///system")

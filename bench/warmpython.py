@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from labbuilder.adapters.ssh import SSHSession  # noqa: E402
-from labbuilder.reciperender import WARM_PYTHON_PATH  # noqa: E402
+from labbuilder.recipe.render import WARM_PYTHON_PATH  # noqa: E402
 
 CHECKS = {
     "users": "print(sorted(u.name for u in c.list_users()))",

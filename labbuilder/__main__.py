@@ -2,6 +2,6 @@
 
 import sys
 
-from labbuilder.cli import main
+from labbuilder.cli.main import main
 
 sys.exit(main())

@@ -52,7 +52,7 @@ def guide_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     its pool when the session ends, whatever state the tests left it in."""
     from lablib import lab_environment, remove_labs, run_labbuilder, three_node_lab
 
-    from labbuilder.progress import HEARTBEAT_ENV
+    from labbuilder.cli.progress import HEARTBEAT_ENV
 
     env = lab_environment(tmp_path_factory.mktemp("guide-state"), GUIDE_POOL)
     # Its `up` runs as in a CI log (output captured): heartbeats every few seconds while it waits

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from labbuilder.adapters import libvirt as lv
-from labbuilder.hostfacts import read_routes
+from labbuilder.host.facts import read_routes
 
 TEST_POOL = "lbtest-pool"
 TEST_CACHE = Path(os.environ.get("LABBUILDER_TEST_CACHE") or "/var/cache/labbuilder-test")
@@ -178,9 +178,9 @@ def lab_leftovers(lab: str, pool_name: str = TEST_POOL) -> dict[str, list[str]]:
 def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
     """Remove everything of ``labs`` and the storage pool of ``environment`` (a test's
     ``lab_environment``), whatever state a failed test left them in."""
-    from labbuilder import registry
     from labbuilder.adapters import storage
-    from labbuilder.teardown import remove_lab_objects
+    from labbuilder.lifecycle import registry
+    from labbuilder.lifecycle.teardown import remove_lab_objects
 
     old = {key: os.environ.get(key) for key in environment}
     os.environ.update(environment)

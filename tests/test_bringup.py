@@ -163,8 +163,8 @@ def test_status_shows_running_nodes(lab: dict[str, Any]) -> None:
 def test_a_running_lab_counts_the_memory_its_nodes_hold_as_its_own(lab: dict[str, Any]) -> None:
     """`up` on a running lab checks memory as a new lab would, minus what its nodes hold:
     otherwise the host's memory in use by the lab itself makes `up` refuse it."""
-    from labbuilder.api import load_lab
-    from labbuilder.hostfacts import gather_host_facts, read_memory_available
+    from labbuilder.api.facade import load_lab
+    from labbuilder.host.facts import gather_host_facts, read_memory_available
 
     nodes_memory = sum(node["memory"] for node in nodes(lab).values())
     before = read_memory_available()

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder.catalog import find_image, is_location, load_catalog, parse_image_entry
-from labbuilder.errors import ImageError
-from labbuilder.imagemodel import (
+from labbuilder.catalog.files import find_image, is_location, load_catalog, parse_image_entry
+from labbuilder.catalog.model import (
     ChecksumAlgorithm,
     CloudInitFlavour,
     DiskFormat,
     ImageEntry,
 )
-from labbuilder.resources import data_dir
+from labbuilder.common.errors import ImageError
+from labbuilder.common.resources import data_dir
 
 UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg")
 GOOD = """

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from labbuilder import __version__
-from labbuilder.cli import build_parser, main
-from labbuilder.hostfacts import read_routes
+from labbuilder.cli.main import build_parser, main
+from labbuilder.host.facts import read_routes
 
 SUBCOMMANDS = ("plan", "labs")
 

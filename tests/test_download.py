@@ -21,19 +21,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from labbuilder.catalog import find_image
-from labbuilder.checksums import PublishedDigest, fetch_checksum, parse_checksum_file
-from labbuilder.download import DownloadResult, download, part_path
-from labbuilder.errors import ImageError
-from labbuilder.filelock import file_lock
-from labbuilder.imagecache import default_cache_dir, list_cached, prune, pull
-from labbuilder.imagemodel import (
+from labbuilder.catalog.files import find_image
+from labbuilder.catalog.model import (
     ChecksumAlgorithm,
     CloudInitFlavour,
     DiskFormat,
     DownloadSource,
     ImageEntry,
 )
+from labbuilder.common.errors import ImageError
+from labbuilder.common.filelock import file_lock
+from labbuilder.common.paths import default_cache_dir
+from labbuilder.images.cache import list_cached, prune, pull
+from labbuilder.images.checksums import PublishedDigest, fetch_checksum, parse_checksum_file
+from labbuilder.images.download import DownloadResult, download, part_path
 
 IMAGE = random.Random(20240601).randbytes(3 * 1024 * 1024 + 12345)
 IMAGE_SHA256 = hashlib.sha256(IMAGE).hexdigest()
@@ -581,8 +582,8 @@ def test_a_downloaded_qcow2_with_a_backing_file_is_never_used(
     before any lab object uses it; a stand-alone qcow2 from the same server is accepted."""
     import subprocess
 
-    from labbuilder.baseimage import resolve_base_image
-    from labbuilder.errors import ImageRefusedError
+    from labbuilder.common.errors import ImageRefusedError
+    from labbuilder.images.boot import resolve_base_image
 
     secret = tmp_path / "host-secret"
     secret.write_bytes(b"not for guests\n")

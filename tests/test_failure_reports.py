@@ -25,9 +25,14 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from labbuilder import api
-from labbuilder.labstate import ensure_host_keys, ensure_ssh_key, lab_state, write_secret_file
-from labbuilder.planview import plan_as_dict
+from labbuilder.api import facade as api
+from labbuilder.lab.view import plan_as_dict
+from labbuilder.lifecycle.state import (
+    ensure_host_keys,
+    ensure_ssh_key,
+    lab_state,
+    write_secret_file,
+)
 
 RECIPE = {
     "recipe.toml": 'name = "lbtest-cli-tiny"\ndescription = "two tiny stages"\nguide = "none"\n',

@@ -25,8 +25,8 @@ import pytest
 
 from labbuilder.adapters import firewall as fw
 from labbuilder.adapters import libvirt as lv
-from labbuilder.errors import HostError
-from labbuilder.model import Egress
+from labbuilder.common.errors import HostError
+from labbuilder.model.lab import Egress
 
 PORT = 18080  # the listener's port inside the outside namespace
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")

@@ -36,10 +36,11 @@ from labbuilder.adapters.ssh import (
     SSHSession,
     _whole,
 )
-from labbuilder.install import Engine, Status
-from labbuilder.installreport import RunInfo, compare, write_reports
-from labbuilder.labstate import LabState, new_ed25519_key
-from labbuilder.recipemodel import RenderedStage, RenderedStep
+from labbuilder.install.engine import Engine, Status
+from labbuilder.install.guest import WARM_PYTHON_SOURCE
+from labbuilder.install.report import RunInfo, compare, write_reports
+from labbuilder.lifecycle.state import LabState, new_ed25519_key
+from labbuilder.recipe.model import RenderedStage, RenderedStep
 
 LAB = "lbtest-ssh"
 POOL = "lbtest-ssh-pool"
@@ -228,8 +229,8 @@ def connect(guest: dict[str, Any], **kwargs: Any) -> SSHSession:
 def test_a_wrong_host_key_is_refused_and_the_right_one_works(
     guest: dict[str, Any], tmp_path: Path
 ) -> None:
-    from labbuilder.installer import _connect
-    from labbuilder.planview import plan_from_dict
+    from labbuilder.api.install import _connect
+    from labbuilder.lab.view import plan_from_dict
 
     state = guest["state"]
     with connect(guest) as session:
@@ -443,7 +444,7 @@ def test_the_warm_python_keeps_its_calls_through_a_pause_a_clock_step_and_a_kill
 ) -> None:
     from labbuilder.adapters import libvirt as lv
 
-    source = (Path(__file__).parent.parent / "labbuilder" / "warmpython.py").read_text()
+    source = WARM_PYTHON_SOURCE.read_text()
     domain_name = guest["record"]["plan"]["nodes"][0]["domain"]
     conn = lv.connect("qemu:///system")
     with connect(guest) as session:

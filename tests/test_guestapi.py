@@ -30,7 +30,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "labbuilder" / "guestapi.py"
+from labbuilder.install.guest import GUEST_API_SOURCE
+
+SCRIPT = GUEST_API_SOURCE
 PREFIX = "lbtestga-"
 HANG = 30.0  # seconds a "hang" or "lost" request is held at most (the test ends it sooner)
 SLOW = 2.0  # seconds a "slow" request takes

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from labbuilder.adapters import libvirt as lv
-from labbuilder.hostfacts import apt_source_hosts, nameservers, read_memory_available, read_routes
+from labbuilder.host.facts import apt_source_hosts, nameservers, read_memory_available, read_routes
 
 PROC_ROUTE = """\
 Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
@@ -89,7 +89,7 @@ def test_libvirt_networks_and_their_owner_lab(conn: Any) -> None:
 
 @pytest.mark.integration
 def test_an_unreachable_libvirt_is_a_hypervisor_error_with_a_hint() -> None:
-    from labbuilder.errors import HypervisorError
+    from labbuilder.common.errors import HypervisorError
 
     with pytest.raises(HypervisorError) as err:
         lv.connect("qemu+unix:///system?socket=/nonexistent/libvirt-sock")

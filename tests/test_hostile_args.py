@@ -17,10 +17,10 @@ import pytest
 from rich.console import Console
 from test_failure_reports import Lab, free_loopback
 
-from labbuilder import api
-from labbuilder.errors import UsageError
-from labbuilder.labstate import lab_state, load_secrets, write_secret_file, write_state_file
-from labbuilder.planview import plan_tables
+from labbuilder.api import facade as api
+from labbuilder.common.errors import UsageError
+from labbuilder.lab.view import plan_tables
+from labbuilder.lifecycle.state import lab_state, load_secrets, write_secret_file, write_state_file
 
 Setup = Callable[[Path], tuple[list[str], dict[str, str]]]
 
@@ -234,7 +234,7 @@ def test_markup_in_values_is_shown_literally_in_tables() -> None:
 
 def test_markup_in_any_table_cell_is_literal() -> None:
     """Every command's tables (labs, status, snapshots, recipes, images) use these cells."""
-    from labbuilder.commands.common import add_plain_row, plain_table
+    from labbuilder.cli.common import add_plain_row, plain_table
 
     table = plain_table("[/] title [bold]", ("a", "b"))
     add_plain_row(table, "[/]", "[bold red]x")

@@ -3,7 +3,7 @@ exit 2 within seconds, one `error:` line naming the file and the key, and a `hin
 traceback, a hang, a program run or a host file read. Then a property test feeds `plan`
 generated lab files and arguments.
 
-Most cases run ``labbuilder.cli.main`` in this process (fast); a few run the real command as a
+Most cases run ``labbuilder.cli.main.main`` in this process (fast); a few run the real command as a
 subprocess, including one that would make libvirt run a program if the URI were used.
 """
 
@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labbuilder.cli import main
+from labbuilder.cli.main import main
 
 SECONDS = 5.0  # every answer comes within this (in this process)
 PROCESS_SECONDS = 10.0  # with a new Python's start-up, on a loaded 2-core CI host

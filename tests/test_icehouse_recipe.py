@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder import api, cli
-from labbuilder.commands.coverage import recipe_coverage
-from labbuilder.commands.install import print_dry_run
-from labbuilder.installer import Selection, render_for_lab
-from labbuilder.labfile import load_builtin_lab, parse_lab
-from labbuilder.model import Plan
-from labbuilder.recipefile import load_recipe
-from labbuilder.recipemodel import Recipe, RenderedStage
-from labbuilder.reciperender import RenderOptions, applicable_stages, placeholder_secrets
+from labbuilder.api import facade as api
+from labbuilder.api.install import Selection, render_for_lab
+from labbuilder.cli import main as cli
+from labbuilder.cli.coverage import recipe_coverage
+from labbuilder.cli.install import print_dry_run
+from labbuilder.lab.files import load_builtin_lab, parse_lab
+from labbuilder.model.lab import Plan
+from labbuilder.recipe.files import load_recipe
+from labbuilder.recipe.model import Recipe, RenderedStage
+from labbuilder.recipe.render import RenderOptions, applicable_stages, placeholder_secrets
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = "icehouse-ubuntu-14.04"

@@ -1,7 +1,7 @@
 """Build debian-12 with mmdebstrap (once: the cache is shared across runs) and boot it.
 
 Images are built into ``built/`` of ``$LABBUILDER_TEST_CACHE``, else /var/cache/labbuilder-test
-(the folder labbuilder.baseimage uses for that cache): the first run builds (~1.5 min per image),
+(the folder labbuilder.images.boot uses for that cache): the first run builds (~1.5 min per image),
 later runs reuse the build. The boot test defines a NAT network and a TCG
 domain, both named ``lbtest-...``, logs in over SSH with a key it generates and checks what
 cloud-init did; the network, the domain and every file are removed even when it fails.
@@ -29,12 +29,12 @@ import libvirt
 import paramiko
 import pytest
 
-from labbuilder import rootfs
-from labbuilder.catalog import load_catalog
-from labbuilder.errors import ImageError
-from labbuilder.imagebuild import BUILDER_VERSION, BuiltImage, build_image, recipe_hash
-from labbuilder.imagemodel import BuildRecipe
-from labbuilder.seed_iso import build_seed_iso
+from labbuilder.catalog.files import load_catalog
+from labbuilder.catalog.model import BuildRecipe
+from labbuilder.common.errors import ImageError
+from labbuilder.images import rootfs
+from labbuilder.images.build import BUILDER_VERSION, BuiltImage, build_image, recipe_hash
+from labbuilder.lifecycle.seed_iso import build_seed_iso
 
 PREFIX = "lbtest-imagebuild"
 OVERLAY_SIZE = 6 * 1024**3

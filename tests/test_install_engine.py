@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 from localssh import LocalSession
 
-from labbuilder import api, installer
 from labbuilder.adapters.ssh import CommandResult, ConnectionLostError
-from labbuilder.errors import GuestCommandError, RecipeError
-from labbuilder.install import Engine, Redactor, Status, install_helpers
-from labbuilder.installreport import (
+from labbuilder.api import facade as api
+from labbuilder.api import install as installer
+from labbuilder.common.errors import GuestCommandError, RecipeError
+from labbuilder.install.engine import Engine, Redactor, Status, install_helpers
+from labbuilder.install.guest import WARM_PYTHON_SOURCE
+from labbuilder.install.report import (
     RunInfo,
     compare,
     failure_report,
@@ -34,9 +36,9 @@ from labbuilder.installreport import (
     save_history,
     write_reports,
 )
-from labbuilder.recipefile import load_recipe
-from labbuilder.recipemodel import ApiPath, RenderedStage
-from labbuilder.reciperender import (
+from labbuilder.recipe.files import load_recipe
+from labbuilder.recipe.model import ApiPath, RenderedStage
+from labbuilder.recipe.render import (
     GUARD_SENTINEL,
     MARKER_DIR,
     WARM_PYTHON_PATH,
@@ -463,7 +465,7 @@ def test_the_engine_puts_its_helpers_on_every_node_before_any_step(
         assert "<<'LABBUILDER_HELPER_EOF'\nprint('warm')\nLABBUILDER_HELPER_EOF\n" in scripts[0]
         assert not any("LABBUILDER_HELPER_EOF" in script for script in scripts[1:])
     assert installer.guest_helpers(ApiPath.FAST) == {
-        WARM_PYTHON_PATH: (Path(installer.__file__).parent / "warmpython.py").read_text()
+        WARM_PYTHON_PATH: WARM_PYTHON_SOURCE.read_text()
     }
     assert installer.guest_helpers(ApiPath.FAITHFUL) == {}
 

@@ -34,10 +34,10 @@ from typing import Any
 import pytest
 from lablib import full_lab, lab_environment, remove_labs
 
-from labbuilder import api
 from labbuilder.adapters.ssh import SSHSession
-from labbuilder.recipefile import load_recipe
-from labbuilder.reciperender import applicable_stages
+from labbuilder.api import facade as api
+from labbuilder.recipe.files import load_recipe
+from labbuilder.recipe.render import applicable_stages
 
 pytestmark = [
     pytest.mark.full,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder.errors import LabFileError
-from labbuilder.labfile import builtin_lab_names, load_builtin_lab, load_lab_file, parse_lab
-from labbuilder.model import GiB, MiB, Networking, NetworkKind, NicRole, Role
+from labbuilder.common.errors import LabFileError
+from labbuilder.lab.files import builtin_lab_names, load_builtin_lab, load_lab_file, parse_lab
+from labbuilder.model.lab import GiB, MiB, Networking, NetworkKind, NicRole, Role
 
 SRC = "lab.toml"
 

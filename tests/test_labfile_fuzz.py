@@ -9,9 +9,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labbuilder.errors import LabFileError, PlanError
-from labbuilder.labcheck import check_lab_recipe
-from labbuilder.labfile import (
+from labbuilder.common.errors import LabFileError, PlanError
+from labbuilder.lab.check import check_lab_recipe
+from labbuilder.lab.files import (
     NETWORK_KEYS,
     NODE_KEYS,
     OPTION_KEYS,
@@ -19,9 +19,9 @@ from labbuilder.labfile import (
     lab_from_data,
     parse_lab,
 )
-from labbuilder.model import HostFacts, HostRoute
-from labbuilder.planner import plan
-from labbuilder.recipefile import load_recipe, recipe_names
+from labbuilder.lab.planner import plan
+from labbuilder.model.lab import HostFacts, HostRoute
+from labbuilder.recipe.files import load_recipe, recipe_names
 
 RECIPES = {name: load_recipe(name) for name in recipe_names()}
 
@@ -140,7 +140,7 @@ def test_any_text_is_a_lab_or_a_lab_file_error(text: str) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(["guide-3node", "guide-2node-legacy", "guide-full"]), st.data())
 def test_mutating_one_line_of_a_builtin_lab_never_crashes(name: str, data: st.DataObject) -> None:
-    from labbuilder.resources import data_dir
+    from labbuilder.common.resources import data_dir
 
     lines = (data_dir("labs") / f"{name}.toml").read_text().splitlines()
     index = data.draw(st.integers(0, len(lines) - 1))

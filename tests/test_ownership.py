@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from lablib import TEST_POOL, lab_environment, one_node_lab, remove_labs, run_labbuilder
 
-from labbuilder import registry
 from labbuilder.adapters import firewall, storage
 from labbuilder.adapters import libvirt as lv
-from labbuilder.errors import PlanError
-from labbuilder.filelock import is_locked
-from labbuilder.paths import lab_lock_path, pool_dir
-from labbuilder.teardown import remove_state_files
+from labbuilder.common.errors import PlanError
+from labbuilder.common.filelock import is_locked
+from labbuilder.common.paths import lab_lock_path, pool_dir
+from labbuilder.lifecycle import registry
+from labbuilder.lifecycle.teardown import remove_state_files
 
 PREFIX = "lbtest-own-"
 URI = "qemu:///system"
@@ -357,7 +357,7 @@ def test_gc_keeps_a_lab_in_the_middle_of_up_and_removes_it_once_abandoned(
             "-c",
             "import sys\n"
             "from pathlib import Path\n"
-            "from labbuilder.labstate import lab_lock, lab_state\n"
+            "from labbuilder.lifecycle.state import lab_lock, lab_state\n"
             f"with lab_lock(lab_state({lab!r}, Path({str(state_dir)!r})), 'labbuilder up'):\n"
             "    print('held', flush=True)\n"
             "    sys.stdin.read()\n",
@@ -469,7 +469,7 @@ def test_up_refuses_a_pool_of_labbuilders_name_elsewhere(host: dict[str, Any]) -
 
 @pytest.mark.integration
 def test_up_refuses_a_host_interface_with_the_labs_bridge_name(host: dict[str, Any]) -> None:
-    from labbuilder.api import load_lab, plan_lab
+    from labbuilder.api.facade import load_lab, plan_lab
 
     lab = unique("i")
     host["labs"].append(lab)

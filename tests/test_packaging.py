@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder import labfile
-from labbuilder.resources import DATA_FOLDERS
+from labbuilder.common.resources import DATA_FOLDERS
+from labbuilder.lab import files as labfile
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "labbuilder"
 # Modules that run in the guests (put there as text by the engine), not on the host: what they
 # import is the guest's business (openstacksdk in an OpenStack controller), not a dependency.
-GUEST_MODULES = {"labbuilder.guestapi", "labbuilder.warmpython"}
+GUEST_MODULES = {"labbuilder.install.guest.guestapi", "labbuilder.install.guest.warmpython"}
 GUEST_IMPORTS = {"openstack"}
 
 
@@ -116,7 +116,7 @@ def test_a_non_editable_install_finds_its_data(wheel: Path, tmp_path: Path) -> N
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     code = (
-        "import json, labbuilder, labbuilder.resources as r; "
+        "import json, labbuilder, labbuilder.common.resources as r; "
         "print(json.dumps([labbuilder.__file__, str(r.data_dir('labs'))]))"
     )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}

@@ -18,19 +18,19 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from labbuilder.adapters import storage
-from labbuilder.errors import LabFileError, PlanError
-from labbuilder.labfile import load_builtin_lab, parse_lab
-from labbuilder.model import (
+from labbuilder.common.errors import LabFileError, PlanError
+from labbuilder.lab.files import load_builtin_lab, parse_lab
+from labbuilder.lab.planner import derive_mac, lab_tag, plan
+from labbuilder.lab.view import plan_as_dict
+from labbuilder.model.lab import (
     GiB,
     HostFacts,
     HostRoute,
     LibvirtNetworkFact,
     Plan,
 )
-from labbuilder.planner import derive_mac, lab_tag, plan
-from labbuilder.planview import plan_as_dict
-from labbuilder.recipefile import load_recipe
-from labbuilder.recipesizes import fit_lab
+from labbuilder.recipe.files import load_recipe
+from labbuilder.recipe.sizes import fit_lab
 
 CASES = Path(__file__).parent / "plans"
 UPDATE = os.environ.get("LABBUILDER_UPDATE_GOLDEN") == "1"

@@ -25,10 +25,9 @@ from rich.console import Console
 
 from labbuilder.adapters import hostprobe, probeguest
 from labbuilder.adapters import libvirt as lv
-from labbuilder.errors import HostError
-from labbuilder.imagecache import default_cache_dir
-from labbuilder.model import HostRoute, LibvirtNetworkFact
-from labbuilder.probe import (
+from labbuilder.common.errors import HostError
+from labbuilder.common.paths import default_cache_dir
+from labbuilder.host.probe import (
     Acceleration,
     AccelerationFacts,
     BootResult,
@@ -45,7 +44,8 @@ from labbuilder.probe import (
     probe_host,
     render_findings,
 )
-from labbuilder.probemodel import DevKvm, NestedFacts
+from labbuilder.model.lab import HostRoute, LibvirtNetworkFact
+from labbuilder.model.probe import DevKvm, NestedFacts
 
 GiB = 1024**3
 URI = "qemu:///system"

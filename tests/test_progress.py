@@ -1,5 +1,5 @@
-"""The terminal's progress (labbuilder.progress), the lab's log files (labbuilder.lablog) and
-the commands' views of `up` and `install` (labbuilder.commands.watch): plain timestamped lines
+"""The terminal's progress (labbuilder.cli.progress), the lab's log files (labbuilder.lifecycle.logs) and
+the commands' views of `up` and `install` (labbuilder.cli.watch): plain timestamped lines
 and heartbeats off a terminal, a live display that leaves no trace on one, estimates from the
 last reports, tools' output in the log file only, and the log's last lines on failure."""
 
@@ -16,21 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder.cli import main
-from labbuilder.commands.install import copy_logs
-from labbuilder.commands.watch import (
+from labbuilder.cli.install import copy_logs
+from labbuilder.cli.main import main
+from labbuilder.cli.progress import HEARTBEAT_ENV, Progress, heartbeat_interval, with_estimate
+from labbuilder.cli.watch import (
     InstallWatch,
     UpWatch,
     install_estimates,
     show_tail,
     watching,
 )
-from labbuilder.errors import HostError, UsageError
-from labbuilder.install import EngineEvent
-from labbuilder.installreport import UpRecord, write_up_reports
-from labbuilder.lablog import TOOLS_LOGGER, lab_log, tail
-from labbuilder.progress import HEARTBEAT_ENV, Progress, heartbeat_interval, with_estimate
-from labbuilder.readiness import RUNGS
+from labbuilder.common.errors import HostError, UsageError
+from labbuilder.install.engine import EngineEvent
+from labbuilder.install.report import UpRecord, write_up_reports
+from labbuilder.lifecycle.logs import TOOLS_LOGGER, lab_log, tail
+from labbuilder.lifecycle.readiness import RUNGS
 
 STAMPED = re.compile(r"^\d\d:\d\d:\d\d \S")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -11,7 +11,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from labbuilder.readiness import (
+from labbuilder.lifecycle.readiness import (
     NodeNotReadyError,
     NodeTarget,
     cloud_init_problem,

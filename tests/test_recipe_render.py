@@ -1,5 +1,5 @@
 """Generic recipe behaviour: a lab file's optional stages, and the fidelity report
-(``labbuilder.recipecoverage``) on a small guide and recipe of its own."""
+(``labbuilder.recipe.coverage``) on a small guide and recipe of its own."""
 
 from __future__ import annotations
 
@@ -13,25 +13,25 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder import api
-from labbuilder.bringup import first_in_line, image_builds
-from labbuilder.commands.coverage import recipe_coverage
-from labbuilder.errors import LabFileError, RecipeError
-from labbuilder.imagemodel import CloudInitFlavour
-from labbuilder.installer import Selection, render_for_lab
-from labbuilder.labcheck import check_lab_recipe
-from labbuilder.labfile import load_builtin_lab, parse_lab
-from labbuilder.quoting import QuotingError, aptconf, chrony, eni, ini, shell, yaml
-from labbuilder.recipecoverage import (
+from labbuilder.api import facade as api
+from labbuilder.api.install import Selection, render_for_lab
+from labbuilder.api.up import first_in_line, image_builds
+from labbuilder.catalog.model import CloudInitFlavour
+from labbuilder.cli.coverage import recipe_coverage
+from labbuilder.common.errors import LabFileError, RecipeError
+from labbuilder.common.quoting import QuotingError, aptconf, chrony, eni, ini, shell, yaml
+from labbuilder.lab.check import check_lab_recipe
+from labbuilder.lab.files import load_builtin_lab, parse_lab
+from labbuilder.lifecycle.render import SeedInput, render_seed_files
+from labbuilder.recipe.coverage import (
     GuideLine,
     installing_lines,
     line_tokens,
     parse_coverage_spec,
     parse_references,
 )
-from labbuilder.recipefile import load_recipe
-from labbuilder.reciperender import applicable_stages
-from labbuilder.render import SeedInput, render_seed_files
+from labbuilder.recipe.files import load_recipe
+from labbuilder.recipe.render import applicable_stages
 
 GUIDE = """\
 # A guide
@@ -321,9 +321,9 @@ def test_a_role_may_add_packages_only_for_an_optional_stage(tmp_path: Path) -> N
 def test_a_roles_build_script_is_a_file_of_images_and_part_of_the_image_and_recipe(
     tmp_path: Path,
 ) -> None:
-    from labbuilder.bringup import NOTHING
-    from labbuilder.imagebuild import recipe_hash
-    from labbuilder.imagemodel import BuildRecipe
+    from labbuilder.api.up import NOTHING
+    from labbuilder.catalog.model import BuildRecipe
+    from labbuilder.images.build import recipe_hash
 
     folder = write_recipe(tmp_path / "r")
     plain = load_recipe(str(folder)).digest

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder import api
-from labbuilder.cli import main
-from labbuilder.errors import LabFileError, RecipeError, UsageError
-from labbuilder.labfile import parse_lab
-from labbuilder.model import GiB, HostFacts, MiB
-from labbuilder.planner import plan
-from labbuilder.planview import plan_as_dict, plan_from_dict
-from labbuilder.recipefile import load_recipe
-from labbuilder.recipemodel import Recipe
-from labbuilder.recipesizes import check_plan, fit_lab, role_minimum
+from labbuilder.api import facade as api
+from labbuilder.cli.main import main
+from labbuilder.common.errors import LabFileError, RecipeError, UsageError
+from labbuilder.lab.files import parse_lab
+from labbuilder.lab.planner import plan
+from labbuilder.lab.view import plan_as_dict, plan_from_dict
+from labbuilder.model.lab import GiB, HostFacts, MiB
+from labbuilder.recipe.files import load_recipe
+from labbuilder.recipe.model import Recipe
+from labbuilder.recipe.sizes import check_plan, fit_lab, role_minimum
 
 STAGE = """
 name = "demo"
@@ -290,7 +290,7 @@ def test_install_refuses_a_lab_that_is_up_below_its_recipes_minimums_with_exit_2
 ) -> None:
     """A lab an older labbuilder brought up at the guide's sizes: `install` names the first
     node below the recipe's minimum and how to bring it up again, before it touches the lab."""
-    from labbuilder.labstate import lab_state, write_state_file
+    from labbuilder.lifecycle.state import lab_state, write_state_file
 
     state = tmp_path / "state"
     state.mkdir(mode=0o700)

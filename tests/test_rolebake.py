@@ -1,4 +1,4 @@
-"""Role images from a download-only image, baked by booting it once (``labbuilder.rolebake``),
+"""Role images from a download-only image, baked by booting it once (``labbuilder.images.rolebake``),
 on the real libvirtd (TCG) from a real HTTP server on 127.0.0.1. No mocks.
 
 The "download" is the locally built Debian 12 image (built once into the shared test cache, as
@@ -35,10 +35,14 @@ from typing import Any
 import pytest
 from lablib import TEST_CACHE
 
-from labbuilder import imagestore, rootfs
 from labbuilder.adapters import firewall, storage
 from labbuilder.adapters import libvirt as lv
-from labbuilder.bakeseed import (
+from labbuilder.catalog.files import load_catalog, parse_image_entry
+from labbuilder.catalog.model import BaseImage, CloudInitFlavour, ImageEntry
+from labbuilder.common.errors import ImageError
+from labbuilder.images import rootfs
+from labbuilder.images import store as imagestore
+from labbuilder.images.bakeseed import (
     BAKE_MAIN_SH,
     PREFIX,
     BakeNetwork,
@@ -49,12 +53,9 @@ from labbuilder.bakeseed import (
     input_problem,
     parse_report,
 )
-from labbuilder.baseimage import BaseImage, resolve_role_image
-from labbuilder.catalog import load_catalog, parse_image_entry
-from labbuilder.errors import ImageError
-from labbuilder.imagebuild import BuiltImage, build_image
-from labbuilder.imagemodel import CloudInitFlavour, ImageEntry
-from labbuilder.rolebake import archive_hosts, check_image, load_baked_image
+from labbuilder.images.boot import resolve_role_image
+from labbuilder.images.build import BuiltImage, build_image
+from labbuilder.images.rolebake import archive_hosts, check_image, load_baked_image
 
 POOL = "lbtest-rolebake-pool"
 ENTRY = "lbtest-dl-debian"

@@ -7,7 +7,7 @@ import io
 import pycdlib
 import pytest
 
-from labbuilder.seed_iso import build_seed_iso
+from labbuilder.lifecycle.seed_iso import build_seed_iso
 
 FILES = {
     "user-data": b"#cloud-config\nlocale: C.UTF-8\n",

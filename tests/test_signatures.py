@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from test_download import IMAGE, IMAGE_SHA256, OTHER_SHA256, ImageServer, entry, running_server
 
-from labbuilder.errors import ImageError
-from labbuilder.imagecache import list_cached, pull
-from labbuilder.imagemodel import ImageEntry
-from labbuilder.signatures import verify_detached
+from labbuilder.catalog.model import ImageEntry
+from labbuilder.common.errors import ImageError
+from labbuilder.images.cache import list_cached, pull
+from labbuilder.images.signatures import verify_detached
 
 SUMS = f"{OTHER_SHA256} *other.qcow2\n{IMAGE_SHA256} *disk.qcow2\n".encode()
 

@@ -22,16 +22,17 @@ import pytest
 from lablib import lab_environment, lab_leftovers, one_node_lab, remove_labs
 from lablib import run_labbuilder as labbuilder
 
-from labbuilder import installer, snapshots
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
 from labbuilder.adapters.ssh import SSHSession
-from labbuilder.errors import DiskSpaceError, HypervisorError
-from labbuilder.install import StageOutcome, Status, StepOutcome
-from labbuilder.labfile import load_lab_file
-from labbuilder.paths import pool_dir
-from labbuilder.recipefile import load_recipe
-from labbuilder.teardown import gc
+from labbuilder.api import install as installer
+from labbuilder.common.errors import DiskSpaceError, HypervisorError
+from labbuilder.common.paths import pool_dir
+from labbuilder.install.engine import StageOutcome, Status, StepOutcome
+from labbuilder.lab.files import load_lab_file
+from labbuilder.lifecycle import snapshots
+from labbuilder.lifecycle.teardown import gc
+from labbuilder.recipe.files import load_recipe
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LAB = "lbtest-snap"

@@ -14,8 +14,8 @@ from lablib import TEST_POOL
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
-from labbuilder.paths import pool_dir
-from labbuilder.teardown import gc, labs_on_host
+from labbuilder.common.paths import pool_dir
+from labbuilder.lifecycle.teardown import gc, labs_on_host
 
 pytestmark = pytest.mark.integration
 ORPHAN = "lbtest-orphan"

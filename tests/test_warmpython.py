@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "labbuilder" / "warmpython.py"
+from labbuilder.install.guest import WARM_PYTHON_SOURCE
+
+SCRIPT = WARM_PYTHON_SOURCE
 PRELOAD = "xml.dom.minidom"  # not loaded by python3 -c, nor by warmpython.py itself
 
 

@@ -39,9 +39,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from labbuilder.errors import HostError, PlanError
-from labbuilder.model import Egress
-from labbuilder.planner import lab_tag
+from labbuilder.common.errors import HostError, PlanError
+from labbuilder.lab.planner import lab_tag
+from labbuilder.model.lab import Egress
 
 TABLE = "mangle"
 HOOK = "FORWARD"

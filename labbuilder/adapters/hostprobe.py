@@ -25,10 +25,9 @@ import libvirt
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.probeguest import boot_probe_guest
-from labbuilder.baseimage import built_images_dir
-from labbuilder.errors import HostError
-from labbuilder.imagebuild import KERNEL_FILE
-from labbuilder.probemodel import DevKvm, NestedFacts, Resolved
+from labbuilder.common.errors import HostError
+from labbuilder.common.paths import KERNEL_FILE, built_images_dir
+from labbuilder.model.probe import DevKvm, NestedFacts, Resolved
 
 CPUINFO = Path("/proc/cpuinfo")
 SYS_MODULE = Path("/sys/module")
@@ -71,7 +70,7 @@ def find_probe_kernel(cache_dir: Path) -> Path | None:
     cache ``cache_dir``: ``<cache_dir>/built/<image>/vmlinuz``, for the probe's Linux proof.
     None when no image has been built. Builds in progress (``.build-*``) are skipped.
 
-    ``labbuilder.imagecache.default_cache_dir()`` is the usual ``cache_dir``.
+    ``labbuilder.common.paths.default_cache_dir()`` is the usual ``cache_dir``.
     """
     kernels: list[tuple[float, str, Path]] = []
     try:

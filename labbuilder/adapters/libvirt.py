@@ -14,8 +14,8 @@ from typing import Any
 import libvirt
 import netaddr
 
-from labbuilder.errors import HypervisorError, PlanError
-from labbuilder.model import LibvirtNetworkFact
+from labbuilder.common.errors import HypervisorError, PlanError
+from labbuilder.model.lab import LibvirtNetworkFact
 
 METADATA_NS = "urn:labbuilder:lab:1"
 METADATA_PREFIX = "lb"

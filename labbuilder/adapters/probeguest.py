@@ -44,8 +44,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from labbuilder.probemodel import BootResult, Proof
-from labbuilder.processes import process_alive
+from labbuilder.adapters.processes import process_alive
+from labbuilder.model.probe import BootResult, Proof
 
 MARKER = b"LBPROBE-OK"
 LINUX_MARKERS = (

@@ -29,7 +29,7 @@ from typing import Any, NoReturn, Protocol
 
 import paramiko
 
-from labbuilder.errors import GuestCommandError
+from labbuilder.common.errors import GuestCommandError
 
 KEEPALIVE_SECONDS = 15
 # Linux: a connection whose sent data stays unacknowledged this long is dropped (the keepalives

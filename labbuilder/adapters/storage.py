@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import libvirt
 
-from labbuilder.errors import HypervisorError, PlanError
+from labbuilder.common.errors import HypervisorError, PlanError
 
 CHUNK = 4 * 1024 * 1024
 

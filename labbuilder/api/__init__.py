@@ -1,0 +1,3 @@
+"""What the CLI does, as functions: plan, up, install, status, down. Orchestrates every layer
+below; imported only by labbuilder.cli.main.
+"""

@@ -1,0 +1,524 @@
+"""``up``: from a lab to running, reachable nodes — networks, volumes, seeds, domains, readiness.
+
+Idempotent: what exists and matches the plan is kept, what is missing is created, so a running
+lab is a no-op and a partial one (say, after a killed ``up``) is completed. If creating the lab
+fails and the lab did not exist before, everything made so far is removed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters import storage
+from labbuilder.catalog.model import BaseImage
+from labbuilder.common.errors import PlanError
+from labbuilder.common.paths import lab_lock_path, pool_dir, pool_name, state_root
+from labbuilder.host import probecache
+from labbuilder.host.facts import gather_host_facts
+from labbuilder.host.probe import HostProbe
+from labbuilder.images import rootfs
+from labbuilder.images.boot import resolve_base_image, resolve_role_image
+from labbuilder.lab.planner import plan as make_plan
+from labbuilder.lab.view import plan_as_dict
+from labbuilder.lifecycle import registry
+from labbuilder.lifecycle.readiness import NodeNotReadyError, NodeTarget, RungCallback, wait_ready
+from labbuilder.lifecycle.render import (
+    BootSpec,
+    DiskAttachment,
+    SeedInput,
+    plan_hash,
+    render_domain_xml,
+    render_network_xml,
+    render_seed_files,
+)
+from labbuilder.lifecycle.seed_iso import build_seed_iso
+from labbuilder.lifecycle.state import (
+    LabState,
+    ensure_host_keys,
+    ensure_secrets,
+    ensure_ssh_key,
+    lab_lock,
+    lab_state,
+    password_hash,
+    write_secret_file,
+)
+from labbuilder.lifecycle.teardown import remove_lab_objects
+from labbuilder.model.lab import Egress, Lab, LibvirtNetworkFact, Plan, PlannedNode
+from labbuilder.recipe.files import load_recipe
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class UpResult:
+    plan: Plan
+    probe: HostProbe
+    seconds: float
+    rungs: dict[str, dict[str, float]]  # node -> rung -> seconds from its start
+    created: bool  # False when the lab was already up
+
+
+def up(
+    lab: Lab,
+    *,
+    auto_subnets: bool = False,
+    log: Log | None = None,
+    on_rung: RungCallback | None = None,
+    timeouts: dict[str, float] | None = None,
+    state: LabState | None = None,
+) -> UpResult:
+    """Bring the lab up. On a fresh host the work overlaps: the host probe runs beside the role
+    images' builds, the networks are made meanwhile, and each node boots as soon as its own image
+    is there (network and compute boot while the controller's larger image is still building)."""
+    emit = log or (lambda _message: None)
+    start = time.monotonic()
+    state = state or lab_state(lab.name)
+    with lab_lock(state, "labbuilder up"):
+        gathered = gather_host_facts(lab, state_root())
+        plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
+        check_registration(lab, state)
+        check_ownership(lab, plan)
+        digest = plan_hash(plan)
+        base = resolve_base_image(lab.image, log=emit)
+        conn = lv.connect(lab.libvirt_uri)
+        try:
+            existing = lv.owned_domains(conn, lab.name)
+            check_same_plan(lab, existing, digest)
+            fresh = not existing and not lv.owned_networks(conn, lab.name)
+            # Registered before anything is made: a killed `up` leaves what `down`/`gc` find.
+            registry.register(lab.name, state.directory, lab.libvirt_uri)
+            try:
+                probe, rungs = _bring_up(
+                    conn, lab, plan, digest, base, state, emit, on_rung, timeouts
+                )
+            except BaseException:
+                if fresh:
+                    emit("creating the lab failed; removing what was made")
+                    remove_lab_objects(conn, lab.name)
+                    registry.unregister(lab.name)
+                raise
+        finally:
+            conn.close()
+    return UpResult(plan, probe, time.monotonic() - start, rungs, created=fresh)
+
+
+def _bring_up(
+    conn: Any,
+    lab: Lab,
+    plan: Plan,
+    digest: str,
+    base: BaseImage,
+    state: LabState,
+    emit: Log,
+    on_rung: RungCallback | None,
+    timeouts: dict[str, float] | None,
+) -> tuple[HostProbe, dict[str, dict[str, float]]]:
+    """The probe and the images in the background, the networks now, each node as soon as its
+    image and the probe are there; the probe and each node's rungs. On failure every thread
+    is told to stop and has stopped (nothing is created after) before the error goes on."""
+    stop = threading.Event()
+    contents = node_contents(lab, plan)
+    builds = image_builds(lab, plan, contents)
+    workers = 1 + max(1, min(len(builds), os.cpu_count() or 1))
+    with (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image") as builder,
+        ThreadPoolExecutor(max_workers=len(plan.nodes), thread_name_prefix="node") as starter,
+    ):
+        try:
+            emit("probing the host")
+            probing = builder.submit(probecache.probe, lab.libvirt_uri, kernel=base.kernel)
+            first = first_in_line(builds)
+            made = {
+                content: builder.submit(resolve_build, lab, base, build, emit, content != first)
+                for content, build in builds.items()
+            }
+            node_images: dict[str, Future[BaseImage]] = {}
+            for node in plan.nodes:
+                content = contents[node.name]
+                node_images[node.name] = made[content] if content in made else _done(base)
+            made_lab = prepare_lab(conn, lab, plan, digest, base, state, emit)
+
+            def bring(node: PlannedNode) -> dict[str, float]:
+                image = node_images[node.name].result()
+                probe = probing.result()
+                if stop.is_set():
+                    raise NodeNotReadyError(f"node {node.name}: stopped before it was created")
+                domain = create_node(conn, made_lab, node, probe, image, emit)
+                target = NodeTarget(
+                    name=node.name,
+                    address=node.management_address,
+                    mac=node.nics[0].mac,
+                    user=base.default_user,
+                    key_path=state.key_path,
+                    console_log=state.console_log(node.name),
+                )
+                return wait_ready(
+                    domain, target, timeouts=timeouts, on_rung=on_rung, stop=stop, note=emit
+                )
+
+            started = {node.name: starter.submit(bring, node) for node in plan.nodes}
+            probe = probing.result()
+            emit(
+                f"guests run under {probe.acceleration}; "
+                f"compute nodes use virt_type {probe.virt_type}"
+            )
+            images = {name: future.result() for name, future in node_images.items()}
+            save_state(state, lab, plan, probe, base, images)
+            rungs = {name: future.result() for name, future in started.items()}
+        except BaseException:
+            stop.set()
+            builder.shutdown(wait=False, cancel_futures=True)
+            raise
+    return probe, rungs
+
+
+def _done(image: BaseImage) -> Future[BaseImage]:
+    future: Future[BaseImage] = Future()
+    future.set_result(image)
+    return future
+
+
+# A role image's packages, masked units and build script (file name, text).
+Content = tuple[tuple[str, ...], tuple[str, ...], tuple[str, str] | None]
+NOTHING: Content = ((), (), None)
+
+
+@dataclass(frozen=True)
+class ImageBuild:
+    """One distinct role image a lab needs: what it carries and the first role that wants it."""
+
+    role: str
+    packages: tuple[str, ...]
+    masked_units: tuple[str, ...]
+    build_script: tuple[str, str] | None = None
+
+
+def node_contents(lab: Lab, plan: Plan) -> dict[str, Content]:
+    """What each node's image adds to the lab's image (nothing without ``options.role_images``),
+    from one reading of the recipe."""
+    if not lab.options.role_images:
+        return {node.name: NOTHING for node in plan.nodes}
+    recipe = load_recipe(lab.recipe)
+    contents = {}
+    for node in plan.nodes:
+        wanted = recipe.role_image(str(node.role), lab.options.optional_stages)
+        contents[node.name] = (
+            tuple(sorted(wanted.packages)),
+            tuple(sorted(wanted.masked_units)),
+            wanted.build_script,
+        )
+    return contents
+
+
+def image_builds(
+    lab: Lab, plan: Plan, contents: dict[str, Content] | None = None
+) -> dict[Content, ImageBuild]:
+    """The distinct role images of the lab (none without ``options.role_images``): roles that
+    want the same packages and masked units (network and compute, say) share one image, and a
+    role with nothing to add boots the plain image."""
+    contents = node_contents(lab, plan) if contents is None else contents
+    builds: dict[Content, ImageBuild] = {}
+    for node in plan.nodes:
+        content = contents[node.name]
+        if content != NOTHING and content not in builds:
+            builds[content] = ImageBuild(str(node.role), *content)
+    return builds
+
+
+def first_in_line(builds: dict[Content, ImageBuild]) -> Content | None:
+    """The role image the lab waits for longest (the one with a build script and the most
+    packages: the controller's): built at normal CPU priority, the others yield to it."""
+    if not builds:
+        return None
+    return max(builds, key=lambda c: (builds[c].build_script is not None, len(c[0])))
+
+
+def resolve_build(
+    lab: Lab, base: BaseImage, build: ImageBuild, emit: Log, yielding: bool = False
+) -> BaseImage:
+    with rootfs.yielding() if yielding else contextlib.nullcontext():
+        return resolve_role_image(
+            lab.image,
+            role=build.role,
+            packages=build.packages,
+            masked_units=build.masked_units,
+            build_script=build.build_script,
+            libvirt_uri=lab.libvirt_uri,
+            log=emit,
+        )
+
+
+def check_registration(lab: Lab, state: LabState) -> None:
+    """Refuse to bring up a lab that is up on this host with its state elsewhere (another
+    ``$LABBUILDER_STATE_DIR``): its nodes trust that state's keys, not this one's."""
+    try:
+        entry = registry.registration(lab.name)
+    except ValueError as err:
+        raise PlanError(str(err), "remove that file if no lab of that name exists") from None
+    if entry is None or entry.state_dir == state.directory.absolute() or not entry.has_state:
+        return
+    raise PlanError(
+        f"lab {lab.name} is up on this host with its state in {entry.state_dir}, not in "
+        f"{state.directory}",
+        "run labbuilder with the LABBUILDER_STATE_DIR that lab was made with, or "
+        "`labbuilder down` it there first",
+    )
+
+
+def check_ownership(lab: Lab, plan: Plan) -> None:
+    """Refuse (``PlanError``, exit 2) a plan whose names are taken on the host by something
+    that is not this lab's: a network, domain, bridge or storage pool of that name. Volumes
+    live in labbuilder's own pool and are the lab's by their names (``<lab>__...``), so the
+    pool is what is checked for them."""
+    conn = lv.connect(lab.libvirt_uri, readonly=True)
+    try:
+        for net in plan.networks:
+            network = lv.find_network(conn, net.libvirt_name)
+            if network is not None:
+                lv.refuse_foreign("network", net.libvirt_name, network.XMLDesc(0), lab.name)
+        for node in plan.nodes:
+            domain = lv.find_domain(conn, node.domain)
+            if domain is not None:
+                lv.refuse_foreign("domain", node.domain, domain.XMLDesc(0), lab.name)
+        check_bridges(lab, plan, lv.network_facts(conn))
+        pool = storage.lookup_pool(conn, pool_name())
+        if pool is not None:
+            storage.refuse_foreign_pool(pool, str(pool_dir()))
+    finally:
+        conn.close()
+    if lab.options.egress != Egress.NAT:
+        from labbuilder.adapters import firewall
+
+        firewall.check_lab_chain(lab.name)
+
+
+def check_bridges(lab: Lab, plan: Plan, networks: tuple[LibvirtNetworkFact, ...]) -> None:
+    """A planned bridge held by another owner's libvirt network, or (on this host) by an
+    interface that no libvirt network of the lab made, is refused."""
+    local = urlsplit(lab.libvirt_uri).hostname in (None, "", "localhost")
+    for net in plan.networks:
+        holders = [n for n in networks if n.bridge == net.bridge]
+        for holder in holders:
+            if holder.lab != lab.name:
+                owner = f"labbuilder's lab {holder.lab}" if holder.lab else "not labbuilder"
+                raise PlanError(
+                    f"bridge {net.bridge} of network {net.libvirt_name} is held by network "
+                    f"{holder.name}, which is not labbuilder's lab {lab.name}: its owner is "
+                    f"{owner}",
+                    "rename the lab (bridge names derive from the lab's name), or remove "
+                    f"network {holder.name}",
+                )
+        if local and not holders and Path("/sys/class/net", net.bridge).exists():
+            raise PlanError(
+                f"bridge {net.bridge} of network {net.libvirt_name} exists on the host and "
+                f"is not labbuilder's lab {lab.name}: no libvirt network made it",
+                "rename the lab (bridge names derive from the lab's name), or remove that "
+                "interface",
+            )
+
+
+def check_same_plan(lab: Lab, domains: list[Any], digest: str) -> None:
+    for domain in domains:
+        running = lv.lab_metadata(domain.XMLDesc(0)).get("plan")
+        if running != digest:
+            raise PlanError(
+                f"lab {lab.name} is up with a different plan than {lab.source} gives now "
+                f"(domain {domain.name()})",
+                "run `labbuilder down` first to rebuild it from the lab file",
+            )
+
+
+@dataclass
+class MadeLab:
+    """What every node of a lab shares once its networks exist: the pool, the base volumes
+    uploaded so far (each once, whichever node needs it first) and the seed's input."""
+
+    lab: Lab
+    plan: Plan
+    digest: str
+    state: LabState
+    pool: Any
+    seed: SeedInput
+    volumes: dict[str, tuple[Any, BootSpec]] = field(default_factory=dict)
+    uploading: threading.Lock = field(default_factory=threading.Lock)
+
+
+def prepare_lab(
+    conn: Any, lab: Lab, plan: Plan, digest: str, base: BaseImage, state: LabState, emit: Log
+) -> MadeLab:
+    """The lab's networks (existing ones kept), egress rules, storage pool and keys (the seed's
+    user is the base image's: a role image is built from it and keeps it)."""
+    for net in plan.networks:
+        emit(f"network {net.libvirt_name} ({net.kind}, {net.cidr})")
+        xml = owned_xml(render_network_xml(plan, net, digest), state)
+        lv.ensure_network(conn, net.libvirt_name, xml, lab=lab.name)
+    apply_egress(lab, plan)
+    pool = storage.ensure_pool(conn, pool_name(), str(pool_dir()))
+    public_key = ensure_ssh_key(state)
+    console_password = ensure_secrets(state, ("console_password",))["console_password"]
+    host_keys = ensure_host_keys(state, {node.name: node.management_address for node in plan.nodes})
+    state.console_dir.mkdir(parents=True, exist_ok=True)
+    seed = SeedInput(
+        user=base.default_user,
+        password_hash=password_hash(console_password),
+        ssh_public_key=public_key,
+        apt_proxy=lab.options.apt_proxy,
+        host_keys=host_keys,
+    )
+    return MadeLab(lab, plan, digest, state, pool, seed)
+
+
+def create_node(
+    conn: Any, made: MadeLab, node: PlannedNode, probe: HostProbe, image: BaseImage, emit: Log
+) -> Any:
+    """A node's disks, seed and domain, started (an existing domain is kept, and started)."""
+    lab_name = made.lab.name
+    domain = lv.find_domain(conn, node.domain)
+    if domain is None:
+        emit(f"node {node.name}: disks, seed and domain")
+        with made.uploading:
+            if image.volume_stem not in made.volumes:
+                emit(f"base image {image.name} ({image.disk.name})")
+                made.volumes[image.volume_stem] = upload_base(conn, made.pool, image)
+            base_volume, boot = made.volumes[image.volume_stem]
+        xml = node_domain_xml(
+            conn,
+            made.pool,
+            made.plan,
+            node,
+            made.digest,
+            probe,
+            image,
+            base_volume,
+            boot,
+            made.seed,
+            made.state,
+        )
+        domain = lv.ensure_domain(conn, node.domain, owned_xml(xml, made.state), lab=lab_name)
+    elif not domain.isActive():
+        domain = lv.ensure_domain(conn, node.domain, "", lab=lab_name)
+    return domain
+
+
+def owned_xml(xml: str, state: LabState) -> str:
+    """A network's or domain's XML with where its lab keeps its state and lock in its
+    labbuilder metadata: host-wide facts for `gc` and `list`, whoever runs them."""
+    return lv.with_metadata(
+        xml, state=str(state.directory.absolute()), lock=str(lab_lock_path(state.lab))
+    )
+
+
+def upload_base(conn: Any, pool: Any, image: BaseImage) -> tuple[Any, BootSpec]:
+    """The shared, read-only base volume of an image (and its kernel and initrd), uploaded once."""
+    volume = storage.ensure_uploaded_file(conn, pool, f"{image.volume_stem}.qcow2", image.disk)
+    boot = BootSpec()
+    if image.kernel is not None and image.initrd is not None:
+        kernel = storage.ensure_uploaded_file(
+            conn, pool, f"{image.volume_stem}.vmlinuz", image.kernel
+        )
+        initrd = storage.ensure_uploaded_file(
+            conn, pool, f"{image.volume_stem}.initrd", image.initrd
+        )
+        boot = BootSpec(kernel.path(), initrd.path(), image.cmdline)
+    return volume, boot
+
+
+def node_domain_xml(
+    conn: Any,
+    pool: Any,
+    plan: Plan,
+    node: PlannedNode,
+    digest: str,
+    probe: HostProbe,
+    base: BaseImage,
+    base_volume: Any,
+    boot: BootSpec,
+    seed: SeedInput,
+    state: LabState,
+) -> str:
+    disks = []
+    for disk in node.disks:
+        name = storage.lab_volume_name(plan.lab, node.name, f"{disk.device}.qcow2")
+        if disk.purpose == "root":
+            storage.ensure_overlay(pool, name, base_volume, disk.size)
+        else:
+            storage.ensure_empty_disk(pool, name, disk.size)
+        disks.append(DiskAttachment(disk.device, pool.name(), name, "qcow2"))
+    # The seed is made anew: a seed left by an interrupted `up` may be incomplete.
+    seed_name = storage.lab_volume_name(plan.lab, node.name, "seed.iso")
+    if (old := storage.find_volume(pool, seed_name)) is not None:
+        storage.delete_volume(old)
+    files = render_seed_files(plan, node, digest=digest, seed=seed, flavour=base.cloud_init)
+    iso = build_seed_iso(files)
+    storage.upload(conn, pool, seed_name, io.BytesIO(iso), len(iso))
+    seed_device = f"vd{chr(ord('a') + len(node.disks))}"
+    disks.append(DiskAttachment(seed_device, pool.name(), seed_name, "raw", readonly=True))
+    compute_passthrough = probe.cpu_passthrough and node.role == "compute"
+    return render_domain_xml(
+        plan,
+        node,
+        digest=digest,
+        domain_type=probe.domain_type,
+        cpu_passthrough=compute_passthrough,
+        disks=tuple(disks),
+        boot=boot,
+        console_log=str(state.console_log(node.name)),
+    )
+
+
+def apply_egress(lab: Lab, plan: Plan) -> None:
+    from labbuilder.adapters import firewall
+
+    bridges = [net.bridge for net in plan.networks]
+    cidrs = [net.cidr for net in plan.networks]
+    firewall.ensure_egress(lab.name, bridges, cidrs, lab.options.egress, lab.options.egress_allow)
+
+
+def save_state(
+    state: LabState,
+    lab: Lab,
+    plan: Plan,
+    probe: HostProbe,
+    base: BaseImage,
+    images: dict[str, BaseImage],
+) -> None:
+    """What later commands (ssh, status, install) read back: the plan and the host's facts."""
+    by_role = {str(node.role): images[node.name] for node in plan.nodes}
+    record = {
+        "lab": lab.name,
+        "source": lab.source,
+        "plan": plan_as_dict(plan),
+        "acceleration": str(probe.acceleration),
+        "virt_type": str(probe.virt_type),
+        "user": base.default_user,
+        "image": {"name": base.name, "digest": base.digest},
+        "images": {role: image_record(image) for role, image in by_role.items()},
+    }
+    write_secret_file(state.directory / "lab.json", json.dumps(record, indent=1).encode())
+
+
+def image_record(image: BaseImage) -> dict[str, Any]:
+    """An image as the install report shows it: name, digest and its manifest if it has one."""
+    record: dict[str, Any] = {"name": image.name, "digest": image.digest}
+    manifest = image.disk.parent / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        record["manifest"] = {
+            key: data[key]
+            for key in ("source", "builder_version", "built", "recipe_hash", "masked_units")
+            if key in data
+        }
+        record["packages"] = len(data.get("packages", {}))
+    return record

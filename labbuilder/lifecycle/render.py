@@ -1,0 +1,169 @@
+"""Plan objects → the texts libvirt and cloud-init read: network XML, domain XML, seed files.
+
+Pure functions over jinja2 templates shipped as data (``networks/``, ``cloud-init/`` and
+``labbuilder/templates/``). XML templates are autoescaped; YAML values go through the ``yaml``
+filter, and the files cloud-init writes through their destination's filter
+(``labbuilder.common.quoting``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+
+import jinja2
+
+from labbuilder.adapters.libvirt import METADATA_NS
+from labbuilder.catalog.model import CloudInitFlavour
+from labbuilder.common.quoting import FILTERS, eni
+from labbuilder.common.resources import data_dir
+from labbuilder.lab.view import plan_as_dict
+from labbuilder.model.addressing import netmask
+from labbuilder.model.lab import Plan, PlannedNetwork, PlannedNode
+
+
+@dataclass(frozen=True)
+class DiskAttachment:
+    """A storage volume attached to a domain as a virtio disk."""
+
+    device: str  # "vda"
+    pool: str
+    volume: str
+    format: str  # "qcow2" or "raw"
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Direct kernel boot (paths on the libvirt host), or None fields to boot from the disk."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+
+
+@dataclass(frozen=True)
+class SeedInput:
+    """What a node's seed needs beyond the plan: its login and the lab's package settings."""
+
+    user: str
+    password_hash: str  # crypt(3) SHA-512 of the console password; never the password itself
+    ssh_public_key: str
+    apt_proxy: str | None = None
+    host_keys: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # node -> keys
+
+
+def plan_hash(plan: Plan) -> str:
+    """A short fingerprint of a plan: tells whether a running lab still matches its file."""
+    blob = json.dumps(plan_as_dict(plan), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@cache
+def _environment(folder: str, autoescape: bool) -> jinja2.Environment:
+    def load(name: str) -> str:
+        if folder == "templates":
+            from importlib import resources
+
+            return (resources.files("labbuilder") / "templates" / name).read_text()
+        return (data_dir(folder) / name).read_text()
+
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(load),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(FILTERS)  # yaml, aptconf, ...: one filter per destination
+    return env
+
+
+def _render(folder: str, name: str, *, autoescape: bool, **values: object) -> str:
+    return _environment(folder, autoescape).get_template(name).render(**values)
+
+
+def render_network_xml(plan: Plan, net: PlannedNetwork, digest: str) -> str:
+    return _render(
+        "networks",
+        f"{net.kind}.xml.j2",
+        autoescape=True,
+        net=net,
+        lab=plan.lab,
+        plan_hash=digest,
+        ns=METADATA_NS,
+    )
+
+
+def render_domain_xml(
+    plan: Plan,
+    node: PlannedNode,
+    *,
+    digest: str,
+    domain_type: str,
+    cpu_passthrough: bool,
+    disks: tuple[DiskAttachment, ...],
+    boot: BootSpec,
+    console_log: str | None,
+) -> str:
+    nics = [
+        {"network": plan.network(nic.network).libvirt_name, "mac": nic.mac} for nic in node.nics
+    ]
+    return _render(
+        "templates",
+        "domain.xml.j2",
+        autoescape=True,
+        node=node,
+        lab=plan.lab,
+        plan_hash=digest,
+        ns=METADATA_NS,
+        domain_type=domain_type,
+        cpu_passthrough=cpu_passthrough,
+        disks=disks,
+        nics=nics,
+        boot=boot,
+        console_log=console_log,
+    )
+
+
+def render_seed_files(
+    plan: Plan, node: PlannedNode, *, digest: str, seed: SeedInput, flavour: CloudInitFlavour
+) -> dict[str, bytes]:
+    """The NoCloud seed of one node: user-data, meta-data and its network configuration.
+
+    Both network forms are written: ``network-config`` (v2) for current cloud-init, and
+    ``network-interfaces`` (ENI) for Ubuntu 14.04's cloud-init 0.7.5, which also finds it in
+    meta-data when the image's flavour is ENI.
+    """
+    management = plan.network(node.nics[0].network)
+    values = {
+        "node": node,
+        "hosts": plan.hosts,
+        "hosts_file": "".join(
+            f"{eni(address)} {eni(name)}\n"
+            for address, name in (("127.0.0.1", "localhost"), *plan.hosts)
+        ),
+        "user": seed.user,
+        "password_hash": seed.password_hash,
+        "ssh_public_key": seed.ssh_public_key,
+        "apt_proxy": seed.apt_proxy,
+        "host_key": seed.host_keys.get(node.name),
+        # cloud-init 0.7.5 (Ubuntu 14.04) knows neither ed25519 host keys nor our module lists.
+        "lean": flavour != CloudInitFlavour.ENI,
+        "nameserver": management.gateway,
+        "instance_id": f"{plan.lab}-{node.name}-{digest}",
+        "netmask": netmask,
+    }
+    interfaces = _render("cloud-init", "network-interfaces.j2", autoescape=False, **values)
+    meta = _render("cloud-init", "meta-data.j2", autoescape=False, **values)
+    if flavour == CloudInitFlavour.ENI:
+        meta += "network-interfaces: " + json.dumps(interfaces) + "\n"
+    files = {
+        "user-data": _render("cloud-init", "user-data.j2", autoescape=False, **values),
+        "meta-data": meta,
+        "network-config": _render("cloud-init", "network-config.j2", autoescape=False, **values),
+        "network-interfaces": interfaces,
+    }
+    return {name: text.encode() for name, text in files.items()}

@@ -1,0 +1,571 @@
+"""Live snapshots of a whole lab: every node at one consistent moment, and back to it.
+
+A lab snapshot is an internal libvirt snapshot (memory and disks, kept inside each node's qcow2
+disks) of the same name, ``lb-<name>``, on every node of the lab. To capture one moment across
+nodes, all nodes are paused, snapshotted in parallel and resumed; to go back, all nodes are
+paused, reverted in parallel and resumed together. A snapshot exists on all nodes or on none:
+a failed take removes what it made.
+
+Everything ``list`` shows is read from libvirt: each node's snapshot carries a JSON description
+(lab, name, creation time, the take's id, the caller's metadata), and the size of the memory
+state it keeps comes from the snapshot table of the node's qcow2 disk (read through libvirt's
+volume API), so no side database can go stale. ``labbuilder down`` removes snapshots with the
+domains and their disks.
+
+Costs (measured under TCG; ``bench/snapshots.py``): a snapshot with memory keeps about the
+memory the guest uses in its disk (plus the disk blocks the guest changes afterwards); taking
+one pauses the lab for about a second, restoring takes a few seconds. After a restore the
+guests' clocks are where they were at the snapshot: ``sync_clocks`` sets them to the host's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import paramiko
+
+from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters.ssh import SSHSession
+from labbuilder.common.errors import DiskSpaceError, HypervisorError, LabbuilderError, UsageError
+from labbuilder.common.sizes import format_size
+from labbuilder.lifecycle.state import LabState, lab_lock, load_state_record
+
+PREFIX = "lb-"  # libvirt snapshot names labbuilder owns
+# Free disk a snapshot leaves besides its memory state: the guests go on writing, and QEMU
+# pauses a guest whose disk cannot grow.
+SPACE_MARGIN = 1 << 30
+FORMAT = 1  # of the JSON description
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One lab snapshot as libvirt holds it."""
+
+    name: str  # labbuilder's name (the stage), e.g. "keystone"
+    lab: str
+    created: float  # seconds since the epoch, when it was taken
+    description: str
+    nodes: tuple[str, ...]  # nodes that hold it (from the same take)
+    missing: tuple[str, ...]  # nodes of the lab that do not
+    memory: bool  # every node's memory state is in it (False: disks only, reverting boots)
+    meta: Mapping[str, Any] = field(default_factory=dict)  # what the caller stored with it
+    disk_bytes: Mapping[str, int] = field(default_factory=dict)  # per node, when measured
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def libvirt_name(self) -> str:
+        return libvirt_name(self.name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lab": self.lab,
+            "created": self.created,
+            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+            "description": self.description,
+            "complete": self.complete,
+            "nodes": list(self.nodes),
+            "missing": list(self.missing),
+            "memory": self.memory,
+            "disk_bytes": dict(self.disk_bytes),
+            "meta": dict(self.meta),
+        }
+
+
+def libvirt_name(name: str) -> str:
+    return PREFIX + name
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise UsageError(
+            f"{name!r} is not a valid snapshot name",
+            "use letters, digits, '-', '_' and '.', starting with a letter or digit, at most "
+            "63 characters (e.g. a stage name such as keystone)",
+        )
+    return name
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _NodeSnapshot:
+    node: str
+    name: str
+    take: str
+    created: float
+    description: str
+    memory: bool
+    meta: Mapping[str, Any]
+    disk_bytes: int | None
+
+
+def lab_nodes(conn: Any, lab_name: str) -> list[tuple[str, Any]]:
+    """(node, domain) of every node of the lab on this host, by node name."""
+    nodes = []
+    for domain in lv.owned_domains(conn, lab_name):
+        node = lv.lab_metadata(domain.XMLDesc(0)).get("node") or domain.name()
+        nodes.append((node, domain))
+    if not nodes:
+        raise UsageError(
+            f"lab {lab_name} has no nodes on this host", "bring it up with `labbuilder up`"
+        )
+    return sorted(nodes, key=lambda pair: pair[0])
+
+
+def _parse(node: str, lab_name: str, xml: str) -> _NodeSnapshot | None:
+    """A node's snapshot, if labbuilder took it for this lab."""
+    root = ET.fromstring(xml)
+    full_name = root.findtext("name", "")
+    if not full_name.startswith(PREFIX):
+        return None
+    try:
+        record = json.loads(root.findtext("description", "") or "{}")
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or record.get("labbuilder") != FORMAT:
+        return None
+    if record.get("lab") != lab_name:
+        return None
+    memory = root.find("memory")
+    created = record.get("created") or float(root.findtext("creationTime", "0") or 0)
+    return _NodeSnapshot(
+        node=node,
+        name=full_name[len(PREFIX) :],
+        take=str(record.get("take", "")),
+        created=float(created),
+        description=str(record.get("description", "")),
+        memory=memory is not None and memory.get("snapshot") == "internal",
+        meta=record.get("meta") or {},
+        disk_bytes=None,
+    )
+
+
+def _collect(conn: Any, lab_name: str, nodes: list[tuple[str, Any]]) -> list[SnapshotInfo]:
+    def read(pair: tuple[str, Any]) -> tuple[list[str], dict[str, int] | None]:
+        return lv.snapshot_xmls(pair[1]), lv.snapshot_state_sizes(conn, pair[1])
+
+    found: dict[str, list[_NodeSnapshot]] = {}
+    for (node, _), (xmls, sizes) in zip(nodes, _raise_first(_parallel(nodes, read)), strict=True):
+        for xml in xmls:
+            parsed = _parse(node, lab_name, xml)
+            if parsed is not None:
+                size = (sizes or {}).get(libvirt_name(parsed.name))
+                found.setdefault(parsed.name, []).append(replace(parsed, disk_bytes=size))
+    names = [node for node, _ in nodes]
+    infos = []
+    for name, held in found.items():
+        # Every node's copy must come from the same take: the newest one decides.
+        newest = max(held, key=lambda snap: snap.created)
+        same = [snap for snap in held if snap.take == newest.take]
+        infos.append(
+            SnapshotInfo(
+                name=name,
+                lab=lab_name,
+                created=newest.created,
+                description=newest.description,
+                nodes=tuple(snap.node for snap in same),
+                missing=tuple(node for node in names if node not in {s.node for s in same}),
+                memory=all(snap.memory for snap in same),
+                meta=newest.meta,
+                disk_bytes={s.node: s.disk_bytes for s in same if s.disk_bytes is not None},
+            )
+        )
+    return sorted(infos, key=lambda info: (info.created, info.name))
+
+
+def list_snapshots(conn: Any, lab_name: str) -> list[SnapshotInfo]:
+    """The lab's snapshots, oldest first, each saying which nodes hold it."""
+    return _collect(conn, lab_name, lab_nodes(conn, lab_name))
+
+
+def find_snapshot(conn: Any, lab_name: str, name: str) -> SnapshotInfo:
+    """The lab's snapshot ``name``; a UsageError naming the ones there are if it has none."""
+    return _find(_collect(conn, lab_name, lab_nodes(conn, lab_name)), lab_name, name)
+
+
+def _find(infos: list[SnapshotInfo], lab_name: str, name: str) -> SnapshotInfo:
+    for info in infos:
+        if info.name == name:
+            return info
+    known = ", ".join(info.name for info in infos) or "none"
+    raise UsageError(
+        f"lab {lab_name} has no snapshot {name!r} (it has: {known})",
+        "`labbuilder snapshot list` shows the lab's snapshots; "
+        "`labbuilder snapshot take NAME` takes one",
+    )
+
+
+# --- taking -----------------------------------------------------------------------------------
+
+
+def take_snapshot(
+    conn: Any,
+    lab_name: str,
+    name: str,
+    *,
+    description: str = "",
+    memory: bool = True,
+    meta: Mapping[str, Any] | None = None,
+) -> SnapshotInfo:
+    """Snapshot every node of the lab at one moment: pause all, snapshot all in parallel,
+    resume all (also when something failed). A snapshot of the same name is replaced.
+
+    With ``memory`` (the default) running nodes keep their memory state, so a restore finds
+    them running as they were; a shut-off node's snapshot holds its disks. libvirt cannot take
+    an internal snapshot of a running node without its memory, so ``memory=False`` needs every
+    node shut off. ``meta`` (JSON-able) is stored with the snapshot, e.g. a recipe's hash.
+    On failure nothing of the new snapshot is left on any node.
+    """
+    check_name(name)
+    full_name = libvirt_name(name)
+    nodes = lab_nodes(conn, lab_name)
+    running = [node for node, domain in nodes if lv.is_active(domain)]
+    if memory:
+        check_space(lab_name, name, _space_needs(conn, nodes, full_name))
+    if not memory and running:
+        raise HypervisorError(
+            f"cannot take a snapshot of lab {lab_name} without memory: {', '.join(running)} "
+            "running (libvirt takes internal snapshots of a running node only with its memory)",
+            "take it with memory (the default), or shut the lab's nodes down first",
+        )
+    record: dict[str, Any] = {
+        "labbuilder": FORMAT,
+        "lab": lab_name,
+        "take": uuid.uuid4().hex,
+        "created": time.time(),
+        "description": description,
+        "nodes": [node for node, _ in nodes],
+        "meta": dict(meta or {}),
+    }
+    try:
+        json.dumps(record)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"snapshot metadata is not JSON: {err}") from None
+
+    # Replacing: the old one goes first, so that a failed take leaves no mix of both.
+    _raise_first(_parallel(nodes, lambda pair: lv.delete_snapshot(pair[1], full_name)))
+
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = full_name
+    ET.SubElement(root, "description").text = json.dumps(record)
+    if not memory:
+        ET.SubElement(root, "memory", snapshot="no")
+    xml = ET.tostring(root, encoding="unicode")
+
+    paused: list[tuple[str, Any]] = []
+    outcomes: list[tuple[None, LabbuilderError | None]] = []
+    resume_errors: list[str] = []
+    try:
+        for node, domain in nodes:
+            if lv.domain_state(domain) == "running":
+                lv.suspend_domain(domain)
+                paused.append((node, domain))
+        outcomes = _parallel(nodes, lambda pair: lv.create_snapshot(pair[1], xml))
+    except BaseException:  # interrupted (Ctrl-C) or a node would not pause
+        _parallel(nodes, lambda pair: lv.delete_snapshot(pair[1], full_name))
+        raise
+    finally:
+        for node, domain in paused:
+            try:
+                lv.resume_domain(domain)
+            except LabbuilderError as resume_error:
+                resume_errors.append(f"{node}: {resume_error.message}")
+
+    failed = [(node, err) for (node, _), (_, err) in zip(nodes, outcomes, strict=True) if err]
+    if failed:
+        made = [pair for pair, (_, err) in zip(nodes, outcomes, strict=True) if err is None]
+        raise _take_failed(lab_name, name, failed, made, resume_errors)
+    if resume_errors:
+        raise HypervisorError(
+            f"snapshot {name} of lab {lab_name} was taken, but nodes did not resume: "
+            + "; ".join(resume_errors),
+            "`labbuilder status` shows the nodes; `labbuilder snapshot restore "
+            f"{name}` brings the lab back running",
+        )
+
+    return _find(_collect(conn, lab_name, nodes), lab_name, name)
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    """Disk a snapshot's memory state takes on one node, in the directory of its first
+    writable qcow2 disk (where QEMU keeps the state)."""
+
+    node: str
+    directory: Path
+    size: int  # bytes
+
+
+def _space_needs(conn: Any, nodes: list[tuple[str, Any]], full_name: str) -> list[SpaceNeed]:
+    """What a snapshot with memory adds per running node: its memory now, less the state of a
+    snapshot of the same name that the take replaces (its clusters are reused)."""
+    needs = []
+    for node, domain in nodes:
+        if not lv.is_active(domain):
+            continue
+        paths = lv.writable_disk_paths(conn, domain)
+        if not paths:
+            continue
+        replaced = (lv.snapshot_state_sizes(conn, domain) or {}).get(full_name, 0)
+        memory = lv.domain_memory(domain)
+        needs.append(SpaceNeed(node, Path(paths[0]).parent, max(0, memory - replaced)))
+    return needs
+
+
+def check_space(lab_name: str, name: str, needs: Sequence[SpaceNeed]) -> None:
+    """Refuse a snapshot that would leave less than ``SPACE_MARGIN`` free on a filesystem
+    where the nodes keep their disks. Directories not on this host (a remote libvirt) are not
+    checked."""
+    by_device: dict[int, list[SpaceNeed]] = {}
+    for need in needs:
+        try:
+            by_device.setdefault(need.directory.stat().st_dev, []).append(need)
+        except OSError:
+            continue
+    for group in by_device.values():
+        directory = group[0].directory
+        free = shutil.disk_usage(directory).free
+        total = sum(need.size for need in group)
+        if total + SPACE_MARGIN > free:
+            raise DiskSpaceError(
+                f"snapshot {name} of lab {lab_name} needs about {format_size(total)} of disk "
+                f"at {directory} for the memory of "
+                + ", ".join(f"{need.node} ({format_size(need.size)})" for need in group)
+                + f", and {format_size(SPACE_MARGIN)} must stay free for the guests' writes; "
+                f"the disk has {format_size(free)} free",
+                "free disk space there, or delete snapshots the lab no longer needs "
+                "(`labbuilder snapshot list`, `labbuilder snapshot delete NAME`); "
+                "`labbuilder install --no-snapshots` installs without them",
+            )
+
+
+def _take_failed(
+    lab_name: str,
+    name: str,
+    failed: list[tuple[str, LabbuilderError]],
+    made: list[tuple[str, Any]],
+    resume_errors: list[str],
+) -> HypervisorError:
+    """Remove the snapshot from the nodes that took it, and say what happened."""
+    undone = _parallel(made, lambda pair: lv.delete_snapshot(pair[1], libvirt_name(name)))
+    leftover = [
+        f"{node}: {err.message}"
+        for (node, _), (_, err) in zip(made, undone, strict=True)
+        if err is not None
+    ]
+    node, first = failed[0]
+    message = f"snapshot {name} of lab {lab_name} failed on {node}: {first.message}"
+    if len(failed) > 1:
+        message += f" (and on {', '.join(other for other, _ in failed[1:])})"
+    if leftover:
+        message += "; could not remove it again from " + "; ".join(leftover)
+    elif made:
+        message += f"; removed it again from {', '.join(other for other, _ in made)}"
+    if resume_errors:
+        message += "; could not resume " + "; ".join(resume_errors)
+    return HypervisorError(message, first.hint)
+
+
+# --- restoring --------------------------------------------------------------------------------
+
+
+def restore_snapshot(conn: Any, lab_name: str, name: str) -> float:
+    """Bring every node of the lab back to the snapshot, running; returns the seconds it took.
+
+    All nodes are paused, reverted in parallel and resumed together, so that no node talks to
+    another that is still in the time before. Refused, naming them, if nodes lack the snapshot.
+    The guests' clocks come back at the snapshot's time: see ``sync_clocks``.
+    """
+    check_name(name)
+    full_name = libvirt_name(name)
+    nodes = lab_nodes(conn, lab_name)
+    info = _find(_collect(conn, lab_name, nodes), lab_name, name)
+    if info.missing:
+        raise HypervisorError(
+            f"snapshot {name} of lab {lab_name} is missing on {', '.join(info.missing)} "
+            f"(held by {', '.join(info.nodes) or 'no node'}), so the lab cannot go back to it "
+            "consistently",
+            f"delete it (`labbuilder snapshot delete {name}`) and take it again",
+        )
+    started = time.monotonic()
+    outcomes: list[tuple[None, LabbuilderError | None]] = []
+    try:
+        for _, domain in nodes:
+            if lv.domain_state(domain) == "running":
+                lv.suspend_domain(domain)
+        outcomes = _parallel(
+            nodes, lambda pair: lv.revert_snapshot(pair[1], full_name, running=False)
+        )
+    finally:
+        resumed = _parallel(nodes, _resume_if_paused)
+    failed = [
+        (node, err) for (node, _), (_, err) in zip(nodes, outcomes, strict=True) if err is not None
+    ]
+    failed += [
+        (node, err) for (node, _), (_, err) in zip(nodes, resumed, strict=True) if err is not None
+    ]
+    if failed:
+        raise HypervisorError(
+            f"restoring snapshot {name} of lab {lab_name} failed: "
+            + "; ".join(f"{node}: {err.message}" for node, err in failed),
+            failed[0][1].hint
+            or "the lab's nodes may now be at different moments: restore again, or take the lab "
+            "down and up",
+        )
+    return time.monotonic() - started
+
+
+def _resume_if_paused(pair: tuple[str, Any]) -> None:
+    _, domain = pair
+    if lv.domain_state(domain) == "paused":
+        lv.resume_domain(domain)
+
+
+def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
+    """Set every node's clock to the host's over SSH (after a restore the guests' clocks are
+    at the snapshot's time); returns by how many seconds each clock moved."""
+    record = load_state_record(state)
+    if record is None:
+        return {}
+    targets = []
+    for node in record["plan"]["nodes"]:
+        address = next((nic["address"] for nic in node["nics"] if nic["address"]), None)
+        if address is not None:
+            targets.append((str(node["name"]), str(address)))
+
+    def sync(target: tuple[str, str]) -> float:
+        node, address = target
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with SSHSession(
+                    address,
+                    record["user"],
+                    state.key_path,
+                    known_hosts=state.known_hosts_path,
+                    node=node,
+                ) as session:
+                    now = time.time()
+                    result = session.run(
+                        "date +%%s.%%N && date -u -s @%s >/dev/null", f"{now:.3f}", sudo=True,
+                        timeout=timeout,
+                    ).check(node)  # fmt: skip
+                    return now - float(result.stdout.split()[0])
+            except (OSError, EOFError, paramiko.SSHException) as err:
+                if time.monotonic() > deadline:
+                    raise HypervisorError(
+                        f"cannot set the clock of node {node} ({address}) after the restore: {err}",
+                        "the node may not be running; `labbuilder status` shows it",
+                    ) from None
+                time.sleep(1)
+
+    return dict(
+        zip((node for node, _ in targets), _raise_first(_parallel(targets, sync)), strict=True)
+    )
+
+
+# --- deleting ---------------------------------------------------------------------------------
+
+
+def delete_snapshot(conn: Any, lab_name: str, name: str) -> SnapshotInfo:
+    """Delete the snapshot ``name`` from every node that holds it."""
+    check_name(name)
+    nodes = lab_nodes(conn, lab_name)
+    info = _find(_collect(conn, lab_name, nodes), lab_name, name)
+    _raise_first(_parallel(nodes, lambda pair: lv.delete_snapshot(pair[1], libvirt_name(name))))
+    return info
+
+
+def delete_snapshots(conn: Any, lab_name: str, after: str | None = None) -> list[str]:
+    """Delete every labbuilder snapshot of the lab, or those taken after the snapshot ``after``
+    (before re-running the stages that follow it); returns the names deleted, newest first."""
+    nodes = lab_nodes(conn, lab_name)
+    infos = _collect(conn, lab_name, nodes)
+    if after is not None:
+        check_name(after)
+        index = infos.index(_find(infos, lab_name, after))
+        infos = infos[index + 1 :]
+    doomed = [info.name for info in reversed(infos)]
+
+    def delete_all(pair: tuple[str, Any]) -> None:
+        for name in doomed:
+            lv.delete_snapshot(pair[1], libvirt_name(name))
+
+    _raise_first(_parallel(nodes, delete_all))
+    return doomed
+
+
+# --- for the command line ---------------------------------------------------------------------
+
+
+@contextmanager
+def lab_connection(
+    lab_name: str, uri: str, state: LabState, *, action: str | None = None
+) -> Iterator[Any]:
+    """A libvirt connection for the lab's snapshots; with ``action`` (a command changing the
+    lab), holding the lab's lock, so that no `up` or `down` runs meanwhile."""
+    if action is None:
+        conn = lv.connect(uri)  # not read-only: reading the disks' snapshot tables needs more
+        try:
+            yield conn
+        finally:
+            conn.close()
+        return
+    if not state.directory.exists():
+        raise UsageError(
+            f"lab {lab_name} is not up on this host", "bring it up with `labbuilder up`"
+        )
+    with lab_lock(state, action):
+        conn = lv.connect(uri)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _parallel(
+    items: Sequence[T], work: Callable[[T], R]
+) -> list[tuple[R | None, LabbuilderError | None]]:
+    """``work`` on every item in its own thread: (result, None) or (None, error) per item."""
+
+    def guarded(item: T) -> tuple[R | None, LabbuilderError | None]:
+        try:
+            return work(item), None
+        except LabbuilderError as err:
+            return None, err
+
+    if len(items) <= 1:
+        return [guarded(item) for item in items]
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(guarded, items))
+
+
+def _raise_first(outcomes: list[tuple[R | None, LabbuilderError | None]]) -> list[R]:
+    """The results, or the first error."""
+    for _, err in outcomes:
+        if err is not None:
+            raise err
+    return cast(list[R], [result for result, _ in outcomes])

@@ -1,0 +1,86 @@
+"""``status``, ``ssh-config``: what a lab looks like on the host, read from libvirt and the
+lab's state directory."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from labbuilder.adapters import libvirt as lv
+from labbuilder.common.errors import UsageError
+from labbuilder.lifecycle.state import LabState, load_state_record
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    role: str
+    domain: str
+    state: str
+    addresses: tuple[str, ...]
+    acceleration: str  # "kvm" or "tcg"
+
+
+@dataclass(frozen=True)
+class LabStatus:
+    lab: str
+    nodes: tuple[NodeStatus, ...]
+    networks: tuple[tuple[str, bool], ...]  # (libvirt name, active)
+    virt_type: str | None  # what compute nodes must use, from the probe at `up`
+
+
+def lab_status(lab: str, uri: str, state: LabState) -> LabStatus:
+    record = load_state_record(state) or {}
+    planned = {node["name"]: node for node in record.get("plan", {}).get("nodes", [])}
+    conn = lv.connect(uri, readonly=True)
+    try:
+        nodes = []
+        for domain in sorted(lv.owned_domains(conn, lab), key=lambda d: d.name()):
+            xml = domain.XMLDesc(0)
+            meta = lv.lab_metadata(xml)
+            name = meta.get("node", domain.name())
+            addresses = tuple(
+                f"{nic['device']} {nic['address'] or '(no address)'}"
+                for nic in planned.get(name, {}).get("nics", [])
+            )
+            kind = ET.fromstring(xml).get("type", "qemu")
+            nodes.append(
+                NodeStatus(
+                    name=name,
+                    role=meta.get("role", "?"),
+                    domain=domain.name(),
+                    state=lv.domain_state(domain),
+                    addresses=addresses,
+                    acceleration="kvm" if kind == "kvm" else "tcg",
+                )
+            )
+        networks = tuple(
+            (network.name(), bool(network.isActive())) for network in lv.owned_networks(conn, lab)
+        )
+    finally:
+        conn.close()
+    return LabStatus(lab, tuple(nodes), networks, record.get("virt_type"))
+
+
+def render_ssh_config(state: LabState) -> str:
+    """An ssh_config for plain ``ssh -F``: each node by its name and by ``<lab>-<node>``."""
+    record = load_state_record(state)
+    if record is None:
+        raise UsageError(
+            f"lab {state.lab} is not up on this host", "bring it up with `labbuilder up`"
+        )
+    lines = [f"# labbuilder lab {state.lab}: ssh -F {state.ssh_config_path} <node>"]
+    for node in record["plan"]["nodes"]:
+        address = next(nic["address"] for nic in node["nics"] if nic["address"])
+        lines += [
+            f"Host {node['name']} {state.lab}-{node['name']}",
+            f"  HostName {address}",
+            f"  User {record['user']}",
+            f"  IdentityFile {state.key_path}",
+            "  IdentitiesOnly yes",
+            "  StrictHostKeyChecking yes",
+            f"  UserKnownHostsFile {state.known_hosts_path}",
+            "  LogLevel ERROR",
+            "",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,269 @@
+"""``down`` and ``gc``: remove what labbuilder made for a lab, and nothing else.
+
+Domains and networks carry labbuilder metadata (the lab, its state directory and lock) and
+volumes in labbuilder's own pool carry the lab in their names, so a lab is removed completely
+even after a crash or a killed ``up``. Whether a lab is still alive is decided from host-wide
+facts only, never from the caller's own state directory alone: the lab's lock (held by ``up``,
+``down``, ``install`` and ``snapshot``), the host's lab registry
+(``labbuilder.lifecycle.registry``) and the state directories that the registry and the
+metadata name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labbuilder.adapters import firewall, storage
+from labbuilder.adapters import libvirt as lv
+from labbuilder.common.errors import HypervisorError
+from labbuilder.common.filelock import file_lock, is_locked
+from labbuilder.common.paths import lab_dir, lab_lock_path, pool_dir, pool_name, state_root
+from labbuilder.lifecycle import registry
+from labbuilder.lifecycle.state import LabState, lab_lock, lab_state
+
+# What labbuilder writes into a lab's state directory; `down` removes these and nothing else.
+STATE_FILES = frozenset(
+    {
+        "lab.json",
+        "secrets.json",
+        "id_ed25519",
+        "id_ed25519.pub",
+        "ssh_config",
+        "known_hosts",
+        "lock",  # the lab's lock before it moved to the host's lock directory
+    }
+)
+STATE_FOLDERS = frozenset({"console", "host-keys", "logs", "reports"})
+
+
+@dataclass
+class Removed:
+    domains: list[str] = field(default_factory=list)
+    networks: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    firewall: bool = False
+    state_dir: str | None = None
+    left: list[str] = field(default_factory=list)  # state entries labbuilder did not make
+
+    def count(self) -> int:
+        return len(self.domains) + len(self.networks) + len(self.volumes)
+
+
+def remove_lab_objects(conn: Any, lab: str) -> Removed:
+    """Every domain, network, volume and firewall rule of ``lab`` on the host: the objects
+    whose metadata, name in labbuilder's pool or rule comment says that ``lab`` owns them."""
+    removed = Removed()
+    for domain in lv.owned_domains(conn, lab):
+        removed.domains.append(domain.name())
+        lv.remove_domain(domain)
+    for network in lv.owned_networks(conn, lab):
+        removed.networks.append(network.name())
+        lv.remove_network(network)
+    try:
+        pool = storage.find_owned_pool(conn, pool_name(), str(pool_dir()))
+    except HypervisorError:
+        pool = None  # a pool that cannot start holds no volume anyone can reach; go on
+    if pool is not None:
+        for volume in storage.lab_volumes(pool, lab):
+            removed.volumes.append(volume.name())
+            storage.delete_volume(volume)
+    if lab in firewall.owned_labs():
+        firewall.remove_egress(lab)
+        removed.firewall = True
+    return removed
+
+
+def lab_state_of(lab: str) -> LabState:
+    """The lab's state: the directory its registry entry names, else the caller's own (labs
+    made before the registry existed)."""
+    with contextlib.suppress(ValueError):
+        entry = registry.registration(lab)
+        if entry is not None:
+            return lab_state(lab, entry.state_dir)
+    return lab_state(lab)
+
+
+def down(lab: str, uri: str, *, state: LabState | None = None) -> Removed:
+    """Remove the lab from the host: libvirt objects, firewall rules, the files labbuilder
+    wrote in its state directory, and its registry entry."""
+    state = state or lab_state_of(lab)
+    with lab_lock(state, "labbuilder down"):
+        conn = lv.connect(uri)
+        try:
+            removed = remove_lab_objects(conn, lab)
+        finally:
+            conn.close()
+        if state.directory.is_symlink():
+            removed.left = [str(state.directory)]  # not followed, not removed
+        elif state.directory.is_dir():
+            removed.state_dir = str(state.directory)
+            removed.left = remove_state_files(state.directory)
+        registry.unregister(lab)
+    return removed
+
+
+def remove_state_files(directory: Path) -> list[str]:
+    """Remove what labbuilder writes in a lab's state directory, and the directory if it is
+    then empty; return the entries left (not labbuilder's). Never follows a symbolic link:
+    a link where labbuilder keeps a folder is left alone, one inside its folders is removed
+    as a link."""
+    left = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        kind = entry.stat(follow_symlinks=False).st_mode
+        temporary = entry.name.endswith((".tmp", ".new")) and _known_file(
+            _temporary_base(entry.name)
+        )
+        if stat.S_ISREG(kind) and (_known_file(entry.name) or temporary):
+            Path(entry.path).unlink()
+        elif stat.S_ISDIR(kind) and entry.name in STATE_FOLDERS:
+            _remove_tree(Path(entry.path))
+        else:
+            left.append(entry.name)
+    if not left:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+    return left
+
+
+def _known_file(name: str) -> bool:
+    return name in STATE_FILES
+
+
+def _temporary_base(name: str) -> str:
+    """The file a temporary file is written for: ``x.tmp``, ``.x.<random>.tmp`` or ``.new``
+    (left by a writer that was killed)."""
+    base = name.removesuffix(".tmp").removesuffix(".new")
+    if base.startswith("."):
+        base = base[1:].rsplit(".", 1)[0]
+    return base
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove a folder of labbuilder's, its links as links (``shutil.rmtree`` would also do
+    this, but here it is spelled out: nothing below is ever followed)."""
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            _remove_tree(Path(entry.path))
+        else:
+            Path(entry.path).unlink()
+    folder.rmdir()
+
+
+def labs_on_host(conn: Any) -> dict[str, dict[str, int]]:
+    """Labs that have anything on this host: counts of domains, networks, volumes, and
+    ``state`` 1 when the lab's state (lab.json) exists where the registry, the objects'
+    metadata or the caller's state directory say."""
+    labs: dict[str, dict[str, int]] = {}
+
+    def count(lab: str, kind: str) -> None:
+        labs.setdefault(lab, {"domains": 0, "networks": 0, "volumes": 0, "state": 0})[kind] += 1
+
+    for _, xml in lv.owned_domain_xmls(conn):
+        count(lv.owner_lab(xml) or "?", "domains")
+    for _, xml in lv.owned_network_xmls(conn):
+        count(lv.owner_lab(xml) or "?", "networks")
+    pool = storage.find_owned_pool(conn, pool_name(), str(pool_dir()))
+    if pool is not None:
+        for volume in storage.lab_volumes(pool):
+            count(storage.volume_lab(volume.name()) or "?", "volumes")
+    for lab in registry.registered_labs():
+        labs.setdefault(lab, {"domains": 0, "networks": 0, "volumes": 0, "state": 0})
+    for lab, counts in labs.items():
+        counts["state"] = int(registry.is_lab_name(lab) and _state_places(conn, lab) != [])
+    legacy = state_root() / "labs"
+    if legacy.is_dir():
+        for entry in legacy.iterdir():
+            if entry.name not in labs and (entry / "lab.json").exists():
+                count(entry.name, "state")
+    return labs
+
+
+def _metadata(conn: Any, lab: str) -> list[dict[str, str]]:
+    objects = [*lv.owned_domain_xmls(conn, lab), *lv.owned_network_xmls(conn, lab)]
+    return [lv.lab_metadata(xml) for _, xml in objects]
+
+
+def _state_places(conn: Any, lab: str) -> list[str]:
+    """Where the lab's lab.json exists (or cannot be looked at): the state directories its
+    registry entry, its objects' metadata and the caller's state directory name."""
+    places = [str(lab_dir(lab))]
+    try:
+        entry = registry.registration(lab)
+    except ValueError as err:
+        return [str(err)]  # an entry nobody can read: the lab is kept
+    if entry is not None:
+        places.append(str(entry.state_dir))
+    places += [meta["state"] for meta in _metadata(conn, lab) if meta.get("state")]
+    found = []
+    for place in dict.fromkeys(places):
+        try:
+            if (Path(place) / "lab.json").exists():
+                found.append(place)
+        except OSError:
+            found.append(place)
+    return found
+
+
+def _busy_elsewhere(conn: Any, lab: str) -> bool:
+    """Whether another lock of the lab is held: one its objects' metadata names (a lab of
+    another user), or the one labs kept in their state directory before the lock directory."""
+    locks = [Path(meta["lock"]) for meta in _metadata(conn, lab) if meta.get("lock")]
+    locks.append(lab_dir(lab) / "lock")
+    with contextlib.suppress(ValueError):
+        entry = registry.registration(lab)
+        if entry is not None:
+            locks.append(entry.state_dir / "lock")
+    for lock in dict.fromkeys(locks):
+        if lock == lab_lock_path(lab):
+            continue
+        try:
+            if is_locked(lock):
+                return True
+        except OSError:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _try_lab_lock(lab: str) -> Iterator[bool]:
+    """The lab's lock if nobody holds it (yields False then), as `up` takes it."""
+    path = lab_lock_path(lab)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path, blocking=False) as locked:
+        try:
+            yield locked
+        finally:
+            if locked:
+                path.unlink(missing_ok=True)
+
+
+def gc(uri: str, match: str = "*") -> dict[str, Removed]:
+    """Remove the objects of labs that no longer exist: the leftovers of crashes, killed `up`s
+    and deleted state. A lab is kept while a command holds its lock (``up``, ``down``,
+    ``install``, ``snapshot``), or while the state directory that the host's registry, its
+    objects' metadata or the caller names still has its lab.json. The lab's lock is held
+    while it is checked and removed, so no `up` can start meanwhile."""
+    conn = lv.connect(uri)
+    try:
+        removed = {}
+        labs = set(labs_on_host(conn)) | firewall.owned_labs() | set(registry.registered_labs())
+        for lab in sorted(labs):
+            if not registry.is_lab_name(lab) or not fnmatch.fnmatchcase(lab, match):
+                continue
+            with _try_lab_lock(lab) as locked:
+                if not locked or _busy_elsewhere(conn, lab) or _state_places(conn, lab):
+                    continue
+                removed[lab] = remove_lab_objects(conn, lab)
+                entry = registry.registration(lab)
+                if entry is not None and entry.uri in ("", uri):
+                    registry.unregister(lab)  # else its objects on that URI still need it
+        return removed
+    finally:
+        conn.close()
