@@ -265,8 +265,12 @@ def test_a_labs_images_carry_its_own_optional_stages_and_a_stage_chosen_later_in
     every = builds["full"]["controller"]
     assert extras <= set(every.packages) and set(core.packages) < set(every.packages)
     assert {"apache2.service", "heat-engine.service"} <= set(every.masked_units)
-    assert "ceilometer-agent-compute" in builds["full"]["compute"].packages
-    assert "ceilometer-agent-compute" not in builds["guide"]["compute"].packages
+    # network and compute share one image (built for the first of them, network): with
+    # telemetry chosen it carries the compute agent, masked on both.
+    assert "compute" not in builds["full"] and "compute" not in builds["guide"]
+    assert "ceilometer-agent-compute" in builds["full"]["network"].packages
+    assert "ceilometer-agent-compute.service" in builds["full"]["network"].masked_units
+    assert "ceilometer-agent-compute" not in builds["guide"]["network"].packages
 
     plan = api.plan_lab(guide, host_check=False).plan
     selection = Selection(optional=("dashboard",))
@@ -357,6 +361,71 @@ def test_a_roles_build_script_is_a_file_of_images_and_part_of_the_image_and_reci
             load_recipe(str(folder))
         assert "roles.controller.build_script" in err.value.message, err.value.message
         assert problem in err.value.message, err.value.message
+
+
+def test_roles_that_share_an_image_boot_one_image_with_both_roles_content(tmp_path: Path) -> None:
+    from labbuilder.api.up import image_builds, node_contents
+
+    # zed-debian-12: network and compute boot one image, the controller its own.
+    guide = api.load_lab(None, "guide-3node")
+    plan = api.plan_lab(guide, host_check=False).plan
+    contents = node_contents(guide, plan)
+    assert contents["network"] == contents["compute1"] != contents["controller"]
+    builds = image_builds(guide, plan, contents)
+    assert sorted(build.role for build in builds.values()) == ["controller", "network"]
+    shared = builds[contents["network"]]
+    recipe = load_recipe("zed-debian-12")
+    for role in ("network", "compute"):  # every package and masked unit of both roles
+        image = recipe.role_image(role)
+        assert set(image.packages) <= set(shared.packages)
+        assert set(image.masked_units) <= set(shared.masked_units)
+    assert "nova-compute.service" in shared.masked_units  # masked on the network node too
+    assert "neutron-l3-agent.service" in shared.masked_units  # ... and the L3 agent on compute
+    assert shared.build_script is None
+    assert recipe.image_roles("compute") == recipe.image_roles("network") == ("network", "compute")
+    assert recipe.image_roles("controller") == ("controller",)
+    # What a role's own steps install is unchanged: a lab without role images gets its own.
+    assert "nova-compute-kvm" not in recipe.role_image("network").packages
+
+    # Refused, with the key path: an unknown role, itself, a chain, two roles on one, and two
+    # build scripts.
+    folder = write_recipe(tmp_path / "r")
+    (folder / "images").mkdir()
+    (folder / "images" / "a.sh").write_text("true\n")
+    base = (folder / "recipe.toml").read_text()
+    for roles, problem in (
+        ('[roles.compute]\nshares_image_with = "dashboard"\n', "is not another role"),
+        ('[roles.compute]\nshares_image_with = "compute"\n', "is not another role"),
+        (
+            '[roles.compute]\nshares_image_with = "network"\n[roles.network]\n'
+            'shares_image_with = "block"\n[roles.block]\n',
+            "shares its own image already",
+        ),
+        (
+            '[roles.compute]\nshares_image_with = "network"\n[roles.block]\n'
+            'shares_image_with = "network"\n[roles.network]\n',
+            "is shared by compute and block",
+        ),
+        (
+            '[roles.compute]\nshares_image_with = "network"\nbuild_script = "a.sh"\n'
+            '[roles.network]\nbuild_script = "a.sh"\n',
+            "has a build script too",
+        ),
+        ("[roles.compute]\nshares_image_with = 3\n[roles.network]\n", "shares_image_with"),
+    ):
+        (folder / "recipe.toml").write_text(base + roles)
+        with pytest.raises(RecipeError) as err:
+            load_recipe(str(folder))
+        assert "shares_image_with" in err.value.message, err.value.message
+        assert problem in err.value.message, err.value.message
+    (folder / "recipe.toml").write_text(
+        base + '[roles.compute]\npackages = ["b"]\nshares_image_with = "network"\n'
+        '[roles.network]\npackages = ["a"]\nmasked_units = ["a.service"]\n'
+    )
+    loaded = load_recipe(str(folder))
+    assert loaded.node_image("compute").packages == loaded.node_image("network").packages
+    assert sorted(loaded.node_image("network").packages) == ["a", "b"]
+    assert loaded.node_image("compute").masked_units == ("a.service",)
 
 
 # --- one quoting filter per destination --------------------------------------------------------

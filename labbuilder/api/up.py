@@ -213,7 +213,7 @@ def node_contents(lab: Lab, plan: Plan) -> dict[str, Content]:
     recipe = load_recipe(lab.recipe)
     contents = {}
     for node in plan.nodes:
-        wanted = recipe.role_image(str(node.role), lab.options.optional_stages)
+        wanted = recipe.node_image(str(node.role), lab.options.optional_stages)
         contents[node.name] = (
             tuple(sorted(wanted.packages)),
             tuple(sorted(wanted.masked_units)),
@@ -226,8 +226,8 @@ def image_builds(
     lab: Lab, plan: Plan, contents: dict[str, Content] | None = None
 ) -> dict[Content, ImageBuild]:
     """The distinct role images of the lab (none without ``options.role_images``): roles that
-    want the same packages and masked units (network and compute, say) share one image, and a
-    role with nothing to add boots the plain image."""
+    want the same packages and masked units (network and compute in a recipe that says they
+    share an image) share one image, and a role with nothing to add boots the plain image."""
     contents = node_contents(lab, plan) if contents is None else contents
     builds: dict[Content, ImageBuild] = {}
     for node in plan.nodes:

@@ -81,6 +81,7 @@ ROLE_KEYS = (
     "memory_note",
     "stages",
     "build_script",
+    "shares_image_with",
 )
 STAGE_PACKAGE_KEYS = ("packages", "masked_units")
 _SCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.sh")
@@ -296,10 +297,34 @@ def _parse_roles(
                     build_script=None
                     if "build_script" not in table
                     else _build_script(table["build_script"], at.key("build_script"), scripts),
+                    shares_image_with=None
+                    if "shares_image_with" not in table
+                    else parse_str(table["shares_image_with"], at.key("shares_image_with")),
                 ),
             )
         )
+    _check_shared_images(dict(roles), where)
     return tuple(roles)
+
+
+def _check_shared_images(roles: dict[str, RoleImage], where: Where) -> None:
+    """A role shares its image with another role of the recipe, which shares with no third
+    one; of the two, at most one has a build script."""
+    for role, image in roles.items():
+        partner = image.shares_image_with
+        if partner is None:
+            continue
+        at = where.key(role).key("shares_image_with")
+        if partner == role or partner not in roles:
+            others = ", ".join(name for name in roles if name != role)
+            raise at.error(partner, f"is not another role of this recipe ({others})")
+        if roles[partner].shares_image_with is not None:
+            raise at.error(partner, "shares its own image already: name the role it shares with")
+        taken = [name for name, other in roles.items() if other.shares_image_with == partner]
+        if len(taken) > 1:
+            raise at.error(partner, f"is shared by {' and '.join(taken)}: one role only")
+        if image.build_script is not None and roles[partner].build_script is not None:
+            raise at.error(partner, "has a build script too: a shared image runs one")
 
 
 def _build_script(value: object, where: Where, scripts: Traversable) -> tuple[str, str]:

@@ -118,6 +118,9 @@ class RoleImage:
     # A shell script of the recipe's images/ folder, run in the image's tree at build time,
     # natively (work that does not depend on the lab: database schemas); (file name, text).
     build_script: tuple[str, str] | None = field(default=None, repr=False)
+    # Another role whose nodes boot the same image (it then carries both roles' packages, each
+    # role's services masked until its own steps configure them): one image build fewer.
+    shares_image_with: str | None = None
 
     def stage_packages(self, stage: str) -> StagePackages:
         return dict(self.stages).get(stage, StagePackages())
@@ -153,6 +156,36 @@ class Recipe:
     def role_image(self, role: str, stages: Iterable[str] = ()) -> RoleImage:
         """What the image of ``role`` carries in a lab that selects the optional ``stages``."""
         return dict(self.roles).get(role, RoleImage()).with_stages(stages)
+
+    def image_roles(self, role: str) -> tuple[str, ...]:
+        """The roles whose nodes boot the same image as ``role``'s, in the recipe's order: the
+        role itself and those it shares its image with (``shares_image_with``, either way)."""
+        roles = dict(self.roles)
+        partner = roles.get(role, RoleImage()).shares_image_with
+        return tuple(
+            name
+            for name, image in self.roles
+            if name in (role, partner) or image.shares_image_with == role
+        ) or (role,)
+
+    def node_image(self, role: str, stages: Iterable[str] = ()) -> RoleImage:
+        """The image a node of ``role`` boots in a lab that selects the optional ``stages``:
+        its role's, or with roles that share an image, every sharing role's packages and
+        masked units (each role's services stay masked until its own steps configure them)."""
+        selected = tuple(stages)
+        images = [self.role_image(name, selected) for name in self.image_roles(role)]
+        packages: list[str] = []
+        masked: list[str] = []
+        for image in images:
+            packages += [item for item in image.packages if item not in packages]
+            masked += [item for item in image.masked_units if item not in masked]
+        script = next((image.build_script for image in images if image.build_script), None)
+        return replace(
+            self.role_image(role, selected),
+            packages=tuple(packages),
+            masked_units=tuple(masked),
+            build_script=script,
+        )
 
     @property
     def secret_names(self) -> tuple[str, ...]:
