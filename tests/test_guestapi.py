@@ -1,4 +1,4 @@
-"""The fast path's in-guest API process (labbuilder/guestapi.py), run for real on this host with
+"""The fast path's in-guest API process (labbuilder/install/guest/guestapi.py), run for real on this host with
 the guests' openstacksdk against a real HTTP server on 127.0.0.1 that plays keystone, neutron and
 nova: requests that never answer, answers that are lost, 503s and slow requests, each asserted
 on the exit status, the lines the step's log gets and the objects the cloud ends up with.

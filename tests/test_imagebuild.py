@@ -139,6 +139,17 @@ def test_recipe_hash_sees_what_changes_the_image_and_nothing_else() -> None:
     assert base not in changed and len(changed) == 7
 
 
+def test_a_role_images_hash_covers_the_hook_that_layers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    role = recipe_hash(RECIPE, "1", extra_packages=("memcached",))
+    hook = tmp_path / "role-layer.sh"
+    hook.write_text(rootfs.layer_hook().read_text() + "# changed\n")
+    monkeypatch.setattr(rootfs, "layer_hook", lambda: hook)
+    assert recipe_hash(RECIPE, "1", extra_packages=("memcached",)) != role
+    assert recipe_hash(RECIPE, "1") == recipe_hash(RECIPE, "1", extra_packages=("curl",))
+
+
 @pytest.mark.parametrize(
     ("name", "recipe", "masked", "message"),
     [

@@ -1,4 +1,4 @@
-"""The fast path's warm Python (labbuilder/warmpython.py), run for real on this host: a server
+"""The fast path's warm Python (labbuilder/install/guest/warmpython.py), run for real on this host: a server
 process that imported its modules once, callers that hand it code over a Unix socket, and the
 fall-back to running the code in the caller.
 

@@ -123,6 +123,8 @@ def recipe_hash(
     }
     if build_script is not None:  # absent otherwise: builds without one keep their hashes
         doc["build_script"] = list(build_script)
+    if doc["extra_packages"]:  # a role image: the hook that layers it on its base is part of it
+        doc["layer_hook"] = rootfs.layer_hook().read_text()
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
