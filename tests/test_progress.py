@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from labbuilder.cli.install import copy_logs
 from labbuilder.cli.main import main
 from labbuilder.cli.progress import HEARTBEAT_ENV, Progress, heartbeat_interval, with_estimate
+from labbuilder.cli.upwatch import copy_logs
 from labbuilder.cli.watch import (
     InstallWatch,
     UpWatch,

@@ -1,22 +1,17 @@
-"""``install`` (a recipe into a lab that is up), ``run`` (up, install, report, down) and
-``recipe`` (list and show recipes)."""
+"""``install``: a recipe into a lab that is up, stage by stage, with its progress and reports."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from labbuilder.api import install as installer
-from labbuilder.cli import coverage
 from labbuilder.cli.common import (
     Sizes,
     Subparsers,
@@ -26,21 +21,14 @@ from labbuilder.cli.common import (
     plain_table,
     selected_lab,
 )
-from labbuilder.cli.upwatch import (
-    copy_consoles,
-    copy_logs,
-    up_log_path,
-    up_reports_dir,
-    up_watched,
-)
 from labbuilder.cli.watch import InstallWatch, install_estimates, show_tail, watching
 from labbuilder.common.errors import UsageError
 from labbuilder.common.paths import state_root
 from labbuilder.install.engine import StageOutcome, Status
-from labbuilder.install.report import Comparison, error_entry
+from labbuilder.install.report import Comparison
 from labbuilder.lifecycle.state import lab_state
 from labbuilder.model.lab import Lab
-from labbuilder.recipe.files import load_recipe, recipe_names
+from labbuilder.recipe.files import load_recipe
 from labbuilder.recipe.model import ApiPath, RenderedStage
 
 INSTALL_EPILOG = """\
@@ -76,57 +64,6 @@ def register(commands: Subparsers) -> None:
     install.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     install.set_defaults(handler=cmd_install)
 
-    run = commands.add_parser(
-        "run",
-        help="for CI: up, install, reports, down, in one command",
-        description=(
-            "Bring the lab up, install the recipe, keep the reports, and take the lab down "
-            "again. On failure the lab is kept for inspection unless --always-down. With "
-            "--repeat N it does this N times from scratch and reports how many runs passed "
-            "(flakiness), with each stage's times."
-        ),
-        epilog="Exit codes: 0 every run passed, 1 a run failed, 2 bad input, 130 interrupted. "
-        "The reports of a run are copied to --report-dir whatever failed.",
-    )
-    add_lab_arguments(run, allow_small=True)
-    add_install_options(run)
-    run.add_argument(
-        "--auto-subnets",
-        action="store_true",
-        help="move lab networks that clash with the host to free subnets",
-    )
-    run.add_argument("--keep", action="store_true", help="keep the lab when the run passes")
-    run.add_argument(
-        "--always-down", action="store_true", help="take the lab down even when the run fails"
-    )
-    run.add_argument(
-        "--repeat", type=positive_int, default=1, metavar="N", help="fresh runs (default 1)"
-    )
-    run.add_argument(
-        "--report-dir",
-        type=report_dir_path,
-        metavar="DIR",
-        help="where the JUnit and JSON reports are copied (default: "
-        "<state root>/runs/<lab>-<time>/); they outlive the lab",
-    )
-    run.add_argument("--json", action="store_true", help="print a JSON summary of the runs")
-    run.set_defaults(handler=cmd_run)
-
-    recipe = commands.add_parser(
-        "recipe",
-        help="list install recipes, show a recipe's stages",
-        description="Install recipes: the guide's chapters as data (stages, steps, checks).",
-    )
-    actions = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="the built-in recipes")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(handler=cmd_recipe_list)
-    show = actions.add_parser("show", help="a recipe's stages and steps")
-    show.add_argument("name", help="a built-in recipe's name or a recipe folder")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
-    show.set_defaults(handler=cmd_recipe_show)
-    coverage.register_actions(actions)
-
 
 def add_install_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -159,27 +96,6 @@ def add_install_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not snapshot the nodes after each completed stage",
     )
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
-    return value
-
-
-def report_dir_path(text: str) -> Path:
-    """An argparse type: a folder for reports (it may not exist yet; it must not be a file)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("the folder's path is empty")
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
-    return path
 
 
 def selection_from(args: argparse.Namespace) -> installer.Selection:
@@ -326,224 +242,3 @@ def print_summary(console: Console, result: installer.InstallResult) -> None:
         # Plain text: the resume command must stay on one line, to be copied as it is.
         console.file.write(result.failure + "\n")
         console.file.flush()
-
-
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from labbuilder.api import facade as api
-
-    lab = selected_lab(args, Sizes.FLAG)
-    selection = selection_from(args)
-    if args.keep and args.repeat > 1:
-        raise UsageError(
-            "--keep keeps one lab; it cannot be combined with --repeat",
-            "leave out --keep, or --repeat",
-        )
-    check_optional_stages(lab, selection)  # a bad recipe or stage fails before `up`
-    installer.dry_run(lab, selection)  # so do --from, --until and --only
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    report_dir = args.report_dir or state_root() / "runs" / f"{lab.name}-{stamp}"
-    try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(
-            f"--report-dir {report_dir}: cannot make the folder: {err.strerror}",
-            "give a folder labbuilder can write",
-        ) from None
-    runs: list[dict[str, object]] = []
-    status = 0
-    progress = Console(stderr=True, emoji=False, highlight=False, markup=False)
-
-    def summary() -> None:
-        passed = sum(1 for run in runs if run["passed"])
-        if args.json:
-            console.print_json(json.dumps({"lab": lab.name, "passed": passed, "runs": runs}))
-        else:
-            console.print(f"{passed} of {len(runs)} runs passed; reports in {report_dir}")
-
-    for number in range(1, args.repeat + 1):
-        progress.print(f"run {number}/{args.repeat}: up")
-        started = time.monotonic()
-        since = time.time()
-        marks = log_marks(lab)
-        target = report_dir / f"run-{number}" if args.repeat > 1 else report_dir
-        up_seconds: float | None = None
-        try:
-            up = up_watched(lab, auto_subnets=args.auto_subnets)
-            up_seconds = up.seconds
-            result = run_install(lab, selection, json_output=args.json)
-        except BaseException as err:
-            # Whatever stopped the run, its reports (up's, and install's so far) are kept.
-            copied = copy_reports(lab, target, since)
-            copy_logs(marks, target)
-            copy_consoles(lab, target, since)
-            err.add_note(f"reports in {target}" if copied else "no report was written")
-            if args.always_down and not isinstance(err, KeyboardInterrupt):
-                try:
-                    api.down(lab)
-                except Exception as failed:  # noqa: BLE001 - the first error is the one to show
-                    err.add_note(f"taking the lab down failed too: {failed}")
-            runs.append(
-                {
-                    "run": number,
-                    "passed": False,
-                    "error": error_entry(err, "up" if up_seconds is None else "install"),
-                    "up_seconds": None if up_seconds is None else round(up_seconds, 1),
-                    "total_seconds": round(time.monotonic() - started, 1),
-                    "reports": str(target),
-                    "kept": not args.always_down or isinstance(err, KeyboardInterrupt),
-                }
-            )
-            summary()
-            raise
-        copy_reports(lab, target, since)
-        copy_logs(marks, target)
-        copy_consoles(lab, target, since)
-        keep = (args.keep and result.ok) or (not result.ok and not args.always_down)
-        if not keep:
-            api.down(lab)
-        runs.append(
-            {
-                "run": number,
-                "passed": result.ok,
-                "up_seconds": round(up.seconds, 1),
-                "install_seconds": round(result.info.seconds, 1),
-                "total_seconds": round(time.monotonic() - started, 1),
-                "stages": {stage.name: round(stage.seconds, 1) for stage in result.stages},
-                "reports": str(target),
-                "kept": keep,
-            }
-        )
-        if not args.json:
-            print_summary(console, result)
-        if not result.ok:
-            status = 1
-            if keep:
-                console.print(
-                    f"the lab is kept for inspection: `labbuilder ssh {lab_option(lab)} NODE`, "
-                    f"`labbuilder down {lab_option(lab)}` when done"
-                )
-                break
-    summary()
-    return status
-
-
-def cmd_up_install(args: argparse.Namespace, console: Console) -> int:
-    """``up --install``: one ``run --keep``. Bring the lab up, install its recipe (the core path
-    to a launched instance, and the optional stages the lab file selects), keep the lab whether
-    the install passes or fails, and say where the reports are."""
-    defaults: dict[str, object] = {"recipe": None, "start": None, "until": None, "only": []}
-    defaults |= {"optional": [], "faithful": False, "force": False, "no_snapshots": False}
-    defaults |= {"repeat": 1, "keep": True, "always_down": False, "report_dir": None}
-    run_args = argparse.Namespace(**{**vars(args), **defaults})
-    status = cmd_run(run_args, console)
-    if status == 0 and not args.json:
-        lab = selected_lab(args, Sizes.FLAG)
-        console.print(
-            f"lab {lab.name} is up with recipe {lab.recipe} installed: "
-            f"`labbuilder ssh {lab_option(lab)} controller`, `labbuilder down {lab_option(lab)}` "
-            "when done",
-            markup=False,
-            soft_wrap=True,
-        )
-    return status
-
-
-def log_marks(lab: Lab) -> dict[Path, int]:
-    """The lab's ``up`` and ``install`` logs, each with its size now (where a run begins)."""
-    logs = (up_log_path(lab.name), lab_state(lab.name).directory / "logs" / "install.log")
-    marks: dict[Path, int] = {}
-    for log in logs:
-        try:
-            marks[log] = log.stat().st_size if log.is_file() and not log.is_symlink() else 0
-        except OSError:
-            marks[log] = 0
-    return marks
-
-
-def copy_reports(lab: Lab, target: Path, since: float) -> list[Path]:
-    """Copy the reports of the lab written since ``since`` (epoch seconds) to ``target``:
-    ``up-<time>``/``install-<time>`` as they are, and the newest as ``up-latest`` and
-    ``latest`` (install), in JUnit XML and JSON."""
-    folders = {"up": up_reports_dir(lab.name), "install": lab_state(lab.name).directory / "reports"}
-    copied: list[Path] = []
-    target.mkdir(parents=True, exist_ok=True)
-    for kind, latest in (("up", "up-latest"), ("install", "latest")):
-        for suffix in (".xml", ".json"):
-            found = sorted(
-                path
-                for path in folders[kind].glob(f"{kind}-*{suffix}")
-                if not path.is_symlink()
-                and path.stem != "up-latest"
-                and path.stat().st_mtime >= since - 1
-            )
-            for path in found:
-                shutil.copy2(path, target / path.name)
-                copied.append(target / path.name)
-            if found:
-                shutil.copy2(found[-1], target / f"{latest}{suffix}")
-    return copied
-
-
-def cmd_recipe_list(args: argparse.Namespace, console: Console) -> int:
-    recipes = [load_recipe(name) for name in recipe_names()]
-    if args.json:
-        console.print_json(
-            json.dumps(
-                [
-                    {
-                        "name": r.name,
-                        "description": r.description,
-                        "stages": [s.name for s in r.stages],
-                    }
-                    for r in recipes
-                ]
-            )
-        )
-        return 0
-    table = plain_table("install recipes", ("recipe", "stages", "description"))
-    for recipe in recipes:
-        stages = ", ".join(s.name for s in recipe.stages)
-        add_plain_row(table, recipe.name, stages, recipe.description)
-    console.print(table)
-    return 0
-
-
-def cmd_recipe_show(args: argparse.Namespace, console: Console) -> int:
-    recipe = load_recipe(args.name)
-    if args.json:
-        console.print_json(
-            json.dumps(
-                {
-                    "name": recipe.name,
-                    "digest": recipe.digest,
-                    "stages": [
-                        {
-                            "name": stage.name,
-                            "guide": stage.guide,
-                            "optional": stage.optional,
-                            "networking": stage.networking,
-                            "steps": [
-                                {"name": step.name, "roles": list(step.roles), "guide": step.guide}
-                                for step in stage.steps
-                            ],
-                        }
-                        for stage in recipe.stages
-                    ],
-                }
-            )
-        )
-        return 0
-    console.print(f"{recipe.name}: {recipe.description}\nfollows: {recipe.guide}", markup=False)
-    for stage in recipe.stages:
-        flags = [f for f, on in (("optional", stage.optional),) if on]
-        if stage.networking:
-            flags.append(f"{stage.networking} networking only")
-        extra = f" [{', '.join(flags)}]" if flags else ""
-        console.print(f"\nstage {stage.name}: {stage.title} ({stage.guide}){extra}", markup=False)
-        for step in stage.steps:
-            marks = " (internet)" if step.internet else ""
-            marks += " (api)" if step.api else ""
-            console.print(
-                f"  {step.name:<22} {','.join(step.roles):<22} {step.guide}{marks}", markup=False
-            )
-    return 0

@@ -18,6 +18,7 @@ from labbuilder.cli.common import (
     plain_table,
     selected_lab,
 )
+from labbuilder.cli.run import cmd_up_install
 from labbuilder.cli.upwatch import (
     up_watched,
 )
@@ -210,8 +211,6 @@ def cmd_labs(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
     if args.install:
-        from labbuilder.cli.install import cmd_up_install  # it imports this module
-
         return cmd_up_install(args, console)
     lab = selected_lab(args, Sizes.FLAG)
     result = up_watched(lab, auto_subnets=args.auto_subnets)
