@@ -23,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from lablib import TEST_CACHE, lab_environment, remove_labs, two_node_lab  # noqa: E402
 
-from labbuilder import snapshots  # noqa: E402
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
 from labbuilder.adapters.ssh import SSHSession  # noqa: E402
+from labbuilder.lifecycle import snapshots  # noqa: E402
 from labbuilder.lifecycle.state import lab_state  # noqa: E402
 
 LAB = "lbbench-snap"

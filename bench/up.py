@@ -27,8 +27,8 @@ import paramiko
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from lablib import TEST_CACHE, free_subnets, lab_environment, remove_test_pool  # noqa: E402
 
-from labbuilder import probecache  # noqa: E402
 from labbuilder.common.paths import pool_dir  # noqa: E402
+from labbuilder.host import probecache  # noqa: E402
 from labbuilder.images.boot import resolve_base_image  # noqa: E402
 
 NODES = (("controller", 2048, 11), ("network", 512, 21), ("compute1", 2048, 31))
