@@ -155,6 +155,11 @@ def test_an_image_built_beside_the_nodes_stays_a_phase_until_it_is_built(tmp_pat
         watch = UpWatch(progress, tmp_path / "up-latest.json")
         watch.on_log("image debian-12-controller: building (17 role packages over its base)")
         watch.on_log("network lbtest-management (nat, 10.0.0.0/24)")
+        assert progress.tracks() == ["image debian-12-controller", "up"]
+        # What the probe found is a line, not a phase that runs on: it ends the networks'.
+        watch.on_log("guests run under tcg; compute nodes use virt_type qemu")
+        assert progress.tracks() == ["image debian-12-controller"]
+        assert "guests run under tcg" in out.getvalue()
         watch.on_log("node network: disks, seed and domain")
         for rung in (*RUNGS, "ready"):
             watch.on_rung("network", rung, 1.0)

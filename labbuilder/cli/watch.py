@@ -34,6 +34,9 @@ RUNG_REACHED = {
     "cloud-init": "configured by cloud-init: ready",
 }
 IMAGE_SENTENCE = re.compile(r"^(?:role )?image (\S+?):? ")
+# Sentences of ``up`` that state what it found rather than start a phase: a line, and the
+# end of the phase before them.
+FACTS = ("guests run under ",)
 IMAGE_DONE = ("built", "cache", "reused", "ready", "found", "failed")  # "cache hit ..."
 REPORTED_STEP = ("ok", "guarded", "failed")  # step ends worth a line: work was done
 
@@ -105,6 +108,9 @@ class UpWatch:
             self.progress.finish(track, message)
             return
         self.progress.line(message)
+        if message.startswith(FACTS):
+            self.progress.finish(track)
+            return
         self.progress.start(track, message)
 
     def on_rung(self, node: str, rung: str, at: float) -> None:
