@@ -10,7 +10,8 @@ zed-debian-12, role images), side by side in one run: the images built the way l
 them before (the base, then each role image from scratch with the packages of every chapter,
 one after another), and a real ``labbuilder up`` with an empty image cache (role images with the
 lab's chapters only, layered on the base, side by side, the controller's with its database
-schemas, the probe beside them,
+schemas first in line for the CPU, one image for the network and compute nodes as the recipe
+says, the probe beside them,
 each node booted as soon as its image is there, ready once cloud-init has configured it). The
 "before" figure adds the new ``up``'s time after its images to the old images: a lower bound of
 the old ``up``.
