@@ -29,6 +29,7 @@ import libvirt
 import paramiko
 import pytest
 
+from labbuilder.adapters import processes
 from labbuilder.catalog.files import load_catalog
 from labbuilder.catalog.model import BuildRecipe
 from labbuilder.common.errors import ImageError
@@ -110,8 +111,8 @@ def test_a_yielding_build_runs_its_processes_at_a_lower_cpu_priority() -> None:
     def other_thread() -> None:
         seen["other"] = rootfs.run(["nice"]).strip()
 
-    with rootfs.yielding():
-        assert rootfs.run(["nice"]).strip() == str(rootfs.YIELDING_NICENESS)
+    with processes.yielding():
+        assert rootfs.run(["nice"]).strip() == str(processes.YIELDING_NICENESS)
         thread = threading.Thread(target=other_thread)  # a build beside it: not yielding
         thread.start()
         thread.join()

@@ -30,15 +30,14 @@ subnets, but a guest must not escape through IPv6 either).
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 import shlex
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from labbuilder.adapters import processes
 from labbuilder.common.errors import HostError, PlanError
 from labbuilder.lab.planner import lab_tag
 from labbuilder.model.lab import Egress
@@ -51,8 +50,6 @@ INSTALL_HINT = "apt-get install iptables"
 
 _LAB_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-
-_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,40 +84,30 @@ class Table:
 
 
 def run(argv: Sequence[str], *, stdin: str | None = None) -> str:
-    """Run ``argv`` (never through a shell), log it, and return its standard output.
+    """Run ``argv`` (never through a shell, through ``processes.run``, which logs it and
+    ``stdin``: rules, no secret) and return its standard output.
 
-    The one place this module starts a process. Raises ``HostError`` when the program is
-    missing or fails.
+    Raises ``HostError`` when the program is missing or fails.
     """
     args = list(argv)
-    _log.info("$ %s", shlex.join(args))
-    if stdin is not None:
-        _log.debug("stdin of %s:\n%s", args[0], stdin)
     try:
-        proc = subprocess.run(
-            args,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, "LC_ALL": "C.UTF-8"},
-        )
-    except FileNotFoundError:
+        return processes.run(args, input=stdin, log_input=True).output
+    except processes.ProgramMissing:
         raise HostError(
             f"{args[0]} is not installed on this host; labbuilder needs it for lab egress rules",
             hint=INSTALL_HINT,
         ) from None
-    if proc.returncode != 0:
-        output = (proc.stderr or proc.stdout).strip()
+    except processes.ProcessFailed as exc:
+        output = (exc.result.errors or exc.result.output).strip()
         hint = (
             "labbuilder changes the host firewall: run it as root"
             if os.geteuid() != 0
             else f"check the host firewall with `{args[0]}`; see the message above"
         )
         raise HostError(
-            f"{shlex.join(args)} failed with exit code {proc.returncode}: {output}", hint=hint
-        )
-    return proc.stdout
+            f"{shlex.join(args)} failed with exit code {exc.result.returncode}: {output}",
+            hint=hint,
+        ) from None
 
 
 def chain_name(lab: str) -> str:

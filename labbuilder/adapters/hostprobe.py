@@ -14,7 +14,6 @@ import pwd
 import re
 import socket
 import stat
-import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 import libvirt
 
 from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters import processes
 from labbuilder.adapters.probeguest import boot_probe_guest
 from labbuilder.common.errors import HostError
 from labbuilder.common.paths import KERNEL_FILE, built_images_dir
@@ -286,14 +286,14 @@ def _reload_nested(module: str) -> None:
 def _run(argv: list[str]) -> None:
     """Run a local command; HostError with its stderr if it fails."""
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
+        processes.run(argv)
+    except processes.ProgramMissing:
         raise HostError(
             f"{argv[0]} is not installed", "install it (`apt-get install kmod`)"
         ) from None
-    if result.returncode != 0:
-        output = " ".join((result.stderr or result.stdout).split())
+    except processes.ProcessFailed as exc:
+        output = " ".join((exc.result.errors or exc.result.output).split())
         raise HostError(
-            f"`{' '.join(argv)}` failed (exit {result.returncode}): {output}",
+            f"`{' '.join(argv)}` failed (exit {exc.result.returncode}): {output}",
             "stop whatever uses /dev/kvm (guests, other hypervisors), then try again",
-        )
+        ) from None

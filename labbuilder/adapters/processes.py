@@ -1,8 +1,303 @@
-"""Facts about local processes."""
+"""Local processes: the one runner every program labbuilder starts on the host goes through
+(``run``), the CPU priority of the processes a block starts (``yielding``), and whether a
+process exists (``process_alive``).
+
+``run`` takes an argv list, never a shell string. Each command, its output and a non-zero exit
+code go to the ``labbuilder.tools`` logger at DEBUG level, which a command sends to the lab's
+log file; nothing reaches the terminal. The process's standard input is what ``input`` gives
+(else nothing: no tool reads the terminal), and it is logged only when the caller says it holds
+no secret (``log_input``); output that is a secret is kept out of the log with ``log_output``.
+The environment is labbuilder's own with ``LC_ALL=C.UTF-8`` (tools' messages are parsed and
+quoted, so they are in one language) and the caller's ``env`` over it; its values are not
+logged. Output is decoded as UTF-8, undecodable bytes replaced.
+
+Failures are typed (``ProcessError`` and its subclasses, which are ``HostError``\\ s so that
+one no caller translates still reads well); callers translate them into their own errors and
+messages.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shlex
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import IO
+
+from labbuilder.common.errors import HostError
+
+TOOLS_LOGGER = "labbuilder.tools"
+# The CPU priority (nice value) of the processes started in a ``yielding`` block.
+YIELDING_NICENESS = 10
+LOCALE = {"LC_ALL": "C.UTF-8"}
+
+Argv = Sequence[str | os.PathLike[str]]
+
+_niceness: ContextVar[int] = ContextVar("labbuilder_process_niceness", default=0)
+_tools = logging.getLogger(TOOLS_LOGGER)
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """A process that ran to its end: the argv it ran with (``nice`` included when it was
+    prefixed), its exit code, its standard output (with its standard error when the two were
+    merged) and its standard error ("" when merged)."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    output: str
+    errors: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def last_lines(self, count: int) -> list[str]:
+        """The last ``count`` lines of ``output``, without their line ends."""
+        lines = self.output.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        return lines[-count:] if count > 0 else []
+
+
+class ProcessError(HostError):
+    """A process could not be started, did not finish in time, or failed. ``argv`` is the
+    command as it was asked for (without a ``nice`` prefix); ``program`` is the program at
+    fault (``argv[0]``, or ``nice`` when that is missing)."""
+
+    def __init__(
+        self, message: str, argv: Sequence[str], hint: str | None, program: str | None = None
+    ) -> None:
+        super().__init__(message, hint)
+        self.argv = tuple(argv)
+        self.program = program or self.argv[0]
+
+
+class ProgramMissing(ProcessError):
+    """The program is not installed (not found on ``PATH``, or its path does not exist)."""
+
+    def __init__(self, argv: Sequence[str], program: str | None = None) -> None:
+        program = program or argv[0]
+        super().__init__(
+            f"{program} is not installed on this host",
+            argv,
+            f"install the package that ships {program}",
+            program,
+        )
+
+
+class ProgramNotStarted(ProcessError):
+    """The program exists but could not be started (permissions, a bad interpreter, ...);
+    ``reason`` is the system's word for why."""
+
+    def __init__(self, argv: Sequence[str], reason: str, program: str | None = None) -> None:
+        program = program or argv[0]
+        super().__init__(
+            f"cannot run {program}: {reason}",
+            argv,
+            f"check the installation of {program}",
+            program,
+        )
+        self.reason = reason
+
+
+class ProcessTimedOut(ProcessError):
+    """The process ran longer than ``timeout`` seconds and was killed; ``result`` holds what
+    it wrote until then (its return code is the kill's)."""
+
+    def __init__(self, argv: Sequence[str], timeout: float, result: ProcessResult) -> None:
+        super().__init__(
+            f"{shlex.join(argv)} did not finish within {timeout:.0f} seconds",
+            argv,
+            "run the command again",
+        )
+        self.timeout = timeout
+        self.result = result
+
+
+class ProcessFailed(ProcessError):
+    """The process exited with a non-zero code (``result.returncode``). The message names
+    the command and the code only: its output (``result``) may be a secret."""
+
+    def __init__(self, argv: Sequence[str], result: ProcessResult) -> None:
+        super().__init__(
+            f"{shlex.join(argv)} failed with exit code {result.returncode}",
+            argv,
+            "the lab's log file has its output",
+        )
+        self.result = result
+
+
+@contextmanager
+def yielding(niceness: int = YIELDING_NICENESS) -> Iterator[None]:
+    """Within it, the processes ``run`` starts in this thread or task (and their children:
+    mmdebstrap's apt and dpkg) run at CPU priority ``niceness``, through ``nice -n``: where
+    image builds share too few cores, the one the lab waits for longest gets the CPU first and
+    the others use what it leaves. Other threads' processes are not affected."""
+    token = _niceness.set(niceness)
+    try:
+        yield
+    finally:
+        _niceness.reset(token)
+
+
+def run(
+    argv: Argv,
+    *,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    timeout: float | None = None,
+    stream: bool = False,
+    merge_stderr: bool = False,
+    check: bool = True,
+    log_input: bool = False,
+    log_output: bool = True,
+) -> ProcessResult:
+    """Run ``argv`` (an argv list, never a shell) to its end and return its result.
+
+    ``env`` adds variables to the environment; ``input`` is written to the process's standard
+    input (else it reads nothing). ``timeout`` (seconds) kills a process that runs longer.
+    With ``stream``, each line of output is logged as it arrives (long-running tools), else
+    all of it once the process ends. ``merge_stderr`` sends standard error into ``output``,
+    in order. ``log_input`` logs ``input`` (never for a secret); ``log_output=False`` keeps
+    the output out of the log (a secret the process prints).
+
+    Raises ``ProgramMissing``, ``ProgramNotStarted``, ``ProcessTimedOut``, and with ``check``
+    ``ProcessFailed`` for a non-zero exit code.
+    """
+    asked = [os.fspath(arg) for arg in argv]
+    if not asked:
+        raise ValueError("run needs a program to run")
+    environment = {**os.environ, **LOCALE, **(env or {})}
+    args = list(asked)
+    niceness = _niceness.get()
+    if niceness:
+        # `nice` would report a missing program only as its own failure (exit 127).
+        if shutil.which(asked[0], path=environment.get("PATH", os.defpath)) is None:
+            raise ProgramMissing(asked)
+        args = ["nice", "-n", str(niceness), *asked]
+    _tools.debug("$ %s", shlex.join(args))
+    if input is not None and log_input:
+        _tools.debug("standard input of %s:\n%s", asked[0], input.rstrip("\n"))
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            env=environment,
+            encoding="utf-8",
+            errors="replace",
+        )
+    except FileNotFoundError:
+        raise ProgramMissing(asked, args[0]) from None
+    except OSError as exc:
+        raise ProgramNotStarted(asked, exc.strerror or str(exc), args[0]) from exc
+    killed = threading.Event()
+    with proc:
+        try:
+            if stream:
+                output, errors = _stream(proc, input, timeout, killed, log_output)
+            else:
+                output, errors = _collect(proc, input, timeout, killed)
+        except KeyboardInterrupt:
+            raise  # the process got the same SIGINT; Popen's exit gives it a moment to end
+        except BaseException:
+            proc.kill()
+            raise
+    returncode = proc.wait()
+    result = ProcessResult(tuple(args), returncode, output, errors)
+    if log_output and not stream:
+        for text in (output, errors):
+            if text:
+                _tools.debug("%s", text.rstrip("\n"))
+    if killed.is_set():
+        _tools.debug("%s killed after %s seconds", asked[0], timeout)
+        raise ProcessTimedOut(asked, timeout or 0.0, result)
+    if returncode != 0:
+        _tools.debug("%s exited with code %d", asked[0], returncode)
+        if check:
+            raise ProcessFailed(asked, result)
+    return result
+
+
+def _collect(
+    proc: subprocess.Popen[str], text: str | None, timeout: float | None, killed: threading.Event
+) -> tuple[str, str]:
+    """All of the process's output once it ends (or is killed at ``timeout``)."""
+    try:
+        output, errors = proc.communicate(text, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        killed.set()
+        proc.kill()
+        output, errors = proc.communicate()
+    return output or "", errors or ""
+
+
+def _stream(
+    proc: subprocess.Popen[str],
+    text: str | None,
+    timeout: float | None,
+    killed: threading.Event,
+    log_output: bool,
+) -> tuple[str, str]:
+    """The process's output, each line logged as it arrives; standard error and standard
+    input are served by threads, and a timer kills the process at ``timeout``."""
+    assert proc.stdout is not None
+    helpers: list[threading.Thread] = []
+    errors: list[str] = []
+    if proc.stdin is not None and text is not None:
+        helpers.append(threading.Thread(target=_feed, args=(proc.stdin, text), daemon=True))
+    if proc.stderr is not None:
+        helpers.append(
+            threading.Thread(target=_read, args=(proc.stderr, errors, log_output), daemon=True)
+        )
+    timer = None
+    if timeout is not None:
+        timer = threading.Timer(timeout, _kill, args=(proc, killed))
+        timer.daemon = True
+        timer.start()
+    try:
+        for helper in helpers:
+            helper.start()
+        lines: list[str] = []
+        _read(proc.stdout, lines, log_output)
+        for helper in helpers:
+            helper.join()
+        proc.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return "".join(lines), "".join(errors)
+
+
+def _feed(pipe: IO[str], text: str) -> None:
+    # The process may end without reading it all.
+    with contextlib.suppress(BrokenPipeError):
+        try:
+            pipe.write(text)
+        finally:
+            pipe.close()
+
+
+def _read(pipe: IO[str], lines: list[str], log: bool) -> None:
+    for line in pipe:
+        lines.append(line)
+        if log:
+            _tools.debug("%s", line.rstrip("\n"))
+
+
+def _kill(proc: subprocess.Popen[str], killed: threading.Event) -> None:
+    if proc.poll() is None:
+        killed.set()
+        proc.kill()
 
 
 def process_alive(pid: int) -> bool:

@@ -21,14 +21,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from labbuilder.adapters import libvirt as lv
-from labbuilder.adapters import storage
+from labbuilder.adapters import processes, storage
 from labbuilder.catalog.model import BaseImage
 from labbuilder.common.errors import PlanError
 from labbuilder.common.paths import lab_lock_path, pool_dir, pool_name, state_root
 from labbuilder.host import probecache
 from labbuilder.host.facts import gather_host_facts
 from labbuilder.host.probe import HostProbe
-from labbuilder.images import rootfs
 from labbuilder.images.boot import resolve_base_image, resolve_role_image
 from labbuilder.lab.planner import plan as make_plan
 from labbuilder.lab.view import plan_as_dict
@@ -248,7 +247,7 @@ def first_in_line(builds: dict[Content, ImageBuild]) -> Content | None:
 def resolve_build(
     lab: Lab, base: BaseImage, build: ImageBuild, emit: Log, yielding: bool = False
 ) -> BaseImage:
-    with rootfs.yielding() if yielding else contextlib.nullcontext():
+    with processes.yielding() if yielding else contextlib.nullcontext():
         return resolve_role_image(
             lab.image,
             role=build.role,

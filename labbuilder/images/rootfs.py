@@ -19,17 +19,14 @@ terminal. Only a failure's last lines travel, in the ``ImageError``.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shlex
 import shutil
-import subprocess
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from labbuilder.adapters import processes
+from labbuilder.adapters.processes import TOOLS_LOGGER
 from labbuilder.catalog.model import BuildRecipe
 from labbuilder.common.errors import HostError, ImageError
 from labbuilder.common.resources import data_dir
@@ -96,70 +93,39 @@ LAYER_PACKAGES_ENV = "LABBUILDER_ROLE_PACKAGES"
 BUILD_SCRIPT_FILE = "build-script.sh"  # a role's build script, beside the build while it runs
 # The tree's tar, as mmdebstrap's own tar-in reads it (numeric owners, extended attributes).
 TAR_CREATE = ("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--format=pax")
+_TAIL_LINES = 30  # of a failed command's output, in its ImageError
 
-# The CPU priority (nice value) of a build that others wait for less: see ``yielding``.
-YIELDING_NICENESS = 10
-_niceness: ContextVar[int] = ContextVar("labbuilder_build_niceness", default=0)
 _FULL = re.compile(r"No space left|Could not allocate|too small|not enough space", re.IGNORECASE)
-_tools = logging.getLogger("labbuilder.tools")
-
-
-@contextmanager
-def yielding(niceness: int = YIELDING_NICENESS) -> Iterator[None]:
-    """Within it, the processes ``run`` starts (and their children: mmdebstrap's apt and dpkg)
-    run at CPU priority ``niceness``: where image builds share too few cores, the one the lab
-    waits for longest gets the CPU first and the others use what it leaves."""
-    token = _niceness.set(niceness)
-    try:
-        yield
-    finally:
-        _niceness.reset(token)
+_tools = logging.getLogger(TOOLS_LOGGER)
 
 
 def run(
     argv: Sequence[str | Path], *, stream: bool = False, env: Mapping[str, str] | None = None
 ) -> str:
-    """Run ``argv`` (an argv list, never a shell), log it, and return its combined output.
+    """Run ``argv`` (an argv list, never a shell) and return its combined output.
 
-    The one place the image builder starts a process. The command and its output go to the
-    ``labbuilder.tools`` logger (DEBUG); with ``stream`` each line as it arrives, else all of
-    it at the end. ``env`` adds variables to the process's environment. Raises ``HostError``
-    when the program is missing and ``ImageError`` (command, exit code, last lines of output)
-    when it fails.
+    The image builder's processes, through ``processes.run`` (which logs the command and its
+    output to ``labbuilder.tools``; with ``stream`` each line as it arrives, and runs it at a
+    lower CPU priority in a ``processes.yielding`` block). ``env`` adds variables to the
+    process's environment. Raises ``HostError`` when the program is missing and
+    ``ImageError`` (command, exit code, last lines of output) when it fails.
     """
-    args = [str(a) for a in argv]
-    if _niceness.get():
-        args = ["nice", "-n", str(_niceness.get()), *args]
-    _tools.debug("$ %s", " ".join(args))
-    env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
-    tail: deque[str] = deque(maxlen=30)
-    lines: list[str] = []
     try:
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-    except FileNotFoundError as exc:
+        return processes.run(argv, stream=stream, env=env, merge_stderr=True).output
+    except processes.ProgramMissing as exc:
         raise HostError(
-            f"{args[0]} is not installed on this host",
+            f"{exc.program} is not installed on this host",
             hint="apt-get install mmdebstrap qemu-utils e2fsprogs",
         ) from exc
-    assert proc.stdout is not None
-    with proc:
-        for line in proc.stdout:
-            lines.append(line)
-            tail.append(line.rstrip("\n"))
-            if stream:
-                _tools.debug("%s", line.rstrip("\n"))
-    if not stream and lines:
-        _tools.debug("%s", "".join(lines).rstrip("\n"))
-    if proc.returncode != 0:
+    except processes.ProcessFailed as exc:
         raise ImageError(
             "Command: {}\nExit code: {}\nOutput (last lines):\n{}".format(
-                " ".join(args), proc.returncode, "\n".join(tail)
+                " ".join(exc.result.argv),
+                exc.result.returncode,
+                "\n".join(exc.result.last_lines(_TAIL_LINES)),
             ),
             hint="read the output above; a network error usually means the mirror is unreachable",
-        )
-    return "".join(lines)
+        ) from None
 
 
 def mmdebstrap_argv(

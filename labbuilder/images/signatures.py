@@ -9,14 +9,13 @@ check runs in a fresh temporary directory, which is also gpgv's ``--homedir``, s
 
 from __future__ import annotations
 
-import logging
-import os
 import shlex
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from labbuilder.adapters import processes
+from labbuilder.adapters.processes import ProcessResult
 from labbuilder.common.errors import ImageError
 
 GPGV = "gpgv"
@@ -31,7 +30,6 @@ _REJECTED = {
 }
 # Keyring file names and the Debian/Ubuntu packages that ship them.
 _KEYRING_PACKAGES = (("ubuntu-", "ubuntu-keyring"), ("debian-archive-", "debian-archive-keyring"))
-_log = logging.getLogger(__name__)
 
 Status = list[tuple[str, list[str]]]
 
@@ -54,7 +52,7 @@ def verify_detached(data: bytes, signature: bytes, keyring: Path) -> str:
             [GPGV, "--homedir", tmp, "--status-fd", "1", "--keyring", str(keyring)]
             + [str(detached), str(signed)]
         )
-    status = parse_status(result.stdout)
+    status = parse_status(result.output)
     good = [fields for word, fields in status if word == "VALIDSIG"]
     rejected = [word for word, _ in status if word in _REJECTED]
     if good and not rejected:
@@ -77,39 +75,30 @@ def parse_status(text: str) -> Status:
     return lines
 
 
-def run(argv: Sequence[str], *, timeout: float = GPGV_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` (never through a shell) and return the result, whatever its exit code.
+def run(argv: Sequence[str], *, timeout: float = GPGV_TIMEOUT) -> ProcessResult:
+    """Run ``argv`` (never through a shell, through ``processes.run``) and return the result,
+    whatever its exit code.
 
-    The one place this module starts a process. Raises ``ImageError`` when the program is
-    missing, cannot be started, or does not finish within ``timeout`` seconds.
+    Raises ``ImageError`` when the program is missing, cannot be started, or does not finish
+    within ``timeout`` seconds.
     """
     args = list(argv)
-    _log.info("$ %s", shlex.join(args))
     try:
-        return subprocess.run(
-            args,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            encoding="utf-8",
-            errors="replace",
-            check=False,
-            timeout=timeout,
-            env={**os.environ, "LC_ALL": "C.UTF-8"},
-        )
-    except FileNotFoundError:
+        return processes.run(args, timeout=timeout, check=False)
+    except processes.ProgramMissing:
         raise ImageError(
             f"{args[0]} is not installed on this host; labbuilder needs it to check the "
             "signatures of published checksum files",
             hint=f"apt-get install {args[0]}",
         ) from None
-    except subprocess.TimeoutExpired:
+    except processes.ProcessTimedOut:
         raise ImageError(
             f"{shlex.join(args)} did not finish within {timeout:.0f} seconds",
             hint="run the command again; if it hangs again, run that gpgv command by hand",
         ) from None
-    except OSError as exc:
+    except processes.ProgramNotStarted as exc:
         raise ImageError(
-            f"cannot run {args[0]}: {exc.strerror or exc}",
+            f"cannot run {args[0]}: {exc.reason}",
             hint=f"check the {args[0]} installation (apt-get install --reinstall {args[0]})",
         ) from exc
 
@@ -156,11 +145,11 @@ def _usable_keyring(keyring: Path) -> Path:
     return path
 
 
-def _said(result: subprocess.CompletedProcess[str]) -> str:
+def _said(result: ProcessResult) -> str:
     """gpgv's own messages, on one line."""
     lines = [
         line.removeprefix("gpgv:").strip()
-        for line in result.stderr.splitlines()
+        for line in result.errors.splitlines()
         if line.startswith("gpgv:") and line.removeprefix("gpgv:").strip()
     ]
     return "; ".join(lines) or f"gpgv exited with code {result.returncode} and said nothing"

@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from io import TextIOWrapper
 from pathlib import Path
 
+from labbuilder.adapters import processes
 from labbuilder.lifecycle.state import check_private_dir, ensure_private_dir, refuse_special
 
-TOOLS_LOGGER = "labbuilder.tools"  # external tools' output, one record per line, DEBUG
+TOOLS_LOGGER = processes.TOOLS_LOGGER  # external tools' commands and output, DEBUG
 MAX_BYTES = 8 * 2**20
 TAIL_LINES = 20
 TAIL_WIDTH = 400  # characters of a line shown in an error message

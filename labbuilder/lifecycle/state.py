@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import stat
-import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from labbuilder.adapters import processes
 from labbuilder.common.errors import HostError, UsageError
 from labbuilder.common.filelock import file_lock
 from labbuilder.common.paths import lab_dir, lab_lock_path, state_root
@@ -292,18 +292,15 @@ def ensure_secrets(state: LabState, names: tuple[str, ...]) -> dict[str, str]:
 def password_hash(password: str) -> str:
     """SHA-512 crypt(3) of ``password`` for cloud-init (the password goes through stdin)."""
     try:
-        result = subprocess.run(
-            ["openssl", "passwd", "-6", "-stdin"],
-            input=password,
-            capture_output=True,
-            text=True,
-            check=True,
+        # Neither the password nor its hash goes to the log.
+        result = processes.run(
+            ["openssl", "passwd", "-6", "-stdin"], input=password, log_output=False
         )
-    except FileNotFoundError:
+    except processes.ProgramMissing:
         raise HostError("openssl is missing", "apt-get install openssl") from None
-    except subprocess.CalledProcessError as err:
-        raise HostError(f"openssl passwd failed: {err.stderr.strip()}") from None
-    return result.stdout.strip()
+    except processes.ProcessFailed as err:
+        raise HostError(f"openssl passwd failed: {err.result.errors.strip()}") from None
+    return result.output.strip()
 
 
 @contextmanager
