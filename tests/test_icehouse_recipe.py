@@ -176,13 +176,19 @@ def lb_ini_commands(stages: list[RenderedStage]) -> list[tuple[str, list[str]]]:
     return found
 
 
+def lb_ini_helper(rendered: dict[str, list[RenderedStage]], folder: Path) -> Path:
+    """The lb-ini helper as the recipe writes it into the guests, saved in ``folder``."""
+    helper = folder / "lb-ini"
+    helper.write_text(written_files(rendered["guide-3node"])["controller:/usr/local/sbin/lb-ini"])
+    return helper
+
+
 def test_edited_config_files_parse_as_ini(
-    recipe: Recipe, rendered: dict[str, list[RenderedStage]], tmp_path: Path
+    rendered: dict[str, list[RenderedStage]], tmp_path: Path
 ) -> None:
     """Every configuration file the steps edit, built from nothing by the rendered lb-ini
     commands (the helper the recipe writes into the guests), parses as INI."""
-    helper = tmp_path / "lb-ini"
-    helper.write_text(dict(recipe.templates)["lb-ini.py.j2"])
+    helper = lb_ini_helper(rendered, tmp_path)
     edited: dict[Path, str] = {}
     for lab, stages in rendered.items():
         for node, (action, path, *rest) in lb_ini_commands(stages):
@@ -204,10 +210,9 @@ def test_edited_config_files_parse_as_ini(
 
 
 def test_lb_ini_keeps_the_packaged_file_and_changes_only_the_keys(
-    recipe: Recipe, tmp_path: Path
+    rendered: dict[str, list[RenderedStage]], tmp_path: Path
 ) -> None:
-    helper = tmp_path / "lb-ini"
-    helper.write_text(dict(recipe.templates)["lb-ini.py.j2"])
+    helper = lb_ini_helper(rendered, tmp_path)
     conf = tmp_path / "neutron.conf"
     conf.write_text(
         "[DEFAULT]\n# verbose = False\nstate_path = /var/lib/neutron\ncore_plugin = x\n\n"

@@ -107,6 +107,8 @@ def test_the_wheel_holds_the_data_folders(wheel: Path) -> None:
         on_disk = [p for p in (REPO / folder).rglob("*") if p.is_file()]
         assert len(shipped) == len(on_disk) > 0 or folder in ("networks", "cloud-init"), folder
     assert "labbuilder/py.typed" in names
+    templates = (PACKAGE / "libvirtxml" / "templates").glob("*.j2")
+    assert {f"labbuilder/libvirtxml/templates/{t.name}" for t in templates} <= set(names)
 
 
 def test_a_non_editable_install_finds_its_data(wheel: Path, tmp_path: Path) -> None:

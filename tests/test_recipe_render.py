@@ -11,6 +11,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import jinja2
 import pytest
 
 from labbuilder.api import facade as api
@@ -33,6 +34,7 @@ from labbuilder.recipe.coverage import (
 from labbuilder.recipe.files import load_recipe
 from labbuilder.recipe.render import applicable_stages
 
+REPO = Path(__file__).resolve().parent.parent
 GUIDE = """\
 # A guide
 
@@ -426,6 +428,36 @@ def test_roles_that_share_an_image_boot_one_image_with_both_roles_content(tmp_pa
     assert loaded.node_image("compute").packages == loaded.node_image("network").packages
     assert sorted(loaded.node_image("network").packages) == ["a", "b"]
     assert loaded.node_image("compute").masked_units == ("a.service",)
+
+
+def test_the_recipes_share_one_lb_ini_and_their_digests_cover_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from labbuilder.recipe import files as recipe_files
+
+    helper = (REPO / "recipes" / "helpers" / "lb-ini.py.j2").read_text()
+    scripts = {}
+    for name in ("zed-debian-12", "icehouse-ubuntu-14.04"):
+        recipe = load_recipe(name)
+        templates = dict(recipe.templates)
+        assert templates["helpers/lb-ini.py.j2"] == helper
+        own = templates["lb-ini.py.j2"]
+        assert '{% extends "helpers/lb-ini.py.j2" %}' in own and "def main" not in own
+        env = jinja2.Environment(loader=jinja2.DictLoader(templates), keep_trailing_newline=True)
+        scripts[name] = env.get_template("lb-ini.py.j2").render()
+    zed, icehouse = scripts["zed-debian-12"], scripts["icehouse-ubuntu-14.04"]
+    assert zed.startswith("#!/usr/bin/env python3\n") and "if changed != lines:" in zed
+    assert icehouse.startswith("#!/usr/bin/env python\n") and "if changed" not in icehouse
+    assert "        write(path, change(lines, section, argv[3], argv[4]))\n" in icehouse
+    for script in (zed, icehouse):
+        compile(script, "lb-ini", "exec")
+    # A changed helper is a changed recipe, for every recipe (a recipe folder of its own too).
+    folder = write_recipe(tmp_path)
+    before = {name: load_recipe(name).digest for name in ("zed-debian-12", str(folder))}
+    changed = tuple((name, text + "#\n") for name, text in recipe_files.shared_helpers())
+    monkeypatch.setattr(recipe_files, "shared_helpers", lambda: changed)
+    for name, digest in before.items():
+        assert load_recipe(name).digest != digest
 
 
 # --- one quoting filter per destination --------------------------------------------------------

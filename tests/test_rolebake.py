@@ -40,13 +40,14 @@ from labbuilder.adapters import libvirt as lv
 from labbuilder.catalog.files import load_catalog, parse_image_entry
 from labbuilder.catalog.model import BaseImage, CloudInitFlavour, ImageEntry
 from labbuilder.common.errors import ImageError
-from labbuilder.images import rootfs
+from labbuilder.images import bakeseed, rootfs
 from labbuilder.images import store as imagestore
 from labbuilder.images.bakeseed import (
-    BAKE_MAIN_SH,
+    BAKE_FILES,
     PREFIX,
     BakeNetwork,
     GuestBoot,
+    bake_file,
     bake_key,
     bake_seed_files,
     check_seed_files,
@@ -57,6 +58,7 @@ from labbuilder.images.boot import resolve_role_image
 from labbuilder.images.build import BuiltImage, build_image
 from labbuilder.images.rolebake import archive_hosts, check_image, load_baked_image
 
+REPO = Path(__file__).resolve().parent.parent
 POOL = "lbtest-rolebake-pool"
 ENTRY = "lbtest-dl-debian"
 ROLE = "lbtest-hello"
@@ -142,21 +144,53 @@ def test_seed_scripts_are_valid_shell_and_cloud_config(tmp_path: Path) -> None:
             script="hello\n",
         )  # fmt: skip
     )
-    for files in seeds:
+    scripts: list[Path] = []
+    for number, files in enumerate(seeds):
         user_data = files["user-data"].decode()
         assert user_data.startswith("#cloud-config\n")
         config = json.loads(user_data.split("\n", 1)[1])
         assert config["users"] == [] and config["runcmd"] == [["sh", "/run/lbbake/main.sh"]]
         for item in config["write_files"]:
             if item["path"].endswith(".sh"):
-                script = tmp_path / "script.sh"
+                script = tmp_path / f"{number}-{Path(item['path']).name}"
                 script.write_text(item["content"])
                 checked = subprocess.run(["sh", "-n", script], capture_output=True, text=True)
                 assert checked.returncode == 0, (item["path"], checked.stderr)
+                scripts.append(script)
         network_config = json.loads(files["network-config"])
         assert network_config["ethernets"]["eth0"]["addresses"] == ["10.9.8.10/24"]
     main = json.loads(seeds[0]["user-data"].decode().split("\n", 1)[1])["write_files"][1]
-    assert main["content"].startswith("packages=hello\nunits=fstrim.timer\n" + BAKE_MAIN_SH[:10])
+    assert main["content"] == "packages=hello\nunits=fstrim.timer\n" + bake_file("main.sh")
+    # The scripts as the guest gets them, and the image hooks beside the bake's files.
+    assert len(scripts) == 3 * len(CloudInitFlavour) + 4
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (scripts/setup-host --test installs it)")
+    hooks = sorted((REPO / "images").rglob("*.sh"))
+    assert {p.name for p in hooks} >= {
+        "role-layer.sh",
+        *(n for n in BAKE_FILES if n.endswith(".sh")),
+    }
+    checked = subprocess.run(
+        ["shellcheck", "-s", "sh", "-S", "warning", "-f", "gcc", *map(str, scripts + hooks)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout[-5000:]
+
+
+def test_the_files_a_bake_writes_are_data_files_and_in_its_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in BAKE_FILES:
+        assert bake_file(name) == (REPO / "images" / "bake" / name).read_text()
+    with pytest.raises(ValueError):
+        bake_file("../hooks/role-layer.sh")
+    # A changed script is a changed bake: its key covers the files it writes.
+    key = functools.partial(bake_key, "d1", ("hello",), (), virtual_size=2**30, boot=GuestBoot())
+    before = key()
+    monkeypatch.setattr(bakeseed, "bake_file", lambda name: bake_file(name) + "#\n")
+    assert key() != before
 
 
 def test_direct_kernel_boot_downloads_are_checked_in_the_catalog() -> None:

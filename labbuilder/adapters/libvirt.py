@@ -15,10 +15,9 @@ import libvirt
 import netaddr
 
 from labbuilder.common.errors import HypervisorError, PlanError
+from labbuilder.libvirtxml.render import METADATA_NS as METADATA_NS  # read here by callers
+from labbuilder.libvirtxml.render import METADATA_PREFIX
 from labbuilder.model.lab import LibvirtNetworkFact
-
-METADATA_NS = "urn:labbuilder:lab:1"
-METADATA_PREFIX = "lb"
 
 
 def _ignore_libvirt_errors(_context: object, _error: object) -> None:

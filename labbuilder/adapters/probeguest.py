@@ -40,11 +40,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
-from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
 from labbuilder.adapters.processes import process_alive
+from labbuilder.libvirtxml.render import Disk, Domain, Serial, domain_xml
 from labbuilder.model.probe import BootResult, Proof
 
 MARKER = b"LBPROBE-OK"
@@ -140,27 +140,19 @@ def boot_sector(marker: bytes = MARKER) -> bytes:
 def probe_domain_xml(name: str, domain_type: str, disk: Path, serial_log: Path) -> str:
     """Domain XML of a boot-sector probe guest: 16 MiB, one vCPU, one IDE disk, COM1 to a
     file, no NIC."""
-    return f"""<domain type={quoteattr(domain_type)}>
-  <name>{escape(name)}</name>
-  <memory unit="MiB">{MEMORY_MIB}</memory>
-  <vcpu>1</vcpu>
-  <os><type arch="x86_64" machine="pc">hvm</type><boot dev="hd"/></os>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type="file" device="disk">
-      <driver name="qemu" type="raw"/>
-      <source file={quoteattr(str(disk))}/>
-      <target dev="hda" bus="ide"/>
-    </disk>
-    <serial type="file">
-      <source path={quoteattr(str(serial_log))}/>
-      <target port="0"/>
-    </serial>
-    <memballoon model="none"/>
-  </devices>
-</domain>"""
+    domain = Domain(
+        type=domain_type,
+        name=name,
+        memory=MEMORY_MIB,
+        memory_unit="MiB",
+        platform=False,
+        on_reboot="destroy",
+        disks=(Disk("hda", "raw", file=str(disk), bus="ide"),),
+        serials=(Serial(0, file=str(serial_log)),),
+        console=False,
+        rng=False,
+    )
+    return domain_xml(domain)
 
 
 def kernel_domain_xml(
@@ -169,31 +161,19 @@ def kernel_domain_xml(
     """Domain XML of a Linux probe guest: the lab nodes' machine (pc, ACPI, APIC, the default
     CPU model, one vCPU) with 256 MiB, direct kernel boot of ``kernel`` without initrd, no
     disk, no NIC, COM1 to a file; a reboot (``panic=-1``) destroys it."""
-    return f"""<domain type={quoteattr(domain_type)}>
-  <name>{escape(name)}</name>
-  <memory unit="MiB">{KERNEL_MEMORY_MIB}</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch="x86_64" machine="pc">hvm</type>
-    <kernel>{escape(str(kernel))}</kernel>
-    <cmdline>{escape(cmdline)}</cmdline>
-  </os>
-  <features>
-    <acpi/>
-    <apic/>
-  </features>
-  <clock offset="utc"/>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <serial type="file">
-      <source path={quoteattr(str(serial_log))}/>
-      <target port="0"/>
-    </serial>
-    <memballoon model="none"/>
-  </devices>
-</domain>"""
+    domain = Domain(
+        type=domain_type,
+        name=name,
+        memory=KERNEL_MEMORY_MIB,
+        memory_unit="MiB",
+        kernel=str(kernel),
+        cmdline=cmdline,
+        on_reboot="destroy",
+        serials=(Serial(0, file=str(serial_log)),),
+        console=False,
+        rng=False,
+    )
+    return domain_xml(domain)
 
 
 def probe_name(domain_type: str) -> str:

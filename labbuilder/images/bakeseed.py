@@ -1,4 +1,6 @@
-"""What a role-image bake hands the guest and reads back: pure functions, no I/O.
+"""What a role-image bake hands the guest and reads back: pure functions; the files it writes
+into the guest are data files under ``images/bake/`` (``bake_file``), its XML comes from
+``labbuilder.libvirtxml``.
 
 A bake boots a downloaded image once under libvirt (``labbuilder.images.rolebake``). Its
 NoCloud seed (``seed_files``) carries a cloud-config that writes three shell scripts to
@@ -28,13 +30,15 @@ import ipaddress
 import json
 import re
 import shlex
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
-from labbuilder.adapters.libvirt import METADATA_NS
 from labbuilder.catalog.model import CloudInitFlavour
+from labbuilder.common.errors import ImageError
+from labbuilder.common.resources import data_dir
+from labbuilder.libvirtxml import render as libvirtxml
 
 BAKE_VERSION = "1"  # bump when a bake changes in a way bake_key cannot see
 PREFIX = "lbbake-"  # every temporary libvirt object of a bake: domain, network, volumes, rules
@@ -43,140 +47,30 @@ FINISH_UNIT = "lbbake-finish.service"
 GUEST_ADDRESS = 10  # the guest's host number in the bake's /24; the gateway is .1
 MEMORY_MIB = 1024
 REPORT_WORD = "LBBAKE"
+BAKE_FOLDER = ("bake",)  # under images/: the files a bake writes into the guest
 
 _UNIT = re.compile(r"^[A-Za-z0-9@._:-]+\.(service|socket|timer|path|target|mount)$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _ROLE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 
-COMMON_SH = """\
-# labbuilder bake: report lines go to the second serial port, which only the bake writes to.
-LBBAKE_REPORT=/dev/ttyS1
-( : > "$LBBAKE_REPORT" ) 2>/dev/null || LBBAKE_REPORT=/dev/console
-report() { printf 'LBBAKE %s\\n' "$*" > "$LBBAKE_REPORT"; }
-say() { report "$@"; printf 'lbbake: %s\\n' "$*"; }
-# Runs apt-get with its output on the console as it comes (a sign of life for the host) and
-# in /run/lbbake/apt.log; returns apt-get's exit code.
-run_apt() {
-    {
-        apt-get -q -y -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0 "$@"
-        echo $? > /run/lbbake/rc
-    } 2>&1 | tee /run/lbbake/apt.log
-    return "$(cat /run/lbbake/rc)"
-}
-report_apt_errors() {
-    grep -E '^(E|Err):' /run/lbbake/apt.log | tail -n 5 | while IFS= read -r line; do
-        report "LOG $line"
-    done
-}
-"""
+# The files a bake writes into the guest: data files under images/bake/, written as they are
+# (main.sh after two lines naming its packages and units).
+BAKE_FILES = ("common.sh", "main.sh", "finish.sh", "check-main.sh", "check-finish.sh", FINISH_UNIT)
 
-BAKE_MAIN_SH = """\
-. /run/lbbake/common.sh
-trap 'systemctl daemon-reload; systemctl start --no-block lbbake-finish.service || poweroff' EXIT
-say BEGIN
-. /etc/os-release 2>/dev/null && report "OS $PRETTY_NAME"
-report "ARCH $(dpkg --print-architecture)"
-if ! command -v systemctl >/dev/null 2>&1; then
-    say "FAIL the guest has no systemd (systemctl), which a bake needs"
-    exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-if [ -n "$units" ]; then
-    say STEP "systemctl mask $units"
-    systemctl mask $units || { say "FAIL systemctl mask $units failed"; exit 1; }
-fi
-if [ -n "$packages" ]; then
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        policy=created
-    fi
-    say STEP "apt-get update"
-    if ! run_apt update; then
-        report_apt_errors
-        say "FAIL apt-get update failed"
-        exit 1
-    fi
-    say STEP "apt-get install $packages"
-    if ! run_apt install $packages; then
-        report_apt_errors
-        missing=""
-        for package in $packages; do
-            apt-cache show --no-all-versions "$package" > /dev/null 2>&1 \\
-                || missing="$missing $package"
-        done
-        if [ -n "$missing" ]; then
-            say "FAIL packages not in the guest's archive:$missing"
-        else
-            say "FAIL apt-get install $packages failed"
-        fi
-        exit 1
-    fi
-    [ "${policy:-}" = created ] && rm -f /usr/sbin/policy-rc.d
-fi
-dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\\n' |
-    while read -r status package version; do
-        case "$status" in ?i) report "PKG $package $version" ;; esac
-    done
-for unit in $units; do
-    report "MASKED $unit $(systemctl is-enabled "$unit" 2>/dev/null)"
-done
-say INSTALLED
-"""
 
-BAKE_FINISH_SH = """\
-. /run/lbbake/common.sh
-say STEP "removing per-machine identity"
-cloud-init clean --logs || report "LOG cloud-init clean failed"
-rm -f /etc/ssh/ssh_host_* /var/lib/dbus/machine-id /var/lib/rabbitmq/.erlang.cookie \\
-    /var/lib/systemd/random-seed /var/lib/systemd/credential.secret /var/lib/dhcp/*.leases
-rm -f /etc/systemd/network/10-cloud-init-*.network /etc/netplan/50-cloud-init.yaml \\
-    /etc/network/interfaces.d/50-cloud-init /etc/network/interfaces.d/50-cloud-init.cfg
-: > /etc/machine-id
-echo localhost > /etc/hostname
-apt-get clean
-rm -rf /var/lib/apt/lists/*
-journalctl --relinquish-var 2>/dev/null  # journald lets go of /var/log/journal's files
-find /var/log/journal -mindepth 1 -delete 2>/dev/null
-for path in /etc/ssh/ssh_host_* /var/lib/dbus/machine-id /var/lib/rabbitmq/.erlang.cookie \\
-        /var/lib/cloud/instance /var/lib/cloud/instances/* /var/log/cloud-init.log; do
-    [ -e "$path" ] && report "LEFT $path"
-done
-[ -s /etc/machine-id ] && report "LEFT /etc/machine-id"
-report "HOSTNAME $(cat /etc/hostname)"
-# Freed blocks can be discarded only once the file system has committed their release.
-sync
-report "LOG $(fstrim -av 2>&1 | tr '\n' ' ')"
-sync
-say DONE
-systemctl --no-block poweroff
-"""
-
-CHECK_MAIN_SH = """\
-. /run/lbbake/common.sh
-trap 'systemctl daemon-reload; systemctl start --no-block lbbake-finish.service || poweroff' EXIT
-say BEGIN
-sh /run/lbbake/check.sh 2>&1 | while IFS= read -r line; do report "OUT $line"; done
-say INSTALLED
-"""
-
-CHECK_FINISH_SH = """\
-. /run/lbbake/common.sh
-say DONE
-systemctl --no-block poweroff
-"""
-
-FINISH_UNIT_TEXT = """\
-[Unit]
-Description=labbuilder bake: clean up and power off once cloud-init is done
-After=cloud-final.service
-
-[Service]
-Type=oneshot
-ExecStart=/bin/sh /run/lbbake/finish.sh
-StandardOutput=journal+console
-TimeoutStartSec=1800
-"""
+@cache
+def bake_file(name: str) -> str:
+    """The text of the bake's data file ``name`` (one of ``BAKE_FILES``)."""
+    if name not in BAKE_FILES:
+        raise ValueError(f"unknown bake file {name!r}; expected one of {BAKE_FILES}")
+    path = data_dir("images").joinpath(*BAKE_FOLDER, name)
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise ImageError(
+            f"labbuilder's data file {path} cannot be read: {err.strerror}",
+            hint="reinstall labbuilder",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -262,7 +156,7 @@ def bake_key(
         "masked_units": sorted(set(masked_units)),
         "virtual_size": virtual_size,
         "cmdline": boot.cmdline,
-        "scripts": [COMMON_SH, BAKE_MAIN_SH, BAKE_FINISH_SH, FINISH_UNIT_TEXT],
+        "scripts": [bake_file(name) for name in ("common.sh", "main.sh", "finish.sh", FINISH_UNIT)],
     }
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -289,7 +183,7 @@ def bake_seed_files(
         f"packages={shlex.quote(' '.join(sorted(set(packages))))}\n"
         f"units={shlex.quote(' '.join(sorted(set(masked_units))))}\n"
     )
-    scripts = {"main.sh": words + BAKE_MAIN_SH, "finish.sh": BAKE_FINISH_SH}
+    scripts = {"main.sh": words + bake_file("main.sh"), "finish.sh": bake_file("finish.sh")}
     config = {"ssh_genkeytypes": [], "ssh_deletekeys": True}
     return _seed(instance_id, network, mac, flavour, scripts, config)
 
@@ -298,7 +192,11 @@ def check_seed_files(
     *, instance_id: str, network: BakeNetwork, mac: str, flavour: CloudInitFlavour, script: str
 ) -> dict[str, bytes]:
     """The seed of a check boot: run ``script`` as a fresh clone would, report its output."""
-    scripts = {"main.sh": CHECK_MAIN_SH, "check.sh": script, "finish.sh": CHECK_FINISH_SH}
+    scripts = {
+        "main.sh": bake_file("check-main.sh"),
+        "check.sh": script,
+        "finish.sh": bake_file("check-finish.sh"),
+    }
     return _seed(instance_id, network, mac, flavour, scripts, {})
 
 
@@ -310,7 +208,8 @@ def _seed(
     scripts: Mapping[str, str],
     extra: Mapping[str, object],
 ) -> dict[str, bytes]:
-    files = [{"path": f"{SCRIPT_DIR}/common.sh", "permissions": "0644", "content": COMMON_SH}]
+    common = bake_file("common.sh")
+    files = [{"path": f"{SCRIPT_DIR}/common.sh", "permissions": "0644", "content": common}]
     files += [
         {"path": f"{SCRIPT_DIR}/{name}", "permissions": "0644", "content": text}
         for name, text in scripts.items()
@@ -319,7 +218,7 @@ def _seed(
         {
             "path": f"/run/systemd/system/{FINISH_UNIT}",
             "permissions": "0644",
-            "content": FINISH_UNIT_TEXT,
+            "content": bake_file(FINISH_UNIT),
         }
     )
     config = {
@@ -366,32 +265,20 @@ def _seed(
 # --- libvirt XML ----------------------------------------------------------------------------
 
 
-def _metadata(parent: ET.Element, owner: str, **attributes: str) -> None:
-    metadata = ET.SubElement(parent, "metadata")
-    ET.register_namespace("lb", METADATA_NS)
-    ET.SubElement(metadata, f"{{{METADATA_NS}}}lab", {"name": owner, **attributes})
-
-
 def network_xml(network: BakeNetwork) -> str:
     """A NAT network whose DNS answers the archive's names with the addresses the firewall lets
     through (so a CDN's rotating answers cannot send the guest elsewhere)."""
-    root = ET.Element("network")
-    ET.SubElement(root, "name").text = network.name
-    _metadata(root, network.name, network="bake")
-    ET.SubElement(root, "forward", mode="nat")
-    ET.SubElement(root, "bridge", name=network.bridge, stp="off", delay="0")
-    if network.archive:
-        dns = ET.SubElement(root, "dns")
-        by_address: dict[str, list[str]] = {}
-        for host, address in network.archive:
-            by_address.setdefault(address, []).append(host)
-        for address, hosts in sorted(by_address.items()):
-            entry = ET.SubElement(dns, "host", ip=address)
-            for host in sorted(set(hosts)):
-                ET.SubElement(entry, "hostname").text = host
-    netmask = str(ipaddress.ip_network(network.subnet).netmask)
-    ET.SubElement(root, "ip", address=network.gateway, netmask=netmask)
-    return ET.tostring(root, encoding="unicode")
+    by_address: dict[str, set[str]] = {}
+    for host, address in network.archive:
+        by_address.setdefault(address, set()).add(host)
+    return libvirtxml.render_xml(
+        "bake-network.xml.j2",
+        name=network.name,
+        bridge=network.bridge,
+        hosts=[(address, sorted(hosts)) for address, hosts in sorted(by_address.items())],
+        gateway=network.gateway,
+        netmask=str(ipaddress.ip_network(network.subnet).netmask),
+    )
 
 
 def domain_xml(
@@ -410,53 +297,26 @@ def domain_xml(
 ) -> str:
     """One 1-vCPU guest: the overlay (vda) and the seed (vdb) as virtio disks, one NIC, the
     console on serial port 0 and the report on serial port 1, both logged by libvirt."""
-    root = ET.Element("domain", type=domain_type)
-    ET.SubElement(root, "name").text = name
-    _metadata(root, name, node="bake", role=role)
-    ET.SubElement(root, "memory", unit="MiB").text = str(MEMORY_MIB)
-    ET.SubElement(root, "vcpu").text = "1"
-    os_element = ET.SubElement(root, "os")
-    ET.SubElement(os_element, "type", arch="x86_64", machine="pc").text = "hvm"
-    if boot.kernel is not None:
-        ET.SubElement(os_element, "kernel").text = boot.kernel
-        ET.SubElement(os_element, "initrd").text = boot.initrd or ""
-        ET.SubElement(os_element, "cmdline").text = boot.cmdline or ""
-    else:
-        ET.SubElement(os_element, "boot", dev="hd")
-    features = ET.SubElement(root, "features")
-    ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
-    ET.SubElement(root, "clock", offset="utc")
-    ET.SubElement(root, "on_poweroff").text = "destroy"
-    ET.SubElement(root, "on_reboot").text = "restart"
-    ET.SubElement(root, "on_crash").text = "destroy"
-    devices = ET.SubElement(root, "devices")
-    for device, volume, fmt, readonly in (
-        ("vda", disk_volume, "qcow2", False),
-        ("vdb", seed_volume, "raw", True),
-    ):
-        disk = ET.SubElement(devices, "disk", type="volume", device="disk")
-        driver = ET.SubElement(disk, "driver", name="qemu", type=fmt)
-        if not readonly:
-            driver.set("discard", "unmap")
-        ET.SubElement(disk, "source", pool=pool, volume=volume)
-        ET.SubElement(disk, "target", dev=device, bus="virtio")
-        if readonly:
-            ET.SubElement(disk, "readonly")
-    nic = ET.SubElement(devices, "interface", type="network")
-    ET.SubElement(nic, "source", network=network)
-    ET.SubElement(nic, "mac", address=mac)
-    ET.SubElement(nic, "model", type="virtio")
-    for port, log in ((0, console_log), (1, report_log)):
-        serial = ET.SubElement(devices, "serial", type="pty")
-        ET.SubElement(serial, "log", file=str(log), append="off")
-        ET.SubElement(serial, "target", port=str(port))
-    console = ET.SubElement(devices, "console", type="pty")
-    ET.SubElement(console, "target", type="serial", port="0")
-    rng = ET.SubElement(devices, "rng", model="virtio")
-    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
-    ET.SubElement(devices, "memballoon", model="none")
-    return ET.tostring(root, encoding="unicode")
+    domain = libvirtxml.Domain(
+        type=domain_type,
+        name=name,
+        memory=MEMORY_MIB,
+        memory_unit="MiB",
+        metadata=(("name", name), ("node", "bake"), ("role", role)),
+        kernel=boot.kernel,
+        initrd=None if boot.kernel is None else boot.initrd or "",
+        cmdline=None if boot.kernel is None else boot.cmdline or "",
+        disks=(
+            libvirtxml.Disk("vda", "qcow2", pool=pool, volume=disk_volume, discard=True),
+            libvirtxml.Disk("vdb", "raw", pool=pool, volume=seed_volume, readonly=True),
+        ),
+        nics=(libvirtxml.Nic(network, mac),),
+        serials=(
+            libvirtxml.Serial(0, log=str(console_log), append=False),
+            libvirtxml.Serial(1, log=str(report_log), append=False),
+        ),
+    )
+    return libvirtxml.domain_xml(domain)
 
 
 # --- the report -----------------------------------------------------------------------------

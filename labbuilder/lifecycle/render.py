@@ -1,8 +1,8 @@
 """Plan objects → the texts libvirt and cloud-init read: network XML, domain XML, seed files.
 
-Pure functions over jinja2 templates shipped as data (``networks/``, ``cloud-init/`` and
-``labbuilder/templates/``). XML templates are autoescaped; YAML values go through the ``yaml``
-filter, and the files cloud-init writes through their destination's filter
+Pure functions over jinja2 templates shipped as data. The XML comes from
+``labbuilder.libvirtxml`` (autoescaped); the seed from ``cloud-init/``, whose YAML values go
+through the ``yaml`` filter, and the files cloud-init writes through their destination's filter
 (``labbuilder.common.quoting``).
 """
 
@@ -16,11 +16,11 @@ from functools import cache
 
 import jinja2
 
-from labbuilder.adapters.libvirt import METADATA_NS
 from labbuilder.catalog.model import CloudInitFlavour
 from labbuilder.common.quoting import FILTERS, eni
 from labbuilder.common.resources import data_dir
 from labbuilder.lab.view import plan_as_dict
+from labbuilder.libvirtxml.render import Disk, Domain, Nic, Serial, domain_xml, render_xml
 from labbuilder.model.addressing import netmask
 from labbuilder.model.lab import Plan, PlannedNetwork, PlannedNode
 
@@ -63,17 +63,10 @@ def plan_hash(plan: Plan) -> str:
 
 
 @cache
-def _environment(folder: str, autoescape: bool) -> jinja2.Environment:
-    def load(name: str) -> str:
-        if folder == "templates":
-            from importlib import resources
-
-            return (resources.files("labbuilder") / "templates" / name).read_text()
-        return (data_dir(folder) / name).read_text()
-
+def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FunctionLoader(load),
-        autoescape=autoescape,
+        loader=jinja2.FunctionLoader(lambda name: (data_dir("cloud-init") / name).read_text()),
+        autoescape=False,  # noqa: S701 - YAML and files for the guest: each value has its filter
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
@@ -81,20 +74,12 @@ def _environment(folder: str, autoescape: bool) -> jinja2.Environment:
     return env
 
 
-def _render(folder: str, name: str, *, autoescape: bool, **values: object) -> str:
-    return _environment(folder, autoescape).get_template(name).render(**values)
+def _render(name: str, **values: object) -> str:
+    return _environment().get_template(name).render(**values)
 
 
 def render_network_xml(plan: Plan, net: PlannedNetwork, digest: str) -> str:
-    return _render(
-        "networks",
-        f"{net.kind}.xml.j2",
-        autoescape=True,
-        net=net,
-        lab=plan.lab,
-        plan_hash=digest,
-        ns=METADATA_NS,
-    )
+    return render_xml(f"networks/{net.kind}.xml.j2", net=net, lab=plan.lab, plan_hash=digest)
 
 
 def render_domain_xml(
@@ -108,24 +93,39 @@ def render_domain_xml(
     boot: BootSpec,
     console_log: str | None,
 ) -> str:
-    nics = [
-        {"network": plan.network(nic.network).libvirt_name, "mac": nic.mac} for nic in node.nics
-    ]
-    return _render(
-        "templates",
-        "domain.xml.j2",
-        autoescape=True,
-        node=node,
-        lab=plan.lab,
-        plan_hash=digest,
-        ns=METADATA_NS,
-        domain_type=domain_type,
+    """A lab node's domain: its disks (the seed last, read-only), its NICs in the plan's order,
+    the console on serial port 0, logged to ``console_log`` across boots."""
+    domain = Domain(
+        type=domain_type,
+        name=node.domain,
+        memory=node.memory,
+        memory_unit="b",
+        vcpus=node.vcpus,
+        metadata=(
+            ("name", plan.lab),
+            ("node", node.name),
+            ("role", str(node.role)),
+            ("plan", digest),
+        ),
+        kernel=boot.kernel or None,
+        initrd=boot.initrd if boot.kernel else None,
+        cmdline=boot.cmdline if boot.kernel else None,
         cpu_passthrough=cpu_passthrough,
-        disks=disks,
-        nics=nics,
-        boot=boot,
-        console_log=console_log,
+        disks=tuple(
+            Disk(
+                disk.device,
+                disk.format,
+                pool=disk.pool,
+                volume=disk.volume,
+                readonly=disk.readonly,
+                discard=not disk.readonly,
+            )
+            for disk in disks
+        ),
+        nics=tuple(Nic(plan.network(nic.network).libvirt_name, nic.mac) for nic in node.nics),
+        serials=(Serial(0, log=console_log),),
     )
+    return domain_xml(domain)
 
 
 def render_seed_files(
@@ -156,14 +156,14 @@ def render_seed_files(
         "instance_id": f"{plan.lab}-{node.name}-{digest}",
         "netmask": netmask,
     }
-    interfaces = _render("cloud-init", "network-interfaces.j2", autoescape=False, **values)
-    meta = _render("cloud-init", "meta-data.j2", autoescape=False, **values)
+    interfaces = _render("network-interfaces.j2", **values)
+    meta = _render("meta-data.j2", **values)
     if flavour == CloudInitFlavour.ENI:
         meta += "network-interfaces: " + json.dumps(interfaces) + "\n"
     files = {
-        "user-data": _render("cloud-init", "user-data.j2", autoescape=False, **values),
+        "user-data": _render("user-data.j2", **values),
         "meta-data": meta,
-        "network-config": _render("cloud-init", "network-config.j2", autoescape=False, **values),
+        "network-config": _render("network-config.j2", **values),
         "network-interfaces": interfaces,
     }
     return {name: text.encode() for name, text in files.items()}

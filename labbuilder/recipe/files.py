@@ -7,6 +7,10 @@ Layout of ``recipes/<name>/``::
     stages/NN-<name>.toml one guide chapter each, run in file-name order
     templates/*.j2        jinja2 templates the stages' files name
 
+Helpers several recipes share (``recipes/helpers/*.j2``, e.g. ``lb-ini.py.j2``) are templates
+of every recipe too, named ``helpers/<file>``: a recipe's own template extends or includes them
+(or a stage names them), and the recipe's digest covers them.
+
 A stage file::
 
     name = "identity"
@@ -84,6 +88,7 @@ ROLE_KEYS = (
     "shares_image_with",
 )
 STAGE_PACKAGE_KEYS = ("packages", "masked_units")
+HELPERS = "helpers"  # recipes/helpers/: templates the recipes share
 _SCRIPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.sh")
 STAGE_KEYS = ("name", "title", "guide", "networking", "optional", "requires_roles", "steps")
 STEP_KEYS = (
@@ -167,6 +172,20 @@ def load_recipe(name_or_path: str, *, base: Traversable | None = None) -> Recipe
     return read_recipe(entry)
 
 
+def shared_helpers() -> tuple[tuple[str, str], ...]:
+    """(``helpers/<file>``, text) of the templates the built-in recipes share."""
+    folder = data_dir("recipes") / HELPERS
+    if not folder.is_dir():
+        raise RecipeError(
+            f"labbuilder's shared recipe helpers {folder} are missing", "reinstall labbuilder"
+        )
+    return tuple(
+        (f"{HELPERS}/{entry.name}", entry.read_text())
+        for entry in sorted(folder.iterdir(), key=lambda item: item.name)
+        if entry.is_file() and entry.name.endswith(".j2")
+    )
+
+
 def read_recipe(folder: Traversable) -> Recipe:
     digest = hashlib.sha256()
     top_source = f"{folder}/recipe.toml"
@@ -187,6 +206,10 @@ def read_recipe(folder: Traversable) -> Recipe:
                 text = entry.read_text()
                 templates.append((entry.name, text))
                 digest.update(f"templates/{entry.name}\0".encode() + text.encode())
+
+    for name, text in shared_helpers():
+        templates.append((name, text))
+        digest.update(f"{name}\0".encode() + text.encode())
 
     stages: list[StageSpec] = []
     stage_dir = folder / "stages"

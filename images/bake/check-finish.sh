@@ -1,0 +1,3 @@
+. /run/lbbake/common.sh
+say DONE
+systemctl --no-block poweroff
