@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paramiko
 import pytest
 from localssh import LocalSession
 
@@ -36,6 +35,7 @@ from labbuilder.adapters.ssh import (
     SSHSession,
     _whole,
 )
+from labbuilder.common.errors import GuestTransportError
 from labbuilder.install.engine import Engine, Status
 from labbuilder.install.guest import WARM_PYTHON_SOURCE
 from labbuilder.install.report import RunInfo, compare, write_reports
@@ -400,7 +400,7 @@ def test_a_step_whose_node_stays_unreachable_fails_with_its_report(
         try:
             connect(guest).close()
             break
-        except (OSError, ConnectionLostError, paramiko.SSHException):
+        except (OSError, ConnectionLostError, GuestTransportError):
             assert time.monotonic() < end, "sshd did not come back"
             time.sleep(2)
 

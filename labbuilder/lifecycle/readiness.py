@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import libvirt
-import paramiko
-
 from labbuilder.adapters.libvirt import domain_state, reset_domain
 from labbuilder.adapters.ssh import SSHSession, port_open
-from labbuilder.common.errors import HypervisorError
+from labbuilder.common.errors import (
+    GuestAuthenticationError,
+    GuestTransportError,
+    HypervisorError,
+)
 
 RUNGS = ("running", "link", "port 22", "ssh login", "cloud-init")
 # Seconds per rung; generous enough for emulated (TCG) guests on a busy two-core host.
@@ -181,8 +182,8 @@ def _raise_on_fatal_console(node: NodeTarget, rung: str) -> None:
 def _running(domain: Any) -> str | None:
     try:
         state = domain_state(domain)
-    except libvirt.libvirtError as err:
-        return f"fatal: libvirt lost the domain: {err.get_error_message()}"
+    except HypervisorError as err:
+        return f"fatal: libvirt lost the domain: {err.detail or err.message}"
     if state == "running":
         return None
     if state in ("crashed", "shut off", "paused"):
@@ -237,9 +238,9 @@ def _login(node: NodeTarget) -> str | None:
         with _session(node) as session:
             result = session.run("true", timeout=30.0)
             return None if result.rc == 0 else f"`true` exited {result.rc}"
-    except paramiko.AuthenticationException:
+    except GuestAuthenticationError:
         return f"the lab key is not accepted for user {node.user} yet"
-    except (paramiko.SSHException, OSError) as err:
+    except (GuestTransportError, OSError) as err:
         return f"ssh: {err}"
 
 
@@ -261,7 +262,7 @@ def _cloud_init(node: NodeTarget) -> str | None:
     try:
         with _session(node) as session:
             result = session.run(_CLOUD_INIT_STATUS, timeout=60.0)
-    except (paramiko.SSHException, OSError) as err:
+    except (GuestTransportError, OSError) as err:
         return f"ssh: {err}"
     return cloud_init_problem(result.stdout, result.rc)
 

@@ -33,11 +33,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import paramiko
-
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.ssh import SSHSession
-from labbuilder.common.errors import DiskSpaceError, HypervisorError, LabbuilderError, UsageError
+from labbuilder.common.errors import (
+    DiskSpaceError,
+    GuestTransportError,
+    HypervisorError,
+    LabbuilderError,
+    UsageError,
+)
 from labbuilder.common.sizes import format_size
 from labbuilder.lifecycle.state import LabState, lab_lock, load_state_record
 
@@ -471,7 +475,7 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
                         timeout=timeout,
                     ).check(node)  # fmt: skip
                     return now - float(result.stdout.split()[0])
-            except (OSError, EOFError, paramiko.SSHException) as err:
+            except (OSError, EOFError, GuestTransportError) as err:
                 if time.monotonic() > deadline:
                     raise HypervisorError(
                         f"cannot set the clock of node {node} ({address}) after the restore: {err}",
