@@ -134,6 +134,9 @@ class Hypervisor(Protocol):
     # --- volumes (in labbuilder's own pool: ``pool`` at ``path``)
     def lab_volumes(self, pool: str, path: str, lab: str | None = None) -> list[Volume]: ...
     def delete_volume(self, volume: Volume) -> None: ...
+    def refuse_foreign_pool(self, pool: str, path: str) -> None:
+        """Raise ``PlanError`` if the host has a pool named ``pool`` that is not labbuilder's
+        directory pool at ``path``."""
 
     # --- snapshots
     def snapshots(self, domain: str) -> list[Snapshot]: ...

@@ -377,9 +377,9 @@ def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | Non
     ran = any(step.status in (Status.OK, Status.GUARDED) for step in stage.steps)
     order = [s.name for s in recipe.stages]
     later = set(order[order.index(stage.name) + 1 :]) if stage.name in order else set()
-    conn = lv.connect(lab.libvirt_uri)
+    hypervisor = lv.LibvirtHypervisor.open(lab.libvirt_uri)
     try:
-        existing = {s.name: s for s in snapshots.list_snapshots(conn, lab.name)}
+        existing = {s.name: s for s in snapshots.list_snapshots(hypervisor, lab.name)}
         if later & set(existing):
             return None
         if not ran and stage.name in existing and existing[stage.name].complete:
@@ -387,7 +387,7 @@ def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | Non
         start = time.monotonic()
         try:
             snapshots.take_snapshot(
-                conn,
+                hypervisor,
                 lab.name,
                 stage.name,
                 description=f"after stage {stage.name} of recipe {recipe.name}",
@@ -402,7 +402,7 @@ def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | Non
         snapshots.sync_clocks(lab_state(lab.name))
         return time.monotonic() - start
     finally:
-        conn.close()
+        hypervisor.close()
 
 
 def _select_args(lab: Lab) -> str:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
+from labbuilder.adapters.hypervisor import Domain
 from labbuilder.catalog.model import BaseImage
 from labbuilder.common.errors import PlanError
 from labbuilder.common.paths import lab_lock_path, pool_dir, pool_name, state_root
@@ -93,10 +94,11 @@ def up(
         digest = plan_hash(plan)
         base = resolve_base_image(lab.image, log=emit)
         conn = lv.connect(lab.libvirt_uri)
+        hypervisor = lv.LibvirtHypervisor(conn)
         try:
-            existing = lv.owned_domains(conn, lab.name)
+            existing = hypervisor.domains(lab.name)
             check_same_plan(lab, existing, digest)
-            fresh = not existing and not lv.owned_networks(conn, lab.name)
+            fresh = not existing and not hypervisor.networks(lab.name)
             # Registered before anything is made: a killed `up` leaves what `down`/`gc` find.
             registry.register(lab.name, state.directory, lab.libvirt_uri)
             try:
@@ -106,7 +108,7 @@ def up(
             except BaseException:
                 if fresh:
                     emit("creating the lab failed; removing what was made")
-                    remove_lab_objects(conn, lab.name)
+                    remove_lab_objects(hypervisor, lab.name)
                     registry.unregister(lab.name)
                 raise
         finally:
@@ -129,6 +131,7 @@ def _bring_up(
     image and the probe are there; the probe and each node's rungs. On failure every thread
     is told to stop and has stopped (nothing is created after) before the error goes on."""
     stop = threading.Event()
+    hypervisor = lv.LibvirtHypervisor(conn)
     contents = node_contents(lab, plan)
     builds = image_builds(lab, plan, contents)
     workers = 1 + max(1, min(len(builds), os.cpu_count() or 1))
@@ -155,7 +158,7 @@ def _bring_up(
                 probe = probing.result()
                 if stop.is_set():
                     raise NodeNotReadyError(f"node {node.name}: stopped before it was created")
-                domain = create_node(conn, made_lab, node, probe, image, emit)
+                create_node(conn, made_lab, node, probe, image, emit)
                 target = NodeTarget(
                     name=node.name,
                     address=node.management_address,
@@ -165,7 +168,13 @@ def _bring_up(
                     console_log=state.console_log(node.name),
                 )
                 return wait_ready(
-                    domain, target, timeouts=timeouts, on_rung=on_rung, stop=stop, note=emit
+                    hypervisor,
+                    node.domain,
+                    target,
+                    timeouts=timeouts,
+                    on_rung=on_rung,
+                    stop=stop,
+                    note=emit,
                 )
 
             started = {node.name: starter.submit(bring, node) for node in plan.nodes}
@@ -282,22 +291,17 @@ def check_ownership(lab: Lab, plan: Plan) -> None:
     that is not this lab's: a network, domain, bridge or storage pool of that name. Volumes
     live in labbuilder's own pool and are the lab's by their names (``<lab>__...``), so the
     pool is what is checked for them."""
-    conn = lv.connect(lab.libvirt_uri, readonly=True)
-    try:
+    with lv.LibvirtHypervisor.open(lab.libvirt_uri, readonly=True) as hypervisor:
         for net in plan.networks:
-            network = lv.find_network(conn, net.libvirt_name)
+            network = hypervisor.network(net.libvirt_name)
             if network is not None:
-                lv.refuse_foreign("network", net.libvirt_name, network.XMLDesc(0), lab.name)
+                lv.refuse_foreign("network", net.libvirt_name, network.xml, lab.name)
         for node in plan.nodes:
-            domain = lv.find_domain(conn, node.domain)
+            domain = hypervisor.domain(node.domain)
             if domain is not None:
-                lv.refuse_foreign("domain", node.domain, domain.XMLDesc(0), lab.name)
-        check_bridges(lab, plan, lv.network_facts(conn))
-        pool = storage.lookup_pool(conn, pool_name())
-        if pool is not None:
-            storage.refuse_foreign_pool(pool, str(pool_dir()))
-    finally:
-        conn.close()
+                lv.refuse_foreign("domain", node.domain, domain.xml, lab.name)
+        check_bridges(lab, plan, hypervisor.network_facts())
+        hypervisor.refuse_foreign_pool(pool_name(), str(pool_dir()))
     if lab.options.egress != Egress.NAT:
         from labbuilder.adapters import firewall
 
@@ -329,13 +333,13 @@ def check_bridges(lab: Lab, plan: Plan, networks: tuple[LibvirtNetworkFact, ...]
             )
 
 
-def check_same_plan(lab: Lab, domains: list[Any], digest: str) -> None:
+def check_same_plan(lab: Lab, domains: list[Domain], digest: str) -> None:
     for domain in domains:
-        running = lv.lab_metadata(domain.XMLDesc(0)).get("plan")
+        running = domain.metadata.get("plan")
         if running != digest:
             raise PlanError(
                 f"lab {lab.name} is up with a different plan than {lab.source} gives now "
-                f"(domain {domain.name()})",
+                f"(domain {domain.name})",
                 "run `labbuilder down` first to rebuild it from the lab file",
             )
 
@@ -382,7 +386,7 @@ def prepare_lab(
 
 def create_node(
     conn: Any, made: MadeLab, node: PlannedNode, probe: HostProbe, image: BaseImage, emit: Log
-) -> Any:
+) -> None:
     """A node's disks, seed and domain, started (an existing domain is kept, and started)."""
     lab_name = made.lab.name
     domain = lv.find_domain(conn, node.domain)
@@ -406,10 +410,9 @@ def create_node(
             made.seed,
             made.state,
         )
-        domain = lv.ensure_domain(conn, node.domain, owned_xml(xml, made.state), lab=lab_name)
-    elif not domain.isActive():
-        domain = lv.ensure_domain(conn, node.domain, "", lab=lab_name)
-    return domain
+        lv.ensure_domain(conn, node.domain, owned_xml(xml, made.state), lab=lab_name)
+    elif not lv.is_active(domain):
+        lv.ensure_domain(conn, node.domain, "", lab=lab_name)
 
 
 def owned_xml(xml: str, state: LabState) -> str:

@@ -449,11 +449,11 @@ def _temporary_objects(conn: Any, owner: str) -> Iterator[None]:
     try:
         with lab_lock(state, "a role image bake"):
             try:
-                remove_lab_objects(conn, owner)
+                remove_lab_objects(lv.LibvirtHypervisor(conn), owner)
                 yield
             finally:
                 try:
-                    remove_lab_objects(conn, owner)
+                    remove_lab_objects(lv.LibvirtHypervisor(conn), owner)
                 finally:
                     (state.directory / "lock").unlink(missing_ok=True)
     finally:

@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from labbuilder.adapters.libvirt import domain_state, reset_domain
+from labbuilder.adapters.hypervisor import Hypervisor
 from labbuilder.adapters.ssh import SSHSession, port_open
 from labbuilder.common.errors import (
     GuestAuthenticationError,
@@ -102,7 +101,8 @@ def _console_size(path: Path) -> int:
 
 
 def wait_ready(
-    domain: Any,
+    hypervisor: Hypervisor,
+    domain: str,
     node: NodeTarget,
     *,
     timeouts: dict[str, float] | None = None,
@@ -110,7 +110,8 @@ def wait_ready(
     stop: threading.Event | None = None,
     note: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Climb the ladder; return the seconds at which each rung was reached. ``stop`` set (the
+    """Climb the ladder of ``node`` (its domain is ``domain`` on ``hypervisor``); return the
+    seconds at which each rung was reached. ``stop`` set (the
     rest of ``up`` failed) ends the climb at the next poll. A kernel stall on the way to the
     node's network resets the domain once (``note`` says so) and the rung is waited for anew."""
     limits = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
@@ -119,8 +120,8 @@ def wait_ready(
     console_from = 0  # the console's bytes before a reset are not this boot's
     restarted = False
     checks: dict[str, Callable[[], str | None]] = {
-        "running": lambda: _running(domain),
-        "link": lambda: _link(domain, node),
+        "running": lambda: _running(hypervisor, domain),
+        "link": lambda: _link(node),
         "port 22": lambda: None if port_open(node.address, 22, timeout=2.0) else "closed",
         "ssh login": lambda: _login(node),
         "cloud-init": lambda: _cloud_init(node),
@@ -135,7 +136,7 @@ def wait_ready(
             if stop is not None and stop.is_set():
                 raise NodeNotReadyError(f"node {node.name}: stopped before '{rung}'")
             _raise_on_fatal_console(node, rung)
-            problem = _running(domain) if rung != "running" else None
+            problem = _running(hypervisor, domain) if rung != "running" else None
             if problem is None or not problem.startswith("fatal: "):
                 problem = checks[rung]()
             if problem is None:
@@ -147,7 +148,7 @@ def wait_ready(
             overdue = now - began > STALL_GRACE or now > deadline
             if stall is not None and not restarted and overdue:
                 console_from = _console_size(node.console_log)
-                reset_domain(domain)
+                hypervisor.reset_domain(domain)
                 restarted = True
                 began, deadline = now, now + limits[rung]
                 if note is not None:
@@ -179,9 +180,9 @@ def _raise_on_fatal_console(node: NodeTarget, rung: str) -> None:
         raise _not_ready(node, rung, 0, "the guest's kernel failed (see the console)")
 
 
-def _running(domain: Any) -> str | None:
+def _running(hypervisor: Hypervisor, domain: str) -> str | None:
     try:
-        state = domain_state(domain)
+        state = hypervisor.domain_state(domain)
     except HypervisorError as err:
         return f"fatal: libvirt lost the domain: {err.detail or err.message}"
     if state == "running":
@@ -191,9 +192,9 @@ def _running(domain: Any) -> str | None:
     return f"the domain is {state}"
 
 
-def qemu_reason(domain: Any) -> str:
+def qemu_reason(domain: str) -> str:
     """QEMU's own complaint from libvirt's log of the domain (a local host only)."""
-    log = Path("/var/log/libvirt/qemu") / f"{domain.name()}.log"
+    log = Path("/var/log/libvirt/qemu") / f"{domain}.log"
     with contextlib.suppress(OSError):
         lines = log.read_text(errors="replace").splitlines()
         for line in reversed(lines[-200:]):
@@ -202,7 +203,7 @@ def qemu_reason(domain: Any) -> str:
     return ""
 
 
-def _link(domain: Any, node: NodeTarget) -> str | None:
+def _link(node: NodeTarget) -> str | None:
     """The host has seen the node's management MAC answer at its planned address."""
     # A connection attempt makes the host resolve the address; the answer lands in the host's
     # neighbour table (libvirt's own ARP reader fails on some kernels, so it is read here).
