@@ -13,12 +13,12 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import firewall, storage
+from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.hypervisor import Domain, Hypervisor, Network, Volume
 from labbuilder.adapters.libvirterrors import ErrorCode, hypervisor_error
 from labbuilder.cli.main import handle
-from labbuilder.common.errors import HypervisorError
+from labbuilder.common.errors import HypervisorError, PlanError
 from labbuilder.lifecycle import teardown
 from labbuilder.lifecycle.state import lab_state
 from labbuilder.lifecycle.status import lab_status
@@ -219,3 +219,39 @@ def test_status_and_teardown_read_the_hypervisor(
     assert removed.networks == [f"{lab}-mgmt"]
     assert removed.volumes == [f"{lab}__n1__vda.qcow2"]
     assert lab not in teardown.labs_on_host(hypervisor)
+
+
+def test_making_keeps_the_labs_own_objects_and_refuses_others(
+    hypervisor: lv.LibvirtHypervisor, lab: str
+) -> None:
+    domain_xml = (
+        f'<domain type="test"><name>{lab}-n3</name>{metadata(lab, node="n3")}'
+        '<memory unit="MiB">32</memory><os><type>hvm</type></os></domain>'
+    )
+    made = hypervisor.ensure_domain(f"{lab}-n3", domain_xml)
+    assert (made.name, made.node, made.state) == (f"{lab}-n3", "n3", "running")
+    hypervisor.suspend_domain(made.name)
+    kept = hypervisor.ensure_domain(f"{lab}-n2", "", lab=lab)  # exists: started, not redefined
+    assert kept.active and kept.node == "n2"
+    with pytest.raises(PlanError, match="domain test exists and is not labbuilder's lab"):
+        hypervisor.ensure_domain("test", "", lab=lab)
+    network = hypervisor.ensure_network(f"{lab}-mgmt", "", lab=lab)
+    assert network.active and network.lab == lab
+    with pytest.raises(PlanError, match="network default exists"):
+        hypervisor.ensure_network("default", "", lab=lab)
+
+
+def test_making_volumes(hypervisor: lv.LibvirtHypervisor, lab: str) -> None:
+    base = hypervisor.ensure_empty_disk(POOL, storage.lab_volume_name(lab, "n1", "base"), 2**20)
+    assert hypervisor.ensure_empty_disk(POOL, base.name, 2**21) == base  # kept
+    overlay = hypervisor.ensure_overlay(POOL, f"{lab}__n1__overlay.qcow2", base, 2**22)
+    assert overlay.pool == POOL and overlay.lab == lab
+    assert hypervisor.find_volume(POOL, overlay.name) == overlay
+    hypervisor.delete_volume(overlay)
+    assert hypervisor.find_volume(POOL, overlay.name) is None
+    with pytest.raises(HypervisorError) as gone:
+        hypervisor.find_volume("nosuchpool", "x")
+    assert gone.value.code == ErrorCode.NO_STORAGE_POOL
+    hypervisor.refuse_foreign_pool("nosuchpool", "/x")  # no pool of that name: nothing to refuse
+    with pytest.raises(PlanError, match="storage pool default-pool exists and is not"):
+        hypervisor.refuse_foreign_pool(POOL, "/var/lib/labbuilder/pool")

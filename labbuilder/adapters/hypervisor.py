@@ -12,8 +12,10 @@ which lab owns a network or domain is read from the hypervisor itself, even afte
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from labbuilder.model.lab import LibvirtNetworkFact
 
@@ -130,6 +132,30 @@ class Hypervisor(Protocol):
     def reset_domain(self, name: str) -> None: ...
     def remove_domain(self, name: str) -> None: ...
     def remove_network(self, name: str) -> None: ...
+
+    # --- making (an existing object of the lab is kept; another owner's is refused)
+    def ensure_network(self, name: str, xml: str, *, lab: str | None = None) -> Network: ...
+    def ensure_domain(self, name: str, xml: str, *, lab: str | None = None) -> Domain:
+        """Define the domain unless it exists, and start it unless it runs."""
+
+    def ensure_pool(self, name: str, path: str) -> str:
+        """labbuilder's directory pool ``name`` at ``path``, defined and started; its name."""
+
+    def ensure_uploaded_file(
+        self, pool: str, name: str, path: Path, *, progress: Callable[[int], None] | None = None
+    ) -> Volume: ...
+    def upload(
+        self,
+        pool: str,
+        name: str,
+        source: BinaryIO,
+        size: int,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> Volume: ...
+    def ensure_overlay(self, pool: str, name: str, backing: Volume, capacity: int) -> Volume: ...
+    def ensure_empty_disk(self, pool: str, name: str, capacity: int) -> Volume: ...
+    def find_volume(self, pool: str, name: str) -> Volume | None: ...
 
     # --- volumes (in labbuilder's own pool: ``pool`` at ``path``)
     def lab_volumes(self, pool: str, path: str, lab: str | None = None) -> list[Volume]: ...

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import struct
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import libvirt
 import netaddr
@@ -681,6 +683,71 @@ class LibvirtHypervisor:
         network = find_network(self._conn, name)
         if network is not None:
             remove_network(network)
+
+    # --- making
+
+    def ensure_network(self, name: str, xml: str, *, lab: str | None = None) -> Network:
+        network = ensure_network(self._conn, name, xml, lab=lab)
+        record = _network_record(network, translated(network.XMLDesc)(0))
+        if record is None:
+            raise HypervisorError(f"network {name} vanished as it was started")
+        return record
+
+    def ensure_domain(self, name: str, xml: str, *, lab: str | None = None) -> Domain:
+        record = _domain_record(ensure_domain(self._conn, name, xml, lab=lab))
+        if record is None:
+            raise HypervisorError(f"domain {name} vanished as it was started")
+        return record
+
+    def ensure_pool(self, name: str, path: str) -> str:
+        storage.ensure_pool(self._conn, name, path)
+        return name
+
+    def ensure_uploaded_file(
+        self, pool: str, name: str, path: Path, *, progress: Callable[[int], None] | None = None
+    ) -> Volume:
+        found = self._pool(pool)
+        volume = storage.ensure_uploaded_file(self._conn, found, name, path, progress=progress)
+        return self._volume(pool, volume)
+
+    def upload(
+        self,
+        pool: str,
+        name: str,
+        source: BinaryIO,
+        size: int,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> Volume:
+        found = self._pool(pool)
+        volume = storage.upload(self._conn, found, name, source, size, progress=progress)
+        return self._volume(pool, volume)
+
+    def ensure_overlay(self, pool: str, name: str, backing: Volume, capacity: int) -> Volume:
+        found = self._pool(pool)
+        base = storage.find_volume(self._pool(backing.pool), backing.name)
+        if base is None:
+            raise HypervisorError(f"cannot create overlay {name}: volume {backing.name} is gone")
+        return self._volume(pool, storage.ensure_overlay(found, name, base, capacity))
+
+    def ensure_empty_disk(self, pool: str, name: str, capacity: int) -> Volume:
+        return self._volume(pool, storage.ensure_empty_disk(self._pool(pool), name, capacity))
+
+    def find_volume(self, pool: str, name: str) -> Volume | None:
+        volume = storage.find_volume(self._pool(pool), name)
+        return None if volume is None else self._volume(pool, volume)
+
+    def _pool(self, name: str) -> Any:
+        pool = storage.find_pool(self._conn, name)
+        if pool is None:
+            raise HypervisorError(
+                f"storage pool {name} is gone", code=libvirt.VIR_ERR_NO_STORAGE_POOL
+            )
+        return pool
+
+    @translated
+    def _volume(self, pool: str, volume: Any) -> Volume:
+        return Volume(str(volume.name()), pool, str(volume.path()))
 
     # --- volumes
 
