@@ -585,8 +585,10 @@ def _domain_record(domain: Any) -> Domain | None:
         raise
 
 
-def _network_record(network: Any, xml: str) -> Network | None:
+def _network_record(network: Any, xml: str | None = None) -> Network | None:
+    """The network as a record (``xml`` if it was read already), or None when it is gone."""
     try:
+        xml = network.XMLDesc(0) if xml is None else xml
         return Network(name=str(network.name()), active=bool(network.isActive()), xml=xml)
     except libvirt.libvirtError as err:
         if err.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
@@ -643,10 +645,7 @@ class LibvirtHypervisor:
 
     def network(self, name: str) -> Network | None:
         network = find_network(self._conn, name)
-        if network is None:
-            return None
-        xml = translated(network.XMLDesc)(0)
-        return _network_record(network, xml)
+        return None if network is None else _network_record(network)
 
     def network_facts(self) -> tuple[LibvirtNetworkFact, ...]:
         return network_facts(self._conn)
@@ -687,8 +686,7 @@ class LibvirtHypervisor:
     # --- making
 
     def ensure_network(self, name: str, xml: str, *, lab: str | None = None) -> Network:
-        network = ensure_network(self._conn, name, xml, lab=lab)
-        record = _network_record(network, translated(network.XMLDesc)(0))
+        record = _network_record(ensure_network(self._conn, name, xml, lab=lab))
         if record is None:
             raise HypervisorError(f"network {name} vanished as it was started")
         return record
