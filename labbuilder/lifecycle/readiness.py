@@ -110,10 +110,10 @@ def wait_ready(
     stop: threading.Event | None = None,
     note: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Climb the ladder of ``node`` (its domain is ``domain`` on ``hypervisor``); return the
-    seconds at which each rung was reached. ``stop`` set (the
-    rest of ``up`` failed) ends the climb at the next poll. A kernel stall on the way to the
-    node's network resets the domain once (``note`` says so) and the rung is waited for anew."""
+    """Climb the ladder of ``node``, whose domain is ``domain`` on ``hypervisor``; return the
+    seconds at which each rung was reached. ``stop`` set (the rest of ``up`` failed) ends the
+    climb at the next poll. A kernel stall on the way to the node's network resets the domain
+    once (``note`` says so) and the rung is waited for anew."""
     limits = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
     start = time.monotonic()
     reached: dict[str, float] = {}
