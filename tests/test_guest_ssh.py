@@ -268,10 +268,11 @@ def test_a_server_that_is_not_ssh_is_a_transport_error(refusing_node: tuple[str,
         with pytest.raises(GuestTransportError) as failed:
             SSHSession(address, "debian", folder / "id_ed25519", node="controller", timeout=5)
         assert not isinstance(failed.value, GuestAuthenticationError)
-        assert "banner" in failed.value.message
+        assert failed.value.message.startswith("Error reading SSH protocol banner")
         target = NodeTarget("controller", address, "52:54:00:00:00:01", "debian",
                             folder / "id_ed25519", folder / "console.log")  # fmt: skip
-        assert readiness._login(target) == f"ssh: {failed.value.message}"
+        # paramiko's own words, with or without the socket's (a reset races the close)
+        assert (readiness._login(target) or "").startswith("ssh: Error reading SSH protocol banner")
     finally:
         server.close()
 
