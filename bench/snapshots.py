@@ -84,7 +84,7 @@ def run(lab_file: Path, state_dir: Path, rounds: int) -> None:
             guest_work(state_dir, round_)
             before = lab_bytes(conn)
             started = time.monotonic()
-            info = snapshots.take_snapshot(conn, LAB, f"stage{round_}")
+            info = snapshots.take_snapshot(lv.LibvirtHypervisor(conn), LAB, f"stage{round_}")
             creates.append(time.monotonic() - started)
             grown.append(lab_bytes(conn) - before)
             recorded.append(sum(info.disk_bytes.values()))
@@ -95,7 +95,9 @@ def run(lab_file: Path, state_dir: Path, rounds: int) -> None:
             )
         restores, clocks = [], []
         for round_ in reversed(range(rounds)):
-            restores.append(snapshots.restore_snapshot(conn, LAB, f"stage{round_}"))
+            restores.append(
+                snapshots.restore_snapshot(lv.LibvirtHypervisor(conn), LAB, f"stage{round_}")
+            )
             started = time.monotonic()
             skew = snapshots.sync_clocks(lab_state(LAB, state_dir / "labs" / LAB))
             clocks.append(time.monotonic() - started)
@@ -105,7 +107,7 @@ def run(lab_file: Path, state_dir: Path, rounds: int) -> None:
             )
         total = lab_bytes(conn)
         started = time.monotonic()
-        deleted = snapshots.delete_snapshots(conn, LAB, after="stage0")
+        deleted = snapshots.delete_snapshots(lv.LibvirtHypervisor(conn), LAB, after="stage0")
         delete_seconds = time.monotonic() - started
         print(
             f"delete {len(deleted)} snapshots: {delete_seconds:.2f} s, "

@@ -103,17 +103,13 @@ def run_labbuilder(work: Path) -> tuple[float, float, int]:
 def prewarm_pool(env: dict[str, str]) -> None:
     """Put the shared base volumes in the pool, as a host that ran a lab before has them."""
     from labbuilder.adapters import libvirt as lv
-    from labbuilder.adapters import storage
     from labbuilder.api.up import upload_base
     from labbuilder.common.paths import pool_name
 
     image = resolve_base_image("debian-12")
-    conn = lv.connect("qemu:///system")
-    try:
-        pool = storage.ensure_pool(conn, pool_name(env), str(pool_dir(env)))
-        upload_base(conn, pool, image)
-    finally:
-        conn.close()
+    with lv.LibvirtHypervisor.open("qemu:///system") as hypervisor:
+        pool = hypervisor.ensure_pool(pool_name(env), str(pool_dir(env)))
+        upload_base(hypervisor, pool, image)
 
 
 def virsh(*args: str) -> None:

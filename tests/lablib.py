@@ -187,7 +187,7 @@ def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
     conn = lv.connect("qemu:///system")
     try:
         for lab in labs:
-            remove_lab_objects(conn, lab)
+            remove_lab_objects(lv.LibvirtHypervisor(conn), lab)
             registry.unregister(lab)
         pool = storage.find_pool(conn, environment["LABBUILDER_POOL"])
         if pool is not None:

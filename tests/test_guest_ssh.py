@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
+import socket
 import subprocess
 import threading
 import time
@@ -36,9 +38,12 @@ from labbuilder.adapters.ssh import (
     SSHSession,
     _whole,
 )
+from labbuilder.common.errors import GuestAuthenticationError, GuestTransportError
 from labbuilder.install.engine import Engine, Status
 from labbuilder.install.guest import WARM_PYTHON_SOURCE
 from labbuilder.install.report import RunInfo, compare, write_reports
+from labbuilder.lifecycle import readiness
+from labbuilder.lifecycle.readiness import NodeTarget
 from labbuilder.lifecycle.state import LabState, new_ed25519_key
 from labbuilder.recipe.model import RenderedStage, RenderedStep
 
@@ -189,6 +194,87 @@ def test_a_missing_known_hosts_is_refused_before_connecting(tmp_path: Path) -> N
     assert error.message.startswith("SSH host key check failed for node controller (192.0.2.1)")
     assert str(tmp_path / "known_hosts") in error.message
     assert error.hint is not None and "older labbuilder" in error.hint
+
+
+class RefusingServer(paramiko.ServerInterface):
+    """An SSH server on port 22 of a loopback address that takes no key (a node whose
+    cloud-init has not installed the lab's key yet), or with ``banner`` one that is no SSH
+    server at all."""
+
+    def __init__(self, address: str, host_key_file: Path, *, banner: bytes | None = None) -> None:
+        self.host_key = paramiko.Ed25519Key.from_private_key_file(str(host_key_file))
+        self.banner = banner
+        self.server = socket.create_server((address, 22))
+        self.transports: list[paramiko.Transport] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.banner is not None:
+                client.sendall(self.banner)
+                client.close()
+                continue
+            transport = paramiko.Transport(client)
+            transport.add_server_key(self.host_key)
+            self.transports.append(transport)
+            transport.start_server(server=self)
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        return paramiko.AUTH_FAILED
+
+    def close(self) -> None:
+        self.server.close()
+        for transport in self.transports:
+            transport.close()
+
+
+@pytest.fixture
+def refusing_node(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(address, key) of a lab node whose host key is known, and the lab's key file."""
+    address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+    host_private, host_public = new_ed25519_key()
+    (tmp_path / "host_key").write_bytes(host_private)
+    (tmp_path / "known_hosts").write_text(f"{address} {host_public.decode()}\n")
+    lab_private, _ = new_ed25519_key()
+    (tmp_path / "id_ed25519").write_bytes(lab_private)
+    (tmp_path / "id_ed25519").chmod(0o600)
+    yield address, tmp_path
+
+
+def test_a_refused_key_is_an_authentication_error(refusing_node: tuple[str, Path]) -> None:
+    address, folder = refusing_node
+    server = RefusingServer(address, folder / "host_key")
+    try:
+        with pytest.raises(GuestAuthenticationError):
+            SSHSession(address, "debian", folder / "id_ed25519", node="controller", timeout=5)
+        target = NodeTarget("controller", address, "52:54:00:00:00:01", "debian",
+                            folder / "id_ed25519", folder / "console.log")  # fmt: skip
+        assert readiness._login(target) == "the lab key is not accepted for user debian yet"
+    finally:
+        server.close()
+
+
+def test_a_server_that_is_not_ssh_is_a_transport_error(refusing_node: tuple[str, Path]) -> None:
+    address, folder = refusing_node
+    server = RefusingServer(address, folder / "host_key", banner=b"220 mail server here\r\n")
+    try:
+        with pytest.raises(GuestTransportError) as failed:
+            SSHSession(address, "debian", folder / "id_ed25519", node="controller", timeout=5)
+        assert not isinstance(failed.value, GuestAuthenticationError)
+        assert failed.value.message.startswith("Error reading SSH protocol banner")
+        target = NodeTarget("controller", address, "52:54:00:00:00:01", "debian",
+                            folder / "id_ed25519", folder / "console.log")  # fmt: skip
+        # paramiko's own words, with or without the socket's (a reset races the close)
+        assert (readiness._login(target) or "").startswith("ssh: Error reading SSH protocol banner")
+    finally:
+        server.close()
 
 
 # --- against a real guest ---------------------------------------------------------------------
@@ -400,7 +486,7 @@ def test_a_step_whose_node_stays_unreachable_fails_with_its_report(
         try:
             connect(guest).close()
             break
-        except (OSError, ConnectionLostError, paramiko.SSHException):
+        except (OSError, ConnectionLostError, GuestTransportError):
             assert time.monotonic() < end, "sshd did not come back"
             time.sleep(2)
 

@@ -597,30 +597,24 @@ def test_a_kvm_internal_error_is_kept_without_its_register_dump() -> None:
     )
 
 
-class FakeDomain:
-    def __init__(self, name: str, gone: list[str]) -> None:
-        self._name, self._gone = name, gone
+def running_test_guests(names: list[str]) -> Any:
+    """libvirt's test driver with transient guests ``names`` running beside its own "test"."""
+    conn = libvirt.open("test:///default")
+    for name in names:
+        conn.createXML(
+            f'<domain type="test"><name>{name}</name><memory unit="MiB">16</memory>'
+            "<os><type>hvm</type></os></domain>",
+            0,
+        )
+    return conn
 
-    def name(self) -> str:
-        return self._name
 
-    def destroy(self) -> None:
-        self._gone.append(self._name)
-
-
-class FakeConn:
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.destroyed: list[str] = []
-
-    def listAllDomains(self, flags: int = 0) -> list[FakeDomain]:  # noqa: N802 (libvirt's name)
-        return [FakeDomain(name, self.destroyed) for name in self.names]
-
-    def lookupByName(self, name: str) -> FakeDomain:  # noqa: N802
-        return FakeDomain(name, self.destroyed)
-
-    def close(self) -> None:
-        pass
+@pytest.fixture
+def empty_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lv.connect`` reaches a test-driver host with no domain at all."""
+    node = tmp_path / "empty-node.xml"
+    node.write_text("<node></node>")
+    monkeypatch.setattr(lv, "connect", lambda uri: libvirt.open(f"test://{node}"))
 
 
 def test_stale_probe_guests_of_dead_processes_are_swept(
@@ -636,11 +630,15 @@ def test_stale_probe_guests_of_dead_processes_are_swept(
     for name in (f"lbprobe-{dead}-x_1y2z3w", f"lbprobe-{os.getpid()}-abcdefgh", "lbprobe-other"):
         (parent / name).mkdir()
         (parent / name / "vmlinuz").write_bytes(b"MZ")
-    conn = FakeConn(
-        [f"lbprobe-kvm-{dead}-a1b2c3", f"lbprobe-kvm-{os.getpid()}-d4e5f6", "guide-3node-compute1"]
-    )
-    assert probeguest.sweep_stale_probe_guests(conn, parent) == [f"lbprobe-kvm-{dead}-a1b2c3"]
-    assert conn.destroyed == [f"lbprobe-kvm-{dead}-a1b2c3"]
+    mine = f"lbprobe-kvm-{os.getpid()}-d4e5f6"
+    conn = running_test_guests([f"lbprobe-kvm-{dead}-a1b2c3", mine, "guide3node-compute1"])
+    try:
+        assert probeguest.sweep_stale_probe_guests(conn, parent) == [f"lbprobe-kvm-{dead}-a1b2c3"]
+        assert probeguest.probe_guests(conn) == [mine]  # a transient guest destroyed is gone
+    finally:
+        for name in (mine, "guide3node-compute1"):
+            probeguest.destroy_probe_guest(conn, name)
+        conn.close()
     assert sorted(path.name for path in logs.iterdir()) == [f"lbprobe-kvm-{os.getpid()}-d4e5f6.log"]
     assert sorted(path.name for path in parent.iterdir()) == [
         f"lbprobe-{os.getpid()}-abcdefgh",
@@ -845,12 +843,12 @@ def test_dry_run_plan_against_the_real_libvirt(
 
 
 def test_enable_nested_runs_modprobe_then_persists(
-    fabricated_intel_host: list[list[str]], monkeypatch: pytest.MonkeyPatch
+    fabricated_intel_host: list[list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    empty_host: None,
 ) -> None:
     # The real reload (modprobe -r kvm_intel) cannot be exercised here: this sandbox has no
     # kvm_intel, and reloading KVM would kill other users' guests. Its commands are recorded.
-    monkeypatch.setattr(hostprobe, "active_domains", lambda conn: ())
-    monkeypatch.setattr(lv, "connect", lambda uri: FakeConn([]))
     actions = hostprobe.enable_nested(dry_run=False, uri=URI, kvm_works=True)
     assert fabricated_intel_host == [
         ["modprobe", "-r", "kvm_intel"],
@@ -862,7 +860,9 @@ def test_enable_nested_runs_modprobe_then_persists(
 
 
 def test_a_failed_reload_restores_kvm_and_persists_nothing(
-    fabricated_intel_host: list[list[str]], monkeypatch: pytest.MonkeyPatch
+    fabricated_intel_host: list[list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    empty_host: None,
 ) -> None:
     calls = fabricated_intel_host
 
@@ -872,8 +872,6 @@ def test_a_failed_reload_restores_kvm_and_persists_nothing(
             raise HostError("`modprobe kvm_intel nested=1` failed (exit 1): invalid parameter")
 
     monkeypatch.setattr(hostprobe, "_run", run)
-    monkeypatch.setattr(hostprobe, "active_domains", lambda conn: ())
-    monkeypatch.setattr(lv, "connect", lambda uri: FakeConn([]))
     with pytest.raises(HostError, match="invalid parameter"):
         hostprobe.enable_nested(dry_run=False, uri=URI, kvm_works=True)
     assert calls[-1] == ["modprobe", "kvm_intel"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from labbuilder.adapters import libvirt as lv
 from labbuilder.lifecycle.readiness import (
     NodeNotReadyError,
     NodeTarget,
@@ -60,16 +61,16 @@ def test_a_cloud_init_without_a_status_file_is_ready_when_it_has_finished() -> N
 def test_a_stopped_up_ends_the_climb_at_the_next_poll(tmp_path: Path) -> None:
     conn = libvirt.open("test:///default")
     try:
-        domain = conn.lookupByName("test")  # the test driver's running domain
+        hypervisor = lv.LibvirtHypervisor(conn)  # the test driver: "test" is a running domain
         target = NodeTarget("controller", "192.0.2.11", "52:54:00:00:00:01", "debian",
                             tmp_path / "key", tmp_path / "console.log")  # fmt: skip
         stop = threading.Event()
         stop.set()
         with pytest.raises(NodeNotReadyError, match=r"node controller: stopped before 'running'"):
-            wait_ready(domain, target, stop=stop)
+            wait_ready(hypervisor, "test", target, stop=stop)
         # Not stopped, the same domain climbs its first rung, then waits for its NIC's link.
         with pytest.raises(NodeNotReadyError, match=r"did not reach 'link' within 1 s"):
-            wait_ready(domain, target, timeouts={"link": 1.0})
+            wait_ready(hypervisor, "test", target, timeouts={"link": 1.0})
     finally:
         conn.close()
 
@@ -93,11 +94,11 @@ def test_a_kernel_stalled_at_boot_is_reset_once_then_named_in_the_failure(tmp_pa
 
     conn = libvirt.open("test:///default")
     try:
-        domain = conn.lookupByName("test")
+        hypervisor = lv.LibvirtHypervisor(conn)
         target = NodeTarget("controller", "192.0.2.11", "52:54:00:00:00:01", "debian",
                             tmp_path / "key", console)  # fmt: skip
         with pytest.raises(NodeNotReadyError) as failed:
-            wait_ready(domain, target, timeouts={"link": 1.0}, note=note)
+            wait_ready(hypervisor, "test", target, timeouts={"link": 1.0}, note=note)
     finally:
         conn.close()
     assert notes == [f"node controller: its kernel stalled while booting ({SOFT_LOCKUP}); reset it"]

@@ -73,6 +73,11 @@ def conn() -> Iterator[Any]:
     connection.close()
 
 
+@pytest.fixture
+def hv(conn: Any) -> lv.LibvirtHypervisor:
+    return lv.LibvirtHypervisor(conn)
+
+
 def ssh(lab: dict[str, Any], command: str) -> str:
     with SSHSession(lab["address"], lab["user"], lab["key"]) as session:
         return session.run(command, timeout=120).check("controller").stdout
@@ -147,24 +152,28 @@ def test_restoring_an_unknown_snapshot_is_refused_clearly(
 
 
 def test_a_snapshot_without_memory_of_a_running_lab_is_refused(
-    lab: dict[str, Any], conn: Any
+    lab: dict[str, Any], conn: Any, hv: lv.LibvirtHypervisor
 ) -> None:
     with pytest.raises(HypervisorError, match="without memory: controller running"):
-        snapshots.take_snapshot(conn, LAB, "nomem", memory=False)
-    assert [info.name for info in snapshots.list_snapshots(conn, LAB)] == ["stage1"]
-    assert lv.domain_state(snapshots.lab_nodes(conn, LAB)[0][1]) == "running"
+        snapshots.take_snapshot(hv, LAB, "nomem", memory=False)
+    assert [info.name for info in snapshots.list_snapshots(hv, LAB)] == ["stage1"]
+    assert hv.domain_state(snapshots.lab_nodes(hv, LAB)[0][1]) == "running"
 
 
 def test_a_take_that_would_fill_the_disk_is_refused_before_pausing(
-    lab: dict[str, Any], env: dict[str, str], conn: Any, monkeypatch: pytest.MonkeyPatch
+    lab: dict[str, Any],
+    env: dict[str, str],
+    conn: Any,
+    hv: lv.LibvirtHypervisor,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     directory = pool_dir(env)
-    nodes = snapshots.lab_nodes(conn, LAB)
-    memory = int(nodes[0][1].info()[2]) * 1024
-    needs = snapshots._space_needs(conn, nodes, snapshots.libvirt_name("fresh"))
+    nodes = snapshots.lab_nodes(hv, LAB)
+    memory = int(conn.lookupByName(nodes[0][1]).info()[2]) * 1024
+    needs = snapshots._space_needs(hv, nodes, snapshots.libvirt_name("fresh"))
     assert [(n.node, n.directory, n.size) for n in needs] == [("controller", directory, memory)]
     # Replacing a snapshot reuses its memory state's clusters: less is needed.
-    (again,) = snapshots._space_needs(conn, nodes, snapshots.libvirt_name("stage1"))
+    (again,) = snapshots._space_needs(hv, nodes, snapshots.libvirt_name("stage1"))
     assert 0 <= again.size < memory - 50 * 2**20
 
     # Filling this host's disk for real would harm it: the margin that must stay free is
@@ -174,10 +183,10 @@ def test_a_take_that_would_fill_the_disk_is_refused_before_pausing(
     with pytest.raises(
         DiskSpaceError, match=r"snapshot full of lab lbtest-snap needs about"
     ) as err:
-        snapshots.take_snapshot(conn, LAB, "full")
+        snapshots.take_snapshot(hv, LAB, "full")
     assert f"at {directory} for the memory of controller" in err.value.message
     assert "labbuilder snapshot delete NAME" in (err.value.hint or "")
-    assert [info.name for info in snapshots.list_snapshots(conn, LAB)] == ["stage1"]
+    assert [info.name for info in snapshots.list_snapshots(hv, LAB)] == ["stage1"]
     assert lv.domain_state(nodes[0][1]) == "running"
 
     # An install skips that stage's snapshot, says why in the stage's report, and goes on.
@@ -188,17 +197,17 @@ def test_a_take_that_would_fill_the_disk_is_refused_before_pausing(
     assert outcome.snapshot_note.startswith(
         "snapshot skipped: snapshot environment of lab lbtest-snap needs about"
     )
-    assert [info.name for info in snapshots.list_snapshots(conn, LAB)] == ["stage1"]
+    assert [info.name for info in snapshots.list_snapshots(hv, LAB)] == ["stage1"]
 
 
 def test_take_again_replaces_and_delete_after_and_all(
-    lab: dict[str, Any], env: dict[str, str], conn: Any
+    lab: dict[str, Any], env: dict[str, str], conn: Any, hv: lv.LibvirtHypervisor
 ) -> None:
-    snapshots.take_snapshot(conn, LAB, "stage2", meta={"recipe": "abc"})
-    snapshots.take_snapshot(conn, LAB, "stage3")
-    first = snapshots.list_snapshots(conn, LAB)
-    replaced = snapshots.take_snapshot(conn, LAB, "stage2", description="again")
-    infos = snapshots.list_snapshots(conn, LAB)
+    snapshots.take_snapshot(hv, LAB, "stage2", meta={"recipe": "abc"})
+    snapshots.take_snapshot(hv, LAB, "stage3")
+    first = snapshots.list_snapshots(hv, LAB)
+    replaced = snapshots.take_snapshot(hv, LAB, "stage2", description="again")
+    infos = snapshots.list_snapshots(hv, LAB)
     assert [i.name for i in first] == ["stage1", "stage2", "stage3"]
     assert [i.name for i in infos] == ["stage1", "stage3", "stage2"]  # in the order taken
     assert infos[2].created == replaced.created > first[1].created
@@ -208,26 +217,28 @@ def test_take_again_replaces_and_delete_after_and_all(
     result = labbuilder("snapshot", "delete", "--after", "stage1", lab["file"], env=env)
     assert result.returncode == 0, result.stderr
     assert "deleted snapshots stage2, stage3" in result.stdout
-    assert [i.name for i in snapshots.list_snapshots(conn, LAB)] == ["stage1"]
+    assert [i.name for i in snapshots.list_snapshots(hv, LAB)] == ["stage1"]
 
-    snapshots.take_snapshot(conn, LAB, "stage4")
+    snapshots.take_snapshot(hv, LAB, "stage4")
     with_snapshots = lab_bytes()
     result = labbuilder("snapshot", "delete", "stage4", lab["file"], env=env)
     assert result.returncode == 0, result.stderr
     result = labbuilder("snapshot", "delete", "--all", lab["file"], env=env)
     assert result.returncode == 0, result.stderr
-    assert snapshots.list_snapshots(conn, LAB) == []
+    assert snapshots.list_snapshots(hv, LAB) == []
     assert lab_bytes() < with_snapshots  # the disk goes back to the host
     assert labbuilder("snapshot", "delete", lab["file"], env=env).returncode == 2
 
 
-def test_create_and_restore_times_and_disk_cost(lab: dict[str, Any], conn: Any) -> None:
+def test_create_and_restore_times_and_disk_cost(
+    lab: dict[str, Any], conn: Any, hv: lv.LibvirtHypervisor
+) -> None:
     before = lab_bytes()
     started = time.monotonic()
-    info = snapshots.take_snapshot(conn, LAB, "measured")
+    info = snapshots.take_snapshot(hv, LAB, "measured")
     create = time.monotonic() - started
     after = lab_bytes()
-    restore = snapshots.restore_snapshot(conn, LAB, "measured")
+    restore = snapshots.restore_snapshot(hv, LAB, "measured")
     print(  # noqa: T201  (shown with pytest -s; bench/snapshots.py measures a 2-node lab)
         f"\nsnapshot of a 1-node lab: create {create:.1f} s, restore {restore:.1f} s, "
         f"memory state {info.disk_bytes['controller'] / 2**20:.0f} MB, pool +{(after - before) / 2**20:.0f} MB"
@@ -240,7 +251,7 @@ def test_create_and_restore_times_and_disk_cost(lab: dict[str, Any], conn: Any) 
 
 
 def test_a_failed_take_leaves_the_snapshot_on_no_node_and_gc_removes_them(
-    env: dict[str, str], conn: Any, monkeypatch: pytest.MonkeyPatch
+    env: dict[str, str], conn: Any, hv: lv.LibvirtHypervisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -265,27 +276,27 @@ def test_a_failed_take_leaves_the_snapshot_on_no_node_and_gc_removes_them(
           </devices></domain>""")
 
     with pytest.raises(HypervisorError) as failure:
-        snapshots.take_snapshot(conn, ORPHAN, "broken")
+        snapshots.take_snapshot(hv, ORPHAN, "broken")
     assert "snapshot broken of lab lbtest-snaporphan failed on n2" in str(failure.value)
     assert "removed it again from n1" in str(failure.value)
-    assert snapshots.list_snapshots(conn, ORPHAN) == []
-    assert all(lv.snapshot_names(domain) == [] for _, domain in snapshots.lab_nodes(conn, ORPHAN))
+    assert snapshots.list_snapshots(hv, ORPHAN) == []
+    assert all(hv.snapshots(domain) == [] for _, domain in snapshots.lab_nodes(hv, ORPHAN))
 
     # Without n2, shut-off nodes get disk-only snapshots; gc removes domains that have them.
     lv.remove_domain(conn.lookupByName(f"{ORPHAN}-n2"))
-    info = snapshots.take_snapshot(conn, ORPHAN, "disks", memory=False)
+    info = snapshots.take_snapshot(hv, ORPHAN, "disks", memory=False)
     assert info.nodes == ("n1",) and not info.memory
-    assert [i.name for i in snapshots.list_snapshots(conn, ORPHAN)] == ["disks"]
+    assert [i.name for i in snapshots.list_snapshots(hv, ORPHAN)] == ["disks"]
     removed = gc(URI, match=ORPHAN)
     assert removed[ORPHAN].domains == [f"{ORPHAN}-n1"]
     assert lab_leftovers(ORPHAN, POOL) == {"domains": [], "networks": [], "volumes": []}
 
 
 def test_down_removes_a_lab_that_has_snapshots(
-    lab: dict[str, Any], env: dict[str, str], conn: Any
+    lab: dict[str, Any], env: dict[str, str], conn: Any, hv: lv.LibvirtHypervisor
 ) -> None:
-    snapshots.take_snapshot(conn, LAB, "last")
-    assert len(snapshots.list_snapshots(conn, LAB)) == 2  # "measured" and "last"
+    snapshots.take_snapshot(hv, LAB, "last")
+    assert len(snapshots.list_snapshots(hv, LAB)) == 2  # "measured" and "last"
     result = labbuilder("down", lab["file"], env=env)
     assert result.returncode == 0, result.stderr
     assert lab_leftovers(LAB, POOL) == {"domains": [], "networks": [], "volumes": []}

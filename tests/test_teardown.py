@@ -50,13 +50,18 @@ def test_gc_removes_tagged_objects_of_a_lab_without_state(environment: Any) -> N
         io.BytesIO(b"x" * 512),
         512,
     )
-    assert labs_on_host(conn)[ORPHAN] == {"domains": 0, "networks": 1, "volumes": 1, "state": 0}
+    assert labs_on_host(lv.LibvirtHypervisor(conn))[ORPHAN] == {
+        "domains": 0,
+        "networks": 1,
+        "volumes": 1,
+        "state": 0,
+    }
     assert gc("qemu:///system", match="lbtest-nothing-*") == {}
     # The pattern names this test's lab only: other test labs may be up meanwhile.
     removed = gc("qemu:///system", match=f"{ORPHAN}*")
     assert removed[ORPHAN].networks == [f"{ORPHAN}-management"]
     assert removed[ORPHAN].volumes == [f"{ORPHAN}__controller__seed.iso"]
-    assert ORPHAN not in labs_on_host(conn)
+    assert ORPHAN not in labs_on_host(lv.LibvirtHypervisor(conn))
 
 
 def test_gc_keeps_a_lab_that_has_state(environment: Any) -> None:
@@ -69,4 +74,4 @@ def test_gc_keeps_a_lab_that_has_state(environment: Any) -> None:
       <bridge name="lbtestorph0"/></network>"""
     conn.networkDefineXML(xml)
     assert ORPHAN not in gc("qemu:///system", match=f"{ORPHAN}*")
-    assert labs_on_host(conn)[ORPHAN]["networks"] == 1
+    assert labs_on_host(lv.LibvirtHypervisor(conn))[ORPHAN]["networks"] == 1

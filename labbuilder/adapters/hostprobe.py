@@ -24,6 +24,7 @@ import libvirt
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import processes
+from labbuilder.adapters.libvirterrors import translated
 from labbuilder.adapters.probeguest import boot_probe_guest
 from labbuilder.common.errors import HostError
 from labbuilder.common.paths import KERNEL_FILE, built_images_dir
@@ -140,6 +141,7 @@ def resolve(what: str, host: str) -> Resolved:
     return Resolved(what, host, tuple(sorted({str(info[4][0]) for info in infos})))
 
 
+@translated
 def libvirt_versions(conn: Any) -> tuple[str, str | None]:
     """libvirt's and the hypervisor's (QEMU's) version, as "9.0.0" and "7.2.0"."""
     qemu: str | None
@@ -156,6 +158,7 @@ def _version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
 
+@translated
 def active_domains(conn: Any) -> tuple[str, ...]:
     flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
     return tuple(sorted(domain.name() for domain in conn.listAllDomains(flags)))

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import libvirt
 
+from labbuilder.adapters.libvirterrors import translated
 from labbuilder.adapters.processes import process_alive
 from labbuilder.libvirtxml.render import Disk, Domain, Serial, domain_xml
 from labbuilder.model.probe import BootResult, Proof
@@ -180,6 +181,7 @@ def probe_name(domain_type: str) -> str:
     return f"{NAME_PREFIX}{domain_type}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+@translated
 def boot_probe_guest(
     conn: Any,
     *,
@@ -436,6 +438,7 @@ def _stopped(domain: Any) -> str | None:
     return f"stopped ({_STATES.get(state, str(state))}, reason {why})"
 
 
+@translated
 def destroy_probe_guest(conn: Any, name: str) -> None:
     """Destroy the probe guest ``name`` if it (still) exists. Transient: that removes it."""
     try:
@@ -448,11 +451,13 @@ def destroy_probe_guest(conn: Any, name: str) -> None:
             raise
 
 
+@translated
 def probe_guests(conn: Any) -> list[str]:
     """Names of the probe guests that exist at ``conn``."""
     return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(NAME_PREFIX))
 
 
+@translated
 def sweep_stale_probe_guests(conn: Any, parent: Path | None = None) -> list[str]:
     """Destroy probe guests left by probes whose process is gone (killed -9, host crash), and
     remove their QEMU logs and their temporary directories in ``parent`` (default: the

@@ -29,7 +29,11 @@ from typing import Any, NoReturn, Protocol
 
 import paramiko
 
-from labbuilder.common.errors import GuestCommandError
+from labbuilder.common.errors import (
+    GuestAuthenticationError,
+    GuestCommandError,
+    GuestTransportError,
+)
 
 KEEPALIVE_SECONDS = 15
 # Linux: a connection whose sent data stays unacknowledged this long is dropped (the keepalives
@@ -68,6 +72,10 @@ class HostKeyError(GuestCommandError):
 
 class ConnectionLostError(GuestCommandError):
     """The SSH connection to a node dropped and could not be made again in time."""
+
+
+def _problem(err: BaseException) -> str:
+    return str(err) or type(err).__name__
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -181,6 +189,31 @@ class Channel(Protocol):
     def recv_stderr(self, size: int) -> bytes: ...
     def exit_status_ready(self) -> bool: ...
     def recv_exit_status(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    """How a script reaches one guest and runs there (the install engine's view of a node)."""
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        timeout: float = ...,
+        on_output: Callable[[str], None] | None = ...,
+        interpreter: str = ...,
+    ) -> CommandResult: ...
+
+
+class GuestSession(Transport, Protocol):
+    """A logged-in session to one guest (``SSHSession``): commands, scripts, and closing.
+    Its connection failures are ``GuestTransportError`` (``GuestAuthenticationError`` while
+    the guest refuses the lab's key), ``HostKeyError`` and ``ConnectionLostError``."""
+
+    def run(
+        self, template: str, *args: object, timeout: float = ..., sudo: bool = ...
+    ) -> CommandResult: ...
+
     def close(self) -> None: ...
 
 
@@ -318,6 +351,14 @@ class SSHSession:
                 f"{self.known_hosts} holds {err.expected_key.get_name()} "
                 f"{err.expected_key.fingerprint}"
             ) from None
+        except paramiko.AuthenticationException as err:
+            client.close()
+            sock.close()
+            raise GuestAuthenticationError(_problem(err)) from err
+        except paramiko.SSHException as err:
+            client.close()
+            sock.close()
+            raise GuestTransportError(_problem(err)) from err
         except BaseException:
             client.close()
             sock.close()
@@ -349,8 +390,8 @@ class SSHSession:
                     return
                 except HostKeyError:
                     raise
-                except (*_NETWORK_ERRORS, paramiko.AuthenticationException) as err:
-                    problem = str(err) or type(err).__name__
+                except (*_NETWORK_ERRORS, GuestTransportError) as err:
+                    problem = _problem(err)
                 if time.monotonic() + 2 > until:
                     raise ConnectionLostError(
                         f"lost the SSH connection to node {self.node} ({self.host}) and could "
@@ -382,17 +423,20 @@ class SSHSession:
             command = "sudo -n sh -c " + shlex.quote(command)
         if not self._alive():
             self._reconnect(self._generation, time.monotonic() + 60)
-        _, stdout, stderr = self._client.exec_command(command, timeout=timeout)
-        deadline = time.monotonic() + timeout
-        channel = stdout.channel
-        while not channel.exit_status_ready():
-            if time.monotonic() > deadline:
-                channel.close()
-                return CommandResult(command, 124, "", f"timed out after {timeout:.0f} s")
-            time.sleep(0.05)
-        out = stdout.read().decode(errors="replace")
-        err = stderr.read().decode(errors="replace")
-        return CommandResult(command, channel.recv_exit_status(), out, err)
+        try:
+            _, stdout, stderr = self._client.exec_command(command, timeout=timeout)
+            deadline = time.monotonic() + timeout
+            channel = stdout.channel
+            while not channel.exit_status_ready():
+                if time.monotonic() > deadline:
+                    channel.close()
+                    return CommandResult(command, 124, "", f"timed out after {timeout:.0f} s")
+                time.sleep(0.05)
+            out = stdout.read().decode(errors="replace")
+            err = stderr.read().decode(errors="replace")
+            return CommandResult(command, channel.recv_exit_status(), out, err)
+        except paramiko.SSHException as problem:
+            raise GuestTransportError(_problem(problem)) from problem
 
     def _runner(self, body: str, *args: object) -> str:
         """The command line that runs one of the runner's shell texts as root."""

@@ -20,6 +20,9 @@ from typing import Any, BinaryIO
 
 import libvirt
 
+from labbuilder.adapters.hypervisor import volume_lab as volume_lab
+from labbuilder.adapters.libvirterrors import error as _error
+from labbuilder.adapters.libvirterrors import translated
 from labbuilder.common.errors import HypervisorError, PlanError
 
 CHUNK = 4 * 1024 * 1024
@@ -29,11 +32,7 @@ def lab_volume_name(lab: str, node: str, disk: str) -> str:
     return f"{lab}__{node}__{disk}"
 
 
-def volume_lab(name: str) -> str | None:
-    """The lab a volume belongs to, from its name; None for shared (base) volumes."""
-    return name.split("__", 1)[0] if "__" in name else None
-
-
+@translated
 def lookup_pool(conn: Any, name: str) -> Any | None:
     """The pool ``name`` as it is (not started), or None if the host has none of that name."""
     try:
@@ -44,6 +43,7 @@ def lookup_pool(conn: Any, name: str) -> Any | None:
         raise _error(f"cannot look up storage pool {name}", err) from None
 
 
+@translated
 def find_pool(conn: Any, name: str) -> Any | None:
     """The pool ``name`` (started), or None if the host has none of that name."""
     try:
@@ -61,12 +61,14 @@ def find_pool(conn: Any, name: str) -> Any | None:
     return pool
 
 
+@translated
 def pool_location(pool: Any) -> tuple[str | None, str | None]:
     """The pool's type and target path, from its XML."""
     root = ET.fromstring(pool.XMLDesc(0))
     return root.get("type"), root.findtext("target/path")
 
 
+@translated
 def is_labbuilder_pool(pool: Any, path: str) -> bool:
     """Whether ``pool`` is labbuilder's: a directory pool whose target is ``path``.
 
@@ -79,6 +81,7 @@ def is_labbuilder_pool(pool: Any, path: str) -> bool:
     )
 
 
+@translated
 def refuse_foreign_pool(pool: Any, path: str) -> None:
     if not is_labbuilder_pool(pool, path):
         kind, target = pool_location(pool)
@@ -91,6 +94,7 @@ def refuse_foreign_pool(pool: Any, path: str) -> None:
         )
 
 
+@translated
 def find_owned_pool(conn: Any, name: str, path: str) -> Any | None:
     """labbuilder's pool ``name`` at ``path`` (started), or None when the host has no pool of
     that name or the pool of that name is someone else's (then it is left alone)."""
@@ -100,6 +104,7 @@ def find_owned_pool(conn: Any, name: str, path: str) -> Any | None:
     return find_pool(conn, name)
 
 
+@translated
 def ensure_pool(conn: Any, name: str, path: str) -> Any:
     """labbuilder's directory pool ``name`` at ``path``, defined, built and started if needed.
     A pool of that name that is not labbuilder's (see ``is_labbuilder_pool``) is refused with
@@ -133,6 +138,7 @@ def ensure_pool(conn: Any, name: str, path: str) -> Any:
     return pool
 
 
+@translated
 def find_volume(pool: Any, name: str) -> Any | None:
     try:
         return pool.storageVolLookupByName(name)
@@ -160,6 +166,7 @@ def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | N
     return ET.tostring(root, encoding="unicode")
 
 
+@translated
 def upload(
     conn: Any,
     pool: Any,
@@ -197,11 +204,13 @@ def upload(
         with contextlib.suppress(libvirt.libvirtError):
             stream.abort()
         volume.delete(0)
-        message = err.get_error_message() if isinstance(err, libvirt.libvirtError) else str(err)
-        raise HypervisorError(f"cannot upload volume {name}: {message}") from None
+        if isinstance(err, libvirt.libvirtError):
+            raise _error(f"cannot upload volume {name}", err) from None
+        raise HypervisorError(f"cannot upload volume {name}: {err}") from None
     return volume
 
 
+@translated
 def ensure_uploaded_file(
     conn: Any, pool: Any, name: str, path: Path, *, progress: Callable[[int], None] | None = None
 ) -> Any:
@@ -213,6 +222,7 @@ def ensure_uploaded_file(
         return upload(conn, pool, name, source, path.stat().st_size, progress=progress)
 
 
+@translated
 def ensure_overlay(pool: Any, name: str, backing: Any, capacity: int) -> Any:
     """A thin qcow2 overlay of ``capacity`` bytes on the (read-only) volume ``backing``."""
     existing = find_volume(pool, name)
@@ -225,6 +235,7 @@ def ensure_overlay(pool: Any, name: str, backing: Any, capacity: int) -> Any:
         raise _error(f"cannot create overlay {name}", err) from None
 
 
+@translated
 def ensure_empty_disk(pool: Any, name: str, capacity: int) -> Any:
     """An empty qcow2 disk (qcow2 so that live internal snapshots cover it)."""
     existing = find_volume(pool, name)
@@ -236,6 +247,7 @@ def ensure_empty_disk(pool: Any, name: str, capacity: int) -> Any:
         raise _error(f"cannot create disk {name}", err) from None
 
 
+@translated
 def lab_volumes(pool: Any, lab: str | None = None) -> list[Any]:
     """Volumes of ``lab`` (or of every lab) in the pool."""
     with contextlib.suppress(libvirt.libvirtError):  # a read-only connection cannot refresh
@@ -247,6 +259,7 @@ def lab_volumes(pool: Any, lab: str | None = None) -> list[Any]:
     ]
 
 
+@translated
 def remove_pool(pool: Any) -> None:
     """Delete a pool with all its volumes (for tests and hosts giving labbuilder up)."""
     for volume in pool.listAllVolumes(0):
@@ -257,13 +270,10 @@ def remove_pool(pool: Any) -> None:
     pool.undefine()
 
 
+@translated
 def delete_volume(volume: Any) -> None:
     try:
         volume.delete(0)
     except libvirt.libvirtError as err:
         if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
             raise _error(f"cannot delete volume {volume.name()}", err) from None
-
-
-def _error(what: str, err: Any) -> HypervisorError:
-    return HypervisorError(f"{what}: {err.get_error_message()}")

@@ -122,11 +122,8 @@ def node_domain(lab: Lab, node: str) -> str:
 
 
 def labs_on_host(uri: str) -> dict[str, dict[str, int]]:
-    conn = lv.connect(uri)
-    try:
-        return teardown.labs_on_host(conn)
-    finally:
-        conn.close()
+    with lv.LibvirtHypervisor.open(uri) as hypervisor:
+        return teardown.labs_on_host(hypervisor)
 
 
 def gc(uri: str, match: str = "*") -> dict[str, Removed]:

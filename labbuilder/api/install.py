@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from labbuilder.adapters import libvirt as lv
-from labbuilder.adapters.ssh import HostKeyError, SSHSession
+from labbuilder.adapters.ssh import GuestSession, HostKeyError, SSHSession
 from labbuilder.api import facade as api
 from labbuilder.common.errors import DiskSpaceError, InstallError, UsageError
 from labbuilder.common.paths import state_root
@@ -188,7 +188,7 @@ def install(
             finally:
                 progress.snapshotting.clear()
 
-        def run(sessions: dict[str, SSHSession]) -> list[StageOutcome]:
+        def run(sessions: dict[str, GuestSession]) -> list[StageOutcome]:
             engine = Engine(
                 sessions,
                 redact=redact,
@@ -324,13 +324,13 @@ def _run_in_thread(
     record: dict[str, Any],
     state: LabState,
     progress: RunProgress,
-    run: Callable[[dict[str, SSHSession]], list[StageOutcome]],
+    run: Callable[[dict[str, GuestSession]], list[StageOutcome]],
 ) -> list[StageOutcome]:
     """Connect and run the engine in a thread of their own, so that Ctrl-C reaches this one
     at once, whatever the engine's threads wait for (a step, a connection): the run is then
     reported as it stands, and the engine's threads stop at their next event."""
     box: dict[str, Any] = {}
-    sessions: dict[str, SSHSession] = {}
+    sessions: dict[str, GuestSession] = {}
 
     def work() -> None:
         try:
@@ -377,9 +377,9 @@ def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | Non
     ran = any(step.status in (Status.OK, Status.GUARDED) for step in stage.steps)
     order = [s.name for s in recipe.stages]
     later = set(order[order.index(stage.name) + 1 :]) if stage.name in order else set()
-    conn = lv.connect(lab.libvirt_uri)
+    hypervisor = lv.LibvirtHypervisor.open(lab.libvirt_uri)
     try:
-        existing = {s.name: s for s in snapshots.list_snapshots(conn, lab.name)}
+        existing = {s.name: s for s in snapshots.list_snapshots(hypervisor, lab.name)}
         if later & set(existing):
             return None
         if not ran and stage.name in existing and existing[stage.name].complete:
@@ -387,7 +387,7 @@ def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | Non
         start = time.monotonic()
         try:
             snapshots.take_snapshot(
-                conn,
+                hypervisor,
                 lab.name,
                 stage.name,
                 description=f"after stage {stage.name} of recipe {recipe.name}",
@@ -402,15 +402,15 @@ def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | Non
         snapshots.sync_clocks(lab_state(lab.name))
         return time.monotonic() - start
     finally:
-        conn.close()
+        hypervisor.close()
 
 
 def _select_args(lab: Lab) -> str:
     return f"--lab {lab.name}" if lab.source.startswith("built-in") else shlex.quote(lab.source)
 
 
-def _connect(plan: Plan, record: dict[str, Any], state: LabState) -> dict[str, SSHSession]:
-    def connect(name: str) -> SSHSession:
+def _connect(plan: Plan, record: dict[str, Any], state: LabState) -> dict[str, GuestSession]:
+    def connect(name: str) -> GuestSession:
         node = plan.node(name)
         return SSHSession(
             node.management_address,
@@ -423,7 +423,7 @@ def _connect(plan: Plan, record: dict[str, Any], state: LabState) -> dict[str, S
     names = [node.name for node in plan.nodes]
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
         futures = {name: pool.submit(connect, name) for name in names}
-        sessions: dict[str, SSHSession] = {}
+        sessions: dict[str, GuestSession] = {}
         errors = []
         refused: list[HostKeyError] = []
         for name, future in futures.items():

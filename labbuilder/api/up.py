@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import processes, storage
+from labbuilder.adapters.hypervisor import Domain, Hypervisor, Volume
 from labbuilder.catalog.model import BaseImage
 from labbuilder.common.errors import PlanError
 from labbuilder.common.paths import lab_lock_path, pool_dir, pool_name, state_root
@@ -91,30 +92,30 @@ def up(
         check_ownership(lab, plan)
         digest = plan_hash(plan)
         base = resolve_base_image(lab.image, log=emit)
-        conn = lv.connect(lab.libvirt_uri)
+        hypervisor = lv.LibvirtHypervisor.open(lab.libvirt_uri)
         try:
-            existing = lv.owned_domains(conn, lab.name)
+            existing = hypervisor.domains(lab.name)
             check_same_plan(lab, existing, digest)
-            fresh = not existing and not lv.owned_networks(conn, lab.name)
+            fresh = not existing and not hypervisor.networks(lab.name)
             # Registered before anything is made: a killed `up` leaves what `down`/`gc` find.
             registry.register(lab.name, state.directory, lab.libvirt_uri)
             try:
                 probe, rungs = _bring_up(
-                    conn, lab, plan, digest, base, state, emit, on_rung, timeouts
+                    hypervisor, lab, plan, digest, base, state, emit, on_rung, timeouts
                 )
             except BaseException:
                 if fresh:
                     emit("creating the lab failed; removing what was made")
-                    remove_lab_objects(conn, lab.name)
+                    remove_lab_objects(hypervisor, lab.name)
                     registry.unregister(lab.name)
                 raise
         finally:
-            conn.close()
+            hypervisor.close()
     return UpResult(plan, probe, time.monotonic() - start, rungs, created=fresh)
 
 
 def _bring_up(
-    conn: Any,
+    hypervisor: Hypervisor,
     lab: Lab,
     plan: Plan,
     digest: str,
@@ -147,14 +148,14 @@ def _bring_up(
             for node in plan.nodes:
                 content = contents[node.name]
                 node_images[node.name] = made[content] if content in made else _done(base)
-            made_lab = prepare_lab(conn, lab, plan, digest, base, state, emit)
+            made_lab = prepare_lab(hypervisor, lab, plan, digest, base, state, emit)
 
             def bring(node: PlannedNode) -> dict[str, float]:
                 image = node_images[node.name].result()
                 probe = probing.result()
                 if stop.is_set():
                     raise NodeNotReadyError(f"node {node.name}: stopped before it was created")
-                domain = create_node(conn, made_lab, node, probe, image, emit)
+                create_node(hypervisor, made_lab, node, probe, image, emit)
                 target = NodeTarget(
                     name=node.name,
                     address=node.management_address,
@@ -164,7 +165,13 @@ def _bring_up(
                     console_log=state.console_log(node.name),
                 )
                 return wait_ready(
-                    domain, target, timeouts=timeouts, on_rung=on_rung, stop=stop, note=emit
+                    hypervisor,
+                    node.domain,
+                    target,
+                    timeouts=timeouts,
+                    on_rung=on_rung,
+                    stop=stop,
+                    note=emit,
                 )
 
             started = {node.name: starter.submit(bring, node) for node in plan.nodes}
@@ -281,22 +288,17 @@ def check_ownership(lab: Lab, plan: Plan) -> None:
     that is not this lab's: a network, domain, bridge or storage pool of that name. Volumes
     live in labbuilder's own pool and are the lab's by their names (``<lab>__...``), so the
     pool is what is checked for them."""
-    conn = lv.connect(lab.libvirt_uri, readonly=True)
-    try:
+    with lv.LibvirtHypervisor.open(lab.libvirt_uri, readonly=True) as hypervisor:
         for net in plan.networks:
-            network = lv.find_network(conn, net.libvirt_name)
+            network = hypervisor.network(net.libvirt_name)
             if network is not None:
-                lv.refuse_foreign("network", net.libvirt_name, network.XMLDesc(0), lab.name)
+                lv.refuse_foreign("network", net.libvirt_name, network.xml, lab.name)
         for node in plan.nodes:
-            domain = lv.find_domain(conn, node.domain)
+            domain = hypervisor.domain(node.domain)
             if domain is not None:
-                lv.refuse_foreign("domain", node.domain, domain.XMLDesc(0), lab.name)
-        check_bridges(lab, plan, lv.network_facts(conn))
-        pool = storage.lookup_pool(conn, pool_name())
-        if pool is not None:
-            storage.refuse_foreign_pool(pool, str(pool_dir()))
-    finally:
-        conn.close()
+                lv.refuse_foreign("domain", node.domain, domain.xml, lab.name)
+        check_bridges(lab, plan, hypervisor.network_facts())
+        hypervisor.refuse_foreign_pool(pool_name(), str(pool_dir()))
     if lab.options.egress != Egress.NAT:
         from labbuilder.adapters import firewall
 
@@ -328,13 +330,13 @@ def check_bridges(lab: Lab, plan: Plan, networks: tuple[LibvirtNetworkFact, ...]
             )
 
 
-def check_same_plan(lab: Lab, domains: list[Any], digest: str) -> None:
+def check_same_plan(lab: Lab, domains: list[Domain], digest: str) -> None:
     for domain in domains:
-        running = lv.lab_metadata(domain.XMLDesc(0)).get("plan")
+        running = domain.metadata.get("plan")
         if running != digest:
             raise PlanError(
                 f"lab {lab.name} is up with a different plan than {lab.source} gives now "
-                f"(domain {domain.name()})",
+                f"(domain {domain.name})",
                 "run `labbuilder down` first to rebuild it from the lab file",
             )
 
@@ -348,23 +350,29 @@ class MadeLab:
     plan: Plan
     digest: str
     state: LabState
-    pool: Any
+    pool: str
     seed: SeedInput
-    volumes: dict[str, tuple[Any, BootSpec]] = field(default_factory=dict)
+    volumes: dict[str, tuple[Volume, BootSpec]] = field(default_factory=dict)
     uploading: threading.Lock = field(default_factory=threading.Lock)
 
 
 def prepare_lab(
-    conn: Any, lab: Lab, plan: Plan, digest: str, base: BaseImage, state: LabState, emit: Log
+    hypervisor: Hypervisor,
+    lab: Lab,
+    plan: Plan,
+    digest: str,
+    base: BaseImage,
+    state: LabState,
+    emit: Log,
 ) -> MadeLab:
     """The lab's networks (existing ones kept), egress rules, storage pool and keys (the seed's
     user is the base image's: a role image is built from it and keeps it)."""
     for net in plan.networks:
         emit(f"network {net.libvirt_name} ({net.kind}, {net.cidr})")
         xml = owned_xml(render_network_xml(plan, net, digest), state)
-        lv.ensure_network(conn, net.libvirt_name, xml, lab=lab.name)
+        hypervisor.ensure_network(net.libvirt_name, xml, lab=lab.name)
     apply_egress(lab, plan)
-    pool = storage.ensure_pool(conn, pool_name(), str(pool_dir()))
+    pool = hypervisor.ensure_pool(pool_name(), str(pool_dir()))
     public_key = ensure_ssh_key(state)
     console_password = ensure_secrets(state, ("console_password",))["console_password"]
     host_keys = ensure_host_keys(state, {node.name: node.management_address for node in plan.nodes})
@@ -380,20 +388,25 @@ def prepare_lab(
 
 
 def create_node(
-    conn: Any, made: MadeLab, node: PlannedNode, probe: HostProbe, image: BaseImage, emit: Log
-) -> Any:
+    hypervisor: Hypervisor,
+    made: MadeLab,
+    node: PlannedNode,
+    probe: HostProbe,
+    image: BaseImage,
+    emit: Log,
+) -> None:
     """A node's disks, seed and domain, started (an existing domain is kept, and started)."""
     lab_name = made.lab.name
-    domain = lv.find_domain(conn, node.domain)
+    domain = hypervisor.domain(node.domain)
     if domain is None:
         emit(f"node {node.name}: disks, seed and domain")
         with made.uploading:
             if image.volume_stem not in made.volumes:
                 emit(f"base image {image.name} ({image.disk.name})")
-                made.volumes[image.volume_stem] = upload_base(conn, made.pool, image)
+                made.volumes[image.volume_stem] = upload_base(hypervisor, made.pool, image)
             base_volume, boot = made.volumes[image.volume_stem]
         xml = node_domain_xml(
-            conn,
+            hypervisor,
             made.pool,
             made.plan,
             node,
@@ -405,10 +418,9 @@ def create_node(
             made.seed,
             made.state,
         )
-        domain = lv.ensure_domain(conn, node.domain, owned_xml(xml, made.state), lab=lab_name)
-    elif not domain.isActive():
-        domain = lv.ensure_domain(conn, node.domain, "", lab=lab_name)
-    return domain
+        hypervisor.ensure_domain(node.domain, owned_xml(xml, made.state), lab=lab_name)
+    elif not domain.active:
+        hypervisor.ensure_domain(node.domain, "", lab=lab_name)
 
 
 def owned_xml(xml: str, state: LabState) -> str:
@@ -419,30 +431,27 @@ def owned_xml(xml: str, state: LabState) -> str:
     )
 
 
-def upload_base(conn: Any, pool: Any, image: BaseImage) -> tuple[Any, BootSpec]:
+def upload_base(hypervisor: Hypervisor, pool: str, image: BaseImage) -> tuple[Volume, BootSpec]:
     """The shared, read-only base volume of an image (and its kernel and initrd), uploaded once."""
-    volume = storage.ensure_uploaded_file(conn, pool, f"{image.volume_stem}.qcow2", image.disk)
+    stem = image.volume_stem
+    volume = hypervisor.ensure_uploaded_file(pool, f"{stem}.qcow2", image.disk)
     boot = BootSpec()
     if image.kernel is not None and image.initrd is not None:
-        kernel = storage.ensure_uploaded_file(
-            conn, pool, f"{image.volume_stem}.vmlinuz", image.kernel
-        )
-        initrd = storage.ensure_uploaded_file(
-            conn, pool, f"{image.volume_stem}.initrd", image.initrd
-        )
-        boot = BootSpec(kernel.path(), initrd.path(), image.cmdline)
+        kernel = hypervisor.ensure_uploaded_file(pool, f"{stem}.vmlinuz", image.kernel)
+        initrd = hypervisor.ensure_uploaded_file(pool, f"{stem}.initrd", image.initrd)
+        boot = BootSpec(kernel.path, initrd.path, image.cmdline)
     return volume, boot
 
 
 def node_domain_xml(
-    conn: Any,
-    pool: Any,
+    hypervisor: Hypervisor,
+    pool: str,
     plan: Plan,
     node: PlannedNode,
     digest: str,
     probe: HostProbe,
     base: BaseImage,
-    base_volume: Any,
+    base_volume: Volume,
     boot: BootSpec,
     seed: SeedInput,
     state: LabState,
@@ -451,19 +460,19 @@ def node_domain_xml(
     for disk in node.disks:
         name = storage.lab_volume_name(plan.lab, node.name, f"{disk.device}.qcow2")
         if disk.purpose == "root":
-            storage.ensure_overlay(pool, name, base_volume, disk.size)
+            hypervisor.ensure_overlay(pool, name, base_volume, disk.size)
         else:
-            storage.ensure_empty_disk(pool, name, disk.size)
-        disks.append(DiskAttachment(disk.device, pool.name(), name, "qcow2"))
+            hypervisor.ensure_empty_disk(pool, name, disk.size)
+        disks.append(DiskAttachment(disk.device, pool, name, "qcow2"))
     # The seed is made anew: a seed left by an interrupted `up` may be incomplete.
     seed_name = storage.lab_volume_name(plan.lab, node.name, "seed.iso")
-    if (old := storage.find_volume(pool, seed_name)) is not None:
-        storage.delete_volume(old)
+    if (old := hypervisor.find_volume(pool, seed_name)) is not None:
+        hypervisor.delete_volume(old)
     files = render_seed_files(plan, node, digest=digest, seed=seed, flavour=base.cloud_init)
     iso = build_seed_iso(files)
-    storage.upload(conn, pool, seed_name, io.BytesIO(iso), len(iso))
+    hypervisor.upload(pool, seed_name, io.BytesIO(iso), len(iso))
     seed_device = f"vd{chr(ord('a') + len(node.disks))}"
-    disks.append(DiskAttachment(seed_device, pool.name(), seed_name, "raw", readonly=True))
+    disks.append(DiskAttachment(seed_device, pool, seed_name, "raw", readonly=True))
     compute_passthrough = probe.cpu_passthrough and node.role == "compute"
     return render_domain_xml(
         plan,

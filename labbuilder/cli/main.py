@@ -18,10 +18,10 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-import libvirt
 from rich.console import Console
 
 from labbuilder import __version__
+from labbuilder.adapters.libvirterrors import hypervisor_error
 from labbuilder.cli import host, images, install, lab, recipe, run, snapshot
 from labbuilder.cli.common import Handler, check_environment
 from labbuilder.common.errors import LabbuilderError
@@ -131,14 +131,6 @@ def handle(err: BaseException, report: Callable[[str, str | None, int], int]) ->
     except LabbuilderError:
         assert isinstance(err, LabbuilderError)
         return report(err.message, with_notes(err.hint), err.exit_code)
-    except libvirt.libvirtError:
-        # Adapters translate the errors they expect; this is the net for the rest.
-        assert isinstance(err, libvirt.libvirtError)
-        return report(
-            f"libvirt: {err.get_error_message()}",
-            with_notes("run again with --debug to see where it happened"),
-            1,
-        )
     except KeyboardInterrupt:
         return report(
             "interrupted",
@@ -151,6 +143,14 @@ def handle(err: BaseException, report: Callable[[str, str | None, int], int]) ->
     except OSError:
         return report(str(err), with_notes("run again with --debug to see where it happened"), 1)
     except Exception:  # noqa: BLE001 - the last resort: one line, not a traceback
+        # Adapters translate the errors they expect; this is the net for libvirt's others.
+        libvirt_error = hypervisor_error(err)
+        if libvirt_error is not None:
+            return report(
+                libvirt_error.message,
+                with_notes("run again with --debug to see where it happened"),
+                libvirt_error.exit_code,
+            )
         return report(
             f"unexpected {type(err).__name__}: {err}",
             with_notes("run again with --debug to see the traceback, and report it"),

@@ -49,7 +49,24 @@ class HostError(LabbuilderError):
 
 
 class HypervisorError(LabbuilderError):
-    """libvirt refused or failed an operation."""
+    """libvirt refused or failed an operation.
+
+    ``code`` is libvirt's error code (``labbuilder.adapters.libvirt.ErrorCode``) and ``detail``
+    libvirt's own message, when the error came from libvirt: callers branch on the code, never
+    on a message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        code: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(message, hint)
+        self.code = code
+        self.detail = detail
 
 
 class DiskSpaceError(HostError):
@@ -79,6 +96,15 @@ class InstallError(LabbuilderError):
 
 class GuestCommandError(LabbuilderError):
     """A command inside a guest failed."""
+
+
+class GuestTransportError(GuestCommandError):
+    """The SSH connection to a guest failed: the network, or the SSH protocol (the message is
+    the transport's own)."""
+
+
+class GuestAuthenticationError(GuestTransportError):
+    """A guest did not accept the lab's key (cloud-init may not have installed it yet)."""
 
 
 class StageVerificationError(LabbuilderError):

@@ -34,15 +34,13 @@ def gather_host_facts(lab: Lab, storage: Path) -> GatheredFacts:
     macs: tuple[tuple[str, str], ...] = ()
     held = 0  # memory the lab's own running nodes hold: `up` on a running lab needs no more
     try:
-        conn = lv.connect(lab.libvirt_uri, readonly=True)
+        hypervisor = lv.LibvirtHypervisor.open(lab.libvirt_uri, readonly=True)
     except HypervisorError as err:
         notes.append(f"{err.message}: existing libvirt networks and MACs were not checked")
     else:
-        try:
-            networks, macs = lv.network_facts(conn), lv.used_macs(conn)
-            held = lv.running_memory(conn, lab.name)
-        finally:
-            conn.close()
+        with hypervisor:
+            networks, macs = hypervisor.network_facts(), hypervisor.used_macs()
+            held = hypervisor.running_memory(lab.name)
     available = read_memory_available()
     return GatheredFacts(
         HostFacts(

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import libvirt
-
 from labbuilder.adapters import hostprobe, probeguest
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.hostprobe import find_probe_kernel
@@ -165,8 +163,8 @@ def gather_facts(
                     conn, domain_type=DomainType.KVM, timeout=acceleration_timeout
                 )
                 linux, linux_not_tried = _boot_linux(conn, boot, kernel, acceleration_timeout)
-        except libvirt.libvirtError as err:
-            libvirt_error = f"libvirt at {uri} failed: {err.get_error_message()}"
+        except HypervisorError as err:
+            libvirt_error = f"libvirt at {uri} failed: {err.detail or err.message}"
             not_tried = not_tried or "libvirt failed"
         finally:
             conn.close()

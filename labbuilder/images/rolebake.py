@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 from labbuilder import __version__
 from labbuilder.adapters import firewall, storage
 from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters.hypervisor import Hypervisor
 from labbuilder.adapters.processes import process_alive
 from labbuilder.catalog.model import BaseImage, ImageEntry
 from labbuilder.common.errors import HostError, ImageError
@@ -228,20 +229,19 @@ def check_image(
             f"{base.name}-check", "check", run_id, base, _virtual_size(base.disk), work,
             libvirt_uri, timeout, emit,
         )  # fmt: skip
-        conn = lv.connect(libvirt_uri)
-        try:
-            with _temporary_objects(conn, run_id):
-                network = _network(conn, run_id, ())
-                files = check_seed_files(
-                    instance_id=run_id,
-                    network=network,
-                    mac=guest_mac(secrets.token_hex(3)),
-                    flavour=base.cloud_init,
-                    script=script,
-                )
-                report, _overlay = _run_guest(conn, job, run_id, network, files)
-        finally:
-            conn.close()
+        with (
+            lv.LibvirtHypervisor.open(libvirt_uri) as hypervisor,
+            _temporary_objects(hypervisor, run_id),
+        ):
+            network = _network(hypervisor, run_id, ())
+            files = check_seed_files(
+                instance_id=run_id,
+                network=network,
+                mac=guest_mac(secrets.token_hex(3)),
+                flavour=base.cloud_init,
+                script=script,
+            )
+            report, _overlay = _run_guest(hypervisor, job, run_id, network, files)
         if not report.done:
             raise _unfinished(job, "the check boot")
         return report
@@ -324,29 +324,28 @@ def _bake_into(
     bake_id = f"{PREFIX}{job.key[:10]}"
     domain_type = _domain_type(job.uri, job.base.kernel)
     disk = job.work / DISK_FILE
-    conn = lv.connect(job.uri)
-    try:
-        with _temporary_objects(conn, bake_id):
-            network = _network(conn, bake_id, archive)
-            files = bake_seed_files(
-                instance_id=f"{bake_id}-{job.key[10:16]}",
-                network=network,
-                mac=guest_mac(job.key),
-                flavour=job.base.cloud_init,
-                packages=packages,
-                masked_units=masked_units,
-            )
-            guest_started = time.monotonic()
-            report, overlay = _run_guest(conn, job, bake_id, network, files, domain_type)
-            guest_seconds = time.monotonic() - guest_started
-            _check_report(job, report, packages, masked_units)
-            job.log(f"image {job.name}: flattening the guest's disk")
-            rootfs.run(
-                ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", "-c",
-                 "-o", "compression_type=zstd", overlay, disk],
-            )  # fmt: skip
-    finally:
-        conn.close()
+    with (
+        lv.LibvirtHypervisor.open(job.uri) as hypervisor,
+        _temporary_objects(hypervisor, bake_id),
+    ):
+        network = _network(hypervisor, bake_id, archive)
+        files = bake_seed_files(
+            instance_id=f"{bake_id}-{job.key[10:16]}",
+            network=network,
+            mac=guest_mac(job.key),
+            flavour=job.base.cloud_init,
+            packages=packages,
+            masked_units=masked_units,
+        )
+        guest_started = time.monotonic()
+        report, overlay = _run_guest(hypervisor, job, bake_id, network, files, domain_type)
+        guest_seconds = time.monotonic() - guest_started
+        _check_report(job, report, packages, masked_units)
+        job.log(f"image {job.name}: flattening the guest's disk")
+        rootfs.run(
+            ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", "-c",
+             "-o", "compression_type=zstd", overlay, disk],
+        )  # fmt: skip
     base = job.base
     boot: dict[str, Any] = {"method": "disk"}
     if base.kernel is not None and base.initrd is not None:
@@ -442,18 +441,18 @@ def _unfinished(job: _Job, what: str) -> ImageError:
 
 
 @contextlib.contextmanager
-def _temporary_objects(conn: Any, owner: str) -> Iterator[None]:
+def _temporary_objects(hypervisor: Hypervisor, owner: str) -> Iterator[None]:
     """Remove every object labelled ``owner`` before (a killed run's) and after the body; hold
     ``owner``'s lab lock meanwhile, so that ``labbuilder gc`` leaves them alone."""
     state = lab_state(owner)
     try:
         with lab_lock(state, "a role image bake"):
             try:
-                remove_lab_objects(conn, owner)
+                remove_lab_objects(hypervisor, owner)
                 yield
             finally:
                 try:
-                    remove_lab_objects(conn, owner)
+                    remove_lab_objects(hypervisor, owner)
                 finally:
                     (state.directory / "lock").unlink(missing_ok=True)
     finally:
@@ -461,7 +460,7 @@ def _temporary_objects(conn: Any, owner: str) -> Iterator[None]:
             state.directory.rmdir()
 
 
-def _network(conn: Any, name: str, archive: Sequence[str]) -> BakeNetwork:
+def _network(hypervisor: Hypervisor, name: str, archive: Sequence[str]) -> BakeNetwork:
     """A NAT network on a free /24 whose guests reach only the addresses of ``archive``.
 
     Bakes running side by side (one per role) take turns, so that each sees the other's
@@ -470,12 +469,14 @@ def _network(conn: Any, name: str, archive: Sequence[str]) -> BakeNetwork:
     lock = state_root() / ".bake-network.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(lock):
-        return _create_network(conn, name, addresses)
+        return _create_network(hypervisor, name, addresses)
 
 
-def _create_network(conn: Any, name: str, addresses: list[tuple[str, str]]) -> BakeNetwork:
+def _create_network(
+    hypervisor: Hypervisor, name: str, addresses: list[tuple[str, str]]
+) -> BakeNetwork:
     taken = [route.destination for route in read_routes() if route.destination != "0.0.0.0/0"]
-    taken += [cidr for network in lv.network_facts(conn) for cidr in network.cidrs]
+    taken += [cidr for network in hypervisor.network_facts() for cidr in network.cidrs]
     taken += [d.cidr for defaults in guide.NETWORKS.values() for d in defaults]  # labs' own
     taken += [f"{address}/32" for _, address in addresses]
     taken += [f"{server}/32" for server in nameservers()]
@@ -488,7 +489,7 @@ def _create_network(conn: Any, name: str, addresses: list[tuple[str, str]]) -> B
     network = BakeNetwork(
         name=name, bridge=f"lbbk{name[-10:]}", subnet=subnet, archive=tuple(addresses)
     )
-    lv.ensure_network(conn, name, network_xml(network))
+    hypervisor.ensure_network(name, network_xml(network))
     egress = Egress.ALLOW if addresses else Egress.NONE
     firewall.ensure_egress(
         name, [network.bridge], [subnet], egress, sorted({a for _, a in addresses})
@@ -515,7 +516,7 @@ def _resolve(hosts: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _run_guest(
-    conn: Any,
+    hypervisor: Hypervisor,
     job: _Job,
     owner: str,
     network: BakeNetwork,
@@ -524,26 +525,26 @@ def _run_guest(
 ) -> tuple[Report, str]:
     """Boot the guest on an overlay of the base, wait until it powers off, return its report
     and the overlay's path."""
-    pool = storage.ensure_pool(conn, pool_name(), str(pool_dir()))
+    pool = hypervisor.ensure_pool(pool_name(), str(pool_dir()))
     base = job.base
-    base_volume = storage.ensure_uploaded_file(conn, pool, f"{base.volume_stem}.qcow2", base.disk)
+    base_volume = hypervisor.ensure_uploaded_file(pool, f"{base.volume_stem}.qcow2", base.disk)
     boot = GuestBoot()
     if base.kernel is not None and base.initrd is not None:
         stem = base.volume_stem
-        kernel = storage.ensure_uploaded_file(conn, pool, f"{stem}.vmlinuz", base.kernel)
-        initrd = storage.ensure_uploaded_file(conn, pool, f"{stem}.initrd", base.initrd)
-        boot = GuestBoot(kernel.path(), initrd.path(), base.cmdline)
+        kernel = hypervisor.ensure_uploaded_file(pool, f"{stem}.vmlinuz", base.kernel)
+        initrd = hypervisor.ensure_uploaded_file(pool, f"{stem}.initrd", base.initrd)
+        boot = GuestBoot(kernel.path, initrd.path, base.cmdline)
     disk_name = storage.lab_volume_name(owner, "bake", "disk.qcow2")
     seed_name = storage.lab_volume_name(owner, "bake", "seed.iso")
-    overlay = storage.ensure_overlay(pool, disk_name, base_volume, job.virtual_size)
+    overlay = hypervisor.ensure_overlay(pool, disk_name, base_volume, job.virtual_size)
     iso = build_seed_iso(files)
-    storage.upload(conn, pool, seed_name, io.BytesIO(iso), len(iso))
+    hypervisor.upload(pool, seed_name, io.BytesIO(iso), len(iso))
     xml = domain_xml(
         name=owner,
         role=job.role,
         domain_type=domain_type or _domain_type(job.uri, base.kernel),
         boot=boot,
-        pool=pool.name(),
+        pool=pool,
         disk_volume=disk_name,
         seed_volume=seed_name,
         network=network.name,
@@ -552,19 +553,19 @@ def _run_guest(
         report_log=job.report,
     )
     job.log(f"image {job.name}: booting {base.name} once ({owner}, network {network.subnet})")
-    domain = lv.ensure_domain(conn, owner, xml)
-    report = _wait_powered_off(domain, job)
-    return report, str(overlay.path())
+    domain = hypervisor.ensure_domain(owner, xml)
+    report = _wait_powered_off(hypervisor, domain.name, job)
+    return report, overlay.path
 
 
-def _wait_powered_off(domain: Any, job: _Job) -> Report:
+def _wait_powered_off(hypervisor: Hypervisor, domain: str, job: _Job) -> Report:
     """Wait until the guest powers off; give up when it shows no sign of life (no new console
     or report output) for ``job.timeout`` seconds, or after ``MAX_SECONDS`` in all."""
     started = time.monotonic()
     last_output, alive = (-1, -1), started
     shown = 0
     while True:
-        state = lv.domain_state(domain)
+        state = hypervisor.domain_state(domain)
         text = _read(job.report)
         report = parse_report(text)
         output = (len(text), _size(job.console))

@@ -18,9 +18,9 @@ A node that cannot be reached (its connection dropped and could not be made agai
 ``adapters.ssh``) fails the step it was on, with the reason, like any failed step; the run is
 reported as usual.
 
-The engine is the only place that runs recipe commands. It talks to nodes through ``Transport``
-(paramiko in production, a fake in unit tests), writes one log per stage and node (secrets
-redacted), and reports every step and check as a ``StepOutcome``.
+The engine is the only place that runs recipe commands. It talks to nodes through
+``adapters.ssh.Transport`` (paramiko in production, a fake in unit tests), writes one log per
+stage and node (secrets redacted), and reports every step and check as a ``StepOutcome``.
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 
-from labbuilder.adapters.ssh import CommandResult
+from labbuilder.adapters.ssh import CommandResult, Transport
 from labbuilder.common.errors import LabbuilderError
 from labbuilder.recipe.model import RenderedCheck, RenderedStage, RenderedStep
 from labbuilder.recipe.render import GUARD_SENTINEL, MARKER_DIR, write_file_script
@@ -50,19 +49,6 @@ TRANSIENT = re.compile(
 CHECK_INTERVAL = 5.0
 RETRY_DELAYS = (5.0, 15.0, 30.0)
 TAIL_LINES = 25
-
-
-class Transport(Protocol):
-    """How the engine reaches one node."""
-
-    def run_script(
-        self,
-        script: str,
-        *,
-        timeout: float = ...,
-        on_output: Callable[[str], None] | None = ...,
-        interpreter: str = ...,
-    ) -> CommandResult: ...
 
 
 class Status(StrEnum):

@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import libvirt
-import paramiko
-
-from labbuilder.adapters.libvirt import domain_state, reset_domain
+from labbuilder.adapters.hypervisor import Hypervisor
 from labbuilder.adapters.ssh import SSHSession, port_open
-from labbuilder.common.errors import HypervisorError
+from labbuilder.common.errors import (
+    GuestAuthenticationError,
+    GuestTransportError,
+    HypervisorError,
+)
 
 RUNGS = ("running", "link", "port 22", "ssh login", "cloud-init")
 # Seconds per rung; generous enough for emulated (TCG) guests on a busy two-core host.
@@ -101,7 +101,8 @@ def _console_size(path: Path) -> int:
 
 
 def wait_ready(
-    domain: Any,
+    hypervisor: Hypervisor,
+    domain: str,
     node: NodeTarget,
     *,
     timeouts: dict[str, float] | None = None,
@@ -109,17 +110,18 @@ def wait_ready(
     stop: threading.Event | None = None,
     note: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Climb the ladder; return the seconds at which each rung was reached. ``stop`` set (the
-    rest of ``up`` failed) ends the climb at the next poll. A kernel stall on the way to the
-    node's network resets the domain once (``note`` says so) and the rung is waited for anew."""
+    """Climb the ladder of ``node``, whose domain is ``domain`` on ``hypervisor``; return the
+    seconds at which each rung was reached. ``stop`` set (the rest of ``up`` failed) ends the
+    climb at the next poll. A kernel stall on the way to the node's network resets the domain
+    once (``note`` says so) and the rung is waited for anew."""
     limits = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
     start = time.monotonic()
     reached: dict[str, float] = {}
     console_from = 0  # the console's bytes before a reset are not this boot's
     restarted = False
     checks: dict[str, Callable[[], str | None]] = {
-        "running": lambda: _running(domain),
-        "link": lambda: _link(domain, node),
+        "running": lambda: _running(hypervisor, domain),
+        "link": lambda: _link(node),
         "port 22": lambda: None if port_open(node.address, 22, timeout=2.0) else "closed",
         "ssh login": lambda: _login(node),
         "cloud-init": lambda: _cloud_init(node),
@@ -134,7 +136,7 @@ def wait_ready(
             if stop is not None and stop.is_set():
                 raise NodeNotReadyError(f"node {node.name}: stopped before '{rung}'")
             _raise_on_fatal_console(node, rung)
-            problem = _running(domain) if rung != "running" else None
+            problem = _running(hypervisor, domain) if rung != "running" else None
             if problem is None or not problem.startswith("fatal: "):
                 problem = checks[rung]()
             if problem is None:
@@ -146,7 +148,7 @@ def wait_ready(
             overdue = now - began > STALL_GRACE or now > deadline
             if stall is not None and not restarted and overdue:
                 console_from = _console_size(node.console_log)
-                reset_domain(domain)
+                hypervisor.reset_domain(domain)
                 restarted = True
                 began, deadline = now, now + limits[rung]
                 if note is not None:
@@ -178,11 +180,11 @@ def _raise_on_fatal_console(node: NodeTarget, rung: str) -> None:
         raise _not_ready(node, rung, 0, "the guest's kernel failed (see the console)")
 
 
-def _running(domain: Any) -> str | None:
+def _running(hypervisor: Hypervisor, domain: str) -> str | None:
     try:
-        state = domain_state(domain)
-    except libvirt.libvirtError as err:
-        return f"fatal: libvirt lost the domain: {err.get_error_message()}"
+        state = hypervisor.domain_state(domain)
+    except HypervisorError as err:
+        return f"fatal: libvirt lost the domain: {err.detail or err.message}"
     if state == "running":
         return None
     if state in ("crashed", "shut off", "paused"):
@@ -190,9 +192,9 @@ def _running(domain: Any) -> str | None:
     return f"the domain is {state}"
 
 
-def qemu_reason(domain: Any) -> str:
+def qemu_reason(domain: str) -> str:
     """QEMU's own complaint from libvirt's log of the domain (a local host only)."""
-    log = Path("/var/log/libvirt/qemu") / f"{domain.name()}.log"
+    log = Path("/var/log/libvirt/qemu") / f"{domain}.log"
     with contextlib.suppress(OSError):
         lines = log.read_text(errors="replace").splitlines()
         for line in reversed(lines[-200:]):
@@ -201,7 +203,7 @@ def qemu_reason(domain: Any) -> str:
     return ""
 
 
-def _link(domain: Any, node: NodeTarget) -> str | None:
+def _link(node: NodeTarget) -> str | None:
     """The host has seen the node's management MAC answer at its planned address."""
     # A connection attempt makes the host resolve the address; the answer lands in the host's
     # neighbour table (libvirt's own ARP reader fails on some kernels, so it is read here).
@@ -237,9 +239,9 @@ def _login(node: NodeTarget) -> str | None:
         with _session(node) as session:
             result = session.run("true", timeout=30.0)
             return None if result.rc == 0 else f"`true` exited {result.rc}"
-    except paramiko.AuthenticationException:
+    except GuestAuthenticationError:
         return f"the lab key is not accepted for user {node.user} yet"
-    except (paramiko.SSHException, OSError) as err:
+    except (GuestTransportError, OSError) as err:
         return f"ssh: {err}"
 
 
@@ -261,7 +263,7 @@ def _cloud_init(node: NodeTarget) -> str | None:
     try:
         with _session(node) as session:
             result = session.run(_CLOUD_INIT_STATUS, timeout=60.0)
-    except (paramiko.SSHException, OSError) as err:
+    except (GuestTransportError, OSError) as err:
         return f"ssh: {err}"
     return cloud_init_problem(result.stdout, result.rc)
 

@@ -33,11 +33,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import paramiko
-
 from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters.hypervisor import Hypervisor
 from labbuilder.adapters.ssh import SSHSession
-from labbuilder.common.errors import DiskSpaceError, HypervisorError, LabbuilderError, UsageError
+from labbuilder.common.errors import (
+    DiskSpaceError,
+    GuestTransportError,
+    HypervisorError,
+    LabbuilderError,
+    UsageError,
+)
 from labbuilder.common.sizes import format_size
 from labbuilder.lifecycle.state import LabState, lab_lock, load_state_record
 
@@ -119,12 +124,9 @@ class _NodeSnapshot:
     disk_bytes: int | None
 
 
-def lab_nodes(conn: Any, lab_name: str) -> list[tuple[str, Any]]:
-    """(node, domain) of every node of the lab on this host, by node name."""
-    nodes = []
-    for domain in lv.owned_domains(conn, lab_name):
-        node = lv.lab_metadata(domain.XMLDesc(0)).get("node") or domain.name()
-        nodes.append((node, domain))
+def lab_nodes(hypervisor: Hypervisor, lab_name: str) -> list[tuple[str, str]]:
+    """(node, domain name) of every node of the lab on this host, by node name."""
+    nodes = [(domain.node, domain.name) for domain in hypervisor.domains(lab_name)]
     if not nodes:
         raise UsageError(
             f"lab {lab_name} has no nodes on this host", "bring it up with `labbuilder up`"
@@ -160,9 +162,12 @@ def _parse(node: str, lab_name: str, xml: str) -> _NodeSnapshot | None:
     )
 
 
-def _collect(conn: Any, lab_name: str, nodes: list[tuple[str, Any]]) -> list[SnapshotInfo]:
-    def read(pair: tuple[str, Any]) -> tuple[list[str], dict[str, int] | None]:
-        return lv.snapshot_xmls(pair[1]), lv.snapshot_state_sizes(conn, pair[1])
+def _collect(
+    hypervisor: Hypervisor, lab_name: str, nodes: list[tuple[str, str]]
+) -> list[SnapshotInfo]:
+    def read(pair: tuple[str, str]) -> tuple[list[str], dict[str, int] | None]:
+        xmls = [snapshot.xml for snapshot in hypervisor.snapshots(pair[1])]
+        return xmls, hypervisor.snapshot_state_sizes(pair[1])
 
     found: dict[str, list[_NodeSnapshot]] = {}
     for (node, _), (xmls, sizes) in zip(nodes, _raise_first(_parallel(nodes, read)), strict=True):
@@ -193,14 +198,15 @@ def _collect(conn: Any, lab_name: str, nodes: list[tuple[str, Any]]) -> list[Sna
     return sorted(infos, key=lambda info: (info.created, info.name))
 
 
-def list_snapshots(conn: Any, lab_name: str) -> list[SnapshotInfo]:
+def list_snapshots(hypervisor: Hypervisor, lab_name: str) -> list[SnapshotInfo]:
     """The lab's snapshots, oldest first, each saying which nodes hold it."""
-    return _collect(conn, lab_name, lab_nodes(conn, lab_name))
+    return _collect(hypervisor, lab_name, lab_nodes(hypervisor, lab_name))
 
 
-def find_snapshot(conn: Any, lab_name: str, name: str) -> SnapshotInfo:
+def find_snapshot(hypervisor: Hypervisor, lab_name: str, name: str) -> SnapshotInfo:
     """The lab's snapshot ``name``; a UsageError naming the ones there are if it has none."""
-    return _find(_collect(conn, lab_name, lab_nodes(conn, lab_name)), lab_name, name)
+    nodes = lab_nodes(hypervisor, lab_name)
+    return _find(_collect(hypervisor, lab_name, nodes), lab_name, name)
 
 
 def _find(infos: list[SnapshotInfo], lab_name: str, name: str) -> SnapshotInfo:
@@ -219,7 +225,7 @@ def _find(infos: list[SnapshotInfo], lab_name: str, name: str) -> SnapshotInfo:
 
 
 def take_snapshot(
-    conn: Any,
+    hypervisor: Hypervisor,
     lab_name: str,
     name: str,
     *,
@@ -238,10 +244,10 @@ def take_snapshot(
     """
     check_name(name)
     full_name = libvirt_name(name)
-    nodes = lab_nodes(conn, lab_name)
-    running = [node for node, domain in nodes if lv.is_active(domain)]
+    nodes = lab_nodes(hypervisor, lab_name)
+    running = [node for node, domain in nodes if hypervisor.is_active(domain)]
     if memory:
-        check_space(lab_name, name, _space_needs(conn, nodes, full_name))
+        check_space(lab_name, name, _space_needs(hypervisor, nodes, full_name))
     if not memory and running:
         raise HypervisorError(
             f"cannot take a snapshot of lab {lab_name} without memory: {', '.join(running)} "
@@ -263,7 +269,7 @@ def take_snapshot(
         raise UsageError(f"snapshot metadata is not JSON: {err}") from None
 
     # Replacing: the old one goes first, so that a failed take leaves no mix of both.
-    _raise_first(_parallel(nodes, lambda pair: lv.delete_snapshot(pair[1], full_name)))
+    _raise_first(_parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], full_name)))
 
     root = ET.Element("domainsnapshot")
     ET.SubElement(root, "name").text = full_name
@@ -272,29 +278,29 @@ def take_snapshot(
         ET.SubElement(root, "memory", snapshot="no")
     xml = ET.tostring(root, encoding="unicode")
 
-    paused: list[tuple[str, Any]] = []
+    paused: list[tuple[str, str]] = []
     outcomes: list[tuple[None, LabbuilderError | None]] = []
     resume_errors: list[str] = []
     try:
         for node, domain in nodes:
-            if lv.domain_state(domain) == "running":
-                lv.suspend_domain(domain)
+            if hypervisor.domain_state(domain) == "running":
+                hypervisor.suspend_domain(domain)
                 paused.append((node, domain))
-        outcomes = _parallel(nodes, lambda pair: lv.create_snapshot(pair[1], xml))
+        outcomes = _parallel(nodes, lambda pair: hypervisor.create_snapshot(pair[1], xml))
     except BaseException:  # interrupted (Ctrl-C) or a node would not pause
-        _parallel(nodes, lambda pair: lv.delete_snapshot(pair[1], full_name))
+        _parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], full_name))
         raise
     finally:
         for node, domain in paused:
             try:
-                lv.resume_domain(domain)
+                hypervisor.resume_domain(domain)
             except LabbuilderError as resume_error:
                 resume_errors.append(f"{node}: {resume_error.message}")
 
     failed = [(node, err) for (node, _), (_, err) in zip(nodes, outcomes, strict=True) if err]
     if failed:
         made = [pair for pair, (_, err) in zip(nodes, outcomes, strict=True) if err is None]
-        raise _take_failed(lab_name, name, failed, made, resume_errors)
+        raise _take_failed(hypervisor, lab_name, name, failed, made, resume_errors)
     if resume_errors:
         raise HypervisorError(
             f"snapshot {name} of lab {lab_name} was taken, but nodes did not resume: "
@@ -303,7 +309,7 @@ def take_snapshot(
             f"{name}` brings the lab back running",
         )
 
-    return _find(_collect(conn, lab_name, nodes), lab_name, name)
+    return _find(_collect(hypervisor, lab_name, nodes), lab_name, name)
 
 
 @dataclass(frozen=True)
@@ -316,18 +322,21 @@ class SpaceNeed:
     size: int  # bytes
 
 
-def _space_needs(conn: Any, nodes: list[tuple[str, Any]], full_name: str) -> list[SpaceNeed]:
+def _space_needs(
+    hypervisor: Hypervisor, nodes: list[tuple[str, str]], full_name: str
+) -> list[SpaceNeed]:
     """What a snapshot with memory adds per running node: its memory now, less the state of a
     snapshot of the same name that the take replaces (its clusters are reused)."""
     needs = []
-    for node, domain in nodes:
-        if not lv.is_active(domain):
+    for node, name in nodes:
+        domain = hypervisor.domain(name)
+        if domain is None or not domain.active:
             continue
-        paths = lv.writable_disk_paths(conn, domain)
+        paths = hypervisor.writable_disk_paths(name)
         if not paths:
             continue
-        replaced = (lv.snapshot_state_sizes(conn, domain) or {}).get(full_name, 0)
-        memory = lv.domain_memory(domain)
+        replaced = (hypervisor.snapshot_state_sizes(name) or {}).get(full_name, 0)
+        memory = domain.memory
         needs.append(SpaceNeed(node, Path(paths[0]).parent, max(0, memory - replaced)))
     return needs
 
@@ -360,14 +369,15 @@ def check_space(lab_name: str, name: str, needs: Sequence[SpaceNeed]) -> None:
 
 
 def _take_failed(
+    hypervisor: Hypervisor,
     lab_name: str,
     name: str,
     failed: list[tuple[str, LabbuilderError]],
-    made: list[tuple[str, Any]],
+    made: list[tuple[str, str]],
     resume_errors: list[str],
 ) -> HypervisorError:
     """Remove the snapshot from the nodes that took it, and say what happened."""
-    undone = _parallel(made, lambda pair: lv.delete_snapshot(pair[1], libvirt_name(name)))
+    undone = _parallel(made, lambda pair: hypervisor.delete_snapshot(pair[1], libvirt_name(name)))
     leftover = [
         f"{node}: {err.message}"
         for (node, _), (_, err) in zip(made, undone, strict=True)
@@ -389,7 +399,7 @@ def _take_failed(
 # --- restoring --------------------------------------------------------------------------------
 
 
-def restore_snapshot(conn: Any, lab_name: str, name: str) -> float:
+def restore_snapshot(hypervisor: Hypervisor, lab_name: str, name: str) -> float:
     """Bring every node of the lab back to the snapshot, running; returns the seconds it took.
 
     All nodes are paused, reverted in parallel and resumed together, so that no node talks to
@@ -398,8 +408,8 @@ def restore_snapshot(conn: Any, lab_name: str, name: str) -> float:
     """
     check_name(name)
     full_name = libvirt_name(name)
-    nodes = lab_nodes(conn, lab_name)
-    info = _find(_collect(conn, lab_name, nodes), lab_name, name)
+    nodes = lab_nodes(hypervisor, lab_name)
+    info = _find(_collect(hypervisor, lab_name, nodes), lab_name, name)
     if info.missing:
         raise HypervisorError(
             f"snapshot {name} of lab {lab_name} is missing on {', '.join(info.missing)} "
@@ -411,13 +421,13 @@ def restore_snapshot(conn: Any, lab_name: str, name: str) -> float:
     outcomes: list[tuple[None, LabbuilderError | None]] = []
     try:
         for _, domain in nodes:
-            if lv.domain_state(domain) == "running":
-                lv.suspend_domain(domain)
+            if hypervisor.domain_state(domain) == "running":
+                hypervisor.suspend_domain(domain)
         outcomes = _parallel(
-            nodes, lambda pair: lv.revert_snapshot(pair[1], full_name, running=False)
+            nodes, lambda pair: hypervisor.revert_snapshot(pair[1], full_name, running=False)
         )
     finally:
-        resumed = _parallel(nodes, _resume_if_paused)
+        resumed = _parallel(nodes, lambda pair: _resume_if_paused(hypervisor, pair[1]))
     failed = [
         (node, err) for (node, _), (_, err) in zip(nodes, outcomes, strict=True) if err is not None
     ]
@@ -435,10 +445,9 @@ def restore_snapshot(conn: Any, lab_name: str, name: str) -> float:
     return time.monotonic() - started
 
 
-def _resume_if_paused(pair: tuple[str, Any]) -> None:
-    _, domain = pair
-    if lv.domain_state(domain) == "paused":
-        lv.resume_domain(domain)
+def _resume_if_paused(hypervisor: Hypervisor, domain: str) -> None:
+    if hypervisor.domain_state(domain) == "paused":
+        hypervisor.resume_domain(domain)
 
 
 def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
@@ -471,7 +480,7 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
                         timeout=timeout,
                     ).check(node)  # fmt: skip
                     return now - float(result.stdout.split()[0])
-            except (OSError, EOFError, paramiko.SSHException) as err:
+            except (OSError, EOFError, GuestTransportError) as err:
                 if time.monotonic() > deadline:
                     raise HypervisorError(
                         f"cannot set the clock of node {node} ({address}) after the restore: {err}",
@@ -487,29 +496,31 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
 # --- deleting ---------------------------------------------------------------------------------
 
 
-def delete_snapshot(conn: Any, lab_name: str, name: str) -> SnapshotInfo:
+def delete_snapshot(hypervisor: Hypervisor, lab_name: str, name: str) -> SnapshotInfo:
     """Delete the snapshot ``name`` from every node that holds it."""
     check_name(name)
-    nodes = lab_nodes(conn, lab_name)
-    info = _find(_collect(conn, lab_name, nodes), lab_name, name)
-    _raise_first(_parallel(nodes, lambda pair: lv.delete_snapshot(pair[1], libvirt_name(name))))
+    nodes = lab_nodes(hypervisor, lab_name)
+    info = _find(_collect(hypervisor, lab_name, nodes), lab_name, name)
+    _raise_first(
+        _parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], libvirt_name(name)))
+    )
     return info
 
 
-def delete_snapshots(conn: Any, lab_name: str, after: str | None = None) -> list[str]:
+def delete_snapshots(hypervisor: Hypervisor, lab_name: str, after: str | None = None) -> list[str]:
     """Delete every labbuilder snapshot of the lab, or those taken after the snapshot ``after``
     (before re-running the stages that follow it); returns the names deleted, newest first."""
-    nodes = lab_nodes(conn, lab_name)
-    infos = _collect(conn, lab_name, nodes)
+    nodes = lab_nodes(hypervisor, lab_name)
+    infos = _collect(hypervisor, lab_name, nodes)
     if after is not None:
         check_name(after)
         index = infos.index(_find(infos, lab_name, after))
         infos = infos[index + 1 :]
     doomed = [info.name for info in reversed(infos)]
 
-    def delete_all(pair: tuple[str, Any]) -> None:
+    def delete_all(pair: tuple[str, str]) -> None:
         for name in doomed:
-            lv.delete_snapshot(pair[1], libvirt_name(name))
+            hypervisor.delete_snapshot(pair[1], libvirt_name(name))
 
     _raise_first(_parallel(nodes, delete_all))
     return doomed
@@ -521,26 +532,20 @@ def delete_snapshots(conn: Any, lab_name: str, after: str | None = None) -> list
 @contextmanager
 def lab_connection(
     lab_name: str, uri: str, state: LabState, *, action: str | None = None
-) -> Iterator[Any]:
-    """A libvirt connection for the lab's snapshots; with ``action`` (a command changing the
+) -> Iterator[Hypervisor]:
+    """The hypervisor holding the lab's snapshots; with ``action`` (a command changing the
     lab), holding the lab's lock, so that no `up` or `down` runs meanwhile."""
     if action is None:
-        conn = lv.connect(uri)  # not read-only: reading the disks' snapshot tables needs more
-        try:
-            yield conn
-        finally:
-            conn.close()
+        # not read-only: reading the disks' snapshot tables needs more
+        with lv.LibvirtHypervisor.open(uri) as hypervisor:
+            yield hypervisor
         return
     if not state.directory.exists():
         raise UsageError(
             f"lab {lab_name} is not up on this host", "bring it up with `labbuilder up`"
         )
-    with lab_lock(state, action):
-        conn = lv.connect(uri)
-        try:
-            yield conn
-        finally:
-            conn.close()
+    with lab_lock(state, action), lv.LibvirtHypervisor.open(uri) as hypervisor:
+        yield hypervisor
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ lab's state directory."""
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from labbuilder.adapters import libvirt as lv
@@ -32,33 +31,26 @@ class LabStatus:
 def lab_status(lab: str, uri: str, state: LabState) -> LabStatus:
     record = load_state_record(state) or {}
     planned = {node["name"]: node for node in record.get("plan", {}).get("nodes", [])}
-    conn = lv.connect(uri, readonly=True)
-    try:
+    with lv.LibvirtHypervisor.open(uri, readonly=True) as hypervisor:
         nodes = []
-        for domain in sorted(lv.owned_domains(conn, lab), key=lambda d: d.name()):
-            xml = domain.XMLDesc(0)
-            meta = lv.lab_metadata(xml)
-            name = meta.get("node", domain.name())
+        for domain in sorted(hypervisor.domains(lab), key=lambda d: d.name):
+            meta = domain.metadata
+            name = meta.get("node", domain.name)
             addresses = tuple(
                 f"{nic['device']} {nic['address'] or '(no address)'}"
                 for nic in planned.get(name, {}).get("nics", [])
             )
-            kind = ET.fromstring(xml).get("type", "qemu")
             nodes.append(
                 NodeStatus(
                     name=name,
                     role=meta.get("role", "?"),
-                    domain=domain.name(),
-                    state=lv.domain_state(domain),
+                    domain=domain.name,
+                    state=domain.state,
                     addresses=addresses,
-                    acceleration="kvm" if kind == "kvm" else "tcg",
+                    acceleration="kvm" if domain.domain_type == "kvm" else "tcg",
                 )
             )
-        networks = tuple(
-            (network.name(), bool(network.isActive())) for network in lv.owned_networks(conn, lab)
-        )
-    finally:
-        conn.close()
+        networks = tuple((network.name, network.active) for network in hypervisor.networks(lab))
     return LabStatus(lab, tuple(nodes), networks, record.get("virt_type"))
 
 

@@ -18,10 +18,10 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from labbuilder.adapters import firewall, storage
+from labbuilder.adapters import firewall
 from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters.hypervisor import Hypervisor
 from labbuilder.common.errors import HypervisorError
 from labbuilder.common.filelock import file_lock, is_locked
 from labbuilder.common.paths import lab_dir, lab_lock_path, pool_dir, pool_name, state_root
@@ -56,24 +56,23 @@ class Removed:
         return len(self.domains) + len(self.networks) + len(self.volumes)
 
 
-def remove_lab_objects(conn: Any, lab: str) -> Removed:
+def remove_lab_objects(hypervisor: Hypervisor, lab: str) -> Removed:
     """Every domain, network, volume and firewall rule of ``lab`` on the host: the objects
     whose metadata, name in labbuilder's pool or rule comment says that ``lab`` owns them."""
     removed = Removed()
-    for domain in lv.owned_domains(conn, lab):
-        removed.domains.append(domain.name())
-        lv.remove_domain(domain)
-    for network in lv.owned_networks(conn, lab):
-        removed.networks.append(network.name())
-        lv.remove_network(network)
+    for domain in hypervisor.domains(lab):
+        removed.domains.append(domain.name)
+        hypervisor.remove_domain(domain.name)
+    for network in hypervisor.networks(lab):
+        removed.networks.append(network.name)
+        hypervisor.remove_network(network.name)
     try:
-        pool = storage.find_owned_pool(conn, pool_name(), str(pool_dir()))
+        volumes = hypervisor.lab_volumes(pool_name(), str(pool_dir()), lab)
     except HypervisorError:
-        pool = None  # a pool that cannot start holds no volume anyone can reach; go on
-    if pool is not None:
-        for volume in storage.lab_volumes(pool, lab):
-            removed.volumes.append(volume.name())
-            storage.delete_volume(volume)
+        volumes = []  # a pool that cannot start holds no volume anyone can reach; go on
+    for volume in volumes:
+        removed.volumes.append(volume.name)
+        hypervisor.delete_volume(volume)
     if lab in firewall.owned_labs():
         firewall.remove_egress(lab)
         removed.firewall = True
@@ -95,11 +94,8 @@ def down(lab: str, uri: str, *, state: LabState | None = None) -> Removed:
     wrote in its state directory, and its registry entry."""
     state = state or lab_state_of(lab)
     with lab_lock(state, "labbuilder down"):
-        conn = lv.connect(uri)
-        try:
-            removed = remove_lab_objects(conn, lab)
-        finally:
-            conn.close()
+        with lv.LibvirtHypervisor.open(uri) as hypervisor:
+            removed = remove_lab_objects(hypervisor, lab)
         if state.directory.is_symlink():
             removed.left = [str(state.directory)]  # not followed, not removed
         elif state.directory.is_dir():
@@ -156,7 +152,7 @@ def _remove_tree(folder: Path) -> None:
     folder.rmdir()
 
 
-def labs_on_host(conn: Any) -> dict[str, dict[str, int]]:
+def labs_on_host(hypervisor: Hypervisor) -> dict[str, dict[str, int]]:
     """Labs that have anything on this host: counts of domains, networks, volumes, and
     ``state`` 1 when the lab's state (lab.json) exists where the registry, the objects'
     metadata or the caller's state directory say."""
@@ -165,18 +161,16 @@ def labs_on_host(conn: Any) -> dict[str, dict[str, int]]:
     def count(lab: str, kind: str) -> None:
         labs.setdefault(lab, {"domains": 0, "networks": 0, "volumes": 0, "state": 0})[kind] += 1
 
-    for _, xml in lv.owned_domain_xmls(conn):
-        count(lv.owner_lab(xml) or "?", "domains")
-    for _, xml in lv.owned_network_xmls(conn):
-        count(lv.owner_lab(xml) or "?", "networks")
-    pool = storage.find_owned_pool(conn, pool_name(), str(pool_dir()))
-    if pool is not None:
-        for volume in storage.lab_volumes(pool):
-            count(storage.volume_lab(volume.name()) or "?", "volumes")
+    for domain in hypervisor.domains():
+        count(domain.lab or "?", "domains")
+    for network in hypervisor.networks():
+        count(network.lab or "?", "networks")
+    for volume in hypervisor.lab_volumes(pool_name(), str(pool_dir())):
+        count(volume.lab or "?", "volumes")
     for lab in registry.registered_labs():
         labs.setdefault(lab, {"domains": 0, "networks": 0, "volumes": 0, "state": 0})
     for lab, counts in labs.items():
-        counts["state"] = int(registry.is_lab_name(lab) and _state_places(conn, lab) != [])
+        counts["state"] = int(registry.is_lab_name(lab) and _state_places(hypervisor, lab) != [])
     legacy = state_root() / "labs"
     if legacy.is_dir():
         for entry in legacy.iterdir():
@@ -185,12 +179,13 @@ def labs_on_host(conn: Any) -> dict[str, dict[str, int]]:
     return labs
 
 
-def _metadata(conn: Any, lab: str) -> list[dict[str, str]]:
-    objects = [*lv.owned_domain_xmls(conn, lab), *lv.owned_network_xmls(conn, lab)]
-    return [lv.lab_metadata(xml) for _, xml in objects]
+def _metadata(hypervisor: Hypervisor, lab: str) -> list[dict[str, str]]:
+    return [domain.metadata for domain in hypervisor.domains(lab)] + [
+        network.metadata for network in hypervisor.networks(lab)
+    ]
 
 
-def _state_places(conn: Any, lab: str) -> list[str]:
+def _state_places(hypervisor: Hypervisor, lab: str) -> list[str]:
     """Where the lab's lab.json exists (or cannot be looked at): the state directories its
     registry entry, its objects' metadata and the caller's state directory name."""
     places = [str(lab_dir(lab))]
@@ -200,7 +195,7 @@ def _state_places(conn: Any, lab: str) -> list[str]:
         return [str(err)]  # an entry nobody can read: the lab is kept
     if entry is not None:
         places.append(str(entry.state_dir))
-    places += [meta["state"] for meta in _metadata(conn, lab) if meta.get("state")]
+    places += [meta["state"] for meta in _metadata(hypervisor, lab) if meta.get("state")]
     found = []
     for place in dict.fromkeys(places):
         try:
@@ -211,10 +206,10 @@ def _state_places(conn: Any, lab: str) -> list[str]:
     return found
 
 
-def _busy_elsewhere(conn: Any, lab: str) -> bool:
+def _busy_elsewhere(hypervisor: Hypervisor, lab: str) -> bool:
     """Whether another lock of the lab is held: one its objects' metadata names (a lab of
     another user), or the one labs kept in their state directory before the lock directory."""
-    locks = [Path(meta["lock"]) for meta in _metadata(conn, lab) if meta.get("lock")]
+    locks = [Path(meta["lock"]) for meta in _metadata(hypervisor, lab) if meta.get("lock")]
     locks.append(lab_dir(lab) / "lock")
     with contextlib.suppress(ValueError):
         entry = registry.registration(lab)
@@ -250,20 +245,20 @@ def gc(uri: str, match: str = "*") -> dict[str, Removed]:
     ``install``, ``snapshot``), or while the state directory that the host's registry, its
     objects' metadata or the caller names still has its lab.json. The lab's lock is held
     while it is checked and removed, so no `up` can start meanwhile."""
-    conn = lv.connect(uri)
-    try:
+    with lv.LibvirtHypervisor.open(uri) as hypervisor:
         removed = {}
-        labs = set(labs_on_host(conn)) | firewall.owned_labs() | set(registry.registered_labs())
+        labs = set(labs_on_host(hypervisor))
+        labs |= firewall.owned_labs() | set(registry.registered_labs())
         for lab in sorted(labs):
             if not registry.is_lab_name(lab) or not fnmatch.fnmatchcase(lab, match):
                 continue
             with _try_lab_lock(lab) as locked:
-                if not locked or _busy_elsewhere(conn, lab) or _state_places(conn, lab):
+                if not locked or _busy_elsewhere(hypervisor, lab):
                     continue
-                removed[lab] = remove_lab_objects(conn, lab)
+                if _state_places(hypervisor, lab):
+                    continue
+                removed[lab] = remove_lab_objects(hypervisor, lab)
                 entry = registry.registration(lab)
                 if entry is not None and entry.uri in ("", uri):
                     registry.unregister(lab)  # else its objects on that URI still need it
         return removed
-    finally:
-        conn.close()
