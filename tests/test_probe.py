@@ -936,7 +936,12 @@ def test_the_guest_is_destroyed_when_waiting_fails(
     kernel = built_kernel() if with_kernel else None
 
     def interrupted(
-        domain: Any, serial_log: Path, deadline: float, markers: tuple[bytes, ...]
+        domain: Any,
+        serial_log: Path,
+        deadline: float,
+        markers: tuple[bytes, ...],
+        *,
+        quiet: float | None = None,
     ) -> probeguest.Waited:
         assert domain.isActive()
         raise KeyboardInterrupt

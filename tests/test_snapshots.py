@@ -187,7 +187,7 @@ def test_a_take_that_would_fill_the_disk_is_refused_before_pausing(
     assert f"at {directory} for the memory of controller" in err.value.message
     assert "labbuilder snapshot delete NAME" in (err.value.hint or "")
     assert [info.name for info in snapshots.list_snapshots(hv, LAB)] == ["stage1"]
-    assert lv.domain_state(nodes[0][1]) == "running"
+    assert hv.domain_state(nodes[0][1]) == "running"
 
     # An install skips that stage's snapshot, says why in the stage's report, and goes on.
     outcome = StageOutcome("environment", "t", "g", 1.0, [])
