@@ -191,7 +191,8 @@ class MemorySampler:
         name = node["name"]
         if name not in sessions:
             address = node["nics"][0]["address"]
-            sessions[name] = SSHSession(address, self.record["user"], self.key)
+            namespace = (self.record["plan"].get("gateway") or {}).get("namespace")
+            sessions[name] = SSHSession(address, self.record["user"], self.key, namespace=namespace)
         text = sessions[name].run("cat /proc/meminfo", timeout=60).check(name).stdout
         fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in text.splitlines()}
         used = fields["MemTotal"] - fields["MemAvailable"]
@@ -224,11 +225,13 @@ def lab_disk(lab: str, pool_name: str) -> tuple[int, int]:
         conn.close()
 
 
-def measure_full(work: Path, keep: bool, core: bool = False) -> dict[str, Any]:
+def measure_full(
+    work: Path, keep: bool, core: bool = False, isolated: bool = False
+) -> dict[str, Any]:
     name = "lbbench-core" if core else "lbbench-full"
     env = bench_environment(work)
     lab_file = work / f"{name}.toml"
-    lab_file.write_text(full_lab(name, core=core))
+    lab_file.write_text(full_lab(name, core=core, isolated=isolated))
     state = work / "state" / "labs" / name
     result: dict[str, Any] = {"path": "fast", "lab": name}
     try:
@@ -302,11 +305,13 @@ def verify_instance(state: Path) -> dict[str, Any]:
     from test_install_full import host_ping, instance_facts, router_ping
 
     facts = instance_facts(state)
+    record = json.loads((state / "lab.json").read_text())
+    namespace = (record["plan"].get("gateway") or {}).get("namespace")
     return {
         "status": facts["status"],
         "floating_ip": facts["FLOATING_IP"],
         "router_ping": " 0% packet loss" in router_ping(state, facts),
-        "host_ping": host_ping(facts["FLOATING_IP"]).returncode == 0,
+        "host_ping": host_ping(facts["FLOATING_IP"], namespace).returncode == 0,
     }
 
 
@@ -396,6 +401,12 @@ def main() -> None:
         help="like --full, on the guide's three nodes sized as zed-full, with no optional "
         "chapter: the core path to a verified instance",
     )
+    parser.add_argument(
+        "--isolated",
+        action="store_true",
+        help="with --full/--core: the guide's own addresses, the lab isolated (its gateways in a "
+        "namespace of its own; the host's ping of the floating IP from there)",
+    )
     parser.add_argument("--keep", action="store_true", help="with --full/--core: keep the lab")
     parser.add_argument(
         "--workdir",
@@ -412,7 +423,7 @@ def main() -> None:
                 temporary = tempfile.TemporaryDirectory(prefix="lbbench-install-")
                 work = Path(stack.enter_context(temporary))
             try:
-                full = measure_full(work, args.keep, core=args.core)
+                full = measure_full(work, args.keep, core=args.core, isolated=args.isolated)
             finally:
                 if not args.keep:
                     remove_bench_pool(work)

@@ -201,17 +201,22 @@ def remove_labs(labs: list[str], environment: dict[str, str]) -> None:
                 os.environ[key] = value
 
 
-def full_lab(name: str, *, extra: str = "", core: bool = False) -> str:
+def full_lab(name: str, *, extra: str = "", core: bool = False, isolated: bool = False) -> str:
     """The built-in lab ``zed-full`` (the guide's five nodes sized for recipe zed-debian-12, with
     every optional chapter) on free subnets, with egress confined to the lab and role images.
     ``extra`` goes into its ``[options]`` table. ``core``: only the guide's three nodes, with no
     size of their own (so each gets the smallest its recipe declares for its role, the recipe's
-    minimum) and no optional chapter (the core path to a launched instance)."""
+    minimum) and no optional chapter (the core path to a launched instance). ``isolated``: the
+    guide's own networks and addresses, the lab's gateways in a namespace of its own."""
     import json
     import tomllib
 
     builtin = tomllib.loads((Path(__file__).parent.parent / "labs" / "zed-full.toml").read_text())
-    management, tunnel, external = free_subnets(3)
+    if isolated:
+        management, tunnel, external = "10.0.0.0/24", "10.0.1.0/24", "203.0.113.0/24"
+        extra = f"isolated = true\n{extra}"
+    else:
+        management, tunnel, external = free_subnets(3)
     m, t, e = (s.rsplit(".", 1)[0] for s in (management, tunnel, external))
     addresses = {
         "controller": f'{{ management = "{m}.11" }}',
@@ -247,3 +252,41 @@ role_images = true
 stages = [{stages}]
 {extra}
 """
+
+
+def isolated_lab(name: str, *, egress: str = "none") -> str:
+    """The guide's own networks and addresses (controller 10.0.0.11, external 203.0.113.0/24)
+    with the controller alone, isolated: its gateways in a namespace of its own, so any number
+    of these labs fit on one host whatever its routes."""
+    return f"""
+name = "{name}"
+[nodes.controller]
+vcpus = 1
+memory = "1 GiB"
+[nodes.network]
+count = 0
+[nodes.compute]
+count = 0
+[options]
+isolated = true
+egress = "{egress}"
+role_images = false
+"""
+
+
+def gateway_leftovers(lab: str) -> dict[str, list[str]]:
+    """What the host still holds of an isolated lab's gateway: its namespace, its veths (host
+    ends) and its uplink's processes."""
+    from labbuilder.adapters import netns
+    from labbuilder.lab.planner import lab_tag, namespace_name
+
+    veths = [
+        entry.name for entry in Path("/sys/class/net").iterdir()
+        if entry.name.startswith(f"lbg{lab_tag(lab)}")
+    ]  # fmt: skip
+    namespace = namespace_name(lab)
+    return {
+        "namespaces": [ns for ns in netns.namespaces(namespace) if ns == namespace],
+        "veths": veths,
+        "uplinks": [str(pid) for pid in netns.uplink_pids(namespace)],
+    }

@@ -112,6 +112,21 @@ def test_networks_and_volumes_are_records(hypervisor: lv.LibvirtHypervisor, lab:
     assert facts[f"{lab}-mgmt"].cidrs == ("10.77.1.0/24",) and facts[f"{lab}-mgmt"].lab == lab
 
 
+def test_what_each_lab_takes_counts_running_nodes_and_disk_headroom(
+    hypervisor: lv.LibvirtHypervisor, lab: str
+) -> None:
+    uses = {use.lab: use for use in hypervisor.lab_uses(POOL, POOL_PATH)}
+    use = uses[lab]
+    # n1 runs (1 vCPU, 64 MiB at full size); n2 is shut off and takes nothing
+    assert (use.vcpus, use.memory) == (1, 64 * 2**20)
+    # its 1 MiB volume: the test driver allocates it whole, so nothing is left to grow
+    assert 0 <= use.disk_growth <= 2**20
+    assert "test" not in uses  # the host's own domain belongs to no lab
+    hypervisor.suspend_domain(f"{lab}-n1")  # paused still holds its memory
+    assert {u.lab: u for u in hypervisor.lab_uses(POOL, POOL_PATH)}[lab].vcpus == 1
+    hypervisor.resume_domain(f"{lab}-n1")
+
+
 def test_state_changes_by_name(hypervisor: lv.LibvirtHypervisor, lab: str) -> None:
     name = f"{lab}-n1"
     hypervisor.suspend_domain(name)

@@ -67,7 +67,8 @@ def ssh(state: Path, node: str, command: str, timeout: float = 600) -> str:
     record = json.loads((state / "lab.json").read_text())
     planned = next(n for n in record["plan"]["nodes"] if n["name"] == node)
     address = planned["nics"][0]["address"]
-    with SSHSession(address, record["user"], state / "id_ed25519") as session:
+    namespace = (record["plan"].get("gateway") or {}).get("namespace")
+    with SSHSession(address, record["user"], state / "id_ed25519", namespace=namespace) as session:
         return session.run("sudo -n bash -c %s", command, timeout=timeout).check(node).stdout
 
 
@@ -96,10 +97,14 @@ def router_ping(state: Path, facts: dict[str, str]) -> str:
     )
 
 
-def host_ping(address: str) -> subprocess.CompletedProcess[str]:
+def host_ping(address: str, namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Ping ``address`` from the host, or from an isolated lab's gateway ``namespace`` (where
+    the guide's "from the host" happens for such a lab)."""
+    where = ["ip", "netns", "exec", namespace] if namespace else []
     return subprocess.run(
-        ["ping", "-c", "3", "-W", "5", address], capture_output=True, text=True, check=False
-    )
+        [*where, "ping", "-c", "3", "-W", "5", address], capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
 
 
 def junit_suites(state: Path) -> dict[str, ET.Element]:

@@ -175,6 +175,10 @@ ERRORS = [
     ('name = "x"\n[options]\negress = "allow"\negress_allow = ["deb.debian.org"]', 'lab.toml: options.egress_allow[0] = "deb.debian.org" is not an IPv4 address', None),
     ('name = "x"\n[options]\napt_proxy = "10.0.0.1:3142"', 'lab.toml: options.apt_proxy = "10.0.0.1:3142" is not an http:// or https:// URL', None),
     ('name = "x"\nlibvirt_uri = "system"', 'lab.toml: libvirt_uri = "system" is not a libvirt URI', None),
+    # an isolated lab: its gateway namespace serves no DHCP and lives on this host
+    ('name = "x"\n[options]\nisolated = true\n[networks.management]\ndhcp_range = "10.0.0.150-10.0.0.200"', 'lab.toml: networks.management.dhcp_range = ["10.0.0.150", "10.0.0.200"] is set, but an isolated lab\'s gateway serves no DHCP (options.isolated)', "remove dhcp_range (nodes get their addresses from their seed), or set options.isolated = false"),
+    ('name = "x"\nlibvirt_uri = "qemu+ssh://h/system"\n[options]\nisolated = true', "lab.toml: options.isolated = true needs the lab on this host, but libvirt_uri names host h", "set options.isolated = false for a lab on another host"),
+    ('name = "x"\n[options]\nisolated = "yes"', 'lab.toml: options.isolated = "yes" is not', None),
     # what leaves labbuilder: libvirt URIs, URLs, NTP servers, egress destinations
     ('name = "x"\nlibvirt_uri = "qemu+ext:///system?command=/bin/sh"', 'lab.toml: libvirt_uri = "qemu+ext:///system?command=/bin/sh" is not a libvirt URI labbuilder supports (it has parameters)', "use qemu:///system, qemu:///session or qemu+ssh://[user@]host[:port]/system, without '?' parameters"),
     ('name = "x"\nlibvirt_uri = "qemu+tcp://h/system"', "lab.toml: libvirt_uri = \"qemu+tcp://h/system\" uses the transport 'qemu+tcp', which labbuilder does not support", None),

@@ -26,6 +26,7 @@ from labbuilder.model.lab import (
     GiB,
     HostFacts,
     HostRoute,
+    LabUse,
     LibvirtNetworkFact,
     Plan,
 )
@@ -48,6 +49,9 @@ def host_from_json(data: dict[str, Any]) -> HostFacts:
         cpus=data.get("cpus"),
         memory_available=data.get("memory_available"),
         disk_free=data.get("disk_free"),
+        memory_total=data.get("memory_total"),
+        labs=tuple(LabUse(**use) for use in data.get("labs", [])),
+        ksm=data.get("ksm", False),
     )
 
 

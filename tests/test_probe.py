@@ -310,7 +310,10 @@ def test_a_mirror_inside_the_guides_external_network_means_auto_subnets() -> Non
         "deb.debian.org resolves to 203.0.113.80, inside the guide's external network "
         "203.0.113.0/24"
     )
-    assert finding.consequence == "labs must move their external network (--auto-subnets)"
+    assert finding.consequence == (
+        "labs must move their external network (--auto-subnets), or keep the guide's addresses "
+        "isolated (options.isolated = true)"
+    )
 
 
 def test_mirrors_outside_and_unresolvable() -> None:
@@ -328,7 +331,10 @@ def test_a_dns_server_in_the_management_network() -> None:
     finding = probe_from_facts(facts(nameservers=("10.0.0.2",))).finding("DNS servers")
     assert finding.status == Status.WARN
     assert finding.detail == "10.0.0.2 is inside 10.0.0.0/24"
-    assert finding.consequence == "labs must move their management network (--auto-subnets)"
+    assert finding.consequence == (
+        "labs must move their management network (--auto-subnets), or keep the guide's addresses "
+        "isolated (options.isolated = true)"
+    )
 
 
 def test_routes_that_overlap_the_guides_networks() -> None:
@@ -339,7 +345,10 @@ def test_routes_that_overlap_the_guides_networks() -> None:
         "routes: 10.0.0.0/16 via eth1; 10.0.0.0/16 via eth1 overlaps the guide's management "
         "network 10.0.0.0/24"
     )
-    assert finding.consequence == "labs must move their management network (--auto-subnets)"
+    assert finding.consequence == (
+        "labs must move their management network (--auto-subnets), or keep the guide's addresses "
+        "isolated (options.isolated = true)"
+    )
     only_default = probe_from_facts(facts(routes=routes[:1])).finding("routes")
     assert only_default.status == Status.OK and only_default.detail == "only a default route"
 
@@ -353,7 +362,10 @@ def test_a_labs_own_libvirt_networks_are_listed_but_not_a_clash() -> None:
     finding = probe_from_facts(facts(libvirt_networks=(own, foreign))).finding("libvirt networks")
     assert finding.status == Status.WARN
     assert "office overlaps the guide's management network 10.0.0.0/24" in finding.detail
-    assert finding.consequence == "labs must move their management network (--auto-subnets)"
+    assert finding.consequence == (
+        "labs must move their management network (--auto-subnets), or keep the guide's addresses "
+        "isolated (options.isolated = true)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from labbuilder.adapters.libvirterrors import translated
 from labbuilder.adapters.probeguest import boot_probe_guest
 from labbuilder.common.errors import HostError
 from labbuilder.common.paths import KERNEL_FILE, built_images_dir
-from labbuilder.model.probe import DevKvm, NestedFacts, Resolved
+from labbuilder.model.probe import DevKvm, KsmFacts, NestedFacts, Resolved
 
 CPUINFO = Path("/proc/cpuinfo")
 SYS_MODULE = Path("/sys/module")
@@ -225,6 +225,46 @@ def nested_plan(state: NestedState, conf: Path = MODPROBE_CONF) -> list[str]:
             f"run `sudo labbuilder doctor --enable-nested`, or as root: {manual}",
         )
     return nested_commands(module, conf)
+
+
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def read_ksm(folder: Path = KSM) -> KsmFacts:
+    """KSM's state and how many pages it shares (``run`` None: the kernel has no KSM)."""
+
+    def number(name: str) -> int | None:
+        try:
+            return int((folder / name).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    run = number("run")
+    if run is None:
+        return KsmFacts(None)
+    return KsmFacts(run, number("pages_sharing") or 0, number("pages_shared") or 0)
+
+
+def enable_ksm(*, dry_run: bool, folder: Path = KSM) -> list[str]:
+    """Start KSM (write 1 to ``run``) so guests' identical pages are merged; the actions, []
+    when it runs already. QEMU marks guest memory mergeable by default. It lasts until the
+    host restarts (a boot script or sysfsutils keeps it). Raises HostError without KSM or root."""
+    facts = read_ksm(folder)
+    if facts.run is None:
+        raise HostError(
+            f"this kernel has no KSM ({folder} is missing)",
+            "use a kernel built with CONFIG_KSM (Debian's and Ubuntu's are)",
+        )
+    if facts.run == 1:
+        return []
+    actions = [f"echo 1 > {folder / 'run'}"]
+    if dry_run:
+        return actions
+    try:
+        (folder / "run").write_text("1\n")
+    except OSError as err:
+        raise HostError(f"cannot start KSM: {err.strerror}", f"as root: {actions[0]}") from None
+    return actions
 
 
 def enable_nested(

@@ -33,7 +33,7 @@ from labbuilder.adapters.libvirterrors import ErrorCode as ErrorCode
 from labbuilder.adapters.libvirterrors import hypervisor_error as hypervisor_error
 from labbuilder.adapters.libvirterrors import translated
 from labbuilder.common.errors import HypervisorError, PlanError
-from labbuilder.model.lab import LibvirtNetworkFact
+from labbuilder.model.lab import LabUse, LibvirtNetworkFact
 
 
 def _ignore_libvirt_errors(_context: object, _error: object) -> None:
@@ -147,6 +147,33 @@ def domain_memory(domain: Any) -> int:
 def running_memory(conn: Any, lab: str) -> int:
     """Bytes of memory that the running domains of ``lab`` hold now."""
     return sum(domain_memory(d) for d in owned_domains(conn, lab) if d.isActive())
+
+
+@translated
+def lab_uses(conn: Any, pool: str, path: str) -> tuple[LabUse, ...]:
+    """What every lab on the host takes: its running domains' vCPUs and full memory
+    (``info()``: maximum memory in KiB, vCPUs), and what its volumes in labbuilder's pool may
+    still grow by (capacity less allocation, from ``info()``)."""
+    uses: dict[str, list[int]] = {}
+    for domain, xml in _existing(conn.listAllDomains()):
+        lab = owner_lab(xml)
+        if lab is None:
+            continue
+        use = uses.setdefault(lab, [0, 0, 0])
+        with contextlib.suppress(libvirt.libvirtError):  # gone meanwhile
+            if domain.isActive():
+                info = domain.info()
+                use[0] += int(info[3])
+                use[1] += int(info[1]) * 1024
+    found = storage.find_owned_pool(conn, pool, path)
+    for volume in storage.lab_volumes(found) if found is not None else []:
+        lab = storage.volume_lab(volume.name())
+        if lab is None:
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            _, capacity, allocation = volume.info()
+            uses.setdefault(lab, [0, 0, 0])[2] += max(0, int(capacity) - int(allocation))
+    return tuple(LabUse(lab, *use) for lab, use in sorted(uses.items()))
 
 
 @translated
@@ -655,6 +682,9 @@ class LibvirtHypervisor:
 
     def running_memory(self, lab: str) -> int:
         return running_memory(self._conn, lab)
+
+    def lab_uses(self, pool: str, path: str) -> tuple[LabUse, ...]:
+        return lab_uses(self._conn, pool, path)
 
     def domain_state(self, name: str) -> str:
         return domain_state(self._lookup(name))

@@ -21,14 +21,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shlex
 import shutil
+import signal
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from labbuilder.common.errors import HostError
@@ -309,3 +313,94 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# --- daemons ----------------------------------------------------------------------------------
+# A daemon outlives the command that starts it (an isolated lab's uplink lives as long as the
+# lab). It is found again by its argv, not by a pid file that a killed `up` may not have written.
+
+
+def start_daemon(argv: Callable[[int], Argv], log: Path, *, ready_timeout: float = 20.0) -> int:
+    """Start a daemon in a session of its own, its output appended to ``log``, and wait until
+    it says it is ready: ``argv(fd)`` gives its command line with ``fd``, the write end of a
+    pipe, on which it writes once ready (slirp4netns's ``--ready-fd``). Returns its pid.
+
+    Raises ``ProgramMissing``, or ``ProgramNotStarted`` (with the log's last lines) when it
+    ends or stays silent before it is ready; a daemon that did not get ready is killed.
+    """
+    read_fd, write_fd = os.pipe()
+    command = [os.fspath(part) for part in argv(write_fd)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with log.open("ab") as out:
+            try:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,
+                    env={**os.environ, **LOCALE},
+                )
+            except FileNotFoundError:
+                raise ProgramMissing(command) from None
+    finally:
+        os.close(write_fd)
+    _tools.debug("started %s (pid %d)", shlex.join(command), proc.pid)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], ready_timeout)
+        said = os.read(read_fd, 1) if ready else b""
+    finally:
+        os.close(read_fd)
+    if said:
+        return proc.pid
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    raise ProgramNotStarted(
+        command,
+        f"it did not get ready (exit code {proc.returncode}): "
+        + ("; ".join(tail) or "no output")
+        + f" (log: {log})",
+    )
+
+
+def daemons(match: Callable[[list[str]], bool]) -> list[int]:
+    """The pids of the running processes whose argv ``match`` accepts (read from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = [part.decode(errors="replace") for part in raw.rstrip(b"\0").split(b"\0")]
+        if raw and match(argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop(pid: int, *, grace: float = 5.0) -> None:
+    """TERM ``pid``, then KILL it if it still runs after ``grace`` seconds; gone is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not _running(pid):
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a daemon we started and did not wait for becomes one)."""
+    try:
+        stat = Path("/proc", str(pid), "stat").read_text()
+    except OSError:
+        return False
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and process_alive(pid)

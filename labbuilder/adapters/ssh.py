@@ -29,6 +29,7 @@ from typing import Any, NoReturn, Protocol
 
 import paramiko
 
+from labbuilder.adapters import netns
 from labbuilder.common.errors import (
     GuestAuthenticationError,
     GuestCommandError,
@@ -87,9 +88,13 @@ def quote_command(template: str, *args: object) -> str:
     return template % tuple(shlex.quote(str(arg)) for arg in args) if args else template
 
 
-def port_open(host: str, port: int = 22, timeout: float = 2.0) -> bool:
+def port_open(
+    host: str, port: int = 22, timeout: float = 2.0, *, namespace: str | None = None
+) -> bool:
+    """Whether ``host``:``port`` accepts a connection (from ``namespace``: an isolated lab's
+    gateway namespace; None: from the host)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with netns.connect(namespace, host, port, timeout=timeout):
             return True
     except OSError:
         return False
@@ -282,8 +287,10 @@ class SSHSession:
         timeout: float = 15.0,
         known_hosts: Path | None = None,
         node: str | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.host = host
+        self.namespace = namespace  # an isolated lab's gateway namespace: connect from there
         self.user = user
         self.key_path = key_path
         self.timeout = timeout
@@ -327,7 +334,7 @@ class SSHSession:
             raise self._host_key_error(
                 f"cannot read {self.known_hosts} ({err.strerror})", unreadable=True
             ) from None
-        sock = socket.create_connection((self.host, 22), timeout=self.timeout)
+        sock = netns.connect(self.namespace, self.host, 22, timeout=self.timeout)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if hasattr(socket, "TCP_USER_TIMEOUT"):

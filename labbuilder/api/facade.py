@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from labbuilder.adapters import hostprobe
+from labbuilder.adapters import hostprobe, netns, relay
 from labbuilder.adapters import libvirt as lv
 from labbuilder.api import up as bringup
 from labbuilder.api.up import UpResult
@@ -20,7 +21,7 @@ from labbuilder.lab.files import builtin_lab_names, load_builtin_lab, load_lab_f
 from labbuilder.lab.planner import plan
 from labbuilder.lifecycle import status as labstatus
 from labbuilder.lifecycle import teardown
-from labbuilder.lifecycle.state import lab_state, write_state_file
+from labbuilder.lifecycle.state import lab_state, load_state_record, write_state_file
 from labbuilder.lifecycle.status import LabStatus
 from labbuilder.lifecycle.teardown import Removed
 from labbuilder.model.lab import HostFacts, Lab, Plan
@@ -135,5 +136,65 @@ def doctor(uri: str) -> HostProbe:
     return probecache.probe(uri, fresh=True)
 
 
+def enable_ksm() -> list[str]:
+    """Start KSM; the commands it ran ([] when it ran already)."""
+    return hostprobe.enable_ksm(dry_run=False)
+
+
 def enable_nested(uri: str, *, kvm_works: bool, dry_run: bool) -> list[str]:
     return hostprobe.enable_nested(dry_run=dry_run, uri=uri, kvm_works=kvm_works)
+
+
+# --- an isolated lab's gateway ----------------------------------------------------------------
+
+
+def _up_record(lab_name: str) -> dict[str, Any]:
+    record = load_state_record(teardown.lab_state_of(lab_name))
+    if record is None:
+        raise UsageError(
+            f"lab {lab_name} is not up on this host", "bring it up with `labbuilder up`"
+        )
+    return record
+
+
+def gateway_namespace(lab_name: str) -> str | None:
+    """The gateway namespace of a lab that is up (None: its gateways are on the host)."""
+    gateway = _up_record(lab_name)["plan"].get("gateway")
+    return str(gateway["namespace"]) if gateway else None
+
+
+def node_address(lab_name: str, node: str) -> str:
+    """A node's management address, from the plan its lab came up with."""
+    for entry in _up_record(lab_name)["plan"]["nodes"]:
+        if entry["name"] == node:
+            return str(next(nic["address"] for nic in entry["nics"] if nic["address"]))
+    raise UsageError(f"lab {lab_name} has no node {node!r}", "`labbuilder status` lists its nodes")
+
+
+def relay_stdio(lab_name: str, host: str, port: int) -> None:
+    """Relay standard input and output to ``host``:``port`` of the lab (ssh's ProxyCommand)."""
+    relay.pipe_stdio(relay.open_node(gateway_namespace(lab_name), host, port))
+
+
+def forward(lab_name: str, node: str, port: int, listen: tuple[str, int]) -> relay.Forward:
+    """A port on the host relayed to ``node``:``port`` of the lab (serve it, then close it)."""
+    namespace = gateway_namespace(lab_name)
+    address = node_address(lab_name, node)
+    try:
+        return relay.Forward(listen, namespace, address, port)
+    except OSError as err:
+        raise UsageError(
+            f"cannot listen on {listen[0]}:{listen[1]}: {err.strerror}",
+            "choose another port with --port",
+        ) from None
+
+
+def enter_gateway(lab_name: str) -> None:
+    """Move this process into the lab's gateway namespace (before it runs a command there)."""
+    namespace = gateway_namespace(lab_name)
+    if namespace is None:
+        raise UsageError(
+            f"lab {lab_name} is not isolated: its gateways are on this host",
+            "run the command on the host itself",
+        )
+    netns.enter(namespace)

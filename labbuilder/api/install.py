@@ -418,6 +418,7 @@ def _connect(plan: Plan, record: dict[str, Any], state: LabState) -> dict[str, G
             state.key_path,
             known_hosts=state.known_hosts_path,
             node=name,
+            namespace=plan.gateway.namespace if plan.gateway else None,
         )
 
     names = [node.name for node in plan.nodes]

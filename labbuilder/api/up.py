@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from labbuilder.adapters import libvirt as lv
-from labbuilder.adapters import processes, storage
+from labbuilder.adapters import netns, processes, storage
 from labbuilder.adapters.hypervisor import Domain, Hypervisor, Volume
 from labbuilder.catalog.model import BaseImage
 from labbuilder.common.errors import PlanError
@@ -31,6 +31,7 @@ from labbuilder.host.facts import gather_host_facts
 from labbuilder.host.probe import HostProbe
 from labbuilder.images.boot import resolve_base_image, resolve_role_image
 from labbuilder.lab.planner import plan as make_plan
+from labbuilder.lab.planner import through_uplink
 from labbuilder.lab.view import plan_as_dict
 from labbuilder.lifecycle import registry
 from labbuilder.lifecycle.readiness import NodeNotReadyError, NodeTarget, RungCallback, wait_ready
@@ -100,8 +101,9 @@ def up(
             # Registered before anything is made: a killed `up` leaves what `down`/`gc` find.
             registry.register(lab.name, state.directory, lab.libvirt_uri)
             try:
+                outside = through_uplink(plan, gathered.facts)
                 probe, rungs = _bring_up(
-                    hypervisor, lab, plan, digest, base, state, emit, on_rung, timeouts
+                    hypervisor, lab, plan, digest, base, state, emit, on_rung, timeouts, outside
                 )
             except BaseException:
                 if fresh:
@@ -124,6 +126,7 @@ def _bring_up(
     emit: Log,
     on_rung: RungCallback | None,
     timeouts: dict[str, float] | None,
+    outside: tuple[str, ...] = (),
 ) -> tuple[HostProbe, dict[str, dict[str, float]]]:
     """The probe and the images in the background, the networks now, each node as soon as its
     image and the probe are there; the probe and each node's rungs. On failure every thread
@@ -148,7 +151,7 @@ def _bring_up(
             for node in plan.nodes:
                 content = contents[node.name]
                 node_images[node.name] = made[content] if content in made else _done(base)
-            made_lab = prepare_lab(hypervisor, lab, plan, digest, base, state, emit)
+            made_lab = prepare_lab(hypervisor, lab, plan, digest, base, state, emit, outside)
 
             def bring(node: PlannedNode) -> dict[str, float]:
                 image = node_images[node.name].result()
@@ -163,6 +166,7 @@ def _bring_up(
                     user=base.default_user,
                     key_path=state.key_path,
                     console_log=state.console_log(node.name),
+                    namespace=plan.gateway.namespace if plan.gateway else None,
                 )
                 return wait_ready(
                     hypervisor,
@@ -299,7 +303,9 @@ def check_ownership(lab: Lab, plan: Plan) -> None:
                 lv.refuse_foreign("domain", node.domain, domain.xml, lab.name)
         check_bridges(lab, plan, hypervisor.network_facts())
         hypervisor.refuse_foreign_pool(pool_name(), str(pool_dir()))
-    if lab.options.egress != Egress.NAT:
+    if lab.options.isolated:
+        netns.check_host()
+    if lab.options.egress != Egress.NAT and not lab.options.isolated:
         from labbuilder.adapters import firewall
 
         firewall.check_lab_chain(lab.name)
@@ -364,6 +370,7 @@ def prepare_lab(
     base: BaseImage,
     state: LabState,
     emit: Log,
+    outside: tuple[str, ...] = (),
 ) -> MadeLab:
     """The lab's networks (existing ones kept), egress rules, storage pool and keys (the seed's
     user is the base image's: a role image is built from it and keeps it)."""
@@ -372,6 +379,16 @@ def prepare_lab(
         xml = owned_xml(render_network_xml(plan, net, digest), state)
         hypervisor.ensure_network(net.libvirt_name, xml, lab=lab.name)
     apply_egress(lab, plan)
+    if plan.gateway is not None:
+        emit(f"gateway namespace {plan.gateway.namespace} (isolated: no host address)")
+        netns.ensure_gateway(
+            plan.gateway,
+            {net.name: net.bridge for net in plan.networks},
+            egress=lab.options.egress,
+            allow=lab.options.egress_allow,
+            log=state.directory / "logs" / "gateway.log",
+            outside=outside,
+        )
     pool = hypervisor.ensure_pool(pool_name(), str(pool_dir()))
     public_key = ensure_ssh_key(state)
     console_password = ensure_secrets(state, ("console_password",))["console_password"]
@@ -487,8 +504,12 @@ def node_domain_xml(
 
 
 def apply_egress(lab: Lab, plan: Plan) -> None:
+    """Host firewall rules for the lab's egress; an isolated lab's are in its namespace."""
     from labbuilder.adapters import firewall
 
+    if plan.gateway is not None:
+        firewall.remove_egress(lab.name)
+        return
     bridges = [net.bridge for net in plan.networks]
     cidrs = [net.cidr for net in plan.networks]
     firewall.ensure_egress(lab.name, bridges, cidrs, lab.options.egress, lab.options.egress_allow)

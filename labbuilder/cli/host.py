@@ -9,6 +9,7 @@ from rich.console import Console
 
 from labbuilder.api import facade as api
 from labbuilder.cli.common import Subparsers
+from labbuilder.common.errors import UsageError
 from labbuilder.host.probe import render_findings
 
 
@@ -31,10 +32,28 @@ def register(commands: Subparsers) -> None:
         help="turn nested virtualization on (reload kvm_intel/kvm_amd with nested=1 when no "
         "guest runs, and keep it in /etc/modprobe.d), after saying what it will do",
     )
+    doctor.add_argument(
+        "--enable-ksm",
+        action="store_true",
+        help="start the kernel's same-page merging (KSM) so that labs of one image share their "
+        "identical memory pages, and `plan` lets their nodes have 1.5 times the host's memory; "
+        "lasts until the host restarts",
+    )
     doctor.set_defaults(handler=cmd_doctor)
 
 
 def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
+    if args.enable_ksm:
+        if args.enable_nested:
+            raise UsageError(
+                "give --enable-ksm or --enable-nested, not both", "run them one by one"
+            )
+        done = api.enable_ksm()
+        if args.json:
+            console.print_json(json.dumps({"enable_ksm": done, "already_on": not done}))
+        else:
+            console.print("KSM was running already" if not done else "ran: " + "; ".join(done))
+        return 0
     probe = api.doctor(args.uri)
     if args.enable_nested:
         kvm_works = str(probe.acceleration) == "kvm"

@@ -89,7 +89,7 @@ def register(commands: Subparsers) -> None:
 
     down = commands.add_parser(
         "down",
-        help="remove the lab: domains, networks, volumes, firewall rules and state",
+        help="remove the lab: domains, networks, gateway, volumes, firewall rules and state",
         description=(
             "Remove everything of the lab from this host, found through libvirt's own state "
             "(labbuilder's metadata), so it works after a crash or a killed `up` too."
@@ -246,6 +246,7 @@ def cmd_down(args: argparse.Namespace, console: Console) -> int:
         f"lab {lab.name}: removed {len(removed.domains)} domains, {len(removed.networks)} "
         f"networks, {len(removed.volumes)} volumes"
         + (", firewall rules" if removed.firewall else "")
+        + (", gateway namespace" if removed.gateway else "")
         + (", state" if removed.state_dir else "")
     )
     return 0
@@ -320,6 +321,7 @@ def removed_dict(removed: Removed) -> dict[str, object]:
         "networks": list(removed.networks),
         "volumes": list(removed.volumes),
         "firewall": bool(removed.firewall),
+        "gateway": bool(removed.gateway),
         "state_dir": removed.state_dir,
         "left": list(removed.left),
     }
@@ -335,6 +337,8 @@ def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     for lab, what in removed.items():
         console.print(
             f"lab {lab}: removed {len(what.domains)} domains, {len(what.networks)} networks, "
-            f"{len(what.volumes)} volumes" + (", firewall rules" if what.firewall else "")
+            f"{len(what.volumes)} volumes"
+            + (", firewall rules" if what.firewall else "")
+            + (", gateway namespace" if what.gateway else "")
         )
     return 0

@@ -17,9 +17,11 @@ import netaddr
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.common.errors import HypervisorError
-from labbuilder.model.lab import HostFacts, HostRoute, Lab, LibvirtNetworkFact
+from labbuilder.common.paths import pool_dir, pool_name
+from labbuilder.model.lab import HostFacts, HostRoute, Lab, LabUse, LibvirtNetworkFact
 
 APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+KSM = Path("/sys/kernel/mm/ksm")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ def gather_host_facts(lab: Lab, storage: Path) -> GatheredFacts:
     networks: tuple[LibvirtNetworkFact, ...] = ()
     macs: tuple[tuple[str, str], ...] = ()
     held = 0  # memory the lab's own running nodes hold: `up` on a running lab needs no more
+    uses: tuple[LabUse, ...] = ()
     try:
         hypervisor = lv.LibvirtHypervisor.open(lab.libvirt_uri, readonly=True)
     except HypervisorError as err:
@@ -41,6 +44,7 @@ def gather_host_facts(lab: Lab, storage: Path) -> GatheredFacts:
         with hypervisor:
             networks, macs = hypervisor.network_facts(), hypervisor.used_macs()
             held = hypervisor.running_memory(lab.name)
+            uses = hypervisor.lab_uses(pool_name(), str(pool_dir()))
     available = read_memory_available()
     return GatheredFacts(
         HostFacts(
@@ -51,6 +55,9 @@ def gather_host_facts(lab: Lab, storage: Path) -> GatheredFacts:
             cpus=os.cpu_count(),
             memory_available=None if available is None else available + held,
             disk_free=shutil.disk_usage(existing_parent(storage)).free,
+            memory_total=read_memory_total(),
+            labs=tuple(use for use in uses if use.lab != lab.name),
+            ksm=ksm_running(),
         ),
         tuple(notes),
     )
@@ -73,6 +80,19 @@ def read_routes(path: Path = Path("/proc/net/route")) -> tuple[HostRoute, ...]:
 def read_memory_available(path: Path = Path("/proc/meminfo")) -> int | None:
     match = re.search(r"^MemAvailable:\s+(\d+) kB", path.read_text(), re.MULTILINE)
     return int(match.group(1)) * 1024 if match else None
+
+
+def read_memory_total(path: Path = Path("/proc/meminfo")) -> int | None:
+    match = re.search(r"^MemTotal:\s+(\d+) kB", path.read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def ksm_running(path: Path = KSM / "run") -> bool:
+    """Whether the kernel's same-page merging runs (``1``; ``0`` stopped, ``2`` unmerging)."""
+    try:
+        return path.read_text().strip() == "1"
+    except OSError:
+        return False  # no KSM in this kernel
 
 
 def existing_parent(path: Path) -> Path:

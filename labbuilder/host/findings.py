@@ -36,6 +36,7 @@ def findings(facts: HostProbeFacts, decision: Decision) -> tuple[Finding, ...]:
         nested_finding(facts, decision),
         cpus_finding(facts),
         memory_finding(facts),
+        ksm_finding(facts),
         disk_finding(facts),
         routes_finding(facts),
         networks_finding(facts),
@@ -178,6 +179,38 @@ def memory_finding(facts: HostProbeFacts) -> Finding:
     )
 
 
+ENABLE_KSM = "labbuilder doctor --enable-ksm"
+
+
+def ksm_finding(facts: HostProbeFacts) -> Finding:
+    """KSM: whether labs' identical memory pages are merged, and what `plan` allows then."""
+    ksm = facts.ksm
+    if ksm.run is None:
+        return Finding(
+            "memory sharing (KSM)",
+            Status.OK,
+            "this kernel has no KSM",
+            "labs' memory counts in full: their running nodes together get the host's memory "
+            "less 1 GB",
+        )
+    if ksm.run == 1:
+        saved = format_size(ksm.pages_sharing * 4096)
+        return Finding(
+            "memory sharing (KSM)",
+            Status.OK,
+            f"running: {ksm.pages_sharing} guest pages share {ksm.pages_shared} ({saved} saved)",
+            "labs' running nodes together may have 1.5 times the host's memory less 1 GB",
+        )
+    return Finding(
+        "memory sharing (KSM)",
+        Status.OK,
+        "available, not running",
+        "labs' memory counts in full: their running nodes together get the host's memory less "
+        "1 GB; with KSM running 1.5 times that (labs of one image share many pages)",
+        ENABLE_KSM,
+    )
+
+
 def disk_finding(facts: HostProbeFacts) -> Finding:
     where = str(facts.disk_path)
     if facts.disk_path != facts.storage:
@@ -236,7 +269,10 @@ def _clashes(cidr: str) -> list[tuple[str, str]]:
 def _must_move(roles: list[str]) -> str:
     unique = list(dict.fromkeys(roles))
     noun = "network" if len(unique) == 1 else "networks"
-    return f"labs must move their {' and '.join(unique)} {noun} (--auto-subnets)"
+    return (
+        f"labs must move their {' and '.join(unique)} {noun} (--auto-subnets), or keep the "
+        "guide's addresses isolated (options.isolated = true)"
+    )
 
 
 def _guide_cidrs() -> str:

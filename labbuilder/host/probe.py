@@ -193,6 +193,7 @@ def gather_facts(
         ),
         nameservers=tuple(hostfacts.nameservers()),
         labs=tuple(lab_need(load_builtin_lab(name)) for name in builtin_lab_names()),
+        ksm=hostprobe.read_ksm(),
     )
 
 

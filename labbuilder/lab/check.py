@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import combinations
+from urllib.parse import urlsplit
 
 import netaddr
 
@@ -260,6 +261,29 @@ def check_unique_macs(lab: Lab) -> None:
             seen[normal] = f"{node.name}'s {role} NIC"
 
 
+def check_isolated(lab: Lab) -> None:
+    """An isolated lab's gateways live in a namespace on this host, which serves no DHCP."""
+    for net in lab.networks:
+        if net.dhcp_range is not None:
+            raise fail(
+                lab,
+                f"networks.{net.name}.dhcp_range",
+                list(net.dhcp_range),
+                "is set, but an isolated lab's gateway serves no DHCP (options.isolated)",
+                "remove dhcp_range (nodes get their addresses from their seed), or set "
+                "options.isolated = false",
+            )
+    host = urlsplit(lab.libvirt_uri).hostname
+    if host not in (None, "", "localhost"):
+        raise fail(
+            lab,
+            "options.isolated",
+            True,
+            f"needs the lab on this host, but libvirt_uri names host {host}",
+            "set options.isolated = false for a lab on another host",
+        )
+
+
 def check_options(lab: Lab) -> None:
     options = lab.options
     if options.egress != Egress.ALLOW and options.egress_allow:
@@ -282,6 +306,8 @@ def check_options(lab: Lab) -> None:
         if url is not None:
             checks.append((f"options.{key}", url, check_url))
     checks.append(("libvirt_uri", lab.libvirt_uri, check_libvirt_uri))
+    if options.isolated:
+        check_isolated(lab)
     for key, value, check in checks:
         try:
             check(value)

@@ -62,6 +62,7 @@ OPTION_KEYS = (
     "egress_allow",
     "role_images",
     "stages",
+    "isolated",
 )
 NETWORK_KEYS = ("role", "kind", "cidr", "gateway", "dhcp_range", "floating_range")
 NODE_KEYS = ("role", "count", "vcpus", "memory", "disk", "extra_disks", "nics", "addresses", "macs")
@@ -207,6 +208,7 @@ def parse_options(value: object, where: Where) -> Options:
             table.get("egress_allow", []), where.key("egress_allow"), max_items=MAX_LIST
         ),
         role_images=parse_bool(table.get("role_images", True), where.key("role_images")),
+        isolated=parse_bool(table.get("isolated", False), where.key("isolated")),
         optional_stages=parse_stage_names(table.get("stages", []), where.key("stages")),
     )
 

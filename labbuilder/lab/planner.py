@@ -10,7 +10,7 @@ the lab's networks to free subnets.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import netaddr
@@ -19,14 +19,17 @@ from labbuilder.common.errors import PlanError
 from labbuilder.common.sizes import format_size
 from labbuilder.model.addressing import ip_network, move_address, node_address, overlaps
 from labbuilder.model.lab import (
+    GatewayLink,
     HostFacts,
     Lab,
+    LabUse,
     NetworkKind,
     NetworkSpec,
     NicRole,
     NodeSpec,
     Plan,
     PlannedDisk,
+    PlannedGateway,
     PlannedNetwork,
     PlannedNic,
     PlannedNode,
@@ -36,6 +39,15 @@ from labbuilder.model.lab import (
 BRIDGE_ABBREVIATION = {NicRole.MANAGEMENT: "mgmt", NicRole.TUNNEL: "tun", NicRole.EXTERNAL: "ext"}
 # Where --auto-subnets looks for free subnets, in this order (the private ranges).
 FREE_SUBNET_POOLS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+# An isolated lab's uplink subnet inside its namespace: the first that meets no lab network.
+UPLINK_SUBNETS = ("10.0.2.0/24", "172.31.254.0/24", "192.168.254.0/24", "100.127.254.0/24")
+NAMESPACE_PREFIX = "lbns-"
+# Capacity across the labs of a host (README, "Capacity"): running nodes' vCPUs up to nova's own
+# default allocation ratio per host CPU; their memory at full size up to the host's memory less
+# a reserve for the host, and 1.5 times that while KSM merges the guests' identical pages.
+VCPUS_PER_CPU = 16
+HOST_MEMORY_RESERVE = 1024 * 1024 * 1024
+KSM_OVERCOMMIT = 1.5
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,8 @@ def plan(lab: Lab, host: HostFacts, *, auto_subnets: bool = False) -> Plan:
         disk=sum(disk.size for node in nodes for disk in node.disks),
     )
     check_capacity(lab, nodes, totals, host)
+    check_shared_capacity(lab, totals, host)
+    gateway = plan_gateway(lab, planned_networks) if lab.options.isolated else None
     warnings = list(lab.warnings)
     warnings += [
         f"networks.{name}: {old} overlaps what the host uses; planned as {new} (--auto-subnets)"
@@ -78,6 +92,7 @@ def plan(lab: Lab, host: HostFacts, *, auto_subnets: bool = False) -> Plan:
         hosts=tuple((node.management_address, node.name) for node in nodes),
         totals=totals,
         warnings=tuple(warnings),
+        gateway=gateway,
     )
 
 
@@ -118,7 +133,10 @@ def network_conflicts(net: NetworkSpec, used: list[tuple[str, str]]) -> list[Con
 def place_networks(
     lab: Lab, host: HostFacts, auto_subnets: bool
 ) -> tuple[tuple[NetworkSpec, ...], dict[str, tuple[str, str]]]:
-    """The lab's networks, moved to free subnets where allowed; and the moves made."""
+    """The lab's networks, moved to free subnets where allowed; and the moves made. An isolated
+    lab's networks take no host address or route: whatever the host uses, they stay."""
+    if lab.options.isolated:
+        return lab.networks, {}
     used = host_subnets(lab, host)
     conflicts = [c for net in lab.networks for c in network_conflicts(net, used)]
     if not conflicts:
@@ -139,8 +157,9 @@ def place_networks(
             )
         raise PlanError(
             "\n".join(lines),
-            "choose free subnets in the lab file, or pass --auto-subnets to let labbuilder "
-            "move the lab's networks (addresses keep their place in the subnet)",
+            "set options.isolated = true to keep the guide's addresses off the host (the "
+            "lab's gateways in a namespace of its own), choose free subnets in the lab file, "
+            "or pass --auto-subnets to let labbuilder move the lab's networks",
         )
     moves: dict[str, tuple[str, str]] = {}
     networks = []
@@ -229,6 +248,60 @@ def plan_network(lab: Lab, net: NetworkSpec, move: tuple[str, str] | None) -> Pl
         floating_range=net.floating_range,
         remapped_from=move[0] if move else None,
     )
+
+
+def namespace_name(lab_name: str) -> str:
+    """An isolated lab's network namespace: ``lbns-<lab>`` (a lab name is at most 63 chars)."""
+    return NAMESPACE_PREFIX + lab_name
+
+
+def plan_gateway(lab: Lab, networks: tuple[PlannedNetwork, ...]) -> PlannedGateway:
+    """The namespace that holds an isolated lab's gateways: one leg per network with a gateway
+    (in the lab file's order), and an uplink subnet that meets none of the lab's networks."""
+    links = tuple(
+        GatewayLink(
+            network=net.name,
+            host_ifname=f"lbg{lab_tag(lab.name)}{index}",
+            inner_ifname=f"gw-{BRIDGE_ABBREVIATION[net.role]}",
+            address=net.gateway,
+            prefix=ip_network(net.cidr).prefixlen,
+        )
+        for index, net in enumerate(networks)
+        if net.gateway is not None
+    )
+    uplink = next(
+        (cidr for cidr in UPLINK_SUBNETS if not any(overlaps(cidr, net.cidr) for net in networks)),
+        None,
+    )
+    if uplink is None:  # four /24s in four ranges: a lab would need networks in all of them
+        raise PlanError(
+            f"{lab.source}: the lab's networks leave no subnet for its gateway's uplink "
+            f"(one of {', '.join(UPLINK_SUBNETS)})",
+            "move one of the lab's networks off these subnets",
+        )
+    return PlannedGateway(
+        namespace=namespace_name(lab.name),
+        links=links,
+        uplink_cidr=uplink,
+        uplink_dns=str(ip_network(uplink).network + 3),
+    )
+
+
+def through_uplink(plan: Plan, host: HostFacts) -> tuple[str, ...]:
+    """Addresses an isolated lab's guests must reach outside although they lie in one of the
+    lab's subnets: the host's package mirror, proxy or DNS server (this host's mirror is in the
+    guide's 203.0.113.0/24). Its gateway routes each (a /32) through its uplink; an address the
+    lab itself uses (a node's, a gateway) stays the lab's."""
+    used = {nic.address for node in plan.nodes for nic in node.nics if nic.address}
+    used |= {net.gateway for net in plan.networks if net.gateway}
+    found = [
+        address
+        for _, address in host.protected_addresses
+        if "." in address
+        and address not in used
+        and any(netaddr.IPAddress(address) in netaddr.IPNetwork(net.cidr) for net in plan.networks)
+    ]
+    return tuple(dict.fromkeys(found))
 
 
 def check_bridges(lab: Lab, networks: tuple[PlannedNetwork, ...], host: HostFacts) -> None:
@@ -337,3 +410,56 @@ def check_capacity(
             f"host has {format_size(host.disk_free)} free where they are stored",
             "free disk space, or give the nodes smaller disks",
         )
+
+
+def check_shared_capacity(lab: Lab, totals: Totals, host: HostFacts) -> None:
+    """The lab beside every lab already on the host: their running nodes' vCPUs and memory (at
+    full size) and what their disks may still grow by, with this lab's, against the host."""
+    others = host.labs
+
+    def listed(amount: Callable[[LabUse], int], show: Callable[[int], str]) -> str:
+        named = [f"{use.lab} {show(amount(use))}" for use in others if amount(use)]
+        return f" ({', '.join(named)})" if named else ""
+
+    hint = "bring a lab down (`labbuilder list` shows them), or make this one smaller"
+    if host.cpus is not None:
+        used = sum(use.vcpus for use in others)
+        limit = host.cpus * VCPUS_PER_CPU
+        if used + totals.vcpus > limit:
+            raise PlanError(
+                f"{lab.source}: the lab's {totals.vcpus} vCPUs and the {used} of the labs "
+                f"running on this host{listed(lambda u: u.vcpus, str)} come to "
+                f"{used + totals.vcpus}, more than its {host.cpus} CPUs take "
+                f"({VCPUS_PER_CPU} vCPUs per CPU: {limit})",
+                hint,
+            )
+    if host.memory_total is not None:
+        ratio = KSM_OVERCOMMIT if host.ksm else 1.0
+        limit = int(max(0, host.memory_total - HOST_MEMORY_RESERVE) * ratio)
+        used = sum(use.memory for use in others)
+        if used + totals.memory > limit:
+            policy = (
+                f"{KSM_OVERCOMMIT:g} times its memory less {format_size(HOST_MEMORY_RESERVE)}, "
+                "with KSM running"
+                if host.ksm
+                else f"its memory less {format_size(HOST_MEMORY_RESERVE)}; with KSM running "
+                f"(`labbuilder doctor --enable-ksm`) {KSM_OVERCOMMIT:g} times that"
+            )
+            raise PlanError(
+                f"{lab.source}: the lab's {format_size(totals.memory)} of memory and the "
+                f"{format_size(used)} of the labs running on this host"
+                f"{listed(lambda u: u.memory, format_size)} come to "
+                f"{format_size(used + totals.memory)}, more than the "
+                f"{format_size(limit)} its nodes may have together ({policy})",
+                hint,
+            )
+    if host.disk_free is not None:
+        growth = sum(use.disk_growth for use in others)
+        if growth and totals.disk + growth > host.disk_free:
+            raise PlanError(
+                f"{lab.source}: the lab's disks can grow to {format_size(totals.disk)}, and "
+                f"the disks of the labs on this host{listed(lambda u: u.disk_growth, format_size)}"
+                f" by {format_size(growth)} more, but the host has "
+                f"{format_size(host.disk_free)} free where they are stored",
+                hint.replace("make this one smaller", "free disk space"),
+            )

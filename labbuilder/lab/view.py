@@ -12,11 +12,13 @@ from rich.text import Text
 
 from labbuilder.common.sizes import format_size
 from labbuilder.model.lab import (
+    GatewayLink,
     Networking,
     NetworkKind,
     NicRole,
     Plan,
     PlannedDisk,
+    PlannedGateway,
     PlannedNetwork,
     PlannedNic,
     PlannedNode,
@@ -27,7 +29,10 @@ from labbuilder.model.lab import (
 
 def plan_as_dict(plan: Plan) -> dict[str, Any]:
     """The plan as JSON-ready data: enums as their values, tuples as lists, sizes in bytes."""
-    return _plain(dataclasses.asdict(plan))  # type: ignore[no-any-return]
+    data: dict[str, Any] = _plain(dataclasses.asdict(plan))
+    if data["gateway"] is None:
+        del data["gateway"]  # a lab with host gateways reads as it always has
+    return data
 
 
 def _plain(value: Any) -> Any:
@@ -43,7 +48,8 @@ def _plain(value: Any) -> Any:
 def plan_tables(plan: Plan) -> Group:
     # Every value is shown literally (Text), never read as rich markup.
     networks = Table(title=Text(f"Lab {plan.lab}: networks ({plan.networking} networking)"))
-    for column in ("network", "kind", "cidr", "host gateway", "libvirt network", "bridge"):
+    where = "gateway" if plan.gateway else "host gateway"
+    for column in ("network", "kind", "cidr", where, "libvirt network", "bridge"):
         networks.add_column(column)
     for net in plan.networks:
         cidr = net.cidr if not net.remapped_from else f"{net.cidr} (was {net.remapped_from})"
@@ -95,6 +101,14 @@ def plan_tables(plan: Plan) -> Group:
         "/etc/hosts: " + ", ".join(f"{address} {name}" for address, name in plan.hosts)
     )
     parts: list[Table | Text] = [networks, nodes, nics, totals]
+    if plan.gateway is not None:
+        parts.append(
+            Text(
+                f"isolated: the gateways are in network namespace {plan.gateway.namespace}, "
+                "not on the host (no host address or route); guests reach the outside through "
+                f"its uplink ({plan.gateway.uplink_cidr}, user-mode NAT)"
+            )
+        )
     parts += [Text(f"warning: {warning}", style="yellow") for warning in plan.warnings]
     return Group(*parts)
 
@@ -150,4 +164,14 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
         hosts=tuple((address, name) for address, name in data["hosts"]),
         totals=Totals(**data["totals"]),
         warnings=tuple(data.get("warnings", ())),
+        gateway=gateway_from_dict(data["gateway"]) if data.get("gateway") else None,
+    )
+
+
+def gateway_from_dict(data: dict[str, Any]) -> PlannedGateway:
+    return PlannedGateway(
+        namespace=data["namespace"],
+        links=tuple(GatewayLink(**link) for link in data["links"]),
+        uplink_cidr=data["uplink_cidr"],
+        uplink_dns=data["uplink_dns"],
     )

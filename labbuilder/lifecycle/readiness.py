@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from labbuilder.adapters import netns
 from labbuilder.adapters.hypervisor import Hypervisor
 from labbuilder.adapters.ssh import SSHSession, port_open
 from labbuilder.common.errors import (
@@ -67,6 +67,7 @@ class NodeTarget:
     user: str
     key_path: Path
     console_log: Path
+    namespace: str | None = None  # an isolated lab's gateway namespace: reached from there
 
 
 def console_tail(path: Path, lines: int = CONSOLE_LINES) -> str:
@@ -122,7 +123,9 @@ def wait_ready(
     checks: dict[str, Callable[[], str | None]] = {
         "running": lambda: _running(hypervisor, domain),
         "link": lambda: _link(node),
-        "port 22": lambda: None if port_open(node.address, 22, timeout=2.0) else "closed",
+        "port 22": lambda: (
+            None if port_open(node.address, 22, timeout=2.0, namespace=node.namespace) else "closed"
+        ),
         "ssh login": lambda: _login(node),
         "cloud-init": lambda: _cloud_init(node),
     }
@@ -208,11 +211,16 @@ def _link(node: NodeTarget) -> str | None:
     # A connection attempt makes the host resolve the address; the answer lands in the host's
     # neighbour table (libvirt's own ARP reader fails on some kernels, so it is read here).
     try:
-        with socket.create_connection((node.address, 22), timeout=1.0):
+        with netns.connect(node.namespace, node.address, 22, timeout=1.0):
             return None
     except OSError:
         pass
-    if node.mac in neighbours(node.address):
+    if node.namespace is not None:
+        with netns.inside(node.namespace):  # the namespace's own table, read by this thread
+            seen = neighbours(node.address, Path("/proc/thread-self/net/arp"))
+    else:
+        seen = neighbours(node.address)
+    if node.mac in seen:
         return None
     return f"no answer from {node.mac} at {node.address}: the guest's network is not up yet"
 
@@ -231,7 +239,14 @@ def neighbours(address: str, table: Path = Path("/proc/net/arp")) -> set[str]:
 def _session(node: NodeTarget) -> SSHSession:
     """A session that checks the node's host key against the lab's known_hosts (next to the
     lab's key); a wrong key is not a rung to wait for: its ``HostKeyError`` ends the ladder."""
-    return SSHSession(node.address, node.user, node.key_path, timeout=10.0, node=node.name)
+    return SSHSession(
+        node.address,
+        node.user,
+        node.key_path,
+        timeout=10.0,
+        node=node.name,
+        namespace=node.namespace,
+    )
 
 
 def _login(node: NodeTarget) -> str | None:

@@ -79,7 +79,10 @@ def _render(name: str, **values: object) -> str:
 
 
 def render_network_xml(plan: Plan, net: PlannedNetwork, digest: str) -> str:
-    return render_xml(f"networks/{net.kind}.xml.j2", net=net, lab=plan.lab, plan_hash=digest)
+    """A lab network. An isolated lab's networks are bare bridges: their gateways live in the
+    lab's namespace (``plan.gateway``), so libvirt gives them no host address and no NAT."""
+    kind = "isolated" if plan.gateway is not None else str(net.kind)
+    return render_xml(f"networks/{kind}.xml.j2", net=net, lab=plan.lab, plan_hash=digest)
 
 
 def render_domain_xml(

@@ -457,6 +457,7 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
     if record is None:
         return {}
     targets = []
+    namespace = (record["plan"].get("gateway") or {}).get("namespace")
     for node in record["plan"]["nodes"]:
         address = next((nic["address"] for nic in node["nics"] if nic["address"]), None)
         if address is not None:
@@ -473,6 +474,7 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
                     state.key_path,
                     known_hosts=state.known_hosts_path,
                     node=node,
+                    namespace=namespace,
                 ) as session:
                     now = time.time()
                     result = session.run(

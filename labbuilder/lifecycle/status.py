@@ -3,6 +3,8 @@ lab's state directory."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from dataclasses import dataclass
 
 from labbuilder.adapters import libvirt as lv
@@ -62,6 +64,11 @@ def render_ssh_config(state: LabState) -> str:
             f"lab {state.lab} is not up on this host", "bring it up with `labbuilder up`"
         )
     lines = [f"# labbuilder lab {state.lab}: ssh -F {state.ssh_config_path} <node>"]
+    proxy = []
+    if record["plan"].get("gateway"):
+        # An isolated lab's nodes are reached from its gateway namespace: labbuilder relays.
+        relay = shlex.join([sys.executable, "-m", "labbuilder", "relay", state.lab])
+        proxy = [f"  ProxyCommand {relay} %h %p"]
     for node in record["plan"]["nodes"]:
         address = next(nic["address"] for nic in node["nics"] if nic["address"])
         lines += [
@@ -73,6 +80,7 @@ def render_ssh_config(state: LabState) -> str:
             "  StrictHostKeyChecking yes",
             f"  UserKnownHostsFile {state.known_hosts_path}",
             "  LogLevel ERROR",
+            *proxy,
             "",
         ]
     return "\n".join(lines)

@@ -19,12 +19,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labbuilder.adapters import firewall
+from labbuilder.adapters import firewall, netns
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.hypervisor import Hypervisor
 from labbuilder.common.errors import HypervisorError
 from labbuilder.common.filelock import file_lock, is_locked
 from labbuilder.common.paths import lab_dir, lab_lock_path, pool_dir, pool_name, state_root
+from labbuilder.lab.planner import NAMESPACE_PREFIX, lab_tag, namespace_name
 from labbuilder.lifecycle import registry
 from labbuilder.lifecycle.state import LabState, lab_lock, lab_state
 
@@ -49,6 +50,7 @@ class Removed:
     networks: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
     firewall: bool = False
+    gateway: bool = False  # an isolated lab's gateway namespace (and its uplink and veths)
     state_dir: str | None = None
     left: list[str] = field(default_factory=list)  # state entries labbuilder did not make
 
@@ -63,6 +65,7 @@ def remove_lab_objects(hypervisor: Hypervisor, lab: str) -> Removed:
     for domain in hypervisor.domains(lab):
         removed.domains.append(domain.name)
         hypervisor.remove_domain(domain.name)
+    removed.gateway = remove_gateway(lab)
     for network in hypervisor.networks(lab):
         removed.networks.append(network.name)
         hypervisor.remove_network(network.name)
@@ -77,6 +80,18 @@ def remove_lab_objects(hypervisor: Hypervisor, lab: str) -> Removed:
         firewall.remove_egress(lab)
         removed.firewall = True
     return removed
+
+
+def remove_gateway(lab: str) -> bool:
+    """An isolated lab's gateway namespace, its uplink and its veths (found by their names,
+    which derive from the lab's name: a killed `up` left no record of them)."""
+    tag = lab_tag(lab)
+    return netns.remove_gateway(namespace_name(lab), [f"lbg{tag}{i}" for i in range(8)])
+
+
+def gateway_labs() -> set[str]:
+    """Labs that have a gateway namespace on this host."""
+    return {name.removeprefix(NAMESPACE_PREFIX) for name in netns.namespaces(NAMESPACE_PREFIX)}
 
 
 def lab_state_of(lab: str) -> LabState:
@@ -248,7 +263,7 @@ def gc(uri: str, match: str = "*") -> dict[str, Removed]:
     with lv.LibvirtHypervisor.open(uri) as hypervisor:
         removed = {}
         labs = set(labs_on_host(hypervisor))
-        labs |= firewall.owned_labs() | set(registry.registered_labs())
+        labs |= firewall.owned_labs() | set(registry.registered_labs()) | gateway_labs()
         for lab in sorted(labs):
             if not registry.is_lab_name(lab) or not fnmatch.fnmatchcase(lab, match):
                 continue

@@ -109,6 +109,9 @@ class Options:
     egress: Egress = Egress.NAT
     egress_allow: tuple[str, ...] = ()  # with egress = "allow": addresses or CIDRs guests may reach
     role_images: bool = True  # boot each role from an image with its recipe's packages baked in
+    # The lab's gateways (10.0.0.1, 203.0.113.1) live in a network namespace of its own, not on
+    # the host: no host address or route, identical labs side by side (``PlannedGateway``).
+    isolated: bool = False
     optional_stages: tuple[str, ...] = ()  # optional recipe stages to run (`stages = [...]`)
 
 
@@ -154,6 +157,18 @@ class LibvirtNetworkFact:
 
 
 @dataclass(frozen=True)
+class LabUse:
+    """What a lab already on the host takes: its running nodes' vCPUs and memory at their full
+    size (a guest grows to it), and the disk its volumes may still grow by (their sizes less
+    what they hold now, stage snapshots included)."""
+
+    lab: str
+    vcpus: int
+    memory: int  # bytes
+    disk_growth: int  # bytes
+
+
+@dataclass(frozen=True)
 class HostFacts:
     """What the planner needs to know about the host, gathered by ``labbuilder.host.facts``.
 
@@ -167,6 +182,9 @@ class HostFacts:
     cpus: int | None = None
     memory_available: int | None = None  # bytes
     disk_free: int | None = None  # bytes, where the lab's disks go
+    memory_total: int | None = None  # bytes (MemTotal)
+    labs: tuple[LabUse, ...] = ()  # every lab on the host (the planned one is left out)
+    ksm: bool = False  # the kernel merges identical guest pages (KSM running)
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -228,6 +246,32 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class GatewayLink:
+    """One lab network's leg of an isolated lab's gateway: a veth pair whose host end joins the
+    network's bridge (no address) and whose other end holds the gateway address in the lab's
+    namespace."""
+
+    network: str  # the lab's key: "management"
+    host_ifname: str  # "lbg<tag><n>", enslaved to the network's bridge
+    inner_ifname: str  # "gw-mgmt", inside the namespace
+    address: str  # the network's gateway: "10.0.0.1"
+    prefix: int
+
+
+@dataclass(frozen=True)
+class PlannedGateway:
+    """Where an isolated lab's gateways live: the network namespace ``namespace``, with one
+    leg per lab network that has a gateway and an uplink to the outside (user-mode NAT of the
+    host's own connections, ``slirp4netns``, on ``uplink_cidr``), which changes no address,
+    route or firewall rule of the host."""
+
+    namespace: str  # "lbns-<lab>", under /run/netns
+    links: tuple[GatewayLink, ...]
+    uplink_cidr: str  # the uplink's own subnet inside the namespace: clear of the lab's subnets
+    uplink_dns: str  # the uplink's resolver (the host's, relayed); guests ask their gateway
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything ``up`` will create, derived from a lab and the host's facts."""
 
@@ -241,6 +285,7 @@ class Plan:
     hosts: tuple[tuple[str, str], ...]  # /etc/hosts lines (address, name), no 127.0.1.1 line
     totals: Totals
     warnings: tuple[str, ...] = ()
+    gateway: PlannedGateway | None = None  # an isolated lab's gateway namespace
 
     def node(self, name: str) -> PlannedNode:
         return next(node for node in self.nodes if node.name == name)

@@ -149,6 +149,15 @@ def _mode_string(mode: int) -> str:
 
 
 @dataclass(frozen=True)
+class KsmFacts:
+    """The kernel's same-page merging (``/sys/kernel/mm/ksm``); ``run`` None: no KSM."""
+
+    run: int | None  # 0 stopped, 1 running, 2 unmerging
+    pages_sharing: int = 0  # guest pages that point at a shared page (what is saved)
+    pages_shared: int = 0
+
+
+@dataclass(frozen=True)
 class NestedFacts:
     """Whether the host's KVM module offers VT-x/AMD-V to its guests."""
 
@@ -211,6 +220,7 @@ class HostProbeFacts:
     mirrors: tuple[Resolved, ...] = ()
     nameservers: tuple[str, ...] = ()
     labs: tuple[LabNeed, ...] = ()
+    ksm: KsmFacts = KsmFacts(None)
 
     @property
     def acceleration(self) -> AccelerationFacts:
