@@ -76,6 +76,7 @@ addresses = {{ management = "{m}.21", tunnel = "{t}.21" }}
 [nodes.compute1]
 addresses = {{ management = "{m}.31", tunnel = "{t}.31" }}
 [options]
+isolated = false
 egress = "none"
 role_images = {"true" if role_images else "false"}
 {extra}
@@ -103,6 +104,7 @@ count = 0
 [nodes.compute]
 count = 0
 [options]
+isolated = false
 egress = "none"
 role_images = false
 """
@@ -154,6 +156,7 @@ addresses = {{ management = "{m}.21", tunnel = "{t}.21" }}
 [nodes.compute]
 count = 0
 [options]
+isolated = false
 egress = "none"
 role_images = false
 """
@@ -214,7 +217,6 @@ def full_lab(name: str, *, extra: str = "", core: bool = False, isolated: bool =
     builtin = tomllib.loads((Path(__file__).parent.parent / "labs" / "zed-full.toml").read_text())
     if isolated:
         management, tunnel, external = "10.0.0.0/24", "10.0.1.0/24", "203.0.113.0/24"
-        extra = f"isolated = true\n{extra}"
     else:
         management, tunnel, external = free_subnets(3)
     m, t, e = (s.rsplit(".", 1)[0] for s in (management, tunnel, external))
@@ -247,6 +249,7 @@ cidr = "{external}"
 gateway = "{e}.1"
 floating_range = "{e}.101-{e}.200"
 {nodes}[options]
+isolated = {"true" if isolated else "false"}
 egress = "none"
 role_images = true
 stages = [{stages}]

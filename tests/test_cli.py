@@ -83,7 +83,7 @@ def test_a_subnet_the_host_routes_is_refused_with_exit_2(
         '[nodes.controller]\naddresses = { management = "'
         + route.destination.split("/")[0][:-1]
         + '2" }\n'
-        "[nodes.network]\ncount = 0\n[nodes.compute]\ncount = 0\n"
+        "[nodes.network]\ncount = 0\n[nodes.compute]\ncount = 0\n[options]\nisolated = false\n"
     )
     code, _, err = run(["plan", str(lab)], capsys)
     assert code == 2, err

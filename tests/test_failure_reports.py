@@ -71,6 +71,7 @@ count = 0
 [nodes.compute]
 count = 0
 [options]
+isolated = false  # its node is an SSH server on this host's own address
 egress = "none"
 role_images = false
 """

@@ -128,7 +128,7 @@ def test_the_uplink_subnet_moves_off_the_labs_own_networks() -> None:
 
 
 def test_a_lab_with_host_gateways_plans_as_before() -> None:
-    lab = parse_lab('name = "h"\n', source="lab.toml")
+    lab = parse_lab('name = "h"\n[options]\nisolated = false\n', source="lab.toml")
     planned = plan(lab, HostFacts())
     assert planned.gateway is None and "gateway" not in plan_as_dict(planned)
 
@@ -290,6 +290,10 @@ def test_two_labs_with_the_guides_addresses_run_side_by_side(labs: dict[str, Any
             (Path(labs["env"]["LABBUILDER_STATE_DIR"]) / "labs" / lab / "lab.json").read_text()
         )
         assert record["plan"]["nodes"][0]["nics"][0]["address"] == "10.0.0.11"
+        status = run_labbuilder("status", "-f", str(labs["files"][lab]), "--json", env=labs["env"])
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)
+        assert (shown["gateway"], shown["uplink"]) == (f"lbns-{lab}", True)
         result = ssh(labs, lab, "hostname", "-I")
         assert result.returncode == 0, result.stderr
         assert result.stdout.split()[0] == "10.0.0.11"
@@ -414,3 +418,33 @@ def test_the_hosts_mirror_inside_the_guides_subnet_is_routed_through_the_uplink(
         )
     )
     assert through_uplink(planned, host) == ("203.0.113.80",)
+
+
+@pytest.mark.integration
+def test_gc_removes_the_gateway_of_a_lab_that_no_longer_exists(
+    bridges: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from labbuilder.lab.planner import lab_tag, namespace_name
+    from labbuilder.lifecycle import teardown
+
+    lab = "lbtest-iso-orphan"
+    gateway = PlannedGateway(
+        namespace_name(lab),
+        (GatewayLink("management", f"lbg{lab_tag(lab)}0", "gw-mgmt", "10.0.0.1", 24),),
+        "10.0.2.0/24",
+        "10.0.2.3",
+    )
+    monkeypatch.setenv("LABBUILDER_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "state").mkdir(mode=0o700)
+    try:
+        # what a killed `up` leaves: the gateway, and no state, no domain, no network
+        netns.ensure_gateway(
+            gateway, {"management": bridges[0]}, egress=Egress.NAT, allow=(), log=tmp_path / "g"
+        )
+        assert gateway_leftovers(lab)["uplinks"]
+        removed = teardown.gc("qemu:///system", match=lab)
+        assert removed[lab].gateway is True
+        assert gateway_leftovers(lab) == {"namespaces": [], "veths": [], "uplinks": []}
+        assert teardown.gc("qemu:///system", match=lab) == {}
+    finally:
+        netns.remove_gateway(gateway.namespace, [gateway.links[0].host_ifname])

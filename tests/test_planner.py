@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from labbuilder.model.lab import (
     GiB,
     HostFacts,
     HostRoute,
+    Lab,
     LabUse,
     LibvirtNetworkFact,
     Plan,
@@ -142,8 +144,13 @@ def test_isolated_networks_may_overlap_host_routes() -> None:
     assert plan(lab, host).network("tunnel").cidr == "10.0.1.0/24"
 
 
+def host_gateways(lab: Lab) -> Lab:
+    """``lab`` with its gateways on the host (``options.isolated = false``)."""
+    return replace(lab, options=replace(lab.options, isolated=False))
+
+
 def test_auto_subnets_keeps_addresses_in_place_and_avoids_everything_taken() -> None:
-    lab = load_builtin_lab("guide-3node")
+    lab = host_gateways(load_builtin_lab("guide-3node"))
     host = HostFacts(
         routes=(HostRoute("10.0.0.0/23", "eth1"), HostRoute("10.0.2.0/24", "eth2")),
         protected_addresses=(("mirror", "203.0.113.80"),),
@@ -241,7 +248,7 @@ def test_free_subnets_jump_past_what_is_taken() -> None:
     lab = parse_lab(
         'name = "x"\n[networks.management]\ncidr = "10.0.0.0/30"\ngateway = "10.0.0.1"\n'
         '[nodes.controller]\naddresses = { management = "10.0.0.2" }\n'
-        "[nodes.compute]\ncount = 0\n[nodes.network]\ncount = 0\n",
+        "[nodes.compute]\ncount = 0\n[nodes.network]\ncount = 0\n[options]\nisolated = false\n",
         source="lab.toml",
     )
     host = HostFacts(routes=(HostRoute("10.0.0.0/8", "eth1"), HostRoute("172.16.0.0/12", "eth2")))

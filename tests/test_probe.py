@@ -148,6 +148,7 @@ def test_a_healthy_kvm_host_has_only_ok_findings() -> None:
         "nested virtualization",
         "CPUs",
         "memory",
+        "memory sharing (KSM)",
         "disk",
         "routes",
         "libvirt networks",
@@ -311,8 +312,8 @@ def test_a_mirror_inside_the_guides_external_network_means_auto_subnets() -> Non
         "203.0.113.0/24"
     )
     assert finding.consequence == (
-        "labs must move their external network (--auto-subnets), or keep the guide's addresses "
-        "isolated (options.isolated = true)"
+        "isolated labs (the default on qemu:///system) keep the guide's addresses; a lab with "
+        "host gateways (options.isolated = false) must move its external network (--auto-subnets)"
     )
 
 
@@ -332,8 +333,8 @@ def test_a_dns_server_in_the_management_network() -> None:
     assert finding.status == Status.WARN
     assert finding.detail == "10.0.0.2 is inside 10.0.0.0/24"
     assert finding.consequence == (
-        "labs must move their management network (--auto-subnets), or keep the guide's addresses "
-        "isolated (options.isolated = true)"
+        "isolated labs (the default on qemu:///system) keep the guide's addresses; a lab with "
+        "host gateways (options.isolated = false) must move its management network (--auto-subnets)"
     )
 
 
@@ -346,8 +347,8 @@ def test_routes_that_overlap_the_guides_networks() -> None:
         "network 10.0.0.0/24"
     )
     assert finding.consequence == (
-        "labs must move their management network (--auto-subnets), or keep the guide's addresses "
-        "isolated (options.isolated = true)"
+        "isolated labs (the default on qemu:///system) keep the guide's addresses; a lab with "
+        "host gateways (options.isolated = false) must move its management network (--auto-subnets)"
     )
     only_default = probe_from_facts(facts(routes=routes[:1])).finding("routes")
     assert only_default.status == Status.OK and only_default.detail == "only a default route"
@@ -363,8 +364,8 @@ def test_a_labs_own_libvirt_networks_are_listed_but_not_a_clash() -> None:
     assert finding.status == Status.WARN
     assert "office overlaps the guide's management network 10.0.0.0/24" in finding.detail
     assert finding.consequence == (
-        "labs must move their management network (--auto-subnets), or keep the guide's addresses "
-        "isolated (options.isolated = true)"
+        "isolated labs (the default on qemu:///system) keep the guide's addresses; a lab with "
+        "host gateways (options.isolated = false) must move its management network (--auto-subnets)"
     )
 
 

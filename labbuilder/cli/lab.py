@@ -169,7 +169,9 @@ def add_auto_subnets(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--auto-subnets",
         action="store_true",
-        help="move lab networks that overlap the host's to free subnets instead of refusing",
+        help="a lab with host gateways (options.isolated = false): move its networks that "
+        "overlap the host's to free subnets instead of refusing (an isolated lab keeps its "
+        "subnets whatever the host uses)",
     )
 
 
@@ -263,6 +265,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
                     "virt_type": status.virt_type,
                     "nodes": [node.__dict__ for node in status.nodes],
                     "networks": [{"name": n, "active": a} for n, a in status.networks],
+                    "gateway": status.gateway,
+                    "uplink": status.uplink,
                 }
             )
         )
@@ -278,6 +282,13 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             node.domain,
         )  # fmt: skip
     console.print(table)
+    if status.gateway is not None:
+        console.print(
+            f"isolated: gateways in namespace {status.gateway}, uplink "
+            + ("running" if status.uplink else "NOT running (`labbuilder up` starts it)"),
+            markup=False,
+            highlight=False,
+        )
     return 0
 
 

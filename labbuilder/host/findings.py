@@ -270,8 +270,9 @@ def _must_move(roles: list[str]) -> str:
     unique = list(dict.fromkeys(roles))
     noun = "network" if len(unique) == 1 else "networks"
     return (
-        f"labs must move their {' and '.join(unique)} {noun} (--auto-subnets), or keep the "
-        "guide's addresses isolated (options.isolated = true)"
+        f"isolated labs (the default on qemu:///system) keep the guide's addresses; a lab "
+        f"with host gateways (options.isolated = false) must move its {' and '.join(unique)} "
+        f"{noun} (--auto-subnets)"
     )
 
 

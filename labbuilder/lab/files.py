@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from labbuilder.common.errors import LabFileError
 from labbuilder.common.resources import data_dir
@@ -168,6 +169,9 @@ def _lab_from_data(data: dict[str, Any], source: str, force: bool, folder: Path 
     networks = parse_networks(data.get("networks", {}), networking, where.key("networks"))
     warnings: list[str] = []
     nodes = parse_nodes(data.get("nodes", {}), networking, where.key("nodes"), force, warnings)
+    libvirt_uri = parse_str(
+        data.get("libvirt_uri", guide.DEFAULT_LIBVIRT_URI), where.key("libvirt_uri")
+    )
     lab = Lab(
         name=name,
         description=parse_line(
@@ -177,12 +181,12 @@ def _lab_from_data(data: dict[str, Any], source: str, force: bool, folder: Path 
         networking=networking,
         image=parse_image(data.get("image", guide.DEFAULT_IMAGE), where.key("image"), folder),
         recipe=parse_recipe_name(data.get("recipe", guide.DEFAULT_RECIPE), where.key("recipe")),
-        libvirt_uri=parse_str(
-            data.get("libvirt_uri", guide.DEFAULT_LIBVIRT_URI), where.key("libvirt_uri")
-        ),
+        libvirt_uri=libvirt_uri,
         networks=networks,
         nodes=nodes,
-        options=parse_options(data.get("options", {}), where.key("options")),
+        options=parse_options(
+            data.get("options", {}), where.key("options"), isolated=isolated_by_default(libvirt_uri)
+        ),
     )
     check_lab(lab)
     return replace(lab, warnings=tuple(warnings))
@@ -191,7 +195,18 @@ def _lab_from_data(data: dict[str, Any], source: str, force: bool, folder: Path 
 # --- sections -------------------------------------------------------------------------------
 
 
-def parse_options(value: object, where: Where) -> Options:
+def isolated_by_default(libvirt_uri: str) -> bool:
+    """Whether a lab on ``libvirt_uri`` is isolated unless its file says otherwise: a lab on this
+    host's system libvirt (``qemu:///system``) is; a lab on another host, or in a user's session
+    libvirt (no network namespaces without root), keeps its gateways on its host."""
+    try:
+        parts = urlsplit(libvirt_uri)
+    except ValueError:  # not a URI: the lab checks refuse it with its key
+        return False
+    return parts.scheme == "qemu" and not parts.netloc and parts.path == "/system"
+
+
+def parse_options(value: object, where: Where, *, isolated: bool = False) -> Options:
     table = parse_table(value, where)
     check_keys(table, OPTION_KEYS, where)
     proxy = table.get("apt_proxy")
@@ -208,7 +223,7 @@ def parse_options(value: object, where: Where) -> Options:
             table.get("egress_allow", []), where.key("egress_allow"), max_items=MAX_LIST
         ),
         role_images=parse_bool(table.get("role_images", True), where.key("role_images")),
-        isolated=parse_bool(table.get("isolated", False), where.key("isolated")),
+        isolated=parse_bool(table.get("isolated", isolated), where.key("isolated")),
         optional_stages=parse_stage_names(table.get("stages", []), where.key("stages")),
     )
 

@@ -157,9 +157,9 @@ def place_networks(
             )
         raise PlanError(
             "\n".join(lines),
-            "set options.isolated = true to keep the guide's addresses off the host (the "
-            "lab's gateways in a namespace of its own), choose free subnets in the lab file, "
-            "or pass --auto-subnets to let labbuilder move the lab's networks",
+            "isolate the lab (options.isolated = true, the default on qemu:///system: its "
+            "gateways in a namespace of its own, off the host), choose free subnets in the "
+            "lab file, or pass --auto-subnets to let labbuilder move the lab's networks",
         )
     moves: dict[str, tuple[str, str]] = {}
     networks = []

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters import netns
 from labbuilder.common.errors import UsageError
 from labbuilder.lifecycle.state import LabState, load_state_record
 
@@ -28,6 +29,8 @@ class LabStatus:
     nodes: tuple[NodeStatus, ...]
     networks: tuple[tuple[str, bool], ...]  # (libvirt name, active)
     virt_type: str | None  # what compute nodes must use, from the probe at `up`
+    gateway: str | None = None  # an isolated lab's gateway namespace
+    uplink: bool = False  # its uplink runs (the guests reach the outside)
 
 
 def lab_status(lab: str, uri: str, state: LabState) -> LabStatus:
@@ -53,7 +56,9 @@ def lab_status(lab: str, uri: str, state: LabState) -> LabStatus:
                 )
             )
         networks = tuple((network.name, network.active) for network in hypervisor.networks(lab))
-    return LabStatus(lab, tuple(nodes), networks, record.get("virt_type"))
+    gateway = (record.get("plan", {}).get("gateway") or {}).get("namespace")
+    uplink = gateway is not None and netns.exists(gateway) and bool(netns.uplink_pids(gateway))
+    return LabStatus(lab, tuple(nodes), networks, record.get("virt_type"), gateway, uplink)
 
 
 def render_ssh_config(state: LabState) -> str:
