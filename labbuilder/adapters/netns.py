@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute, NetlinkError, NetNS, netns
 
 from labbuilder.adapters import processes
 from labbuilder.common.errors import HostError, PlanError
@@ -199,14 +199,20 @@ def ensure_gateway(
                     if (link.address, link.prefix) not in have:
                         inner.addr("add", index=index, address=link.address, prefixlen=link.prefix)
                     inner.link("set", index=index, state="up")
-    except OSError as err:  # pyroute2's NetlinkError is an OSError
+    except (OSError, NetlinkError) as err:
         raise HostError(
             f"cannot make the gateway namespace {ns}: {err}",
             "labbuilder makes network namespaces: run it as root",
         ) from None
     if not uplink_pids(ns):
         _start_uplink(gateway, log)
-    _route_outside(gateway, outside)
+    try:
+        _route_outside(gateway, outside)
+    except (OSError, NetlinkError) as err:
+        raise HostError(
+            f"cannot route {', '.join(outside)} through the uplink of {ns}: {err}",
+            "see the lab's logs/gateway.log; `labbuilder down` and `up` make the gateway anew",
+        ) from None
     apply_rules(gateway, egress=egress, allow=allow, blocked=host_networks_off_uplink())
 
 
@@ -332,22 +338,23 @@ def apply_rules(
 
 
 def remove_gateway(namespace: str, host_ifnames: Sequence[str] = ()) -> bool:
-    """Stop the namespace's uplink and every process in it, delete it and its veths (the host
-    ends ``host_ifnames``, which go with it anyway). Idempotent; True when anything was there."""
+    """Stop the namespace's uplink and every process in it, delete its veths (the host ends
+    ``host_ifnames``: deleting one end deletes the pair at once, where a namespace's own go a
+    moment after it) and the namespace. Idempotent; True when anything was there."""
     found = False
     for pid in uplink_pids(namespace):
         found = True
         processes.stop(pid)
     with _lock:
+        with IPRoute() as host:
+            for name in host_ifnames:
+                for index in host.link_lookup(ifname=name):
+                    found = True
+                    with contextlib.suppress(OSError, NetlinkError):  # gone meanwhile: ENODEV
+                        host.link("del", index=index)
         if exists(namespace):
             found = True
             for pid in netns.ns_pids().get(namespace, []):
                 processes.stop(pid)
             netns.remove(namespace)
-        with IPRoute() as host:
-            for name in host_ifnames:
-                for index in host.link_lookup(ifname=name):
-                    found = True
-                    with contextlib.suppress(OSError):  # gone with the namespace meanwhile
-                        host.link("del", index=index)
     return found
