@@ -50,6 +50,7 @@ from lablib import full_lab, lab_environment, remove_test_pool, three_node_lab  
 from labbuilder.adapters import libvirt as lv  # noqa: E402
 from labbuilder.adapters import storage  # noqa: E402
 from labbuilder.adapters.ssh import SSHSession  # noqa: E402
+from labbuilder.lifecycle.state import gateway_namespace  # noqa: E402
 from labbuilder.recipe.files import load_recipe  # noqa: E402
 
 CORE_TARGET = 1800.0  # the core path (up to a verified instance) on this host
@@ -191,7 +192,7 @@ class MemorySampler:
         name = node["name"]
         if name not in sessions:
             address = node["nics"][0]["address"]
-            namespace = (self.record["plan"].get("gateway") or {}).get("namespace")
+            namespace = gateway_namespace(self.record)
             sessions[name] = SSHSession(address, self.record["user"], self.key, namespace=namespace)
         text = sessions[name].run("cat /proc/meminfo", timeout=60).check(name).stdout
         fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in text.splitlines()}
@@ -306,7 +307,7 @@ def verify_instance(state: Path) -> dict[str, Any]:
 
     facts = instance_facts(state)
     record = json.loads((state / "lab.json").read_text())
-    namespace = (record["plan"].get("gateway") or {}).get("namespace")
+    namespace = gateway_namespace(record)
     return {
         "status": facts["status"],
         "floating_ip": facts["FLOATING_IP"],

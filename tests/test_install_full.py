@@ -36,6 +36,7 @@ from lablib import full_lab, lab_environment, remove_labs
 
 from labbuilder.adapters.ssh import SSHSession
 from labbuilder.api import facade as api
+from labbuilder.lifecycle.state import gateway_namespace
 from labbuilder.recipe.files import load_recipe
 from labbuilder.recipe.render import applicable_stages
 
@@ -67,7 +68,7 @@ def ssh(state: Path, node: str, command: str, timeout: float = 600) -> str:
     record = json.loads((state / "lab.json").read_text())
     planned = next(n for n in record["plan"]["nodes"] if n["name"] == node)
     address = planned["nics"][0]["address"]
-    namespace = (record["plan"].get("gateway") or {}).get("namespace")
+    namespace = gateway_namespace(record)
     with SSHSession(address, record["user"], state / "id_ed25519", namespace=namespace) as session:
         return session.run("sudo -n bash -c %s", command, timeout=timeout).check(node).stdout
 

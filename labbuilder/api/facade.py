@@ -21,6 +21,7 @@ from labbuilder.lab.files import builtin_lab_names, load_builtin_lab, load_lab_f
 from labbuilder.lab.planner import plan
 from labbuilder.lifecycle import status as labstatus
 from labbuilder.lifecycle import teardown
+from labbuilder.lifecycle.state import gateway_namespace as state_gateway_namespace
 from labbuilder.lifecycle.state import lab_state, load_state_record, write_state_file
 from labbuilder.lifecycle.status import LabStatus
 from labbuilder.lifecycle.teardown import Removed
@@ -159,8 +160,7 @@ def _up_record(lab_name: str) -> dict[str, Any]:
 
 def gateway_namespace(lab_name: str) -> str | None:
     """The gateway namespace of a lab that is up (None: its gateways are on the host)."""
-    gateway = _up_record(lab_name)["plan"].get("gateway")
-    return str(gateway["namespace"]) if gateway else None
+    return state_gateway_namespace(_up_record(lab_name))
 
 
 def node_address(lab_name: str, node: str) -> str:

@@ -44,7 +44,7 @@ from labbuilder.common.errors import (
     UsageError,
 )
 from labbuilder.common.sizes import format_size
-from labbuilder.lifecycle.state import LabState, lab_lock, load_state_record
+from labbuilder.lifecycle.state import LabState, gateway_namespace, lab_lock, load_state_record
 
 PREFIX = "lb-"  # libvirt snapshot names labbuilder owns
 # Free disk a snapshot leaves besides its memory state: the guests go on writing, and QEMU
@@ -457,7 +457,7 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
     if record is None:
         return {}
     targets = []
-    namespace = (record["plan"].get("gateway") or {}).get("namespace")
+    namespace = gateway_namespace(record)
     for node in record["plan"]["nodes"]:
         address = next((nic["address"] for nic in node["nics"] if nic["address"]), None)
         if address is not None:

@@ -334,3 +334,9 @@ def load_state_record(state: LabState) -> dict[str, Any] | None:
         return None
     record: dict[str, Any] = json.loads(path.read_text())
     return record
+
+
+def gateway_namespace(record: dict[str, Any]) -> str | None:
+    """The gateway namespace of an isolated lab's record (None: its gateways are on the host)."""
+    gateway = record.get("plan", {}).get("gateway")
+    return str(gateway["namespace"]) if gateway else None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import netns
 from labbuilder.common.errors import UsageError
-from labbuilder.lifecycle.state import LabState, load_state_record
+from labbuilder.lifecycle.state import LabState, gateway_namespace, load_state_record
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def lab_status(lab: str, uri: str, state: LabState) -> LabStatus:
                 )
             )
         networks = tuple((network.name, network.active) for network in hypervisor.networks(lab))
-    gateway = (record.get("plan", {}).get("gateway") or {}).get("namespace")
+    gateway = gateway_namespace(record)
     uplink = gateway is not None and netns.exists(gateway) and bool(netns.uplink_pids(gateway))
     return LabStatus(lab, tuple(nodes), networks, record.get("virt_type"), gateway, uplink)
 
@@ -70,7 +70,7 @@ def render_ssh_config(state: LabState) -> str:
         )
     lines = [f"# labbuilder lab {state.lab}: ssh -F {state.ssh_config_path} <node>"]
     proxy = []
-    if record["plan"].get("gateway"):
+    if gateway_namespace(record) is not None:
         # An isolated lab's nodes are reached from its gateway namespace: labbuilder relays.
         relay = shlex.join([sys.executable, "-m", "labbuilder", "relay", state.lab])
         proxy = [f"  ProxyCommand {relay} %h %p"]
