@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 from conftest import GUIDE_LAB, GUIDE_POOL
-from lablib import lab_leftovers
+from lablib import gateway_leftovers, lab_leftovers
 from lablib import run_labbuilder as labbuilder
 
+from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters import storage
 from labbuilder.adapters.ssh import SSHSession
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -187,12 +189,105 @@ def test_a_failing_step_stops_with_its_report_and_from_resumes(
     ssh(lab, "network", "test -f /root/lbtest-after")
 
 
-def test_down_leaves_nothing(lab: dict[str, Any], tmp_path: Path) -> None:
-    """Last of the shared lab's tests: `down` from a lab file that names the lab only (libvirt's
-    own state says what belongs to it), and nothing of it is left, snapshots included."""
-    lab_file = tmp_path / "lab.toml"
-    lab_file.write_text(f'name = "{GUIDE_LAB}"\n')
-    result = labbuilder("down", "--file", str(lab_file), env=lab["env"])
-    assert result.returncode == 0, result.stderr
-    assert lab_leftovers(GUIDE_LAB, GUIDE_POOL) == {"domains": [], "networks": [], "volumes": []}
-    assert not lab["state"].exists()
+STAMPED = "lbtest-stamped"
+TEMPLATE = "lbtest-image"
+
+
+def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    """Last of the shared lab's tests. A template of the lab at "after image"; then the lab's
+    `down` from a lab file that names the lab only (libvirt's own state says what belongs to
+    it) leaves nothing of it, snapshots included, but the template. A lab unlike it is refused;
+    an isolated lab of its plan, stamped from it, resumes running at "after image": its image
+    stage's checks pass again, and its install goes on with the next stage. Its `down` and the
+    template's `delete` leave nothing."""
+    env = lab["env"]
+    try:
+        saved = labbuilder(
+            "template", "save", TEMPLATE, "--stage", "image", lab["file"], "--json", env=env
+        )  # fmt: skip
+        assert saved.returncode == 0, saved.stdout + saved.stderr
+        template = json.loads(saved.stdout)
+        assert template["stage"] == "image" and template["lab"] == GUIDE_LAB
+        assert {node["name"] for node in template["nodes"]} == {"controller", "network", "compute1"}
+        assert all(node["memory_bytes"] > 0 for node in template["nodes"])
+        # The lab is back where it was, running, without the snapshot the save took.
+        assert "image.upload" in ssh(lab, "controller", "ls /var/lib/labbuilder/steps")
+        listed = labbuilder("snapshot", "list", lab["file"], "--json", env=env)
+        names = {s["name"] for s in json.loads(listed.stdout)}
+        assert "image" in names and "template-return" not in names, names
+        shown = labbuilder("template", "list", "--json", env=env)
+        assert [t["name"] for t in json.loads(shown.stdout)] == [TEMPLATE]
+
+        lab_file = tmp_path / "lab.toml"
+        lab_file.write_text(f'name = "{GUIDE_LAB}"\n')
+        result = labbuilder("down", "--file", str(lab_file), env=env)
+        assert result.returncode == 0, result.stderr
+        assert lab_leftovers(GUIDE_LAB, GUIDE_POOL) == {
+            "domains": [],
+            "networks": [],
+            "volumes": [],
+        }
+        assert not lab["state"].exists()
+
+        text = Path(lab["file"]).read_text().replace(f'name = "{GUIDE_LAB}"', f'name = "{STAMPED}"')
+        stamped = tmp_path / "stamped.toml"
+        stamped.write_text(text.replace("isolated = false", "isolated = true"))
+        unlike = tmp_path / "unlike.toml"
+        unlike.write_text(
+            text.replace("[nodes.controller]", '[nodes.controller]\nmemory = "7 GiB"')
+        )
+        refused = labbuilder("up", str(unlike), "--from-template", TEMPLATE, env=env)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert (
+            f"cannot be made from template {TEMPLATE}: node controller: memory 7 GB"
+            in refused.stderr
+        )
+        assert lab_leftovers(STAMPED, GUIDE_POOL) == {"domains": [], "networks": [], "volumes": []}
+
+        up = labbuilder("up", str(stamped), "--from-template", TEMPLATE, "--json", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert json.loads(up.stdout)["template"] == TEMPLATE
+        images = labbuilder(
+            "ssh", "-f", str(stamped), "controller", "sudo", "bash", "-c",
+            ". /root/admin-openrc && openstack image list -f value -c Name -c Status", env=env,
+        )  # fmt: skip
+        assert "lbtest active" in images.stdout.splitlines(), images.stdout + images.stderr
+
+        code, report, output = install({**lab, "file": str(stamped)}, "--only", "image")
+        assert code == 0, output
+        assert report["result"] == "passed"
+        rechecked = steps(report)
+        assert {s["status"] for s in rechecked} <= {"done-before", "skipped"}, rechecked
+        checks = [c for s in rechecked for c in s["checks"]]
+        assert checks and all(c["passed"] for c in checks), checks
+
+        code, report, output = install({**lab, "file": str(stamped)}, "--until", "compute")
+        assert code == 0, output
+        by_stage = {stage["name"]: stage for stage in report["stages"]}
+        assert {
+            s["status"]
+            for st in ("environment", "identity", "image")
+            for s in by_stage[st]["steps"]
+        } <= {"done-before", "skipped"}
+        compute = by_stage["compute"]["steps"]
+        assert any(s["status"] in ("ok", "guarded") for s in compute), compute
+        assert all(s["status"] in ("ok", "guarded", "skipped") for s in compute), compute
+
+        in_use = labbuilder("template", "delete", TEMPLATE, env=env)
+        assert in_use.returncode == 2 and STAMPED in in_use.stderr, in_use.stderr
+    finally:
+        labbuilder("down", "--file", str(tmp_path / "stamped.toml"), env=env)
+        deleted = labbuilder("template", "delete", TEMPLATE, env=env)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    assert lab_leftovers(STAMPED, GUIDE_POOL) == {"domains": [], "networks": [], "volumes": []}
+    assert gateway_leftovers(STAMPED) == {"namespaces": [], "veths": [], "uplinks": []}
+    conn = lv.connect("qemu:///system", readonly=True)
+    try:
+        pool = storage.find_pool(conn, GUIDE_POOL)
+        left = [v.name() for v in pool.listAllVolumes(0) if TEMPLATE in v.name()] if pool else []
+    finally:
+        conn.close()
+    assert left == []
+    assert not (Path(env["LABBUILDER_STATE_DIR"]) / "templates" / TEMPLATE).exists()

@@ -284,6 +284,30 @@ def test_rerun_is_a_noop_and_a_changed_step_runs_again(
     assert any(s.status == Status.OK and s.step == "db" for s in forced[0].steps)
 
 
+def test_a_recheck_runs_the_checks_of_steps_done_before_and_fails_on_a_broken_one(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, log = lab_nodes
+    folder = write_recipe(tmp_path, STAGES)
+    engine_for(nodes, tmp_path).run(render(folder))
+    ran_first = len(log)
+    again = engine_for(nodes, tmp_path, recheck=True).run(render(folder))
+    objects = next(s for s in again[1].steps if s.step.startswith("objects"))
+    assert objects.status == Status.DONE_BEFORE
+    assert [c.passed for c in objects.checks] == [True]
+    rechecks = log[ran_first:]
+    assert any("list-projects" in script for _, script, _ in rechecks), rechecks
+    assert not any("echo database" in script or "hello from" in script for _, script, _ in rechecks)
+
+    # The service is gone now: the step done before fails, naming its check.
+    nodes["controller"].rules.insert(0, lambda s: ok("admin\n") if "list-projects" in s else None)
+    broken = engine_for(nodes, tmp_path, recheck=True).run(render(folder))
+    objects = next(s for s in broken[1].steps if s.step.startswith("objects"))
+    assert objects.status == Status.FAILED
+    assert objects.failed_check == "projects"
+    assert "fails now" in objects.reason
+
+
 def test_failure_stops_the_run_and_reports_where_and_how_to_resume(
     tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
 ) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from labbuilder.adapters.savefile import SaveImage
 from labbuilder.libvirtxml.render import METADATA_NS as METADATA_NS
 from labbuilder.libvirtxml.render import METADATA_PREFIX as METADATA_PREFIX
 from labbuilder.model.lab import LabUse, LibvirtNetworkFact
@@ -156,6 +157,11 @@ class Hypervisor(Protocol):
     def ensure_overlay(self, pool: str, name: str, backing: Volume, capacity: int) -> Volume: ...
     def ensure_empty_disk(self, pool: str, name: str, capacity: int) -> Volume: ...
     def find_volume(self, pool: str, name: str) -> Volume | None: ...
+    def volume_backing(self, volume: Volume) -> str | None:
+        """The path of the file a qcow2 volume backs onto, if any."""
+
+    def refresh_pool(self, pool: str) -> None:
+        """Let the pool list the files written into its directory meanwhile."""
 
     # --- volumes (in labbuilder's own pool: ``pool`` at ``path``)
     def lab_volumes(self, pool: str, path: str, lab: str | None = None) -> list[Volume]: ...
@@ -171,5 +177,12 @@ class Hypervisor(Protocol):
     def revert_snapshot(self, domain: str, name: str, *, running: bool = True) -> None: ...
     def snapshot_state_sizes(self, domain: str) -> dict[str, int] | None: ...
     def writable_disk_paths(self, domain: str) -> list[str] | None: ...
+
+    # --- memory state (save images: ``adapters.savefile``)
+    def save_domain(self, name: str, path: Path) -> None:
+        """Save the domain's memory to ``path``; the domain stops."""
+
+    def restore_domain(self, image: SaveImage, xml: str, *, paused: bool) -> Domain:
+        """A new persistent domain, defined by ``xml``, resumed from the memory in ``image``."""
 
     def close(self) -> None: ...

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import libvirt
 import netaddr
 
-from labbuilder.adapters import libvirterrors, storage
+from labbuilder.adapters import libvirterrors, savefile, storage
 from labbuilder.adapters.hypervisor import METADATA_NS as METADATA_NS
 from labbuilder.adapters.hypervisor import METADATA_PREFIX as METADATA_PREFIX
 from labbuilder.adapters.hypervisor import Domain, Hypervisor, Network, Snapshot, Volume
@@ -584,6 +584,39 @@ def revert_snapshot(domain: Any, name: str, *, running: bool = True) -> None:
         raise _domain_error(domain, f"cannot revert to snapshot {name}", err) from None
 
 
+@translated
+def save_domain(domain: Any, path: Path) -> None:
+    """Save the running (or paused) domain's memory to ``path``; the domain stops."""
+    try:
+        domain.saveFlags(str(path), None, 0)
+    except libvirt.libvirtError as err:
+        raise _domain_error(domain, f"cannot save the memory to {path}", err) from None
+
+
+@translated
+def restore_domain(conn: Any, image: savefile.SaveImage, xml: str, *, paused: bool) -> Any:
+    """A new domain from the memory state ``image`` with the domain XML ``xml`` (which may
+    name the domain anew: see ``adapters.savefile``), paused or running; made persistent
+    with the same XML. On failure no domain of that name is left."""
+    name = ET.fromstring(xml).findtext("name", "")
+    flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
+    try:
+        with savefile.image_with_xml(image, xml) as path:
+            conn.restoreFlags(str(path), None, flags)
+    except libvirt.libvirtError as err:
+        raise _error(f"cannot restore domain {name} from {image.path}", err) from None
+    domain = conn.lookupByName(name)
+    try:
+        conn.defineXML(
+            domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+        )
+    except libvirt.libvirtError as err:
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.destroy()
+        raise _error(f"cannot define domain {name}", err) from None
+    return domain
+
+
 def _error(what: str, err: Any, hint: str | None = None) -> HypervisorError:
     return libvirterrors.error(what, err, hint)
 
@@ -765,6 +798,15 @@ class LibvirtHypervisor:
         volume = storage.find_volume(self._pool(pool), name)
         return None if volume is None else self._volume(pool, volume)
 
+    def volume_backing(self, volume: Volume) -> str | None:
+        found = storage.find_volume(self._pool(volume.pool), volume.name)
+        if found is None:
+            raise HypervisorError(f"volume {volume.name} is gone")
+        return storage.backing_path(found)
+
+    def refresh_pool(self, pool: str) -> None:
+        storage.refresh(self._pool(pool))
+
     def _pool(self, name: str) -> Any:
         pool = storage.find_pool(self._conn, name)
         if pool is None:
@@ -821,6 +863,15 @@ class LibvirtHypervisor:
 
     def writable_disk_paths(self, domain: str) -> list[str] | None:
         return writable_disk_paths(self._conn, self._lookup(domain))
+
+    def save_domain(self, name: str, path: Path) -> None:
+        save_domain(self._lookup(name), path)
+
+    def restore_domain(self, image: savefile.SaveImage, xml: str, *, paused: bool) -> Domain:
+        record = _domain_record(restore_domain(self._conn, image, xml, paused=paused))
+        if record is None:
+            raise HypervisorError(f"the domain restored from {image.path} vanished")
+        return record
 
     def _lookup(self, name: str) -> Any:
         try:

@@ -236,6 +236,25 @@ def ensure_overlay(pool: Any, name: str, backing: Any, capacity: int) -> Any:
 
 
 @translated
+def backing_path(volume: Any) -> str | None:
+    """The path of the file ``volume`` backs onto (from libvirt's volume XML), if any."""
+    try:
+        root = ET.fromstring(volume.XMLDesc(0))
+    except libvirt.libvirtError as err:
+        raise _error(f"cannot read volume {volume.name()}", err) from None
+    path = root.findtext("backingStore/path")
+    return path or None
+
+
+@translated
+def refresh(pool: Any) -> None:
+    try:
+        pool.refresh(0)
+    except libvirt.libvirtError as err:
+        raise _error(f"cannot refresh pool {pool.name()}", err) from None
+
+
+@translated
 def ensure_empty_disk(pool: Any, name: str, capacity: int) -> Any:
     """An empty qcow2 disk (qcow2 so that live internal snapshots cover it)."""
     existing = find_volume(pool, name)

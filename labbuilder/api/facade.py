@@ -91,9 +91,17 @@ def up(
     log: Callable[[str], None] | None = None,
     on_rung: Callable[[str, str, float], None] | None = None,
     timeouts: dict[str, float] | None = None,
+    from_template: str | None = None,
 ) -> UpResult:
-    """Bring the lab up (see ``labbuilder.api.up``)."""
-    return bringup.up(lab, auto_subnets=auto_subnets, log=log, on_rung=on_rung, timeouts=timeouts)
+    """Bring the lab up (see ``labbuilder.api.up``), or stamp it from a template."""
+    return bringup.up(
+        lab,
+        auto_subnets=auto_subnets,
+        log=log,
+        on_rung=on_rung,
+        timeouts=timeouts,
+        from_template=from_template,
+    )
 
 
 def down(lab: Lab) -> Removed:

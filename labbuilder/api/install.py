@@ -83,6 +83,7 @@ class Selection:
     optional: tuple[str, ...] = ()  # optional stages to include
     path: ApiPath = ApiPath.FAST
     force: bool = False  # run steps even when their run-once markers match
+    recheck: bool = False  # run the checks of steps done before again (``--only``)
     snapshots: bool = True
 
 
@@ -184,7 +185,7 @@ def install(
             progress.where = f"the snapshot after stage {stage.name}"
             progress.snapshotting.set()
             try:
-                return snapshot_stage(lab, stage, recipe)
+                return snapshot_stage(lab, stage, recipe, stamped=bool(record.get("template")))
             finally:
                 progress.snapshotting.clear()
 
@@ -196,6 +197,7 @@ def install(
                 on_event=progress.on_event,
                 after_stage=after_stage,
                 force=selection.force,
+                recheck=selection.recheck or bool(selection.only),
                 helpers=guest_helpers(selection.path),
             )
             progress.where = "preparing the nodes (helpers, run-once markers)"
@@ -369,12 +371,17 @@ def _error_text(err: BaseException) -> str:
     return str(error_entry(err, "")["message"])
 
 
-def snapshot_stage(lab: Lab, stage: StageOutcome, recipe: Recipe) -> float | None:
+def snapshot_stage(
+    lab: Lab, stage: StageOutcome, recipe: Recipe, *, stamped: bool = False
+) -> float | None:
     """Snapshot every node of the lab live as "after <stage>"; returns seconds, or None when
     no snapshot was taken: nothing ran in the stage and its snapshot exists already (a re-run
     stays fast), or the lab has a snapshot of a later stage of the recipe (re-running an
-    earlier stage in a lab that went further would mix later work into "after <stage>")."""
+    earlier stage in a lab that went further would mix later work into "after <stage>"), or
+    nothing ran in the stage of a lab made from a template (its template holds that stage)."""
     ran = any(step.status in (Status.OK, Status.GUARDED) for step in stage.steps)
+    if stamped and not ran:
+        return None
     order = [s.name for s in recipe.stages]
     later = set(order[order.index(stage.name) + 1 :]) if stage.name in order else set()
     hypervisor = lv.LibvirtHypervisor.open(lab.libvirt_uri)

@@ -32,8 +32,9 @@ from labbuilder.host.probe import HostProbe
 from labbuilder.images.boot import resolve_base_image, resolve_role_image
 from labbuilder.lab.planner import plan as make_plan
 from labbuilder.lab.planner import through_uplink
+from labbuilder.lab.stamp import template_differences, with_template_macs
 from labbuilder.lab.view import plan_as_dict
-from labbuilder.lifecycle import registry
+from labbuilder.lifecycle import registry, snapshots, templates
 from labbuilder.lifecycle.readiness import NodeNotReadyError, NodeTarget, RungCallback, wait_ready
 from labbuilder.lifecycle.render import (
     BootSpec,
@@ -65,10 +66,12 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class UpResult:
     plan: Plan
-    probe: HostProbe
+    acceleration: str  # how the guests run: "kvm" or "tcg"
+    virt_type: str  # nova's virt_type on the compute nodes
     seconds: float
     rungs: dict[str, dict[str, float]]  # node -> rung -> seconds from its start
     created: bool  # False when the lab was already up
+    template: str | None = None  # the template its nodes resumed from
 
 
 def up(
@@ -79,13 +82,17 @@ def up(
     on_rung: RungCallback | None = None,
     timeouts: dict[str, float] | None = None,
     state: LabState | None = None,
+    from_template: str | None = None,
 ) -> UpResult:
-    """Bring the lab up. On a fresh host the work overlaps: the host probe runs beside the role
+    """Bring the lab up (with ``from_template``, its nodes resume from that template:
+    ``stamp``). On a fresh host the work overlaps: the host probe runs beside the role
     images' builds, the networks are made meanwhile, and each node boots as soon as its own image
     is there (network and compute boot while the controller's larger image is still building)."""
     emit = log or (lambda _message: None)
     start = time.monotonic()
     state = state or lab_state(lab.name)
+    if from_template is not None:
+        return stamp(lab, from_template, auto_subnets=auto_subnets, log=emit, state=state)
     with lab_lock(state, "labbuilder up"):
         gathered = gather_host_facts(lab, state_root())
         plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
@@ -113,7 +120,102 @@ def up(
                 raise
         finally:
             hypervisor.close()
-    return UpResult(plan, probe, time.monotonic() - start, rungs, created=fresh)
+    return UpResult(
+        plan,
+        str(probe.acceleration),
+        str(probe.virt_type),
+        time.monotonic() - start,
+        rungs,
+        created=fresh,
+    )
+
+
+def stamp(
+    lab: Lab,
+    name: str,
+    *,
+    auto_subnets: bool = False,
+    log: Log | None = None,
+    state: LabState | None = None,
+) -> UpResult:
+    """A new lab whose nodes resume, running, from the template ``name``: its own networks
+    (and gateway), thin overlays on the template's disks, the template's memory, secrets and
+    keys, clocks stepped to the host's. Refused (exit 2) before anything is made if the lab's
+    plan or recipe differs from the template's, or if the lab is up already. On failure
+    nothing of the lab is left."""
+    emit = log or (lambda _message: None)
+    start = time.monotonic()
+    state = state or lab_state(lab.name)
+    template = templates.load_template(name)
+    with lab_lock(state, "labbuilder up"):
+        gathered = gather_host_facts(lab, state_root())
+        plan = make_plan(lab, gathered.facts, auto_subnets=auto_subnets)
+        check_template(lab, plan, template)
+        plan = with_template_macs(plan, template.plan)
+        check_registration(lab, state)
+        check_ownership(lab, plan)
+        digest = plan_hash(plan)
+        hypervisor = lv.LibvirtHypervisor.open(lab.libvirt_uri)
+        try:
+            if hypervisor.domains(lab.name) or hypervisor.networks(lab.name):
+                raise PlanError(
+                    f"lab {lab.name} is up already",
+                    f"take it down first (`labbuilder down`) to make it from template {name}",
+                )
+            registry.register(lab.name, state.directory, lab.libvirt_uri)
+            try:
+                templates.copy_state_into(template, state)
+                emit(f"template {name}: lab {template.lab} after stage {template.stage}")
+                make_networks(
+                    hypervisor, lab, plan, digest, state, emit, through_uplink(plan, gathered.facts)
+                )
+                pool = hypervisor.ensure_pool(pool_name(), str(pool_dir()))
+                templates.stamp_nodes(hypervisor, template, plan, digest, state, pool, log=emit)
+                record = templates.stamped_record(
+                    template, lab.name, lab.source, plan_as_dict(plan)
+                )
+                write_secret_file(
+                    state.directory / "lab.json", json.dumps(record, indent=1).encode()
+                )
+                emit("stepping the nodes' clocks to the host's")
+                snapshots.sync_clocks(state)
+            except BaseException:
+                emit("creating the lab failed; removing what was made")
+                remove_lab_objects(hypervisor, lab.name)
+                registry.unregister(lab.name)
+                raise
+        finally:
+            hypervisor.close()
+    return UpResult(
+        plan,
+        str(template.record.get("acceleration", "")),
+        str(template.record.get("virt_type", "")),
+        time.monotonic() - start,
+        {},
+        created=True,
+        template=name,
+    )
+
+
+def check_template(lab: Lab, plan: Plan, template: templates.Template) -> None:
+    """Refuse (exit 2, naming the difference) a lab that is not the template's lab under
+    another name: nodes, sizes, networks and addresses, the recipe and its digest."""
+    differences = template_differences(plan, template.plan)
+    recipe = load_recipe(lab.recipe)
+    if recipe.name != template.recipe or recipe.digest != template.recipe_digest:
+        differences.append(
+            f"recipe {recipe.name} (digest {recipe.digest[:12]}) in the lab, {template.recipe} "
+            f"(digest {template.recipe_digest[:12]}) in the template"
+        )
+    if str(template.record.get("image", {}).get("digest", "")) and lab.image != template.plan.image:
+        differences.append(f"image {lab.image} in the lab, {template.plan.image} in the template")
+    if differences:
+        raise PlanError(
+            f"lab {lab.name} cannot be made from template {template.name}: "
+            + "; ".join(dict.fromkeys(differences)),
+            f"use a lab file with the plan of lab {template.lab} (`labbuilder template show "
+            f"{template.name}`), or save a template from a lab of this plan",
+        )
 
 
 def _bring_up(
@@ -374,6 +476,33 @@ def prepare_lab(
 ) -> MadeLab:
     """The lab's networks (existing ones kept), egress rules, storage pool and keys (the seed's
     user is the base image's: a role image is built from it and keeps it)."""
+    make_networks(hypervisor, lab, plan, digest, state, emit, outside)
+    pool = hypervisor.ensure_pool(pool_name(), str(pool_dir()))
+    public_key = ensure_ssh_key(state)
+    console_password = ensure_secrets(state, ("console_password",))["console_password"]
+    host_keys = ensure_host_keys(state, {node.name: node.management_address for node in plan.nodes})
+    state.console_dir.mkdir(parents=True, exist_ok=True)
+    seed = SeedInput(
+        user=base.default_user,
+        password_hash=password_hash(console_password),
+        ssh_public_key=public_key,
+        apt_proxy=lab.options.apt_proxy,
+        host_keys=host_keys,
+    )
+    return MadeLab(lab, plan, digest, state, pool, seed)
+
+
+def make_networks(
+    hypervisor: Hypervisor,
+    lab: Lab,
+    plan: Plan,
+    digest: str,
+    state: LabState,
+    emit: Log,
+    outside: tuple[str, ...] = (),
+) -> None:
+    """The lab's networks (existing ones kept), its egress rules, and an isolated lab's
+    gateway namespace."""
     for net in plan.networks:
         emit(f"network {net.libvirt_name} ({net.kind}, {net.cidr})")
         xml = owned_xml(render_network_xml(plan, net, digest), state)
@@ -389,19 +518,6 @@ def prepare_lab(
             log=state.directory / "logs" / "gateway.log",
             outside=outside,
         )
-    pool = hypervisor.ensure_pool(pool_name(), str(pool_dir()))
-    public_key = ensure_ssh_key(state)
-    console_password = ensure_secrets(state, ("console_password",))["console_password"]
-    host_keys = ensure_host_keys(state, {node.name: node.management_address for node in plan.nodes})
-    state.console_dir.mkdir(parents=True, exist_ok=True)
-    seed = SeedInput(
-        user=base.default_user,
-        password_hash=password_hash(console_password),
-        ssh_public_key=public_key,
-        apt_proxy=lab.options.apt_proxy,
-        host_keys=host_keys,
-    )
-    return MadeLab(lab, plan, digest, state, pool, seed)
 
 
 def create_node(

@@ -72,7 +72,11 @@ def add_install_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
     parser.add_argument("--until", metavar="STAGE", help="stop after this stage")
     parser.add_argument(
-        "--only", metavar="STAGE", action="append", default=[], help="run only this stage (repeat)"
+        "--only",
+        metavar="STAGE",
+        action="append",
+        default=[],
+        help="run only this stage (repeat); its steps done before run their checks again",
     )
     parser.add_argument(
         "--with",

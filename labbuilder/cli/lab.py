@@ -74,6 +74,14 @@ def register(commands: Subparsers) -> None:
     add_auto_subnets(up)
     up.add_argument("--json", action="store_true", help="print the result as JSON")
     up.add_argument(
+        "--from-template",
+        metavar="NAME",
+        help="make the lab's nodes resume, running, from the template NAME (`labbuilder "
+        "template save`): thin overlays on its disks, its memory, secrets and keys, the lab's "
+        "own networks; refused if the lab's plan or recipe differs from the template's. "
+        "`install` then goes on after the template's stage",
+    )
+    up.add_argument(
         "--install",
         action="store_true",
         help="then install the lab's recipe through its core path to a launched instance (and "
@@ -215,25 +223,28 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
     if args.install:
         return cmd_up_install(args, console)
     lab = selected_lab(args, Sizes.FLAG)
-    result = up_watched(lab, auto_subnets=args.auto_subnets)
+    result = up_watched(lab, auto_subnets=args.auto_subnets, from_template=args.from_template)
     if args.json:
         console.print_json(
             json.dumps(
                 {
                     "lab": lab.name,
                     "seconds": round(result.seconds, 1),
-                    "acceleration": str(result.probe.acceleration),
-                    "virt_type": str(result.probe.virt_type),
+                    "acceleration": result.acceleration,
+                    "virt_type": result.virt_type,
                     "rungs": result.rungs,
                     "created": result.created,
+                    "template": result.template,
                 }
             )
         )
         return 0
     verb = "is up" if result.created else "was already up; checked"
+    if result.template:
+        verb = f"is up from template {result.template}"
     console.print(
         f"lab {lab.name} {verb} in {result.seconds:.0f} s "
-        f"({result.probe.acceleration}); try `labbuilder ssh controller hostname`"
+        f"({result.acceleration}); try `labbuilder ssh controller hostname`"
     )
     return 0
 

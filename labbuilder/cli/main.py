@@ -22,11 +22,11 @@ from rich.console import Console
 
 from labbuilder import __version__
 from labbuilder.adapters.libvirterrors import hypervisor_error
-from labbuilder.cli import gateway, host, images, install, lab, recipe, run, snapshot
+from labbuilder.cli import gateway, host, images, install, lab, recipe, run, snapshot, template
 from labbuilder.cli.common import Handler, check_environment
 from labbuilder.common.errors import LabbuilderError
 
-COMMAND_MODULES = (lab, gateway, install, run, recipe, snapshot, images, host)
+COMMAND_MODULES = (lab, gateway, install, run, recipe, snapshot, template, images, host)
 EXIT_INTERRUPTED = 130
 
 

@@ -140,7 +140,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         target = report_dir / f"run-{number}" if args.repeat > 1 else report_dir
         up_seconds: float | None = None
         try:
-            up = up_watched(lab, auto_subnets=args.auto_subnets)
+            up = up_watched(
+                lab,
+                auto_subnets=args.auto_subnets,
+                from_template=getattr(args, "from_template", None),
+            )
             up_seconds = up.seconds
             result = run_install(lab, selection, json_output=args.json)
         except BaseException as err:

@@ -24,13 +24,17 @@ from labbuilder.lifecycle.state import lab_state
 from labbuilder.model.lab import Lab
 
 
-def up_watched(lab: Lab, *, auto_subnets: bool) -> UpResult:
+def up_watched(lab: Lab, *, auto_subnets: bool, from_template: str | None = None) -> UpResult:
     """``up_reported`` with its progress on stderr (stdout holds only the result: JSON with
     ``--json``) and its detail (tools' output) in the lab's ``up.log``."""
     with watching(up_log_path(lab.name), f"labbuilder up {lab_option(lab)}") as progress:
         watch = UpWatch(progress, up_reports_dir(lab.name) / "up-latest.json")
         result, _ = up_reported(
-            lab, auto_subnets=auto_subnets, log=watch.on_log, on_rung=watch.on_rung
+            lab,
+            auto_subnets=auto_subnets,
+            log=watch.on_log,
+            on_rung=watch.on_rung,
+            from_template=from_template,
         )
     return result
 
@@ -41,6 +45,7 @@ def up_reported(
     auto_subnets: bool,
     log: Callable[[str], None],
     on_rung: Callable[[str, str, float], None] | None = None,
+    from_template: str | None = None,
 ) -> tuple[UpResult, tuple[Path, Path]]:
     """``api.up`` that leaves its report (``reports/up-latest.json`` and ``.xml`` in the lab's
     state directory) whether it succeeds or fails; a failure's error names the report."""
@@ -60,7 +65,13 @@ def up_reported(
 
     since = time.time()
     try:
-        result = api.up(lab, auto_subnets=auto_subnets, log=on_log, on_rung=on_node_rung)
+        result = api.up(
+            lab,
+            auto_subnets=auto_subnets,
+            log=on_log,
+            on_rung=on_node_rung,
+            from_template=from_template,
+        )
     except BaseException as err:
         where = record.log[-1][1] if record.log else "checking the lab and the host"
         if not (isinstance(err, LabbuilderError) and err.exit_code == 2 and not record.log):

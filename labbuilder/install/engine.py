@@ -184,6 +184,7 @@ class Engine:
         on_event: Callable[[EngineEvent], None] | None = None,
         after_stage: Callable[[StageOutcome], float | None] | None = None,
         force: bool = False,
+        recheck: bool = False,
         helpers: Mapping[str, str] | None = None,
         check_interval: float = CHECK_INTERVAL,
         retry_delays: Sequence[float] = RETRY_DELAYS,
@@ -194,6 +195,7 @@ class Engine:
         self.on_event = on_event or (lambda _event: None)
         self.after_stage = after_stage
         self.force = force
+        self.recheck = recheck  # a step done before runs its checks again
         self.helpers = dict(helpers or {})
         self.check_interval = check_interval
         self.retry_delays = tuple(retry_delays)
@@ -349,6 +351,8 @@ class Engine:
         marker = marker_name(step)
         if not self.force and self.markers.get(step.node, {}).get(marker) == step.digest:
             self._log(step, f"== {step.step}: done before (marker {marker} matches)")
+            if self.recheck and step.checks:
+                return self._recheck(step)
             self.on_event(EngineEvent("step-end", step.stage, step.node, step.step, "done-before"))
             return self._outcome(step, Status.DONE_BEFORE)
         start = time.monotonic()
@@ -373,6 +377,34 @@ class Engine:
                 output_tail=self.redact(str(err)),
                 script_head=self._script_head(step),
             )
+
+    def _recheck(self, step: RenderedStep) -> StepOutcome:
+        """A step done before, its checks run again: still done-before if they pass, failed
+        (naming the check) if one does not."""
+        start = time.monotonic()
+        self.on_event(EngineEvent("step-start", step.stage, step.node, step.step))
+        outcome = self._outcome(step, Status.DONE_BEFORE)
+        try:
+            for check in step.checks:
+                checked = self.run_check(self.transports[step.node], step, check)
+                outcome.checks.append(checked)
+                if not checked.passed:
+                    self._log(step, f"   done before, but check {check.name} fails now")
+                    outcome.status = Status.FAILED
+                    outcome.failed_check = check.name
+                    outcome.output_tail = checked.output_tail
+                    outcome.reason = f"done before, but its check {check.name} fails now"
+                    break
+        except LabbuilderError as err:
+            outcome.status = Status.FAILED
+            outcome.reason = self.redact(err.message.splitlines()[0] if err.message else str(err))
+        outcome.seconds = time.monotonic() - start
+        self.on_event(
+            EngineEvent(
+                "step-end", step.stage, step.node, step.step, str(outcome.status), outcome.seconds
+            )
+        )
+        return outcome
 
     def _run_step(self, step: RenderedStep, start: float) -> StepOutcome:
         marker = marker_name(step)

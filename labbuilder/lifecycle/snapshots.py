@@ -170,7 +170,7 @@ def _collect(
         return xmls, hypervisor.snapshot_state_sizes(pair[1])
 
     found: dict[str, list[_NodeSnapshot]] = {}
-    for (node, _), (xmls, sizes) in zip(nodes, _raise_first(_parallel(nodes, read)), strict=True):
+    for (node, _), (xmls, sizes) in zip(nodes, raise_first(parallel(nodes, read)), strict=True):
         for xml in xmls:
             parsed = _parse(node, lab_name, xml)
             if parsed is not None:
@@ -269,7 +269,7 @@ def take_snapshot(
         raise UsageError(f"snapshot metadata is not JSON: {err}") from None
 
     # Replacing: the old one goes first, so that a failed take leaves no mix of both.
-    _raise_first(_parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], full_name)))
+    raise_first(parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], full_name)))
 
     root = ET.Element("domainsnapshot")
     ET.SubElement(root, "name").text = full_name
@@ -286,9 +286,9 @@ def take_snapshot(
             if hypervisor.domain_state(domain) == "running":
                 hypervisor.suspend_domain(domain)
                 paused.append((node, domain))
-        outcomes = _parallel(nodes, lambda pair: hypervisor.create_snapshot(pair[1], xml))
+        outcomes = parallel(nodes, lambda pair: hypervisor.create_snapshot(pair[1], xml))
     except BaseException:  # interrupted (Ctrl-C) or a node would not pause
-        _parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], full_name))
+        parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], full_name))
         raise
     finally:
         for node, domain in paused:
@@ -377,7 +377,7 @@ def _take_failed(
     resume_errors: list[str],
 ) -> HypervisorError:
     """Remove the snapshot from the nodes that took it, and say what happened."""
-    undone = _parallel(made, lambda pair: hypervisor.delete_snapshot(pair[1], libvirt_name(name)))
+    undone = parallel(made, lambda pair: hypervisor.delete_snapshot(pair[1], libvirt_name(name)))
     leftover = [
         f"{node}: {err.message}"
         for (node, _), (_, err) in zip(made, undone, strict=True)
@@ -399,8 +399,11 @@ def _take_failed(
 # --- restoring --------------------------------------------------------------------------------
 
 
-def restore_snapshot(hypervisor: Hypervisor, lab_name: str, name: str) -> float:
-    """Bring every node of the lab back to the snapshot, running; returns the seconds it took.
+def restore_snapshot(
+    hypervisor: Hypervisor, lab_name: str, name: str, *, resume: bool = True
+) -> float:
+    """Bring every node of the lab back to the snapshot, running (with ``resume=False``, left
+    paused if it went well); returns the seconds it took.
 
     All nodes are paused, reverted in parallel and resumed together, so that no node talks to
     another that is still in the time before. Refused, naming them, if nodes lack the snapshot.
@@ -423,11 +426,16 @@ def restore_snapshot(hypervisor: Hypervisor, lab_name: str, name: str) -> float:
         for _, domain in nodes:
             if hypervisor.domain_state(domain) == "running":
                 hypervisor.suspend_domain(domain)
-        outcomes = _parallel(
+        outcomes = parallel(
             nodes, lambda pair: hypervisor.revert_snapshot(pair[1], full_name, running=False)
         )
     finally:
-        resumed = _parallel(nodes, lambda pair: _resume_if_paused(hypervisor, pair[1]))
+        reverted = len(outcomes) == len(nodes) and all(err is None for _, err in outcomes)
+        resumed: list[tuple[None, LabbuilderError | None]] = (
+            [(None, None)] * len(nodes)
+            if reverted and not resume
+            else parallel(nodes, lambda pair: _resume_if_paused(hypervisor, pair[1]))
+        )
     failed = [
         (node, err) for (node, _), (_, err) in zip(nodes, outcomes, strict=True) if err is not None
     ]
@@ -491,7 +499,7 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
                 time.sleep(1)
 
     return dict(
-        zip((node for node, _ in targets), _raise_first(_parallel(targets, sync)), strict=True)
+        zip((node for node, _ in targets), raise_first(parallel(targets, sync)), strict=True)
     )
 
 
@@ -503,8 +511,8 @@ def delete_snapshot(hypervisor: Hypervisor, lab_name: str, name: str) -> Snapsho
     check_name(name)
     nodes = lab_nodes(hypervisor, lab_name)
     info = _find(_collect(hypervisor, lab_name, nodes), lab_name, name)
-    _raise_first(
-        _parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], libvirt_name(name)))
+    raise_first(
+        parallel(nodes, lambda pair: hypervisor.delete_snapshot(pair[1], libvirt_name(name)))
     )
     return info
 
@@ -524,7 +532,7 @@ def delete_snapshots(hypervisor: Hypervisor, lab_name: str, after: str | None = 
         for name in doomed:
             hypervisor.delete_snapshot(pair[1], libvirt_name(name))
 
-    _raise_first(_parallel(nodes, delete_all))
+    raise_first(parallel(nodes, delete_all))
     return doomed
 
 
@@ -553,7 +561,7 @@ def lab_connection(
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _parallel(
+def parallel(
     items: Sequence[T], work: Callable[[T], R]
 ) -> list[tuple[R | None, LabbuilderError | None]]:
     """``work`` on every item in its own thread: (result, None) or (None, error) per item."""
@@ -570,7 +578,7 @@ def _parallel(
         return list(pool.map(guarded, items))
 
 
-def _raise_first(outcomes: list[tuple[R | None, LabbuilderError | None]]) -> list[R]:
+def raise_first(outcomes: list[tuple[R | None, LabbuilderError | None]]) -> list[R]:
     """The results, or the first error."""
     for _, err in outcomes:
         if err is not None:

@@ -1,0 +1,300 @@
+"""Labs from templates against labs installed from scratch, on this host, side by side in one run.
+
+One core-path lab (the guide's three nodes at recipe zed-debian-12's minimum sizes, isolated,
+the guide's own addresses) is brought up and installed from scratch, timed to "after image" and
+to "after launch-instance"; a template is saved at each of those stages. Then, per template, a
+new lab of the same plan is made from it (`up --from-template`) and its last stage's checks are
+run again (`install --only STAGE`): seconds to running with the checks passing, against the
+same lab installed from scratch, and the disk the added lab takes against the template's.
+
+Memory per added lab: two labs from the "after launch-instance" template beside the first,
+the host's used memory (MemTotal - MemAvailable) measured with KSM off, then with KSM on once
+its merging settles (the added labs, then the first alone again). How many labs of each fit:
+the planner's policy (full sizes against the host's memory less 1 GB, x1.5 with KSM) and what
+the measured memory per added lab allows.
+
+Targets (the templates issue): a lab from a template running with its last stage's checks
+passing in <= 60 s; each added lab's disk <= 10% of the template's; with KSM each added lab's
+memory <= 50% of the first's.
+
+Run as root on a host with libvirt (about 40 minutes here):
+  .venv/bin/python bench/labs.py [--workdir DIR] [--keep]
+Labs are named ``lbbench-labs*``, templates ``lbbench-*``; all are removed afterwards, KSM is
+left as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from install import lab_disk, labbuilder, qemu_peaks  # noqa: E402
+from lablib import full_lab, lab_environment, remove_test_pool  # noqa: E402
+
+from labbuilder.lab.planner import HOST_MEMORY_RESERVE, KSM_OVERCOMMIT  # noqa: E402
+
+POOL = "lbbench-labs-pool"
+FIRST = "lbbench-labs"
+STAGES = {"image": "lbbench-image", "launch-instance": "lbbench-launch"}
+KSM = Path("/sys/kernel/mm/ksm")
+STAMP_TARGET = 60.0
+DISK_TARGET = 0.10
+MEMORY_TARGET = 0.50
+GIB = 1024**3
+
+
+def meminfo() -> dict[str, int]:
+    fields = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def used_memory(settle: float = 20.0) -> int:
+    """The host's used memory (MemTotal - MemAvailable) after ``settle`` seconds."""
+    time.sleep(settle)
+    info = meminfo()
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def ksm_settings() -> dict[str, str]:
+    return {
+        name: (KSM / name).read_text().strip()
+        for name in ("run", "pages_to_scan", "sleep_millisecs")
+    }
+
+
+def ksm_set(**values: str | int) -> None:
+    for name, value in values.items():
+        (KSM / name).write_text(f"{value}\n")
+
+
+def ksm_sharing() -> int:
+    return int((KSM / "pages_sharing").read_text())
+
+
+def ksm_off() -> None:
+    """Unmerge every page (run = 2), then stop KSM."""
+    ksm_set(run=2)
+    deadline = time.monotonic() + 300
+    while int((KSM / "pages_shared").read_text()) and time.monotonic() < deadline:
+        time.sleep(2)
+    ksm_set(run=0)
+
+
+def ksm_settle(timeout: float = 900.0) -> tuple[float, int]:
+    """Run KSM briskly until the pages it shares stop growing (by < 1% in 60 s); (seconds,
+    pages sharing)."""
+    ksm_set(pages_to_scan=4000, sleep_millisecs=20, run=1)
+    started = time.monotonic()
+    last = -1
+    while time.monotonic() - started < timeout:
+        time.sleep(60)
+        now = ksm_sharing()
+        if last >= 0 and now - last <= max(last // 100, 256):
+            return time.monotonic() - started, now
+        last = now
+    return time.monotonic() - started, ksm_sharing()
+
+
+def lab_file(work: Path, name: str) -> Path:
+    path = work / f"{name}.toml"
+    path.write_text(full_lab(name, core=True, isolated=True))
+    return path
+
+
+def timed(*args: str, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+    started = time.monotonic()
+    result = labbuilder(*args, env=env)
+    seconds = time.monotonic() - started
+    if result.returncode != 0:
+        raise SystemExit(
+            f"labbuilder {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    data: dict[str, Any] = {}
+    with contextlib.suppress(ValueError):
+        data = json.loads(result.stdout)
+    return seconds, data
+
+
+def stamp(work: Path, name: str, template: str, stage: str, env: dict[str, str]) -> dict[str, Any]:
+    path = lab_file(work, name)
+    up_seconds, _ = timed("up", str(path), "--from-template", template, "--json", env=env)
+    check_seconds, report = timed("install", str(path), "--only", stage, "--json", env=env)
+    checks = [c for s in report["stages"] for step in s["steps"] for c in step["checks"]]
+    allocated, capacity = lab_disk(name, POOL)
+    return {
+        "up_seconds": up_seconds,
+        "check_seconds": check_seconds,
+        "checks": len(checks),
+        "checks_passed": all(c["passed"] for c in checks) and report["result"] == "passed",
+        "disk_allocated": allocated,
+        "disk_capacity": capacity,
+    }
+
+
+def run(work: Path, keep: bool) -> dict[str, Any]:
+    env = {**lab_environment(work / "state"), "LABBUILDER_POOL": POOL}
+    os.environ.update(env)
+    result: dict[str, Any] = {"stamped": {}}
+    first = lab_file(work, FIRST)
+    ksm_off()
+    result["used_before"] = used_memory(settle=5)
+    started = time.monotonic()
+    result["up_seconds"], _ = timed("up", str(first), env=env)
+    seconds, _ = timed("install", str(first), "--until", "image", "--json", env=env)
+    result["scratch_image"] = time.monotonic() - started
+    result["save_image"], saved = timed(
+        "template", "save", STAGES["image"], "--stage", "image", str(first), "--json", env=env
+    )
+    result["templates"] = {"image": saved}
+    seconds, report = timed("install", str(first), "--json", env=env)
+    result["scratch_launch"] = result["scratch_image"] + seconds
+    result["first_result"] = report.get("result")
+    result["save_launch"], saved = timed(
+        "template", "save", STAGES["launch-instance"], "--stage", "launch-instance", str(first),
+        "--json", env=env,
+    )  # fmt: skip
+    result["templates"]["launch-instance"] = saved
+    result["first_qemu"] = sum(qemu_peaks(FIRST).values())
+    result["used_first"] = used_memory()
+
+    for stage, template in STAGES.items():
+        name = f"{FIRST}-{stage.split('-')[0]}"
+        result["stamped"][stage] = stamp(work, name, template, stage, env)
+        if stage == "image":
+            labbuilder("down", str(work / f"{name}.toml"), env=env)
+    # Memory: a second lab from the launch template beside the first added one.
+    result["used_one_added"] = used_memory()
+    second = f"{FIRST}-second"
+    result["stamped"]["second"] = stamp(
+        work, second, STAGES["launch-instance"], "launch-instance", env
+    )
+    result["used_two_added"] = used_memory()
+    result["ksm_settle_all"] = ksm_settle()
+    result["used_two_added_ksm"] = used_memory(settle=5)
+    for name in (f"{FIRST}-launch", second):
+        labbuilder("down", str(work / f"{name}.toml"), env=env)
+    result["ksm_settle_first"] = ksm_settle()
+    result["used_first_ksm"] = used_memory(settle=5)
+    plan = json.loads((work / "state" / "labs" / FIRST / "lab.json").read_text())["plan"]
+    result["lab_memory"] = sum(node["memory"] for node in plan["nodes"])
+    result["memory_total"] = meminfo()["MemTotal"]
+    if not keep:
+        labbuilder("down", str(first), env=env)
+        for template in STAGES.values():
+            labbuilder("template", "delete", template, env=env)
+    return result
+
+
+def print_result(r: dict[str, Any]) -> None:
+    out = print
+    out("\n== labs from templates against labs installed from scratch ==")
+    out(f"first lab: up {r['up_seconds']:.0f} s; install result {r['first_result']}")
+    for stage, scratch in (("image", r["scratch_image"]), ("launch-instance", r["scratch_launch"])):
+        stamped = r["stamped"][stage]
+        template = r["templates"][stage]
+        total = stamped["up_seconds"] + stamped["check_seconds"]
+        size = template["disk_bytes"] + template["memory_bytes"]
+        verdict = "passed" if stamped["checks_passed"] else "FAILED"
+        save = r["save_" + stage.split("-")[0]]
+        share = stamped["disk_allocated"] / size
+        out(f"\nafter {stage}:")
+        out(f"  from scratch (up + install)  {scratch:8.1f} s")
+        out(
+            f"  from the template            {total:8.1f} s  (up {stamped['up_seconds']:.1f} s, "
+            f"{stamped['checks']} checks {stamped['check_seconds']:.1f} s, {verdict})"
+        )
+        out(
+            f"    target <= {STAMP_TARGET:.0f} s: ratio {total / STAMP_TARGET:.2f}; "
+            f"{scratch / total:.0f}x faster than from scratch"
+        )
+        out(
+            f"  template save                {save:8.1f} s; template {size / GIB:.2f} GiB "
+            f"(disks {template['disk_bytes'] / GIB:.2f}, "
+            f"memory {template['memory_bytes'] / GIB:.2f})"
+        )
+        out(
+            f"  disk per added lab           {stamped['disk_allocated'] / 2**20:8.0f} MiB, "
+            f"{share:.1%} of the template; target <= {DISK_TARGET:.0%}: "
+            f"ratio {share / DISK_TARGET:.2f}"
+        )
+    first = r["used_first"] - r["used_before"]
+    plain = (r["used_two_added"] - r["used_first"]) / 2
+    merged = (r["used_two_added_ksm"] - r["used_first_ksm"]) / 2
+    settled, sharing = r["ksm_settle_all"]
+    out("\nmemory (host MemTotal - MemAvailable):")
+    out(f"  the first lab                {first / GIB:8.2f} GiB")
+    out(f"    its QEMUs' peak resident   {r['first_qemu'] / GIB:8.2f} GiB")
+    out(
+        f"  per added lab, KSM off       {plain / GIB:8.2f} GiB, {plain / first:.0%} of the first's"
+    )
+    out(
+        f"  per added lab, KSM on        {merged / GIB:8.2f} GiB, "
+        f"{merged / first:.0%} of the first's"
+    )
+    out(
+        f"    target <= {MEMORY_TARGET:.0%}: ratio {merged / first / MEMORY_TARGET:.2f} "
+        f"(KSM settled in {settled:.0f} s, {sharing} pages sharing)"
+    )
+    room = r["memory_total"] - HOST_MEMORY_RESERVE
+    lab = r["lab_memory"]
+    with_ksm = math.floor((r["memory_total"] - r["used_first_ksm"]) / merged) if merged > 0 else 0
+    out("\nlabs of this plan that fit this host:")
+    out(
+        f"  planner's policy: {math.floor(room / lab)} without KSM, "
+        f"{math.floor(room * KSM_OVERCOMMIT / lab)} with KSM "
+        f"(each {lab / GIB:.0f} GiB at full size)"
+    )
+    available = r["memory_total"] - r["used_first"]
+    out(f"  measured: 1 + {math.floor(available / plain)} without KSM, 1 + {with_ksm} with KSM")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", help="keep the labs' files and state here")
+    parser.add_argument("--keep", action="store_true", help="keep the first lab and the templates")
+    args = parser.parse_args()
+    saved = ksm_settings()
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            work = Path(args.workdir).resolve()
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbbench-labs-")))
+        try:
+            result = run(work, args.keep)
+        finally:
+            env = {**lab_environment(work / "state"), "LABBUILDER_POOL": POOL}
+            for extra in ("image", "launch", "second"):
+                path = work / f"{FIRST}-{extra}.toml"
+                if path.exists():
+                    labbuilder("down", str(path), env=env)
+            if not args.keep:
+                labbuilder("down", str(work / f"{FIRST}.toml"), env=env)
+                for template in STAGES.values():
+                    labbuilder("template", "delete", template, env=env)
+                os.environ["LABBUILDER_POOL"] = POOL
+                remove_test_pool(POOL)
+            ksm_set(run=2 if saved["run"] == "0" else saved["run"])
+            if saved["run"] == "0":
+                time.sleep(5)
+                ksm_set(run=0)
+            ksm_set(pages_to_scan=saved["pages_to_scan"], sleep_millisecs=saved["sleep_millisecs"])
+    print_result(result)
+    print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
