@@ -70,6 +70,29 @@ def test_every_node_has_its_hostname_and_static_addresses(lab: dict[str, Any]) -
             assert f"{other['nics'][0]['address']} {other['name']}" in hosts
 
 
+def test_each_node_is_a_new_cloud_init_machine_with_its_root_grown(lab: dict[str, Any]) -> None:
+    """The built image as every node boots it (through its role image): NoCloud's cloud-init
+    done, the system running, the root grown to the planned disk, an identity of its own
+    (machine-id, host key: the one known_hosts holds), the image's locale and masked units."""
+    ids = set()
+    for name, node in nodes(lab).items():
+        status = ssh(lab, name, "cloud-init status --long; cloud-id")
+        assert "status: done" in status and "nocloud" in status, status
+        assert ssh(lab, name, "systemctl is-system-running || true").strip() == "running"
+        size = int(ssh(lab, name, "df -B1 --output=size / | tail -1"))
+        assert size > 0.9 * node["disks"][0]["size"], (name, size)
+        machine_id = ssh(lab, name, "cat /etc/machine-id").strip()
+        assert re.fullmatch(r"[0-9a-f]{32}", machine_id), machine_id
+        ids.add(machine_id)
+        key = ssh(lab, name, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
+        assert key in (lab["state"] / "known_hosts").read_text()
+        assert ssh(lab, name, "locale").startswith("LANG=C.UTF-8")
+        assert ssh(lab, name, "systemctl is-enabled apt-daily.timer || true").strip() == "masked"
+    assert len(ids) == len(nodes(lab))
+    console = (lab["state"] / "console" / "controller.log").read_text(errors="replace")
+    assert "Linux version" in console  # the serial console is logged
+
+
 def test_nodes_reach_each_other_on_management_and_tunnel_networks(lab: dict[str, Any]) -> None:
     all_nodes = nodes(lab)
     compute = all_nodes["compute1"]

@@ -191,6 +191,58 @@ def test_a_failing_step_stops_with_its_report_and_from_resumes(
 
 STAMPED = "lbtest-stamped"
 TEMPLATE = "lbtest-image"
+CLASS = "lbtest-cls"
+
+
+def class_test(env: dict[str, str], lab_text: str, folder: Path) -> None:
+    """A class of two students from the template: both labs up at once, isolated with the
+    same addresses; one reset to the template while the other keeps its work; `class down`
+    leaves nothing of either."""
+    folder.mkdir()
+    (folder / "lab.toml").write_text(lab_text)
+    class_file = folder / "class.toml"
+    class_file.write_text(
+        f'name = "{CLASS}"\nlab = "lab.toml"\ntemplate = "{TEMPLATE}"\n'
+        '[[students]]\nname = "alice"\n[[students]]\nname = "bob"\n'
+    )
+    labs = {student: folder / f"{student}.toml" for student in ("alice", "bob")}
+    for student, path in labs.items():
+        path.write_text(f'name = "{CLASS}-{student}"\n')
+
+    def node(student: str, command: str) -> str:
+        result = labbuilder("ssh", "-f", str(labs[student]), "controller", "--", command, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    try:
+        up = labbuilder("class", "up", str(class_file), "--json", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert [(r["student"], r["action"]) for r in json.loads(up.stdout)] == [
+            ("alice", "stamped"), ("bob", "stamped"),
+        ]  # fmt: skip
+        status = json.loads(
+            labbuilder("class", "status", str(class_file), "--json", env=env).stdout
+        )
+        assert [lab["lab"] for lab in status["labs"]] == [f"{CLASS}-alice", f"{CLASS}-bob"]
+        assert all({n["state"] for n in lab["nodes"]} == {"running"} for lab in status["labs"])
+        node("alice", "sudo touch /root/alice-work")
+        node("bob", "sudo touch /root/bob-broke-it")
+        reset = labbuilder(
+            "class", "reset", str(class_file), "--student", "bob", "--to", "image", env=env
+        )
+        assert reset.returncode == 0, reset.stdout + reset.stderr
+        assert "bob-broke-it" not in node("bob", "ls /root")
+        assert "alice-work" in node("alice", "ls /root")
+    finally:
+        down = labbuilder("class", "down", str(class_file), env=env)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for student in labs:
+        assert lab_leftovers(f"{CLASS}-{student}", GUIDE_POOL) == {
+            "domains": [], "networks": [], "volumes": [],
+        }  # fmt: skip
+        assert gateway_leftovers(f"{CLASS}-{student}") == {
+            "namespaces": [], "veths": [], "uplinks": [],
+        }  # fmt: skip
 
 
 def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
@@ -198,7 +250,8 @@ def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
 ) -> None:
     """Last of the shared lab's tests. A template of the lab at "after image"; then the lab's
     `down` from a lab file that names the lab only (libvirt's own state says what belongs to
-    it) leaves nothing of it, snapshots included, but the template. A lab unlike it is refused;
+    it) leaves nothing of it, snapshots included, but the template. A class of two students is
+    made from the template, one student's lab reset, and removed. A lab unlike it is refused;
     an isolated lab of its plan, stamped from it, resumes running at "after image": its image
     stage's checks pass again, and its install goes on with the next stage. Its `down` and the
     template's `delete` leave nothing."""
@@ -231,6 +284,8 @@ def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
         }
         assert not lab["state"].exists()
 
+        class_test(env, Path(lab["file"]).read_text(), tmp_path / "class")
+
         text = Path(lab["file"]).read_text().replace(f'name = "{GUIDE_LAB}"', f'name = "{STAMPED}"')
         stamped = tmp_path / "stamped.toml"
         stamped.write_text(text.replace("isolated = false", "isolated = true"))
@@ -249,6 +304,9 @@ def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
         up = labbuilder("up", str(stamped), "--from-template", TEMPLATE, "--json", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
         assert json.loads(up.stdout)["template"] == TEMPLATE
+        status = json.loads(labbuilder("status", str(stamped), "--json", env=env).stdout)
+        assert status["template"] == TEMPLATE and status["template_stage"] == "image"
+        assert {node["state"] for node in status["nodes"]} == {"running"}
         images = labbuilder(
             "ssh", "-f", str(stamped), "controller", "sudo", "bash", "-c",
             ". /root/admin-openrc && openstack image list -f value -c Name -c Status", env=env,

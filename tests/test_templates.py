@@ -266,3 +266,13 @@ def test_a_restore_libvirt_refuses_leaves_no_domain_and_no_waiting_copy(
         lv.restore_domain(conn, image, broken, paused=False)
     assert lv.find_domain(conn, f"{PREFIX}broken") is None
     assert not [t for t in __import__("threading").enumerate() if t.name == "restore-feed"]
+
+
+def test_a_lab_file_after_an_option_is_the_lab_file() -> None:
+    from labbuilder.cli.main import build_parser
+
+    args = build_parser().parse_args(["template", "save", "t1", "--stage", "image", "lab.toml"])
+    assert (args.name, args.stage, args.lab_file) == ("t1", "image", "lab.toml")
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["template", "save", "t1", "lab.toml", "--stage", "x", "more"])
+    assert refused.value.code == 2

@@ -277,6 +277,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
                     "nodes": [node.__dict__ for node in status.nodes],
                     "networks": [{"name": n, "active": a} for n, a in status.networks],
                     "gateway": status.gateway,
+                    "template": status.template,
+                    "template_stage": status.template_stage,
                     "uplink": status.uplink,
                 }
             )
@@ -293,6 +295,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             node.domain,
         )  # fmt: skip
     console.print(table)
+    if status.template is not None:
+        console.print(f"made from template {status.template} (after stage {status.template_stage})")
     if status.gateway is not None:
         console.print(
             f"isolated: gateways in namespace {status.gateway}, uplink "

@@ -22,11 +22,22 @@ from rich.console import Console
 
 from labbuilder import __version__
 from labbuilder.adapters.libvirterrors import hypervisor_error
-from labbuilder.cli import gateway, host, images, install, lab, recipe, run, snapshot, template
+from labbuilder.cli import (
+    classroom,
+    gateway,
+    host,
+    images,
+    install,
+    lab,
+    recipe,
+    run,
+    snapshot,
+    template,
+)
 from labbuilder.cli.common import Handler, check_environment
 from labbuilder.common.errors import LabbuilderError
 
-COMMAND_MODULES = (lab, gateway, install, run, recipe, snapshot, template, images, host)
+COMMAND_MODULES = (lab, gateway, install, run, recipe, snapshot, template, classroom, images, host)
 EXIT_INTERRUPTED = 130
 
 
@@ -37,6 +48,11 @@ class Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
         parsed, extras = self.parse_known_args(args, namespace)
+        # argparse leaves an optional positional LAB.toml unread when an option comes between
+        # it and the positional before it (`template save NAME --stage S LAB.toml`)
+        lone = len(extras) == 1 and not extras[0].startswith("-")
+        if lone and getattr(parsed, "lab_file", "") is None:
+            parsed.lab_file, extras = extras[0], []
         if extras:
             command = getattr(parsed, "command", None)
             where = f"{self.prog} {command}" if command else self.prog

@@ -31,6 +31,8 @@ class LabStatus:
     virt_type: str | None  # what compute nodes must use, from the probe at `up`
     gateway: str | None = None  # an isolated lab's gateway namespace
     uplink: bool = False  # its uplink runs (the guests reach the outside)
+    template: str | None = None  # the template its nodes resumed from
+    template_stage: str | None = None
 
 
 def lab_status(lab: str, uri: str, state: LabState) -> LabStatus:
@@ -58,7 +60,17 @@ def lab_status(lab: str, uri: str, state: LabState) -> LabStatus:
         networks = tuple((network.name, network.active) for network in hypervisor.networks(lab))
     gateway = gateway_namespace(record)
     uplink = gateway is not None and netns.exists(gateway) and bool(netns.uplink_pids(gateway))
-    return LabStatus(lab, tuple(nodes), networks, record.get("virt_type"), gateway, uplink)
+    template = record.get("template") or {}
+    return LabStatus(
+        lab,
+        tuple(nodes),
+        networks,
+        record.get("virt_type"),
+        gateway,
+        uplink,
+        template.get("name"),
+        template.get("stage"),
+    )
 
 
 def render_ssh_config(state: LabState) -> str:

@@ -291,9 +291,7 @@ def save_template(
     lab_name = state.lab
     record = load_state_record(state)
     if record is None:
-        raise UsageError(
-            f"lab {lab_name} is not up on this host", "bring it up with `labbuilder up`"
-        )
+        raise _not_up(lab_name)
     final = templates_dir() / name
     if os.path.lexists(final):
         raise UsageError(
@@ -561,6 +559,36 @@ def stamp_nodes(
     return time.monotonic() - started
 
 
+def restamp(
+    hypervisor: Hypervisor,
+    template: Template,
+    state: LabState,
+    pool: str,
+    pool_path: Path,
+    *,
+    log: Log | None = None,
+) -> float:
+    """Bring a lab made from ``template`` back to it: its nodes and their disks (snapshots
+    included) are replaced by new ones resumed from the template; its networks and gateway
+    stay. Returns the seconds it took, clocks stepped included."""
+    started = time.monotonic()
+    record = load_state_record(state)
+    if record is None:
+        raise _not_up(state.lab)
+    plan = plan_from_dict(record["plan"])
+    domains = hypervisor.domains(state.lab)
+    digest = next((d.metadata.get("plan") for d in domains if d.metadata.get("plan")), None)
+    if digest is None:
+        raise UsageError(f"lab {state.lab} has no nodes on this host", "bring it up again")
+    for domain in domains:
+        hypervisor.remove_domain(domain.name)
+    for volume in hypervisor.lab_volumes(pool, str(pool_path), state.lab):
+        hypervisor.delete_volume(volume)
+    stamp_nodes(hypervisor, template, plan, digest, state, pool, log=log)
+    snapshots.sync_clocks(state)
+    return time.monotonic() - started
+
+
 def _metadata(
     xml: str, plan: Plan, node: PlannedNode, digest: str, state: LabState
 ) -> dict[str, str]:
@@ -613,3 +641,7 @@ def delete_template(hypervisor: Hypervisor, name: str) -> Template:
                 hypervisor.delete_volume(volume)
     shutil.rmtree(template.directory)
     return template
+
+
+def _not_up(lab: str) -> UsageError:
+    return UsageError(f"lab {lab} is not up on this host", "bring it up with `labbuilder up`")

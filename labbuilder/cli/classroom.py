@@ -1,0 +1,177 @@
+"""Class commands: ``class plan | up | status | reset | down CLASS.toml``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from labbuilder.api import classroom
+from labbuilder.api.classroom import StudentResult
+from labbuilder.cli.common import Subparsers, add_json, add_plain_row, plain_table
+from labbuilder.common.sizes import format_size
+from labbuilder.lab.classfile import load_class_file
+from labbuilder.model.classroom import ClassSpec
+
+
+def register(commands: Subparsers) -> None:
+    group = commands.add_parser(
+        "class",
+        help="a class: one isolated lab per student, from a template; status, reset, down",
+        description=(
+            "A class file names the students' lab (a built-in lab or a lab file), the template "
+            "they start from (or a stage to install from scratch through), the students and "
+            "the host's limits. Each student gets a lab of their own, <class>-<student>, "
+            "isolated, with the guide's addresses. `class plan` checks that the class fits "
+            "this host; `class up` makes the labs (a few at once); `class status` shows them; "
+            "`class reset` brings labs back to a stage in seconds; `class down` removes them."
+        ),
+    )
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    plan = actions.add_parser(
+        "plan", help="check that the class fits this host and show each student's lab"
+    )
+    _class_file(plan)
+    add_json(plan, "the plan")
+    plan.set_defaults(handler=cmd_plan)
+
+    up = actions.add_parser(
+        "up",
+        help="make every student's lab (labs already up are kept)",
+        description=(
+            "Plan the whole class against this host first (refused with the numbers when it "
+            "does not fit), then make the students' labs, `limits.parallel` at once: stamped "
+            "from the template, or brought up and installed through `stage`. A lab that fails "
+            "is removed again and named; exit 1 if any failed."
+        ),
+    )
+    _class_file(up)
+    add_json(up, "each student's result")
+    up.set_defaults(handler=cmd_up)
+
+    status = actions.add_parser("status", help="each student's lab and its nodes")
+    _class_file(status)
+    add_json(status, "the class's labs")
+    status.set_defaults(handler=cmd_status)
+
+    reset = actions.add_parser(
+        "reset",
+        help="bring students' labs back to a stage",
+        description=(
+            "Bring every student's lab (or those named with --student) back to STAGE: the "
+            "template's stage makes the nodes anew from the template (the lab's networks "
+            "stay); a later stage restores the lab's own snapshot of it."
+        ),
+    )
+    _class_file(reset)
+    reset.add_argument("--to", required=True, metavar="STAGE", help="e.g. image")
+    reset.add_argument(
+        "--student", action="append", default=[], metavar="NAME", help="only this student (repeat)"
+    )
+    add_json(reset, "each student's result")
+    reset.set_defaults(handler=cmd_reset)
+
+    down = actions.add_parser("down", help="remove every student's lab")
+    _class_file(down)
+    add_json(down, "what was removed")
+    down.set_defaults(handler=cmd_down)
+
+
+def _class_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("class_file", metavar="CLASS.toml", help="the class file")
+
+
+def _load(args: argparse.Namespace) -> ClassSpec:
+    return load_class_file(Path(args.class_file))
+
+
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    spec = _load(args)
+    planned = classroom.class_plan(spec)
+    rows = [
+        {
+            "student": student,
+            "lab": lab.name,
+            "vcpus": plan.totals.vcpus,
+            "memory": plan.totals.memory,
+            "disk": plan.totals.disk,
+            "addresses": {node.name: node.management_address for node in plan.nodes},
+            "namespace": plan.gateway.namespace if plan.gateway else None,
+        }
+        for student, lab, plan in planned.labs
+    ]
+    if args.json:
+        data = {"class": spec.name, "template": spec.template, "stage": spec.stage, "labs": rows}
+        console.print_json(json.dumps(data))
+        return 0
+    start = f"template {spec.template}" if spec.template else f"from scratch through {spec.stage}"
+    table = plain_table(
+        f"class {spec.name}: {len(rows)} labs of {spec.lab_ref}, {start}",
+        ("student", "lab", "vCPUs", "memory", "disk", "nodes", "gateways"),
+    )
+    for student, lab, plan in planned.labs:
+        add_plain_row(
+            table,
+            student,
+            lab.name,
+            str(plan.totals.vcpus),
+            format_size(plan.totals.memory),
+            format_size(plan.totals.disk),
+            ", ".join(f"{n.name} {n.management_address}" for n in plan.nodes),
+            plan.gateway.namespace if plan.gateway else "-",
+        )
+    console.print(table)
+    console.print("the class fits this host")
+    return 0
+
+
+def _results(console: Console, results: list[StudentResult], as_json: bool, what: str) -> int:
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        console.print_json(json.dumps([r.as_dict() for r in results]))
+        return 1 if failed else 0
+    for result in results:
+        if result.ok:
+            done = f"{result.action} ({result.seconds:.0f} s)"
+            console.print(f"{result.student}: {result.lab} {done}")
+        else:
+            console.print(f"{result.student}: {result.lab} FAILED: {result.error}", style="red")
+    console.print(f"{len(results) - len(failed)} of {len(results)} labs {what}")
+    return 1 if failed else 0
+
+
+def cmd_up(args: argparse.Namespace, console: Console) -> int:
+    spec = _load(args)
+    log = None if args.json else (lambda message: console.print(message, style="dim"))
+    return _results(console, classroom.class_up(spec, log=log), args.json, "up")
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    spec = _load(args)
+    rows = classroom.class_status(spec)
+    if args.json:
+        console.print_json(json.dumps({"class": spec.name, "labs": rows}))
+        return 0
+    table = plain_table(f"class {spec.name}", ("student", "lab", "nodes"))
+    for row in rows:
+        nodes = row["nodes"]
+        assert isinstance(nodes, list)
+        shown = ", ".join(f"{n['name']} {n['state']}" for n in nodes) or "not up"
+        add_plain_row(table, str(row["student"]), str(row["lab"]), shown)
+    console.print(table)
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace, console: Console) -> int:
+    spec = _load(args)
+    log = None if args.json else (lambda message: console.print(message, style="dim"))
+    results = classroom.class_reset(spec, args.to, args.student, log=log)
+    return _results(console, results, args.json, f"back at {args.to}")
+
+
+def cmd_down(args: argparse.Namespace, console: Console) -> int:
+    spec = _load(args)
+    return _results(console, classroom.class_down(spec), args.json, "removed")
