@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import select
+import socket
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -194,25 +198,65 @@ TEMPLATE = "lbtest-image"
 CLASS = "lbtest-cls"
 
 
+def console_prompt(port: int, files: Path, name: str, node: str) -> str:
+    """What a node's serial console shows after Enter, through the class's entry as the
+    handout says (`ssh -t ... console NODE`), until a login prompt (Ctrl-] then leaves)."""
+    console = subprocess.Popen(
+        ["ssh", "-tt", "-p", str(port), "-i", str(files / name), "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={files / f'{name}.known_hosts'}", "root@127.0.0.1",
+         "console", node],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert console.stdin is not None and console.stdout is not None
+    seen = b""
+    try:
+        deadline = time.monotonic() + 90
+        while b"login:" not in seen and time.monotonic() < deadline:
+            console.stdin.write(b"\r")
+            console.stdin.flush()
+            ready, _, _ = select.select([console.stdout], [], [], 5)
+            if ready:
+                seen += os.read(console.stdout.fileno(), 4096)
+        console.stdin.write(b"\x1d")
+        console.stdin.flush()
+        console.wait(timeout=30)
+    finally:
+        if console.poll() is None:
+            console.kill()
+            console.wait()
+    return seen.decode(errors="replace")
+
+
 def class_test(env: dict[str, str], lab_text: str, folder: Path) -> None:
     """A class of two students from the template: both labs up at once, isolated with the
-    same addresses; one reset to the template while the other keeps its work; `class down`
-    leaves nothing of either."""
+    same addresses, each student reaching their own lab's nodes with plain OpenSSH through the
+    class's entry (their files as handed out) and refused for the other's; one lab reset to
+    the template while the other keeps its work; `class down` leaves nothing of either."""
     folder.mkdir()
     (folder / "lab.toml").write_text(lab_text)
     class_file = folder / "class.toml"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     class_file.write_text(
         f'name = "{CLASS}"\nlab = "lab.toml"\ntemplate = "{TEMPLATE}"\n'
         '[[students]]\nname = "alice"\n[[students]]\nname = "bob"\n'
+        f'[limits]\naccess_port = {port}\naccess_address = "127.0.0.1"\n'
+        'access_host = "127.0.0.1"\n'
     )
-    labs = {student: folder / f"{student}.toml" for student in ("alice", "bob")}
-    for student, path in labs.items():
-        path.write_text(f'name = "{CLASS}-{student}"\n')
+    classes = Path(env["LABBUILDER_STATE_DIR"]) / "classes" / CLASS / "students"
 
-    def node(student: str, command: str) -> str:
-        result = labbuilder("ssh", "-f", str(labs[student]), "controller", "--", command, env=env)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
+    def student_ssh(student: str, *command: str) -> subprocess.CompletedProcess[str]:
+        """As the student would, with the files handed out saved in ~/.ssh (here: their
+        folder)."""
+        files = classes / student
+        config = files / f"{CLASS}-{student}.ssh_config"
+        local = folder / f"{student}.ssh_config"
+        local.write_text(config.read_text().replace("~/.ssh/", f"{files}/"))
+        return subprocess.run(
+            ["ssh", "-F", str(local), "-o", "BatchMode=yes", *command],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
 
     try:
         up = labbuilder("class", "up", str(class_file), "--json", env=env)
@@ -225,18 +269,38 @@ def class_test(env: dict[str, str], lab_text: str, folder: Path) -> None:
         )
         assert [lab["lab"] for lab in status["labs"]] == [f"{CLASS}-alice", f"{CLASS}-bob"]
         assert all({n["state"] for n in lab["nodes"]} == {"running"} for lab in status["labs"])
-        node("alice", "sudo touch /root/alice-work")
-        node("bob", "sudo touch /root/bob-broke-it")
+        assert status["entry"] == {"port": port, "running": True}
+
+        for student in ("alice", "bob"):
+            handout = (classes / student / "handout.md").read_text()
+            assert f"**{CLASS}-{student}**" in handout and "| `ADMIN_PASS` | `" in handout
+            made = student_ssh(student, "controller", "hostname; sudo touch /root/work")
+            assert made.returncode == 0 and made.stdout.strip() == "controller", made.stderr
+        marked = student_ssh("alice", "controller", "sudo touch /root/alice-work")
+        assert marked.returncode == 0, marked.stderr
+        files = classes / "alice"
+        across = subprocess.run(
+            ["ssh", "-p", str(port), "-i", str(files / f"{CLASS}-alice"), "-o", "BatchMode=yes",
+             "-o", f"UserKnownHostsFile={files / f'{CLASS}-alice.known_hosts'}",
+             "root@127.0.0.1", "relay", f"{CLASS}-bob-controller", "22"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert across.returncode != 0 and f"is not in lab {CLASS}-alice" in across.stderr
+
+        assert "login:" in console_prompt(port, files, f"{CLASS}-alice", "controller")
+
         reset = labbuilder(
             "class", "reset", str(class_file), "--student", "bob", "--to", "image", env=env
         )
         assert reset.returncode == 0, reset.stdout + reset.stderr
-        assert "bob-broke-it" not in node("bob", "ls /root")
-        assert "alice-work" in node("alice", "ls /root")
+        after = student_ssh("bob", "controller", "ls /root")
+        assert after.returncode == 0 and "work" not in after.stdout.split(), after.stderr
+        assert "alice-work" in student_ssh("alice", "controller", "ls /root").stdout
     finally:
         down = labbuilder("class", "down", str(class_file), env=env)
     assert down.returncode == 0, down.stdout + down.stderr
-    for student in labs:
+    assert not (Path(env["LABBUILDER_STATE_DIR"]) / "classes" / CLASS).exists()
+    for student in ("alice", "bob"):
         assert lab_leftovers(f"{CLASS}-{student}", GUIDE_POOL) == {
             "domains": [], "networks": [], "volumes": [],
         }  # fmt: skip
@@ -308,8 +372,9 @@ def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
         assert status["template"] == TEMPLATE and status["template_stage"] == "image"
         assert {node["state"] for node in status["nodes"]} == {"running"}
         images = labbuilder(
-            "ssh", "-f", str(stamped), "controller", "sudo", "bash", "-c",
-            ". /root/admin-openrc && openstack image list -f value -c Name -c Status", env=env,
+            "ssh", "-f", str(stamped), "controller",
+            "sudo bash -c '. /root/admin-openrc && openstack image list -f value -c Name -c Status'",
+            env=env,
         )  # fmt: skip
         assert "lbtest active" in images.stdout.splitlines(), images.stdout + images.stderr
 

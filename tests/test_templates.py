@@ -276,3 +276,56 @@ def test_a_lab_file_after_an_option_is_the_lab_file() -> None:
     with pytest.raises(SystemExit) as refused:
         build_parser().parse_args(["template", "save", "t1", "lab.toml", "--stage", "x", "more"])
     assert refused.value.code == 2
+
+
+def test_a_template_is_listed_shown_and_a_broken_one_named(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from labbuilder.lab.view import plan_as_dict
+
+    lab_file = tmp_path / "lab.toml"
+    lab_file.write_text('name = "student1"\n')
+    planned = _plan('name = "student1"\n', tmp_path)
+    folder = tmp_path / "state" / "templates" / "os101-image"
+    folder.mkdir(parents=True)
+    description = {
+        "labbuilder_template": 1, "name": "os101-image", "lab": "student1", "stage": "image",
+        "recipe": "zed-debian-12", "recipe_digest": "d" * 64, "created": 1.0e9,
+        "pool": "labbuilder", "record": {"plan": plan_as_dict(planned), "images": {}},
+        "nodes": [
+            {"name": node.name, "domain": node.domain, "memory_bytes": 2**30,
+             "disks": [{"device": "vda", "volume": f"template-os101-image--{node.name}--vda.qcow2",
+                        "bytes": 2**20}]}
+            for node in planned.nodes
+        ],
+    }  # fmt: skip
+    (folder / "template.json").write_text(json.dumps(description))
+    (tmp_path / "state" / "templates" / "broken").mkdir()
+    (tmp_path / "state" / "templates" / "broken" / "template.json").write_text("{")
+    env = {**os.environ, "LABBUILDER_STATE_DIR": str(tmp_path / "state")}
+
+    def labbuilder(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "labbuilder", *args],
+            env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+
+    listed = labbuilder("template", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [t["name"] for t in json.loads(listed.stdout)] == ["os101-image"]
+    shown = labbuilder("template", "show", "os101-image", "--json")
+    data = json.loads(shown.stdout)
+    assert data["stage"] == "image" and data["memory_bytes"] == 3 * 2**30
+    assert data["disk_bytes"] == 3 * 2**20 and data["users"] == []
+    assert data["plan"]["nodes"][0]["nics"][0]["address"] == "10.0.0.11"
+    text = labbuilder("template", "show", "os101-image")
+    assert "controller (controller)" in text.stdout and "10.0.0.11" in text.stdout
+    broken = labbuilder("template", "show", "broken")
+    assert broken.returncode == 2 and "is not a template description" in broken.stderr
+    missing = labbuilder("template", "show", "nosuch")
+    assert missing.returncode == 2 and "templates: os101-image" in missing.stderr
+    bad = labbuilder("template", "show", "../etc")
+    assert bad.returncode == 2 and "is not a valid template name" in bad.stderr

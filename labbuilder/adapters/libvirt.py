@@ -13,7 +13,12 @@ read from libvirt itself, even after a crash.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import struct
+import termios
+import threading
+import tty
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -615,6 +620,55 @@ def restore_domain(conn: Any, image: savefile.SaveImage, xml: str, *, paused: bo
             domain.destroy()
         raise _error(f"cannot define domain {name}", err) from None
     return domain
+
+
+ESCAPE = b"\x1d"  # Ctrl-], as virsh console
+
+
+def console_stdio(uri: str, domain_name: str, stdin: int = 0, stdout: int = 1) -> None:
+    """A domain's serial console on ``stdin``/``stdout`` until Ctrl-] or the console's end (a
+    terminal on ``stdin`` is put in raw mode meanwhile, and restored)."""
+    conn = connect(uri)
+    try:
+        domain = conn.lookupByName(domain_name)
+        stream = conn.newStream(0)
+        domain.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+    except libvirt.libvirtError as err:
+        conn.close()
+        raise _error(f"cannot open the console of {domain_name}", err) from None
+    done = threading.Event()
+
+    def out() -> None:
+        with contextlib.suppress(libvirt.libvirtError, OSError):
+            while not done.is_set():
+                data = stream.recv(4096)
+                if not isinstance(data, bytes) or not data:
+                    break
+                os.write(stdout, data)
+        done.set()
+
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    reader = threading.Thread(target=out, daemon=True)
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        reader.start()
+        while not done.is_set():
+            readable, _, _ = select.select([stdin], [], [], 0.5)
+            if not readable:
+                continue
+            data = os.read(stdin, 1024)
+            if not data or ESCAPE in data:
+                break
+            stream.send(data)
+    finally:
+        done.set()
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        reader.join(2)
+        conn.close()
 
 
 def _error(what: str, err: Any, hint: str | None = None) -> HypervisorError:

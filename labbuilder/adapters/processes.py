@@ -320,10 +320,17 @@ def process_alive(pid: int) -> bool:
 # lab). It is found again by its argv, not by a pid file that a killed `up` may not have written.
 
 
-def start_daemon(argv: Callable[[int], Argv], log: Path, *, ready_timeout: float = 20.0) -> int:
+def start_daemon(
+    argv: Callable[[int], Argv],
+    log: Path,
+    *,
+    ready_timeout: float = 20.0,
+    ready: Callable[[], bool] | None = None,
+) -> int:
     """Start a daemon in a session of its own, its output appended to ``log``, and wait until
     it says it is ready: ``argv(fd)`` gives its command line with ``fd``, the write end of a
-    pipe, on which it writes once ready (slirp4netns's ``--ready-fd``). Returns its pid.
+    pipe, on which it writes once ready (slirp4netns's ``--ready-fd``); or, for a daemon that
+    cannot say so, until ``ready()`` is true (polled). Returns its pid.
 
     Raises ``ProgramMissing``, or ``ProgramNotStarted`` (with the log's last lines) when it
     ends or stays silent before it is ready; a daemon that did not get ready is killed.
@@ -349,8 +356,11 @@ def start_daemon(argv: Callable[[int], Argv], log: Path, *, ready_timeout: float
         os.close(write_fd)
     _tools.debug("started %s (pid %d)", shlex.join(command), proc.pid)
     try:
-        ready, _, _ = select.select([read_fd], [], [], ready_timeout)
-        said = os.read(read_fd, 1) if ready else b""
+        if ready is None:
+            readable, _, _ = select.select([read_fd], [], [], ready_timeout)
+            said = os.read(read_fd, 1) if readable else b""
+        else:
+            said = _poll_ready(proc, ready, ready_timeout)
     finally:
         os.close(read_fd)
     if said:
@@ -365,6 +375,15 @@ def start_daemon(argv: Callable[[int], Argv], log: Path, *, ready_timeout: float
         + ("; ".join(tail) or "no output")
         + f" (log: {log})",
     )
+
+
+def _poll_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            return b"1"
+        time.sleep(0.05)
+    return b""
 
 
 def daemons(match: Callable[[list[str]], bool]) -> list[int]:

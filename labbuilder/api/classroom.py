@@ -10,20 +10,56 @@ again and named in the result, the others are kept.
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from labbuilder.adapters import libvirt as lv
+from labbuilder.adapters import relay, sshd
+from labbuilder.adapters.ssh import SSHSession
 from labbuilder.api import up as bringup
+from labbuilder.classroom.access import (
+    authorized_key_line,
+    console_domain,
+    parse_request,
+    relay_target,
+    sshd_config,
+)
+from labbuilder.classroom.handouts import (
+    Entry,
+    StudentLab,
+    file_names,
+    handout_pdf,
+    render_handout,
+    render_known_hosts,
+    render_ssh_config,
+)
 from labbuilder.common.errors import LabbuilderError, PlanError, UsageError
 from labbuilder.common.paths import pool_dir, pool_name, state_root
 from labbuilder.host.facts import gather_host_facts
 from labbuilder.lab.classplan import ClassPlan, plan_class
+from labbuilder.lab.view import plan_from_dict
 from labbuilder.lifecycle import registry, snapshots, teardown, templates
 from labbuilder.lifecycle import status as labstatus
-from labbuilder.lifecycle.state import lab_lock, lab_state
+from labbuilder.lifecycle.state import (
+    LabState,
+    ensure_private_dir,
+    gateway_namespace,
+    lab_lock,
+    lab_state,
+    load_secrets,
+    load_state_record,
+    new_ed25519_key,
+    read_state_file,
+    write_secret_file,
+    write_state_file,
+)
 from labbuilder.model.classroom import ClassSpec
 from labbuilder.model.lab import Lab
 from labbuilder.recipe.files import load_recipe
@@ -122,7 +158,16 @@ def class_up(spec: ClassSpec, *, log: Log | None = None) -> list[StudentResult]:
                 )  # fmt: skip
         return StudentResult(student, lab.name, True, time.monotonic() - started, "installed")
 
-    return _parallel(spec, [s.name for s in spec.students], make)
+    results = _parallel(spec, [s.name for s in spec.students], make)
+    if any(result.ok for result in results):
+        emit("the class's SSH entry and the students' files")
+        entry = open_access(spec)
+        for result in results:
+            if result.ok:
+                authorize_student(spec, result.student)
+                folder = write_student_files(spec, result.student, entry)
+                result.detail["files"] = str(folder)
+    return results
 
 
 def class_status(spec: ClassSpec) -> list[dict[str, object]]:
@@ -146,6 +191,10 @@ def class_status(spec: ClassSpec) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def entry_running(spec: ClassSpec) -> bool:
+    return bool(sshd.pids(class_dir(spec) / "access" / "sshd_config"))
 
 
 def _students(spec: ClassSpec, names: Sequence[str]) -> list[str]:
@@ -180,6 +229,8 @@ def class_reset(
             if template is not None and stage == template.stage:
                 emit(f"{student}: back to template {template.name}")
                 templates.restamp(hv, template, state, pool_name(), pool_dir())
+                if (class_dir(spec) / "access").is_dir():
+                    authorize_student(spec, student)  # the template's nodes lack the key
             else:
                 emit(f"{student}: back to snapshot {stage}")
                 snapshots.restore_snapshot(hv, name, stage)
@@ -203,4 +254,161 @@ def class_down(spec: ClassSpec) -> list[StudentResult]:
             detail={"domains": len(removed.domains), "gateway": removed.gateway},
         )  # fmt: skip
 
-    return _parallel(spec, [s.name for s in spec.students], remove)
+    results = _parallel(spec, [s.name for s in spec.students], remove)
+    close_access(spec)
+    return results
+
+
+# --- the students' access -----------------------------------------------------------------------
+
+
+def class_dir(spec: ClassSpec) -> Path:
+    """``<state root>/classes/<class>/``: the entry (``access/``) and each student's files
+    (``students/<name>/``: key, ssh_config, known_hosts, handout), all private to root."""
+    return state_root() / "classes" / spec.name
+
+
+def student_dir(spec: ClassSpec, student: str) -> Path:
+    return class_dir(spec) / "students" / student
+
+
+def student_key(spec: ClassSpec, student: str) -> str:
+    """The student's public key: the class file's, else one made for them (its private half
+    in their folder, to hand out)."""
+    given = spec.student(student).ssh_key
+    if given:
+        return given
+    private_path = student_dir(spec, student) / spec.lab_name(student)
+    public_path = private_path.with_suffix(".pub")
+    if not private_path.exists() or not public_path.exists():
+        private, public = new_ed25519_key()
+        write_secret_file(private_path, private)
+        write_state_file(public_path, public + f" {spec.lab_name(student)}\n".encode())
+    return read_state_file(public_path).strip()
+
+
+def open_access(spec: ClassSpec) -> Entry:
+    """The class's SSH entry running (its sshd, host key, authorized_keys), every student's key
+    in it with the forced command that reaches their own lab only."""
+    folder = class_dir(spec) / "access"
+    ensure_private_dir(folder)
+    key_path = folder / "ssh_host_ed25519_key"
+    if not key_path.exists() or not key_path.with_suffix(".pub").exists():
+        private, public = new_ed25519_key()
+        write_secret_file(key_path, private)
+        write_state_file(key_path.with_suffix(".pub"), public + b"\n")
+    lines = [
+        authorized_key_line(sys.executable, spec.lab_name(s.name), student_key(spec, s.name))
+        for s in spec.students
+    ]
+    write_secret_file(folder / "authorized_keys", ("\n".join(lines) + "\n").encode())
+    config = folder / "sshd_config"
+    limits = spec.limits
+    write_secret_file(
+        config, sshd_config(folder, limits.access_address, limits.access_port).encode()
+    )
+    sshd.start(config, folder / "sshd.log", limits.access_address, limits.access_port)
+    return Entry(
+        host=limits.access_host or socket.getfqdn(),
+        port=limits.access_port,
+        host_key=" ".join(read_state_file(key_path.with_suffix(".pub")).split()[:2]),
+    )
+
+
+def close_access(spec: ClassSpec) -> bool:
+    """The entry stopped and the class's folder (keys, handouts) removed; whether it ran."""
+    stopped = sshd.stop(class_dir(spec) / "access" / "sshd_config")
+    folder = class_dir(spec)
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    return stopped
+
+
+def _lab_record(lab: str) -> tuple[LabState, dict[str, object]]:
+    entry = registry.registration(lab)
+    record = None if entry is None else load_state_record(lab_state(lab, entry.state_dir))
+    if entry is None or record is None:
+        raise UsageError(f"lab {lab} is not up on this host", "ask the trainer")
+    return lab_state(lab, entry.state_dir), record
+
+
+def authorize_student(spec: ClassSpec, student: str) -> None:
+    """The student's key allowed on every node of their lab (as the lab's login user)."""
+    state, record = _lab_record(spec.lab_name(student))
+    plan = plan_from_dict(record["plan"])  # type: ignore[arg-type]
+    key = student_key(spec, student)
+    for node in plan.nodes:
+        with SSHSession(
+            node.management_address,
+            str(record["user"]),
+            state.key_path,
+            known_hosts=state.known_hosts_path,
+            node=node.name,
+            namespace=gateway_namespace(record),
+        ) as session:
+            session.run(
+                "mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
+                "(grep -qxF %s ~/.ssh/authorized_keys || echo %s >> ~/.ssh/authorized_keys)",
+                key,
+                key,
+                timeout=60,
+            ).check(node.name)
+
+
+def write_student_files(spec: ClassSpec, student: str, entry: Entry) -> Path:
+    """The student's handout, ssh_config and known_hosts in their folder; the folder."""
+    state, record = _lab_record(spec.lab_name(student))
+    plan = plan_from_dict(record["plan"])  # type: ignore[arg-type]
+    keys = {}
+    for node in plan.nodes:
+        public = state.directory / "host-keys" / f"{node.name}.pub"
+        if public.exists():
+            keys[node.name] = " ".join(read_state_file(public).split()[:2])
+    template = record.get("template") or {}
+    assert isinstance(template, dict)
+    lab = StudentLab(
+        class_name=spec.name,
+        student=student,
+        plan=plan,
+        user=str(record["user"]),
+        secrets=load_secrets(state),
+        purposes=load_recipe(spec.lab.recipe).secrets,
+        node_keys=keys,
+        template=template.get("name"),
+        stage=template.get("stage") or spec.stage,
+    )
+    folder = student_dir(spec, student)
+    names = file_names(lab)
+    handout = render_handout(lab, entry)
+    write_secret_file(folder / "handout.md", handout.encode())
+    write_secret_file(folder / "handout.pdf", handout_pdf(handout))
+    write_secret_file(folder / names["config_file"], render_ssh_config(lab, entry).encode())
+    write_secret_file(folder / names["known_hosts_file"], render_known_hosts(lab, entry).encode())
+    return folder
+
+
+def class_access(spec: ClassSpec) -> Entry:
+    """The entry open, every student's key on their nodes, their files written."""
+    entry = open_access(spec)
+    for student in spec.students:
+        authorize_student(spec, student.name)
+        write_student_files(spec, student.name, entry)
+    return entry
+
+
+def entry(lab: str, request: str) -> None:
+    """A student's request to the class's entry (its forced command): bytes to and from an
+    address of their own lab, opened from the lab's gateway namespace, or a node's serial
+    console."""
+    asked = parse_request(request)
+    _, record = _lab_record(lab)
+    plan = plan_from_dict(record["plan"])  # type: ignore[arg-type]
+    if asked.action == "console":
+        lv.console_stdio(plan.libvirt_uri, console_domain(plan, asked.node))
+        return
+    address = relay_target(plan, asked.node)
+    relay.pipe_stdio(relay.open_node(gateway_namespace(record), address, asked.port))
+
+
+def entry_request() -> str:
+    return os.environ.get("SSH_ORIGINAL_COMMAND", "")

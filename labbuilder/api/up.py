@@ -114,9 +114,7 @@ def up(
                 )
             except BaseException:
                 if fresh:
-                    emit("creating the lab failed; removing what was made")
-                    remove_lab_objects(hypervisor, lab.name)
-                    registry.unregister(lab.name)
+                    remove_made(hypervisor, lab, emit)
                 raise
         finally:
             hypervisor.close()
@@ -180,9 +178,7 @@ def stamp(
                 emit("stepping the nodes' clocks to the host's")
                 snapshots.sync_clocks(state)
             except BaseException:
-                emit("creating the lab failed; removing what was made")
-                remove_lab_objects(hypervisor, lab.name)
-                registry.unregister(lab.name)
+                remove_made(hypervisor, lab, emit)
                 raise
         finally:
             hypervisor.close()
@@ -195,6 +191,13 @@ def stamp(
         created=True,
         template=name,
     )
+
+
+def remove_made(hypervisor: Hypervisor, lab: Lab, emit: Log) -> None:
+    """After a failed `up` of a new lab: everything of it removed, its registration too."""
+    emit("creating the lab failed; removing what was made")
+    remove_lab_objects(hypervisor, lab.name)
+    registry.unregister(lab.name)
 
 
 def check_template(lab: Lab, plan: Plan, template: templates.Template) -> None:

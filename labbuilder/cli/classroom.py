@@ -74,6 +74,20 @@ def register(commands: Subparsers) -> None:
     add_json(reset, "each student's result")
     reset.set_defaults(handler=cmd_reset)
 
+    entry = actions.add_parser(
+        "entry",
+        help="(the class's SSH entry runs it for a student) relay to their lab, or a console",
+        description=(
+            "Run by the class's own sshd for a student's key, never by hand: reads the "
+            "student's request from SSH_ORIGINAL_COMMAND: `relay HOST PORT` (as the "
+            "student's ssh_config asks) relays to that address of the student's own lab, "
+            "from the lab's gateway namespace; `console NODE` opens that node's serial "
+            "console (Ctrl-] leaves). Any other request is refused."
+        ),
+    )
+    entry.add_argument("lab_name", metavar="LAB", help="the student's lab")
+    entry.set_defaults(handler=cmd_entry)
+
     down = actions.add_parser("down", help="remove every student's lab")
     _class_file(down)
     add_json(down, "what was removed")
@@ -136,7 +150,12 @@ def _results(console: Console, results: list[StudentResult], as_json: bool, what
     for result in results:
         if result.ok:
             done = f"{result.action} ({result.seconds:.0f} s)"
-            console.print(f"{result.student}: {result.lab} {done}")
+            files = (
+                f"; handout and files in {result.detail['files']}"
+                if "files" in result.detail
+                else ""
+            )
+            console.print(f"{result.student}: {result.lab} {done}{files}")
         else:
             console.print(f"{result.student}: {result.lab} FAILED: {result.error}", style="red")
     console.print(f"{len(results) - len(failed)} of {len(results)} labs {what}")
@@ -152,8 +171,9 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
     spec = _load(args)
     rows = classroom.class_status(spec)
+    entry = {"port": spec.limits.access_port, "running": classroom.entry_running(spec)}
     if args.json:
-        console.print_json(json.dumps({"class": spec.name, "labs": rows}))
+        console.print_json(json.dumps({"class": spec.name, "labs": rows, "entry": entry}))
         return 0
     table = plain_table(f"class {spec.name}", ("student", "lab", "nodes"))
     for row in rows:
@@ -162,6 +182,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         shown = ", ".join(f"{n['name']} {n['state']}" for n in nodes) or "not up"
         add_plain_row(table, str(row["student"]), str(row["lab"]), shown)
     console.print(table)
+    state = "running" if entry["running"] else "not running"
+    console.print(f"the students' SSH entry on port {entry['port']}: {state}")
     return 0
 
 
@@ -170,6 +192,11 @@ def cmd_reset(args: argparse.Namespace, console: Console) -> int:
     log = None if args.json else (lambda message: console.print(message, style="dim"))
     results = classroom.class_reset(spec, args.to, args.student, log=log)
     return _results(console, results, args.json, f"back at {args.to}")
+
+
+def cmd_entry(args: argparse.Namespace, console: Console) -> int:
+    classroom.entry(args.lab_name, classroom.entry_request())
+    return 0
 
 
 def cmd_down(args: argparse.Namespace, console: Console) -> int:

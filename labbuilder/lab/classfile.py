@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 import struct
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from labbuilder.common.tomlread import (
     parse_table,
 )
 from labbuilder.lab.check import check_lab_recipe
-from labbuilder.lab.files import load_builtin_lab, load_lab_file
+from labbuilder.lab.files import load_builtin_lab, load_lab_file, parse_toml
 from labbuilder.lab.refs import read_lab_text
 from labbuilder.model.classroom import ClassLimits, ClassSpec, Student
 from labbuilder.recipe.files import load_recipe
@@ -53,7 +53,15 @@ from labbuilder.recipe.sizes import fit_lab
 
 TOP_KEYS = ("name", "description", "lab", "template", "stage", "students", "limits")
 STUDENT_KEYS = ("name", "ssh_key")
-LIMIT_KEYS = ("parallel", "access_port", "board_port", "board_address", "check_every")
+LIMIT_KEYS = (
+    "parallel",
+    "access_port",
+    "access_address",
+    "access_host",
+    "board_port",
+    "board_address",
+    "check_every",
+)
 MAX_STUDENTS = 64
 MAX_CLASS_NAME = 20
 MAX_STUDENT_NAME = 16
@@ -75,17 +83,8 @@ HINT = "the README's class file reference gives each key's rule"
 
 def load_class_file(path: Path) -> ClassSpec:
     """Read and validate a class file (a regular file of at most 1 MiB of UTF-8 TOML)."""
-    text = read_lab_text(path)
     source = str(path)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise LabFileError(
-            f"{source}: not valid TOML: {' '.join(str(err).split())}",
-            "fix the TOML syntax at that line and column (https://toml.io)",
-        ) from None
-    except RecursionError:
-        raise LabFileError(f"{source}: not valid TOML: nested too deeply") from None
+    data = parse_toml(read_lab_text(path), source)
     try:
         return class_from_data(data, source=source, folder=path.parent)
     except LabFileError as err:
@@ -228,11 +227,19 @@ def _limits(value: object, where: Where) -> ClassLimits:
     address = parse_str(
         table.get("board_address", defaults.board_address), where.key("board_address")
     )
-    if address not in ("127.0.0.1", "0.0.0.0", "::1", "::") and not re.fullmatch(
-        r"\d{1,3}(\.\d{1,3}){3}", address
-    ):
+    if not _is_address(address):
         raise where.key("board_address").error(address, "is not an IP address")
+    listen = parse_str(
+        table.get("access_address", defaults.access_address), where.key("access_address")
+    )
+    if not _is_address(listen):
+        raise where.key("access_address").error(listen, "is not an IP address")
+    host = parse_str(table.get("access_host", ""), where.key("access_host"))
+    if host and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", host):
+        raise where.key("access_host").error(host, "is not a host name or address")
     return ClassLimits(
+        access_address=listen,
+        access_host=host,
         parallel=parse_int(
             table.get("parallel", defaults.parallel), where.key("parallel"), minimum=1, maximum=16
         ),
@@ -256,3 +263,11 @@ def _limits(value: object, where: Where) -> ClassLimits:
             maximum=3600,
         ),
     )
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

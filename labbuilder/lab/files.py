@@ -120,8 +120,13 @@ def parse_lab(text: str, *, source: str, force: bool = False, folder: Path | Non
     without a file names no local image)."""
     if len(text) > MAX_LAB_FILE:
         raise LabFileError(f"{source}: the lab file is larger than {MAX_LAB_FILE // 1024} KiB")
+    return lab_from_data(parse_toml(text, source), source=source, force=force, folder=folder)
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """A lab's or class's file as TOML; ``LabFileError`` naming the line if it is not."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise LabFileError(
             f"{source}: not valid TOML: {one_line(str(err))}",
@@ -132,7 +137,6 @@ def parse_lab(text: str, *, source: str, force: bool = False, folder: Path | Non
             f"{source}: not valid TOML: arrays or tables nested too deeply",
             "a lab file nests tables and lists a few levels deep at most",
         ) from None
-    return lab_from_data(data, source=source, force=force, folder=folder)
 
 
 def one_line(text: str) -> str:

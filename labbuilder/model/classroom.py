@@ -19,6 +19,8 @@ class Student:
 class ClassLimits:
     parallel: int = 2  # labs made at once
     access_port: int = 2222  # the students' SSH entry on this host
+    access_address: str = "0.0.0.0"  # where the entry listens
+    access_host: str = ""  # how students name this host ("": its fully qualified name)
     board_port: int = 8080  # the trainer's board (127.0.0.1 unless board_address says)
     board_address: str = "127.0.0.1"
     check_every: int = 30  # seconds between the board's rounds of checks
