@@ -308,6 +308,36 @@ def test_a_recheck_runs_the_checks_of_steps_done_before_and_fails_on_a_broken_on
     assert "fails now" in objects.reason
 
 
+def test_a_check_of_a_lab_runs_no_step_and_looks_at_every_stage(
+    tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
+) -> None:
+    nodes, log = lab_nodes
+    folder = write_recipe(tmp_path, STAGES)
+    stages = render(folder)
+    fresh = engine_for(nodes, tmp_path).check(stages)
+    assert not log  # nothing ran: no step done yet, so no check either
+    assert {s.status for stage in fresh for s in stage.steps} == {Status.NOT_RUN, Status.SKIPPED}
+    assert {s.reason for stage in fresh for s in stage.steps if s.status == Status.NOT_RUN} == {
+        "not done"
+    }
+
+    engine_for(nodes, tmp_path).run(stages)
+    ran = len(log)
+    nodes["controller"].rules.insert(0, lambda s: ok("admin\n") if "list-projects" in s else None)
+    looked = engine_for(nodes, tmp_path).check(stages)
+    scripts = [script for _, script, _ in log[ran:]]
+    assert not any("echo database" in s or "hello from" in s for s in scripts)  # no step ran
+    first, second = looked
+    assert not first.failed  # the first stage's checks pass...
+    objects = next(s for s in second.steps if s.step.startswith("objects"))
+    assert objects.status == Status.FAILED and objects.failed_check == "projects"
+    # ...and a failed check does not keep the rest of the stage from being looked at
+    assert {s.status for s in second.steps if s is not objects} <= {
+        Status.DONE_BEFORE,
+        Status.SKIPPED,
+    }
+
+
 def test_failure_stops_the_run_and_reports_where_and_how_to_resume(
     tmp_path: Path, lab_nodes: tuple[dict[str, FakeNode], list[tuple[str, str, float]]]
 ) -> None:

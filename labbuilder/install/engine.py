@@ -248,6 +248,54 @@ class Engine:
                 )
         return outcomes
 
+    def check(self, stages: Sequence[RenderedStage]) -> list[StageOutcome]:
+        """Run no step: each step done before (its marker matches) has its checks run again
+        (its status stays done-before, or is failed naming the check); a step not done yet is
+        not run ("not done"). Every stage is looked at, whatever an earlier one found: what a
+        trainer's board shows of a lab now. Nodes are looked at in parallel, each node's steps
+        one after the other."""
+        nodes = sorted({node for stage in stages for node in stage.nodes})
+
+        def markers(node: str) -> dict[str, str] | LabbuilderError:
+            try:
+                install_helpers(self.transports[node], self.helpers)
+                return read_markers(self.transports[node])
+            except LabbuilderError as err:
+                return err
+
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            found = dict(zip(nodes, pool.map(markers, nodes), strict=True))
+        self.markers = {n: m for n, m in found.items() if not isinstance(m, LabbuilderError)}
+        outcomes = []
+        for stage in stages:
+            start = time.monotonic()
+
+            def look(step: RenderedStep) -> StepOutcome:
+                reached = found.get(step.node)
+                if isinstance(reached, LabbuilderError):
+                    return self._outcome(
+                        step, Status.FAILED, reason=self.redact(f"unreachable: {reached.message}")
+                    )
+                if step.skipped_reason:
+                    return self._outcome(step, Status.SKIPPED, reason=step.skipped_reason)
+                if reached is None or reached.get(marker_name(step)) != step.digest:
+                    return self._outcome(step, Status.NOT_RUN, reason="not done")
+                if not step.checks:
+                    return self._outcome(step, Status.DONE_BEFORE)
+                return self._recheck(step)
+
+            def walk(node: str, stage: RenderedStage = stage) -> list[StepOutcome]:
+                return [look(step) for step in stage.for_node(node)]  # one node: one at a time
+
+            with ThreadPoolExecutor(max_workers=max(1, len(stage.nodes))) as pool:
+                by_node = dict(zip(stage.nodes, pool.map(walk, stage.nodes), strict=True))
+            found_steps = {(s.node, s.step): s for outs in by_node.values() for s in outs}
+            steps = [found_steps[(step.node, step.step)] for step in stage.steps]
+            outcomes.append(
+                StageOutcome(stage.name, stage.title, stage.guide, time.monotonic() - start, steps)
+            )
+        return outcomes
+
     def _not_run(self, stage: RenderedStage, reason: str) -> StageOutcome:
         steps = [
             StepOutcome(s.stage, s.step, s.node, s.title, s.guide, Status.NOT_RUN, reason=reason)
