@@ -25,8 +25,11 @@ def register(commands: Subparsers) -> None:
             "they start from (or a stage to install from scratch through), the students and "
             "the host's limits. Each student gets a lab of their own, <class>-<student>, "
             "isolated, with the guide's addresses. `class plan` checks that the class fits "
-            "this host; `class up` makes the labs (a few at once); `class status` shows them; "
-            "`class reset` brings labs back to a stage in seconds; `class down` removes them."
+            "this host; `class up` makes the labs (a few at once), opens the class's SSH entry "
+            "(each student's key reaches their own lab only) and writes each student's handout "
+            "(Markdown and PDF), ssh_config and known_hosts; `class status` shows them; "
+            "`class reset` brings labs back to a stage in seconds; `class down` removes them "
+            "all."
         ),
     )
     actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
