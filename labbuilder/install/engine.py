@@ -210,15 +210,7 @@ class Engine:
         if missing:
             raise ValueError(f"no transport for nodes {missing}")
 
-        def prepare(node: str) -> dict[str, str] | LabbuilderError:
-            try:
-                install_helpers(self.transports[node], self.helpers)
-                return read_markers(self.transports[node])
-            except LabbuilderError as err:
-                return err
-
-        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            found = dict(zip(nodes, pool.map(prepare, nodes), strict=True))
+        found = self._prepare(nodes)
         unprepared = {node: err for node, err in found.items() if isinstance(err, LabbuilderError)}
         self.markers = {n: m for n, m in found.items() if not isinstance(m, LabbuilderError)}
         outcomes: list[StageOutcome] = []
@@ -254,17 +246,7 @@ class Engine:
         not run ("not done"). Every stage is looked at, whatever an earlier one found: what a
         trainer's board shows of a lab now. Nodes are looked at in parallel, each node's steps
         one after the other."""
-        nodes = sorted({node for stage in stages for node in stage.nodes})
-
-        def markers(node: str) -> dict[str, str] | LabbuilderError:
-            try:
-                install_helpers(self.transports[node], self.helpers)
-                return read_markers(self.transports[node])
-            except LabbuilderError as err:
-                return err
-
-        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            found = dict(zip(nodes, pool.map(markers, nodes), strict=True))
+        found = self._prepare(sorted({node for stage in stages for node in stage.nodes}))
         self.markers = {n: m for n, m in found.items() if not isinstance(m, LabbuilderError)}
         outcomes = []
         for stage in stages:
@@ -295,6 +277,20 @@ class Engine:
                 StageOutcome(stage.name, stage.title, stage.guide, time.monotonic() - start, steps)
             )
         return outcomes
+
+    def _prepare(self, nodes: Sequence[str]) -> dict[str, dict[str, str] | LabbuilderError]:
+        """Each node's helpers written and its run-once markers read, in parallel; a node
+        that cannot be reached gives its error instead."""
+
+        def prepare(node: str) -> dict[str, str] | LabbuilderError:
+            try:
+                install_helpers(self.transports[node], self.helpers)
+                return read_markers(self.transports[node])
+            except LabbuilderError as err:
+                return err
+
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            return dict(zip(nodes, pool.map(prepare, nodes), strict=True))
 
     def _not_run(self, stage: RenderedStage, reason: str) -> StageOutcome:
         steps = [
