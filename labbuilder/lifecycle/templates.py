@@ -348,7 +348,7 @@ def save_template(
         emit("the lab back to its own state")
         snapshots.restore_snapshot(hypervisor, lab_name, RETURN_SNAPSHOT)
         returned = True
-        _copy_state(state, work / "state")
+        _copy_state(state.directory, work / "state")
         template = Template(
             name=name,
             directory=final,
@@ -454,17 +454,17 @@ def _copy_seed(
     shutil.copyfile(seed.path, target)
 
 
-def _copy_state(state: LabState, target: Path) -> None:
+def _copy_state(source: Path, target: Path) -> None:
+    """The lab state files a template keeps (secrets, keys, known_hosts), from ``source`` to
+    ``target``, each written 0600; links and special files are not followed."""
     ensure_private_dir(target)
     for name in STATE_FILES:
-        source = state.directory / name
-        if os.path.lexists(source):
-            write_secret_file(target / name, read_state_file(source).encode())
+        if os.path.lexists(source / name):
+            write_secret_file(target / name, read_state_file(source / name).encode())
     for folder in STATE_FOLDERS:
-        source_dir = state.directory / folder
-        if source_dir.is_dir():
+        if (source / folder).is_dir():
             ensure_private_dir(target / folder)
-            for entry in sorted(source_dir.iterdir()):
+            for entry in sorted((source / folder).iterdir()):
                 if entry.is_file() and not entry.is_symlink():
                     write_secret_file(target / folder / entry.name, read_state_file(entry).encode())
 
@@ -474,16 +474,7 @@ def _copy_state(state: LabState, target: Path) -> None:
 
 def copy_state_into(template: Template, state: LabState) -> None:
     """The template's secrets, keys and known_hosts as the new lab's (its guests trust them)."""
-    source = template.state_dir
-    for name in STATE_FILES:
-        if os.path.lexists(source / name):
-            write_secret_file(state.directory / name, read_state_file(source / name).encode())
-    for folder in STATE_FOLDERS:
-        if (source / folder).is_dir():
-            for entry in sorted((source / folder).iterdir()):
-                write_secret_file(
-                    state.directory / folder / entry.name, read_state_file(entry).encode()
-                )
+    _copy_state(template.state_dir, state.directory)
 
 
 def stamp_nodes(
