@@ -6,6 +6,7 @@ reaches libvirt: they are refused before anything is looked up or created."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -20,7 +21,14 @@ from test_failure_reports import Lab, free_loopback
 from labbuilder.api import facade as api
 from labbuilder.common.errors import UsageError
 from labbuilder.lab.view import plan_tables
-from labbuilder.lifecycle.state import lab_state, load_secrets, write_secret_file, write_state_file
+from labbuilder.lifecycle.state import (
+    LabState,
+    ensure_secrets,
+    lab_state,
+    load_secrets,
+    write_secret_file,
+    write_state_file,
+)
 
 Setup = Callable[[Path], tuple[list[str], dict[str, str]]]
 
@@ -313,3 +321,16 @@ def test_install_refuses_a_linked_secrets_file_with_exit_2(tmp_path: Path) -> No
                             timeout=60, check=False)  # fmt: skip
     assert_refused(result, f"{secrets_file} is a symbolic link")
     assert victim.read_text() == "precious\n"
+
+
+def test_generated_passwords_are_safe_words_for_every_tool_of_the_guide(tmp_path: Path) -> None:
+    """The lab's generated passwords go into shell words, SQL, URLs and configuration files,
+    and `rabbitmqctl change_password openstack PASS` reads a leading '-' as an option: they are
+    letters and digits only, kept in a 0600 file, and stay the same across runs."""
+    state = LabState("lbtest-pw", tmp_path / "lab")
+    names = tuple(f"PASS{i}" for i in range(400))
+    made = ensure_secrets(state, names)
+    assert all(re.fullmatch(r"[A-Za-z0-9]{20}", value) for value in made.values()), made
+    assert len(set(made.values())) == len(names)
+    assert stat.S_IMODE(state.secrets_path.stat().st_mode) == 0o600
+    assert ensure_secrets(state, names) == made

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import secrets
+import string
 import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -278,13 +279,24 @@ def read_state_file(path: Path) -> str:
         return handle.read()
 
 
+PASSWORD_ALPHABET = string.ascii_letters + string.digits
+PASSWORD_LENGTH = 20  # about 119 bits
+
+
+def new_password() -> str:
+    """A generated password of letters and digits only: the guide's commands put passwords in
+    shell words, SQL, URLs and configuration files, and some tools read a leading '-' as an
+    option (``rabbitmqctl change_password openstack -A...``)."""
+    return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+
+
 def ensure_secrets(state: LabState, names: tuple[str, ...]) -> dict[str, str]:
     """Generated secrets for ``names`` (kept across runs), in a 0600 file."""
     values = load_secrets(state)
     missing = [name for name in names if name not in values]
     if missing:
         for name in missing:
-            values[name] = secrets.token_urlsafe(12)
+            values[name] = new_password()
         write_secret_file(state.secrets_path, json.dumps(values, indent=1).encode())
     return {name: values[name] for name in names}
 
