@@ -81,6 +81,15 @@ def ksm_set(**values: str | int) -> None:
         (KSM / name).write_text(f"{value}\n")
 
 
+def ksm_restore(saved: dict[str, str]) -> None:
+    """KSM back to the settings ``ksm_settings`` read (its pages unmerged if it was off)."""
+    ksm_set(run=2 if saved["run"] == "0" else saved["run"])
+    if saved["run"] == "0":
+        time.sleep(5)
+        ksm_set(run=0)
+    ksm_set(pages_to_scan=saved["pages_to_scan"], sleep_millisecs=saved["sleep_millisecs"])
+
+
 def ksm_sharing() -> int:
     return int((KSM / "pages_sharing").read_text())
 
@@ -290,11 +299,7 @@ def main() -> None:
                     labbuilder("template", "delete", template, env=env)
                 os.environ["LABBUILDER_POOL"] = POOL
                 remove_test_pool(POOL)
-            ksm_set(run=2 if saved["run"] == "0" else saved["run"])
-            if saved["run"] == "0":
-                time.sleep(5)
-                ksm_set(run=0)
-            ksm_set(pages_to_scan=saved["pages_to_scan"], sleep_millisecs=saved["sleep_millisecs"])
+            ksm_restore(saved)
     print_result(result)
     print(json.dumps(result, indent=1, default=str))
 

@@ -185,7 +185,7 @@ def test_down_and_gc_print_json_for_scripts(
     assert removed["domains"] == removed["networks"] == removed["volumes"] == []
     code, out, err = run(["gc", "--match", "lbtest-cli-none-nothing-*", "--json"], capsys)
     assert code == 0, err
-    assert json.loads(out) == {}
+    assert json.loads(out) == {"labs": {}, "templates": []}
 
 
 @pytest.mark.integration
@@ -212,7 +212,9 @@ def test_every_command_that_prints_for_scripts_takes_json() -> None:
         ("run",), ("doctor",), ("snapshot", "list"), ("snapshot", "take"), ("snapshot", "restore"),
         ("snapshot", "delete"), ("images", "list"), ("images", "pull"), ("images", "build"),
         ("images", "show"), ("images", "prune"), ("recipe", "list"), ("recipe", "show"),
-        ("recipe", "coverage"),
+        ("recipe", "coverage"), ("template", "save"), ("template", "list"), ("template", "show"),
+        ("template", "delete"), ("class", "plan"), ("class", "up"), ("class", "status"),
+        ("class", "reset"), ("class", "board"), ("class", "down"),
     }  # fmt: skip
     for path in wanted:
         sub = commands[path[0]]
@@ -247,3 +249,22 @@ def test_every_lab_command_selects_the_lab_the_same_way() -> None:
         assert options["--lab"].metavar == "NAME", sub.prog
         assert ("--allow-small" in options) == (sub.prog.split()[-1] in ("plan", "up", "run"))
         assert ("--force" in options) == (sub.prog.split()[-1] in ("install", "run"))
+
+
+def test_the_board_refuses_bad_flags_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`class board`: --json only with --once (a served board is read at /board.json), a port
+    that is no port, and a student the class lacks for `class ssh`: exit 2, one line each."""
+    (tmp_path / "lab.toml").write_text('name = "lbtest-cls"\n')
+    class_file = tmp_path / "class.toml"
+    class_file.write_text(
+        'name = "lbtestcls"\nlab = "lab.toml"\nstage = "image"\n[[students]]\nname = "ann"\n'
+    )
+    for argv, message in (
+        (["class", "board", str(class_file), "--json"], "--json prints the board of one round"),
+        (["class", "board", str(class_file), "--port", "70000"], "--port 70000 is not a port"),
+        (["class", "ssh", str(class_file), "bob", "controller"], "there is no student 'bob'"),
+    ):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) <= 2, (argv, err)

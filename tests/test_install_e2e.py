@@ -13,14 +13,17 @@ import contextlib
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import artifacts, board_cells, chromium, wait_for
 from conftest import GUIDE_LAB, GUIDE_POOL
 from lablib import gateway_leftovers, lab_leftovers
 from lablib import run_labbuilder as labbuilder
@@ -242,7 +245,7 @@ def class_test(env: dict[str, str], lab_text: str, folder: Path) -> None:
         f'name = "{CLASS}"\nlab = "lab.toml"\ntemplate = "{TEMPLATE}"\n'
         '[[students]]\nname = "alice"\n[[students]]\nname = "bob"\n'
         f'[limits]\naccess_port = {port}\naccess_address = "127.0.0.1"\n'
-        'access_host = "127.0.0.1"\n'
+        'access_host = "127.0.0.1"\ncheck_every = 15\n'
     )
     classes = Path(env["LABBUILDER_STATE_DIR"]) / "classes" / CLASS / "students"
 
@@ -289,6 +292,8 @@ def class_test(env: dict[str, str], lab_text: str, folder: Path) -> None:
 
         assert "login:" in console_prompt(port, files, f"{CLASS}-alice", "controller")
 
+        board_test(class_file, env)
+
         reset = labbuilder(
             "class", "reset", str(class_file), "--student", "bob", "--to", "image", env=env
         )
@@ -309,6 +314,114 @@ def class_test(env: dict[str, str], lab_text: str, folder: Path) -> None:
         }  # fmt: skip
 
 
+def board_test(class_file: Path, env: dict[str, str]) -> None:
+    """The trainer's board of the class, as a trainer runs it, in Debian's chromium: both
+    students' labs pass their stages through image (later stages not done); glance-api stopped
+    by hand in alice's lab turns her image stage red while bob's stays green. A screenshot is
+    kept in artifacts/."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    board = subprocess.Popen(
+        [sys.executable, "-m", "labbuilder", "class", "board", str(class_file), "--port", str(port)],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        with chromium() as driver:
+
+            def seen() -> dict[tuple[str, str], str]:
+                assert board.poll() is None, board.communicate()[0]
+                with contextlib.suppress(Exception):
+                    driver.get(url)
+                    return board_cells(driver)
+                return {}
+
+            cells = wait_for(
+                "both labs passing through image",
+                lambda: (c := seen()) and all(
+                    c[(s, stage)] == "passed"
+                    for s in ("alice", "bob")
+                    for stage in ("environment", "identity", "image")
+                ) and c,
+                300,
+                every=2,
+            )  # fmt: skip
+            assert cells[("alice", "compute")] == cells[("bob", "compute")] == "not done", cells
+            # The trainer steps into alice's lab (`class ssh`) and stops glance-api by hand.
+            command = ("class", "ssh", str(class_file), "alice", "controller")
+            stopped = labbuilder(*command, "sudo systemctl stop glance-api", env=env)
+            assert stopped.returncode == 0, stopped.stderr
+            since = time.monotonic()
+            cells = wait_for(
+                "alice's image stage red", lambda: (c := seen()).get(("alice", "image")) == "failed" and c,
+                150,
+                every=2,
+            )  # fmt: skip
+            red = time.monotonic() - since
+            assert cells[("bob", "image")] == "passed", cells
+            driver.save_screenshot(str(artifacts() / "board-class.png"))
+            (artifacts() / "board-class.txt").write_text(
+                f"a stopped glance-api showed red on the board after {red:.0f} s\n"
+            )
+    finally:
+        os.killpg(board.pid, signal.SIGINT)
+        output = board.communicate(timeout=60)[0]
+    assert board.returncode == 130, output
+    assert f"the board is on {url}" in output, output
+    refused = labbuilder("class", "ssh", str(class_file), "mallory", "controller", env=env)
+    assert refused.returncode == 2 and "there is no student 'mallory'" in refused.stderr
+
+
+def killed_save_then_gc(lab: dict[str, Any]) -> None:
+    """kill -9 of a `template save` once it has saved the nodes' memory and copied a node's
+    disks (the lab paused at its stage, shut off); `gc` brings the lab back to its own state,
+    running, and removes the unfinished template, its disk copies and the lab's snapshot."""
+    env = lab["env"]
+    name = "lbtest-killed"
+    partial = Path(env["LABBUILDER_STATE_DIR"]) / "templates" / f".{name}.partial"
+    command = [sys.executable, "-m", "labbuilder", "template", "save", name]
+    saving = subprocess.Popen(
+        [*command, "--stage", "image", lab["file"]],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (partial / "controller.seed.iso").exists():
+            assert saving.poll() is None, saving.communicate()[0]
+            assert time.monotonic() < deadline, "the save never reached its disk copies"
+            time.sleep(0.2)
+    finally:
+        os.killpg(saving.pid, 9)
+        saving.wait()
+    assert partial.is_dir() and template_volumes(name)
+
+    result = labbuilder("gc", "--match", GUIDE_LAB, "--json", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    removed = json.loads(result.stdout)
+    assert removed["labs"][GUIDE_LAB]["returned"] == "template-return", removed
+    assert str(partial) in removed["templates"], removed
+    assert not partial.exists() and template_volumes(name) == []
+    listed = labbuilder("snapshot", "list", lab["file"], "--json", env=env)
+    assert "template-return" not in {s["name"] for s in json.loads(listed.stdout)}
+    status = json.loads(labbuilder("status", lab["file"], "--json", env=env).stdout)
+    assert {node["state"] for node in status["nodes"]} == {"running"}, status
+    assert "image.upload" in ssh(lab, "controller", "ls /var/lib/labbuilder/steps")
+
+
+def template_volumes(name: str) -> list[str]:
+    conn = lv.connect("qemu:///system")
+    try:
+        pool = storage.find_pool(conn, GUIDE_POOL)
+        assert pool is not None
+        pool.refresh(0)
+        return [v.name() for v in pool.listAllVolumes(0) if f"template-{name}--" in v.name()]
+    finally:
+        conn.close()
+
+
 def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
     lab: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -320,6 +433,7 @@ def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
     stage's checks pass again, and its install goes on with the next stage. Its `down` and the
     template's `delete` leave nothing."""
     env = lab["env"]
+    killed_save_then_gc(lab)
     try:
         saved = labbuilder(
             "template", "save", TEMPLATE, "--stage", "image", lab["file"], "--json", env=env

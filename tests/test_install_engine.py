@@ -15,6 +15,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,20 @@ def test_a_check_of_a_lab_runs_no_step_and_looks_at_every_stage(
         Status.DONE_BEFORE,
         Status.SKIPPED,
     }
+
+    # A check with a timeout is tried again until then, as `install` does; with once=True
+    # (the board's look at a lab) once.
+    waiting = [
+        replace(stage, steps=tuple(
+            replace(step, checks=tuple(replace(c, timeout=1.0) for c in step.checks))
+            for step in stage.steps
+        ))
+        for stage in stages
+    ]  # fmt: skip
+    for once, tries in ((False, lambda n: n > 1), (True, lambda n: n == 1)):
+        found = engine_for(nodes, tmp_path).check(waiting, once=once)
+        objects = next(s for s in found[1].steps if s.step.startswith("objects"))
+        assert objects.status == Status.FAILED and tries(objects.checks[0].attempts), once
 
 
 def test_failure_stops_the_run_and_reports_where_and_how_to_resume(

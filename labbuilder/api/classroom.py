@@ -23,6 +23,7 @@ from pathlib import Path
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import relay, sshd
 from labbuilder.adapters.ssh import SSHSession
+from labbuilder.api import facade
 from labbuilder.api import up as bringup
 from labbuilder.classroom.access import (
     authorized_key_line,
@@ -43,7 +44,7 @@ from labbuilder.classroom.handouts import (
 from labbuilder.common.errors import LabbuilderError, PlanError, UsageError
 from labbuilder.common.paths import pool_dir, pool_name, state_root
 from labbuilder.host.facts import gather_host_facts
-from labbuilder.lab.classplan import ClassPlan, plan_class
+from labbuilder.lab.classplan import ClassPlan, plan_class, student_lab
 from labbuilder.lab.view import plan_from_dict
 from labbuilder.lifecycle import registry, snapshots, teardown, templates
 from labbuilder.lifecycle import status as labstatus
@@ -61,7 +62,7 @@ from labbuilder.lifecycle.state import (
     write_state_file,
 )
 from labbuilder.model.classroom import ClassSpec
-from labbuilder.model.lab import Lab
+from labbuilder.model.lab import Lab, PlannedNode
 from labbuilder.recipe.files import load_recipe
 
 Log = Callable[[str], None]
@@ -193,6 +194,26 @@ def class_status(spec: ClassSpec) -> list[dict[str, object]]:
     return rows
 
 
+def student_status(spec: ClassSpec, student: str) -> list[dict[str, object]]:
+    """The nodes of the student's lab and their states (none if it is not up)."""
+    name = spec.lab_name(student)
+    entry = registry.registration(name)
+    if entry is None:
+        return []
+    status = labstatus.lab_status(name, entry.uri, lab_state(name, entry.state_dir))
+    return [{"name": n.name, "state": n.state} for n in status.nodes]
+
+
+def student_ssh_config(spec: ClassSpec, student: str) -> Path:
+    """An ssh_config (written in the lab's state) that reaches the student's lab's nodes with
+    the lab's own key; refused for a student the class lacks or whose lab is not up."""
+    _students(spec, [student])
+    lab = student_lab(spec, student)
+    if registry.registration(lab.name) is None:
+        raise UsageError(f"{lab.name} is not up", f"`labbuilder class up {spec.source}` first")
+    return facade.write_ssh_config(lab)
+
+
 def entry_running(spec: ClassSpec) -> bool:
     return bool(sshd.pids(class_dir(spec) / "access" / "sshd_config"))
 
@@ -228,9 +249,13 @@ def class_reset(
         with lab_lock(state, "labbuilder class reset"), lv.LibvirtHypervisor.open(entry.uri) as hv:
             if template is not None and stage == template.stage:
                 emit(f"{student}: back to template {template.name}")
-                templates.restamp(hv, template, state, pool_name(), pool_dir())
-                if (class_dir(spec) / "access").is_dir():
-                    authorize_student(spec, student)  # the template's nodes lack the key
+                # the template's nodes lack the student's key: added as their clocks are set
+                also = (
+                    student_key_adder(spec, student)
+                    if (class_dir(spec) / "access").is_dir()
+                    else None
+                )
+                templates.restamp(hv, template, state, pool_name(), pool_dir(), also=also)
             else:
                 emit(f"{student}: back to snapshot {stage}")
                 snapshots.restore_snapshot(hv, name, stage)
@@ -333,11 +358,13 @@ def _lab_record(lab: str) -> tuple[LabState, dict[str, object]]:
 
 
 def authorize_student(spec: ClassSpec, student: str) -> None:
-    """The student's key allowed on every node of their lab (as the lab's login user)."""
+    """The student's key allowed on every node of their lab (as the lab's login user), the
+    nodes in parallel."""
     state, record = _lab_record(spec.lab_name(student))
     plan = plan_from_dict(record["plan"])  # type: ignore[arg-type]
-    key = student_key(spec, student)
-    for node in plan.nodes:
+    add_key = student_key_adder(spec, student)
+
+    def authorize(node: PlannedNode) -> None:
         with SSHSession(
             node.management_address,
             str(record["user"]),
@@ -346,13 +373,25 @@ def authorize_student(spec: ClassSpec, student: str) -> None:
             node=node.name,
             namespace=gateway_namespace(record),
         ) as session:
-            session.run(
-                "mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
-                "(grep -qxF %s ~/.ssh/authorized_keys || echo %s >> ~/.ssh/authorized_keys)",
-                key,
-                key,
-                timeout=60,
-            ).check(node.name)
+            add_key(node.name, session)
+
+    snapshots.raise_first(snapshots.parallel(list(plan.nodes), authorize))
+
+
+def student_key_adder(spec: ClassSpec, student: str) -> Callable[[str, SSHSession], None]:
+    """What adds the student's key to a node, in a session to it."""
+    key = student_key(spec, student)
+
+    def add(node: str, session: SSHSession) -> None:
+        session.run(
+            "mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
+            "(grep -qxF %s ~/.ssh/authorized_keys || echo %s >> ~/.ssh/authorized_keys)",
+            key,
+            key,
+            timeout=60,
+        ).check(node)
+
+    return add
 
 
 def write_student_files(spec: ClassSpec, student: str, entry: Entry) -> Path:

@@ -140,6 +140,10 @@ def gc(uri: str, match: str = "*") -> dict[str, Removed]:
     return teardown.gc(uri, match)
 
 
+def gc_templates(uri: str) -> list[str]:
+    return teardown.gc_templates(uri)
+
+
 def doctor(uri: str) -> HostProbe:
     """Probe the host afresh (and remember the result for `up` until the host reboots)."""
     return probecache.probe(uri, fresh=True)

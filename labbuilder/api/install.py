@@ -19,9 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from labbuilder.adapters import libvirt as lv
-from labbuilder.adapters.ssh import GuestSession, HostKeyError, SSHSession
+from labbuilder.adapters.ssh import CommandResult, GuestSession, HostKeyError, SSHSession, Transport
 from labbuilder.api import facade as api
-from labbuilder.common.errors import DiskSpaceError, InstallError, UsageError
+from labbuilder.common.errors import (
+    DiskSpaceError,
+    GuestTransportError,
+    InstallError,
+    UsageError,
+)
 from labbuilder.common.paths import state_root
 from labbuilder.install.engine import (
     Engine,
@@ -50,6 +55,7 @@ from labbuilder.lifecycle.state import (
     ensure_secrets,
     lab_lock,
     lab_state,
+    load_secrets,
     load_state_record,
 )
 from labbuilder.model.lab import Lab, Plan
@@ -165,6 +171,9 @@ def install(
     check_lab_recipe(lab, recipe)
     check_plan(lab, recipe, plan, bring_up_again=_select_args(lab))
     with lab_lock(state, "labbuilder install"):
+        if (state.directory / snapshots.RETURN_MARKER).exists():
+            with lv.LibvirtHypervisor.open(lab.libvirt_uri) as hypervisor:
+                snapshots.return_if_away(hypervisor, state)
         secrets = ensure_secrets(state, recipe.secret_names)
         recipe, rendered = render_for_lab(
             lab,
@@ -243,6 +252,69 @@ def install(
         failure=failure_report(outcomes, info),
         rendered=rendered,
     )
+
+
+class _Unreachable:
+    """A node that could not be logged in to: every script on it fails with the reason."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def run_script(
+        self,
+        script: str,
+        *,
+        timeout: float = 0.0,
+        on_output: Callable[[str], None] | None = None,
+        interpreter: str = "bash",
+    ) -> CommandResult:
+        raise GuestTransportError(self.reason, "check the lab with `labbuilder status`")
+
+
+def check_lab(lab: Lab, selection: Selection | None = None) -> list[StageOutcome]:
+    """Every applicable stage of the lab looked at now, nothing run: the checks of the steps
+    done before run again (``Engine.check``). Read-only: no lock, no snapshot, no report; a
+    node that cannot be reached fails its steps, naming why."""
+    chosen = selection or Selection()
+    state = lab_state(lab.name)
+    record = load_state_record(state)
+    if record is None:
+        raise UsageError(f"lab {lab.name} is not up on this host", "bring it up first")
+    plan = plan_from_dict(record["plan"])
+    recipe = load_recipe(chosen.recipe or lab.recipe)
+    _, rendered = render_for_lab(
+        lab,
+        chosen,
+        secrets=ensure_secrets(state, recipe.secret_names),
+        plan=plan,
+        virt_type=str(record.get("virt_type", "qemu")),
+    )
+    names = sorted({node for stage in rendered for node in stage.nodes})
+    sessions: dict[str, GuestSession] = {}
+    unreachable: dict[str, str] = {}
+
+    def connect(name: str) -> None:
+        try:
+            sessions[name] = _connect_one(plan, record, state, name)
+        except Exception as err:  # noqa: BLE001 - the node's steps fail, naming it
+            unreachable[name] = str(err)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        list(pool.map(connect, names))
+    try:
+        transports: dict[str, Transport] = {
+            **sessions,
+            **{name: _Unreachable(reason) for name, reason in unreachable.items()},
+        }
+        engine = Engine(
+            transports,
+            redact=Redactor(list(load_secrets(state).values())),
+            helpers=guest_helpers(chosen.path),
+        )
+        return engine.check(rendered, once=True)
+    finally:
+        for session in sessions.values():
+            session.close()
 
 
 class RunProgress:
@@ -416,17 +488,21 @@ def _select_args(lab: Lab) -> str:
     return f"--lab {lab.name}" if lab.source.startswith("built-in") else shlex.quote(lab.source)
 
 
+def _connect_one(plan: Plan, record: dict[str, Any], state: LabState, name: str) -> GuestSession:
+    node = plan.node(name)
+    return SSHSession(
+        node.management_address,
+        str(record["user"]),
+        state.key_path,
+        known_hosts=state.known_hosts_path,
+        node=name,
+        namespace=plan.gateway.namespace if plan.gateway else None,
+    )
+
+
 def _connect(plan: Plan, record: dict[str, Any], state: LabState) -> dict[str, GuestSession]:
     def connect(name: str) -> GuestSession:
-        node = plan.node(name)
-        return SSHSession(
-            node.management_address,
-            str(record["user"]),
-            state.key_path,
-            known_hosts=state.known_hosts_path,
-            node=name,
-            namespace=plan.gateway.namespace if plan.gateway else None,
-        )
+        return _connect_one(plan, record, state, name)
 
     names = [node.name for node in plan.nodes]
     with ThreadPoolExecutor(max_workers=len(names)) as pool:

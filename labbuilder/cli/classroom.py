@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from labbuilder.adapters import web
 from labbuilder.api import classroom
+from labbuilder.api.board import ClassBoard
 from labbuilder.api.classroom import StudentResult
+from labbuilder.classroom.board import board_dict, make_app
 from labbuilder.cli.common import Subparsers, add_json, add_plain_row, plain_table
+from labbuilder.common.errors import UsageError
 from labbuilder.common.sizes import format_size
 from labbuilder.lab.classfile import load_class_file
 from labbuilder.model.classroom import ClassSpec
@@ -76,6 +83,50 @@ def register(commands: Subparsers) -> None:
     )
     add_json(reset, "each student's result")
     reset.set_defaults(handler=cmd_reset)
+
+    board = actions.add_parser(
+        "board",
+        help="the trainer's board: a web page of every student's stages, checked on a schedule",
+        description=(
+            "Serve a local web page with one row per student and one column per stage: each "
+            "cell says whether that stage's checks pass on the student's lab now (the "
+            "recipe's checks of the steps done, run again every `limits.check_every` "
+            "seconds, the labs in parallel; nothing is run or changed on them), with the "
+            "nodes' states and the time of the last change. The page reloads itself, "
+            "/board.json serves the same data, and a button resets a student's lab to the "
+            "class's starting stage. Ctrl-C stops it. With --once: one round of checks, the "
+            "board printed, no server."
+        ),
+    )
+    _class_file(board)
+    board.add_argument(
+        "--port", type=int, metavar="P", help="port to listen on (default: limits.board_port)"
+    )
+    board.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="address to listen on (default: limits.board_address, 127.0.0.1)",
+    )
+    board.add_argument(
+        "--once", action="store_true", help="check every lab once, print the board and exit"
+    )
+    add_json(board, "the board (with --once)")
+    board.set_defaults(handler=cmd_board)
+
+    ssh = actions.add_parser(
+        "ssh",
+        help="SSH to a node of a student's lab (as `labbuilder ssh`, with the lab's key)",
+        description=(
+            "SSH to NODE of STUDENT's lab with the lab's own key, as `labbuilder ssh` does for "
+            "a lab: `labbuilder class ssh os101.toml alice controller 'sudo systemctl status "
+            "glance-api'`. For the trainer on this host; students use their handout's ssh_config."
+        ),
+    )
+    _class_file(ssh)
+    ssh.add_argument("student", metavar="STUDENT", help="the student's name")
+    ssh.add_argument("node", metavar="NODE", help="the node's name, e.g. controller")
+    ssh.add_argument("remote", nargs=argparse.REMAINDER, help="a command to run instead of a shell")
+    ssh.set_defaults(handler=cmd_ssh)
 
     entry = actions.add_parser(
         "entry",
@@ -195,6 +246,61 @@ def cmd_reset(args: argparse.Namespace, console: Console) -> int:
     log = None if args.json else (lambda message: console.print(message, style="dim"))
     results = classroom.class_reset(spec, args.to, args.student, log=log)
     return _results(console, results, args.json, f"back at {args.to}")
+
+
+def cmd_board(args: argparse.Namespace, console: Console) -> int:
+    spec = _load(args)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a port", "give 1-65535 (0: any free port)")
+    if args.json and not args.once:
+        raise UsageError("--json prints the board of one round", "add --once")
+    board = ClassBoard(spec, log=None if args.json else lambda m: console.print(m, style="dim"))
+    if args.once:
+        board.check_round()
+        data = board_dict(board.view())
+        if args.json:
+            console.print_json(json.dumps(data))
+            return 0
+        _print_board(console, data)
+        return 0
+    address = args.address or spec.limits.board_address
+    port = spec.limits.board_port if args.port is None else args.port
+    app = make_app(board, secrets.token_urlsafe(16))
+    try:
+        server = web.WebServer(app, address, port)
+    except OSError as err:
+        raise UsageError(
+            f"the board cannot listen on {address}:{port}: {err.strerror or err}",
+            "choose another --port (or limits.board_port in the class file)",
+        ) from None
+    console.print(
+        f"class {spec.name}: the board is on {server.url} (checks every "
+        f"{spec.limits.check_every} s; Ctrl-C stops it)"
+    )
+    board.start()
+    try:
+        server.run()
+    finally:
+        board.stop()
+    return 0
+
+
+def _print_board(console: Console, data: dict[str, Any]) -> None:
+    stages = [stage["name"] for stage in data["stages"]]
+    table = plain_table(f"class {data['class']}", ("student", *stages, "nodes"))
+    for row in data["students"]:
+        nodes = ", ".join(f"{n['name']} {n['state']}" for n in row["nodes"]) or row["error"]
+        add_plain_row(table, row["student"], *(row["stages"][s]["status"] for s in stages), nodes)
+    console.print(table)
+    console.print(f"one round of checks: {data['round_seconds']} s")
+
+
+def cmd_ssh(args: argparse.Namespace, console: Console) -> int:
+    spec = _load(args)
+    config = classroom.student_ssh_config(spec, args.student)
+    remote = [part for part in args.remote if part != "--"]
+    os.execvp("ssh", ["ssh", "-F", str(config), args.node, *remote])
+    return 0  # not reached
 
 
 def cmd_entry(args: argparse.Namespace, console: Console) -> int:

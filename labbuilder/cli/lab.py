@@ -162,7 +162,9 @@ def register(commands: Subparsers) -> None:
         help="remove leftovers of labs that no longer exist",
         description=(
             "Find labbuilder-tagged domains, networks, volumes and firewall rules whose lab has "
-            "no state on this host any more (a crash, deleted state) and remove them."
+            "no state on this host any more (a crash, deleted state) and remove them; bring "
+            "back a lab that an interrupted `template save` left at a stage, and remove what "
+            "interrupted `template save`s left (unfinished folders and disk copies)."
         ),
     )
     gc.add_argument("--uri", default="qemu:///system", help="libvirt URI")
@@ -350,14 +352,41 @@ def removed_dict(removed: Removed) -> dict[str, object]:
         "gateway": bool(removed.gateway),
         "state_dir": removed.state_dir,
         "left": list(removed.left),
+        "returned": removed.returned,
     }
 
 
 def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     removed = api.gc(args.uri, args.match)
+    unfinished = api.gc_templates(args.uri)
     if args.json:
-        console.print_json(json.dumps({lab: removed_dict(what) for lab, what in removed.items()}))
+        console.print_json(
+            json.dumps(
+                {
+                    "labs": {lab: removed_dict(what) for lab, what in removed.items()},
+                    "templates": unfinished,
+                }
+            )
+        )
         return 0
+    if not removed and not unfinished:
+        console.print("nothing to remove")
+    for lab, what in removed.items():
+        if what.returned:
+            console.print(
+                f"lab {lab}: back to its own state (snapshot {what.returned}), which an "
+                "interrupted command had left"
+            )
+            continue
+        console.print(
+            f"lab {lab}: removed {len(what.domains)} domains, {len(what.networks)} networks, "
+            f"{len(what.volumes)} volumes"
+            + (", firewall rules" if what.firewall else "")
+            + (", gateway namespace" if what.gateway else "")
+        )
+    for leftover in unfinished:
+        console.print(f"removed {leftover}, left by an interrupted `template save`")
+    return 0
     if not removed:
         console.print("nothing to remove")
     for lab, what in removed.items():

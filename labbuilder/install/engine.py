@@ -47,6 +47,7 @@ TRANSIENT = re.compile(
     r"|Hash Sum mismatch|Could not connect to|Connection timed out|Connection reset by peer",
 )
 CHECK_INTERVAL = 5.0
+ONCE_TIMEOUT = 60.0  # a check tried once (a board's look at a lab) may take this long
 RETRY_DELAYS = (5.0, 15.0, 30.0)
 TAIL_LINES = 25
 
@@ -197,6 +198,7 @@ class Engine:
         self.force = force
         self.recheck = recheck  # a step done before runs its checks again
         self.helpers = dict(helpers or {})
+        self.check_once = False  # each check tried once (see check)
         self.check_interval = check_interval
         self.retry_delays = tuple(retry_delays)
         self.markers: dict[str, dict[str, str]] = {}
@@ -240,12 +242,14 @@ class Engine:
                 )
         return outcomes
 
-    def check(self, stages: Sequence[RenderedStage]) -> list[StageOutcome]:
+    def check(self, stages: Sequence[RenderedStage], *, once: bool = False) -> list[StageOutcome]:
         """Run no step: each step done before (its marker matches) has its checks run again
         (its status stays done-before, or is failed naming the check); a step not done yet is
         not run ("not done"). Every stage is looked at, whatever an earlier one found: what a
         trainer's board shows of a lab now. Nodes are looked at in parallel, each node's steps
-        one after the other."""
+        one after the other. With ``once``, each check is tried once (at most
+        ``ONCE_TIMEOUT`` seconds), not again until its timeout: how the lab is now."""
+        self.check_once = once
         found = self._prepare(sorted({node for stage in stages for node in stage.nodes}))
         self.markers = {n: m for n, m in found.items() if not isinstance(m, LabbuilderError)}
         outcomes = []
@@ -545,13 +549,14 @@ class Engine:
         self, transport: Transport, step: RenderedStep, check: RenderedCheck
     ) -> CheckOutcome:
         start = time.monotonic()
-        deadline = start + check.timeout
+        deadline = start + (0.0 if self.check_once else check.timeout)
         attempts = 0
         self._log(step, f"   check: {check.name}")
         while True:
             attempts += 1
             result = transport.run_script(
-                "set -eo pipefail\n" + check.command + "\n", timeout=max(120.0, check.timeout)
+                "set -eo pipefail\n" + check.command + "\n",
+                timeout=ONCE_TIMEOUT if self.check_once else max(120.0, check.timeout),
             )
             passed = result.rc == 0 and (
                 check.expect is None or re.search(check.expect, result.stdout, re.M) is not None

@@ -458,9 +458,15 @@ def _resume_if_paused(hypervisor: Hypervisor, domain: str) -> None:
         hypervisor.resume_domain(domain)
 
 
-def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
+def sync_clocks(
+    state: LabState,
+    *,
+    timeout: float = 60.0,
+    also: Callable[[str, SSHSession], None] | None = None,
+) -> dict[str, float]:
     """Set every node's clock to the host's over SSH (after a restore the guests' clocks are
-    at the snapshot's time); returns by how many seconds each clock moved."""
+    at the snapshot's time); returns by how many seconds each clock moved. ``also`` runs in
+    the same session on each node afterwards (a class's student key, after a reset)."""
     record = load_state_record(state)
     if record is None:
         return {}
@@ -489,6 +495,8 @@ def sync_clocks(state: LabState, *, timeout: float = 60.0) -> dict[str, float]:
                         "date +%%s.%%N && date -u -s @%s >/dev/null", f"{now:.3f}", sudo=True,
                         timeout=timeout,
                     ).check(node)  # fmt: skip
+                    if also is not None:
+                        also(node, session)
                     return now - float(result.stdout.split()[0])
             except (OSError, EOFError, GuestTransportError) as err:
                 if time.monotonic() > deadline:
@@ -555,7 +563,46 @@ def lab_connection(
             f"lab {lab_name} is not up on this host", "bring it up with `labbuilder up`"
         )
     with lab_lock(state, action), lv.LibvirtHypervisor.open(uri) as hypervisor:
+        return_if_away(hypervisor, state)
         yield hypervisor
+
+
+RETURN_MARKER = "returning-to"  # names the snapshot holding the lab's own state, while away
+
+
+def mark_away(state: LabState, snapshot: str) -> None:
+    """Note that the lab leaves its own state, kept in ``snapshot``, for a while (a template
+    is saved from a stage): if the command is killed meanwhile, ``return_if_away`` brings the
+    lab back before any other command changes it."""
+    (state.directory / RETURN_MARKER).write_text(snapshot + "\n")
+
+
+def mark_back(state: LabState) -> None:
+    (state.directory / RETURN_MARKER).unlink(missing_ok=True)
+
+
+def return_if_away(
+    hypervisor: Hypervisor, state: LabState, log: Callable[[str], None] | None = None
+) -> str | None:
+    """Bring the lab back to its own state if a command that left it was killed (the caller
+    holds the lab's lock); returns the snapshot it came back from."""
+    marker = state.directory / RETURN_MARKER
+    try:
+        snapshot = marker.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not NAME_PATTERN.fullmatch(snapshot):
+        mark_back(state)
+        return None
+    names = {info.name for info in list_snapshots(hypervisor, state.lab)}
+    if snapshot in names:
+        if log is not None:
+            log(f"lab {state.lab}: an interrupted command left it; back to its own state")
+        restore_snapshot(hypervisor, state.lab, snapshot)
+        delete_snapshot(hypervisor, state.lab, snapshot)
+        sync_clocks(state)
+    mark_back(state)
+    return snapshot
 
 
 # --- helpers ----------------------------------------------------------------------------------

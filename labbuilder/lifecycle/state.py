@@ -10,8 +10,8 @@ import errno
 import json
 import os
 import secrets
-import string
 import stat
+import string
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass

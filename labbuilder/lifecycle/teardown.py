@@ -22,11 +22,11 @@ from pathlib import Path
 from labbuilder.adapters import firewall, netns
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.hypervisor import Hypervisor
-from labbuilder.common.errors import HypervisorError
+from labbuilder.common.errors import HypervisorError, LabbuilderError
 from labbuilder.common.filelock import file_lock, is_locked
 from labbuilder.common.paths import lab_dir, lab_lock_path, pool_dir, pool_name, state_root
 from labbuilder.lab.planner import NAMESPACE_PREFIX, lab_tag, namespace_name
-from labbuilder.lifecycle import registry
+from labbuilder.lifecycle import registry, snapshots, templates
 from labbuilder.lifecycle.state import LabState, lab_lock, lab_state
 
 # What labbuilder writes into a lab's state directory; `down` removes these and nothing else.
@@ -53,6 +53,7 @@ class Removed:
     gateway: bool = False  # an isolated lab's gateway namespace (and its uplink and veths)
     state_dir: str | None = None
     left: list[str] = field(default_factory=list)  # state entries labbuilder did not make
+    returned: str | None = None  # a kept lab brought back from this snapshot (see gc)
 
     def count(self) -> int:
         return len(self.domains) + len(self.networks) + len(self.volumes)
@@ -271,9 +272,29 @@ def gc(uri: str, match: str = "*") -> dict[str, Removed]:
                 if not locked or _busy_elsewhere(hypervisor, lab):
                     continue
                 if _state_places(hypervisor, lab):
+                    back = _return_if_away(hypervisor, lab)
+                    if back is not None:
+                        removed[lab] = Removed(returned=back)
                     continue
                 removed[lab] = remove_lab_objects(hypervisor, lab)
                 entry = registry.registration(lab)
                 if entry is not None and entry.uri in ("", uri):
                     registry.unregister(lab)  # else its objects on that URI still need it
         return removed
+
+
+def _return_if_away(hypervisor: Hypervisor, lab: str) -> str | None:
+    """A kept lab that a killed command left away from its own state, brought back."""
+    state = lab_state(lab)
+    if not (state.directory / snapshots.RETURN_MARKER).exists():
+        return None
+    try:
+        return snapshots.return_if_away(hypervisor, state)
+    except LabbuilderError:
+        return None  # the next command on the lab tries again, and says why it fails
+
+
+def gc_templates(uri: str) -> list[str]:
+    """Remove what killed `template save`s left: unfinished folders and disk copies."""
+    with lv.LibvirtHypervisor.open(uri) as hypervisor:
+        return templates.collect_unfinished(hypervisor, pool_name(), pool_dir())

@@ -40,7 +40,9 @@ from typing import Any
 
 from labbuilder.adapters import processes, savefile, storage
 from labbuilder.adapters.hypervisor import Hypervisor, lab_metadata
+from labbuilder.adapters.ssh import SSHSession
 from labbuilder.common.errors import DiskSpaceError, LabbuilderError, UsageError
+from labbuilder.common.filelock import file_lock
 from labbuilder.common.paths import lab_lock_path, state_root
 from labbuilder.common.sizes import format_size
 from labbuilder.lab.view import plan_from_dict
@@ -305,12 +307,40 @@ def save_template(
             f"(missing on: {', '.join(info.missing) or 'none'})",
             "run the stage again (`labbuilder install --only STAGE --force`) to take it anew",
         )
-    plan = plan_from_dict(record["plan"])
     nodes = snapshots.lab_nodes(hypervisor, lab_name)
     _check_space(hypervisor, nodes, pool_path)
 
     ensure_private_dir(templates_dir())
-    work = templates_dir() / f".{name}.partial"
+    with file_lock(_save_lock(name), blocking=False) as locked:
+        if not locked:
+            raise UsageError(
+                f"template {name} is being saved by another command",
+                "wait for it, or choose another name",
+            )
+        try:
+            return _save_locked(
+                hypervisor, state, stage, name, record, info, nodes, pool, pool_path, emit
+            )
+        finally:
+            _save_lock(name).unlink(missing_ok=True)
+
+
+def _save_locked(
+    hypervisor: Hypervisor,
+    state: LabState,
+    stage: str,
+    name: str,
+    record: dict[str, Any],
+    info: snapshots.SnapshotInfo,
+    nodes: list[tuple[str, str]],
+    pool: str,
+    pool_path: Path,
+    emit: Log,
+) -> Template:
+    lab_name = state.lab
+    plan = plan_from_dict(record["plan"])
+    final = templates_dir() / name
+    work = _partial_dir(name)
     shutil.rmtree(work, ignore_errors=True)
     ensure_private_dir(work)
     made_volumes: list[str] = []
@@ -322,6 +352,7 @@ def save_template(
         RETURN_SNAPSHOT,
         description="the lab's state while a template is saved",
     )
+    snapshots.mark_away(state, RETURN_SNAPSHOT)
     try:
         emit(f"back to stage {stage}, paused")
         snapshots.restore_snapshot(hypervisor, lab_name, stage, resume=False)
@@ -388,6 +419,7 @@ def save_template(
         if returned:
             with contextlib.suppress(LabbuilderError):
                 snapshots.delete_snapshot(hypervisor, lab_name, RETURN_SNAPSHOT)
+            snapshots.mark_back(state)
     snapshots.sync_clocks(state)
     return load_template(name)
 
@@ -558,10 +590,12 @@ def restamp(
     pool_path: Path,
     *,
     log: Log | None = None,
+    also: Callable[[str, SSHSession], None] | None = None,
 ) -> float:
     """Bring a lab made from ``template`` back to it: its nodes and their disks (snapshots
     included) are replaced by new ones resumed from the template; its networks and gateway
-    stay. Returns the seconds it took, clocks stepped included."""
+    stay. ``also`` runs on each node in the session that steps its clock. Returns the seconds
+    it took, clocks stepped included."""
     started = time.monotonic()
     record = load_state_record(state)
     if record is None:
@@ -576,7 +610,7 @@ def restamp(
     for volume in hypervisor.lab_volumes(pool, str(pool_path), state.lab):
         hypervisor.delete_volume(volume)
     stamp_nodes(hypervisor, template, plan, digest, state, pool, log=log)
-    snapshots.sync_clocks(state)
+    snapshots.sync_clocks(state, also=also)
     return time.monotonic() - started
 
 
@@ -611,6 +645,57 @@ def stamped_record(
             "created": template.created,
         },
     }
+
+
+# --- leftovers --------------------------------------------------------------------------------
+
+
+def _save_lock(name: str) -> Path:
+    return templates_dir() / f".{name}.lock"
+
+
+def _partial_dir(name: str) -> Path:
+    return templates_dir() / f".{name}.partial"
+
+
+def collect_unfinished(hypervisor: Hypervisor, pool: str, pool_path: Path) -> list[str]:
+    """Remove what killed `template save`s left (their unfinished folders and disk copies),
+    skipping saves still running; returns the removed paths and volumes."""
+    root = templates_dir()
+    names: set[str] = set()
+    if root.is_dir():
+        names |= {
+            entry.name[1 : -len(".partial")]
+            for entry in root.iterdir()
+            if entry.name.startswith(".") and entry.name.endswith(".partial")
+        }
+    volumes: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for entry in pool_path.iterdir():
+            if entry.name.startswith(VOLUME_PREFIX) and "--" in entry.name:
+                template = entry.name[len(VOLUME_PREFIX) :].split("--", 1)[0]
+                volumes.setdefault(template, []).append(entry.name)
+    names |= set(volumes)
+    removed: list[str] = []
+    for name in sorted(names):
+        if not NAME_PATTERN.fullmatch(name) or (root / name / "template.json").exists():
+            continue
+        ensure_private_dir(root)
+        with file_lock(_save_lock(name), blocking=False) as locked:
+            if not locked:
+                continue
+            partial = _partial_dir(name)
+            if partial.is_dir():
+                shutil.rmtree(partial)
+                removed.append(str(partial))
+            for volume in volumes.get(name, []):
+                (pool_path / volume).unlink(missing_ok=True)
+                removed.append(volume)
+        _save_lock(name).unlink(missing_ok=True)
+    if any(not path.startswith("/") for path in removed):
+        with contextlib.suppress(LabbuilderError):
+            hypervisor.refresh_pool(pool)
+    return removed
 
 
 # --- deleting ---------------------------------------------------------------------------------

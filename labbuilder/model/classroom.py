@@ -43,3 +43,49 @@ class ClassSpec:
 
     def student(self, name: str) -> Student:
         return next(s for s in self.students if s.name == name)
+
+
+# --- the trainer's board ----------------------------------------------------------------------
+
+# A stage of a student's lab, as its checks found it now.
+PASSED = "passed"  # every step done, its checks pass (or skipped by the plan)
+FAILED = "failed"  # a done step's check fails now, or a node cannot be reached
+PARTIAL = "partial"  # some steps done, others not yet (a stage the student is in)
+NOT_DONE = "not done"  # no step of the stage done yet
+UNKNOWN = "unknown"  # not looked at yet, or the lab is not up
+
+
+@dataclass(frozen=True)
+class BoardCell:
+    stage: str
+    status: str  # one of the above
+    since: float | None  # when the status last changed (epoch seconds)
+    detail: str = ""  # the first failing step and why
+
+
+@dataclass(frozen=True)
+class BoardRow:
+    student: str
+    lab: str
+    nodes: tuple[tuple[str, str], ...]  # (node, domain state)
+    cells: tuple[BoardCell, ...]  # one per board stage, in order
+    checked: float | None  # when the last round of checks on this lab ended
+    busy: str = ""  # what is being done to the lab (a reset), or ""
+    error: str = ""  # why the lab could not be looked at
+
+    @property
+    def last_change(self) -> float | None:
+        times = [cell.since for cell in self.cells if cell.since is not None]
+        return max(times) if times else None
+
+
+@dataclass(frozen=True)
+class BoardView:
+    class_name: str
+    stages: tuple[tuple[str, str], ...]  # (stage, title), the recipe's order
+    reset_stage: str  # where a reset takes a student's lab
+    rows: tuple[BoardRow, ...]
+    check_every: int
+    round_seconds: float | None  # how long the last round of checks took
+    rounds: int  # rounds finished since the board started
+    updated: float | None  # when the last round ended
