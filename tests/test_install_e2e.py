@@ -500,17 +500,38 @@ def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
         checks = [c for s in rechecked for c in s["checks"]]
         assert checks and all(c["passed"] for c in checks), checks
 
-        code, report, output = install({**lab, "file": str(stamped)}, "--until", "compute")
-        assert code == 0, output
+        # It goes on with the next stage. Once compute's first step has passed (its run-once
+        # marker is on the controller), the install is stopped as a user would (Ctrl-C): the
+        # report says what ran. The whole compute stage is not run here (five minutes under
+        # emulation): what is tested is that a stamped lab continues where its template ends.
+        going = subprocess.Popen(
+            [sys.executable, "-m", "labbuilder", "install", str(stamped), "--until", "compute"],
+            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        marker = "/var/lib/labbuilder/steps/compute.placement-database"
+
+        def first_step_done() -> bool:
+            assert going.poll() is None, going.communicate()[0]
+            probe = ("ssh", "-f", str(stamped), "controller", f"test -e {marker}")
+            return labbuilder(*probe, env=env).returncode == 0
+
+        try:
+            wait_for("compute's first step done", first_step_done, 300, every=3)
+        finally:
+            os.killpg(going.pid, signal.SIGINT)
+            output = going.communicate(timeout=120)[0]
+        assert going.returncode == 130, output
+        reports = Path(env["LABBUILDER_STATE_DIR"]) / "labs" / STAMPED / "reports"
+        report = json.loads((reports / "latest.json").read_text())
         by_stage = {stage["name"]: stage for stage in report["stages"]}
         assert {
             s["status"]
             for st in ("environment", "identity", "image")
             for s in by_stage[st]["steps"]
         } <= {"done-before", "skipped"}
-        compute = by_stage["compute"]["steps"]
-        assert any(s["status"] in ("ok", "guarded") for s in compute), compute
-        assert all(s["status"] in ("ok", "guarded", "skipped") for s in compute), compute
+        first = by_stage["compute"]["steps"][0]
+        assert first["step"] == "placement-database" and first["status"] in ("ok", "guarded"), first
 
         in_use = labbuilder("template", "delete", TEMPLATE, env=env)
         assert in_use.returncode == 2 and STAMPED in in_use.stderr, in_use.stderr
