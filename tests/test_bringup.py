@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -74,21 +75,36 @@ def test_each_node_is_a_new_cloud_init_machine_with_its_root_grown(lab: dict[str
     """The built image as every node boots it (through its role image): NoCloud's cloud-init
     done, no unit failed, the root grown to the planned disk, an identity of its own
     (machine-id, host key: the one known_hosts holds), the image's locale and masked units."""
+    checks = {
+        "status": "cloud-init status --wait --long; cloud-id",
+        "failed": "systemctl list-units --failed --no-legend --plain",
+        "size": "df -B1 --output=size / | tail -1",
+        "machine-id": "cat /etc/machine-id",
+        "host-key": "sudo -n cat /etc/ssh/ssh_host_ed25519_key.pub",
+        "locale": "locale",
+        "apt-daily": "systemctl is-enabled apt-daily.timer || true",
+    }
+    # One session per node, the nodes at once: each SSH login costs seconds under emulation.
+    script = "".join(f"echo '=== {key}'; {command}\n" for key, command in checks.items())
+
+    def look(name: str) -> dict[str, str]:
+        sections = ssh(lab, name, script).split("=== ")[1:]
+        return {key: text.strip() for key, _, text in (s.partition("\n") for s in sections)}
+
+    with ThreadPoolExecutor(max_workers=len(nodes(lab))) as pool:
+        seen = dict(zip(nodes(lab), pool.map(look, nodes(lab)), strict=True))
     ids = set()
     for name, node in nodes(lab).items():
-        status = ssh(lab, name, "cloud-init status --wait --long; cloud-id")
-        assert "status: done" in status and "nocloud" in status, status
-        failed = ssh(lab, name, "systemctl list-units --failed --no-legend --plain")
-        assert failed.strip() == "", (name, failed)
-        size = int(ssh(lab, name, "df -B1 --output=size / | tail -1"))
-        assert size > 0.9 * node["disks"][0]["size"], (name, size)
-        machine_id = ssh(lab, name, "cat /etc/machine-id").strip()
-        assert re.fullmatch(r"[0-9a-f]{32}", machine_id), machine_id
-        ids.add(machine_id)
-        key = ssh(lab, name, "sudo -n cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
-        assert key in (lab["state"] / "known_hosts").read_text()
-        assert ssh(lab, name, "locale").startswith("LANG=C.UTF-8")
-        assert ssh(lab, name, "systemctl is-enabled apt-daily.timer || true").strip() == "masked"
+        found = seen[name]
+        assert set(found) == set(checks), found
+        assert "status: done" in found["status"] and "nocloud" in found["status"], found
+        assert found["failed"] == "", (name, found["failed"])
+        assert int(found["size"]) > 0.9 * node["disks"][0]["size"], (name, found["size"])
+        assert re.fullmatch(r"[0-9a-f]{32}", found["machine-id"]), found["machine-id"]
+        ids.add(found["machine-id"])
+        assert found["host-key"].split()[1] in (lab["state"] / "known_hosts").read_text()
+        assert found["locale"].startswith("LANG=C.UTF-8")
+        assert found["apt-daily"] == "masked"
     assert len(ids) == len(nodes(lab))
     console = (lab["state"] / "console" / "controller.log").read_text(errors="replace")
     assert "Linux version" in console  # the serial console is logged

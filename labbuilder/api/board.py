@@ -182,9 +182,11 @@ class ClassBoard:
             else:
                 row = classroom.student_status(self.spec, student)
                 nodes = tuple((str(n["name"]), str(n["state"])) for n in row)
-                if not nodes or any(state != "running" for _, state in nodes):
-                    error = "nodes not running"
-                else:
+                stopped = [node for node, state in nodes if state != "running"]
+                if not nodes:
+                    error = "no nodes"
+                else:  # a node that is not running fails its steps, named "unreachable"
+                    error = f"not running: {', '.join(stopped)}" if stopped else ""
                     outcomes = installer.check_lab(lab)
                     found = {outcome.name: stage_status(outcome) for outcome in outcomes}
         except LabbuilderError as err:
