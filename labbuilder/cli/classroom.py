@@ -275,7 +275,8 @@ def cmd_board(args: argparse.Namespace, console: Console) -> int:
         ) from None
     console.print(
         f"class {spec.name}: the board is on {server.url} (checks every "
-        f"{spec.limits.check_every} s; Ctrl-C stops it)"
+        f"{spec.limits.check_every} s; Ctrl-C stops it)",
+        soft_wrap=True,  # the URL on one line, in a log too
     )
     board.start()
     try:
