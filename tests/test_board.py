@@ -8,6 +8,11 @@ Also the cells' rule: a stage's status from its steps as the engine's check foun
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -15,6 +20,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from browser import artifacts, board_cells, chromium, wait_for
@@ -173,3 +179,43 @@ def test_a_reset_without_the_boards_token_or_of_no_student_is_refused(
             urllib.request.urlopen(f"{url}students/{student}/reset", data=form, timeout=10)
         assert refused.value.code == code
     assert source.resets == []
+
+
+def test_class_board_serves_until_ctrl_c_and_exits_130(tmp_path: Path) -> None:
+    """`labbuilder class board` as a trainer starts it, for a class whose labs are not up: it
+    says where it listens, serves the board (each student "not up"), and Ctrl-C stops it with
+    exit 130, the port free again."""
+    (tmp_path / "lab.toml").write_text('name = "lbtest-board"\n')
+    class_file = tmp_path / "class.toml"
+    class_file.write_text(
+        'name = "lbtestboard"\nlab = "lab.toml"\nstage = "image"\n'
+        '[[students]]\nname = "ann"\n[[students]]\nname = "ben"\n'
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    board = subprocess.Popen(
+        [sys.executable, "-m", "labbuilder", "class", "board", str(class_file), "--port", str(port)],
+        env={**os.environ, "LABBUILDER_STATE_DIR": str(tmp_path / "state")},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        assert board.stdout is not None
+        line = board.stdout.readline()
+        assert f"the board is on {url}" in line, line
+
+        def students() -> list[dict[str, object]] | None:
+            data = json.loads(urllib.request.urlopen(url + "board.json", timeout=10).read())
+            return data["students"] if data["rounds"] else None
+
+        rows = wait_for("a round of checks", students, 60)
+        assert [(r["student"], r["error"]) for r in rows] == [("ann", "not up"), ("ben", "not up")]
+        assert all(s["status"] == UNKNOWN for r in rows for s in r["stages"].values())  # type: ignore[attr-defined]
+    finally:
+        board.send_signal(signal.SIGINT)
+        output = board.communicate(timeout=30)[0]
+    assert board.returncode == 130, output
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))  # nobody listens there any more

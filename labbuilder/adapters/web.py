@@ -15,14 +15,18 @@ class WebServer:
         server = create_server(app, host=host, port=port, threads=4, ident="labbuilder")
         assert isinstance(server, TcpWSGIServer)  # one host and port: one TCP server
         self._server = server
+        self._closed = False
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{server.getsockname()[1]}/"
 
     def run(self) -> None:
-        try:
-            self._server.run()
-        finally:
+        """Serve until ``close`` (returns) or Ctrl-C (raises KeyboardInterrupt: waitress stops
+        on it quietly, and the caller must still see it)."""
+        self._server.run()
+        if not self._closed:
             self.close()
+            raise KeyboardInterrupt
 
     def close(self) -> None:
+        self._closed = True
         self._server.close()
