@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import shlex
 import subprocess
 import threading
 import time
@@ -25,7 +27,14 @@ from labbuilder.adapters.ssh import CommandResult, ConnectionLostError
 from labbuilder.api import facade as api
 from labbuilder.api import install as installer
 from labbuilder.common.errors import GuestCommandError, RecipeError
-from labbuilder.install.engine import Engine, Redactor, Status, install_helpers
+from labbuilder.install.engine import (
+    Engine,
+    Redactor,
+    Status,
+    check_batch_script,
+    install_helpers,
+    parse_check_batch,
+)
 from labbuilder.install.guest import WARM_PYTHON_SOURCE
 from labbuilder.install.report import (
     RunInfo,
@@ -38,7 +47,7 @@ from labbuilder.install.report import (
     write_reports,
 )
 from labbuilder.recipe.files import load_recipe
-from labbuilder.recipe.model import ApiPath, RenderedStage
+from labbuilder.recipe.model import ApiPath, RenderedCheck, RenderedStage
 from labbuilder.recipe.render import (
     GUARD_SENTINEL,
     MARKER_DIR,
@@ -88,6 +97,20 @@ class FakeNode:
         marker = answer_markers(script, self.markers)
         if marker is not None:
             return marker
+        batch = re.search(r"@@labbuilder-check-([0-9a-f]+) end", script)
+        if batch is not None:  # the board's checks, one script: each answered as on its own
+            with self.lock:
+                self.log.append((self.name, script, time.monotonic()))
+            out = ""
+            quoted = r"'(?:[^']|'\"'\"')*'"  # as shlex.quote writes it, over lines
+            bodies = re.findall(rf"^printf '%s' ({quoted}) > \"\$d/\d+\"$", script, re.M)
+            for index, body in enumerate(bodies):
+                answer = self.run_script(shlex.split(body)[0])
+                mark = f"@@labbuilder-check-{batch.group(1)} {index}"
+                out += f"\n{mark} {answer.rc}\n{answer.stdout}\n{mark} err\n{answer.stderr}"
+            return CommandResult(
+                interpreter, 0, out + f"\n@@labbuilder-check-{batch.group(1)} end\n", ""
+            )
         with self.lock:
             self.log.append((self.name, script, time.monotonic()))
         for rule in self.rules:
@@ -348,9 +371,17 @@ def test_a_check_of_a_lab_runs_no_step_and_looks_at_every_stage(
         for stage in stages
     ]  # fmt: skip
     for once, tries in ((False, lambda n: n > 1), (True, lambda n: n == 1)):
+        before = len(log)
         found = engine_for(nodes, tmp_path).check(waiting, once=once)
         objects = next(s for s in found[1].steps if s.step.startswith("objects"))
         assert objects.status == Status.FAILED and tries(objects.checks[0].attempts), once
+        assert objects.failed_check == "projects" and "fails now" in objects.reason
+        assert {s.status for s in found[0].steps} <= {Status.DONE_BEFORE, Status.SKIPPED}
+    # once: every check of a node in one script (plus the checks themselves, as the fake
+    # answers each on its own), not one login's worth of round trips per check
+    batches = [script for _, script, _ in log[before:] if "@@labbuilder-check-" in script]
+    assert len(batches) == len({node for stage in waiting for node in stage.nodes if any(
+        step.checks for step in stage.for_node(node))})  # fmt: skip
 
 
 def test_failure_stops_the_run_and_reports_where_and_how_to_resume(
@@ -858,3 +889,33 @@ def test_step_logs_are_private_and_never_written_through_a_link(
     assert outside.read_text() == "not a log\n"
     log = tmp_path / "logs" / "first" / "controller.log"
     assert log.exists() and log.stat().st_mode & 0o077 == 0
+
+
+def test_a_batch_of_checks_reports_each_as_a_recheck_would() -> None:
+    """The board's checks of a node run as one script: each check's exit status (pipefail,
+    timeout), output and errors come back apart; stdin is empty; a check's output cannot
+    forge the markers (they hold a random nonce); a cut-off run is an error, not a pass."""
+    checks = [
+        RenderedCheck("a", "echo hello", "^hello$", 0, ""),
+        RenderedCheck("b", "false | true; echo x", None, 0, ""),
+        RenderedCheck("c", "cat; printf 'no newline'", None, 0, ""),
+        RenderedCheck("d", "echo err >&2; echo out", None, 0, ""),
+        RenderedCheck("e", "sleep 5", None, 0, ""),
+        RenderedCheck("f", "printf '\\n@@labbuilder-check-0000 5 0\\n'; echo 'it''s'", None, 0, ""),
+    ]
+    nonce = secrets.token_hex(8)
+    script = check_batch_script(checks, 1, nonce)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL, check=True).stdout  # fmt: skip
+    assert parse_check_batch(out, len(checks), nonce) == [
+        (0, "hello\n", ""),
+        (1, "", ""),
+        (0, "no newline", ""),
+        (0, "out\n", "err\n"),
+        (124, "", ""),
+        (0, "\n@@labbuilder-check-0000 5 0\nits\n", ""),
+    ]
+    with pytest.raises(GuestCommandError, match="stopped before check 7 of 7"):
+        parse_check_batch(out, len(checks) + 1, nonce)
+    with pytest.raises(GuestCommandError, match="stopped before check 6 of 6"):
+        parse_check_batch(out.rsplit("@@", 1)[0], len(checks), nonce)  # its end cut off

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import threading
 import time
@@ -127,6 +128,57 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         return self._pattern.sub("********", text) if self._pattern else text
+
+
+BATCH_MARK = "@@labbuilder-check"
+
+
+def check_batch_script(checks: Sequence[RenderedCheck], timeout: float, nonce: str) -> str:
+    """One script that runs ``checks`` one after the other, each as a re-check runs it (bash,
+    ``set -eo pipefail``, stdin from /dev/null) under ``timeout`` seconds, and prints each
+    one's exit status, output and errors between markers holding ``nonce`` (a check's own
+    output cannot forge them; ``parse_check_batch``)."""
+    mark = f"{BATCH_MARK}-{nonce}"
+    lines = ["d=$(mktemp -d)", "trap 'rm -rf \"$d\"' EXIT"]
+    for index, check in enumerate(checks):
+        body = shlex.quote("set -eo pipefail\n" + check.command + "\n")
+        lines += [
+            f"printf '%s' {body} > \"$d/{index}\"",
+            f'timeout {int(timeout)} bash "$d/{index}" </dev/null >"$d/{index}.out" '
+            f'2>"$d/{index}.err"; rc=$?',
+            f"printf '\\n{mark} {index} %s\\n' \"$rc\"",
+            f"cat \"$d/{index}.out\"; printf '\\n{mark} {index} err\\n'",
+            f'tail -c 4000 "$d/{index}.err"',
+        ]
+    lines.append(f"printf '\\n{mark} end\\n'")
+    return "\n".join(lines) + "\n"
+
+
+def parse_check_batch(stdout: str, count: int, nonce: str) -> list[tuple[int, str, str]]:
+    """Each check's (exit status, output, errors) from ``check_batch_script``'s output;
+    GuestCommandError if the script did not get through every check."""
+    from labbuilder.common.errors import GuestCommandError
+
+    mark = f"{BATCH_MARK}-{nonce}"
+    pattern = re.compile(rf"^{re.escape(mark)} (\d+|end)(?: (-?\d+|err))?$", re.M)
+    marks = list(pattern.finditer(stdout))
+    answers: list[tuple[int, str, str]] = []
+    for index in range(count):
+        head = 2 * index
+        if head + 2 >= len(marks) or marks[head].group(1) != str(index):
+            raise GuestCommandError(
+                f"the checks stopped before check {index + 1} of {count}",
+                "check that the lab is up (`labbuilder status`)",
+            )
+        rc = int(marks[head].group(2))
+        out = stdout[marks[head].end() + 1 : marks[head + 1].start()].removesuffix("\n")
+        err = stdout[marks[head + 1].end() + 1 : marks[head + 2].start()].removesuffix("\n")
+        answers.append((rc, out, err))
+    if not marks or marks[-1].group(1) != "end":
+        raise GuestCommandError(
+            "the checks did not finish", "check that the lab is up (`labbuilder status`)"
+        )
+    return answers
 
 
 def marker_name(step: RenderedStep) -> str:
@@ -252,6 +304,7 @@ class Engine:
         self.check_once = once
         found = self._prepare(sorted({node for stage in stages for node in stage.nodes}))
         self.markers = {n: m for n, m in found.items() if not isinstance(m, LabbuilderError)}
+        batched = self._recheck_batches(stages, found) if once else {}
         outcomes = []
         for stage in stages:
             start = time.monotonic()
@@ -268,6 +321,8 @@ class Engine:
                     return self._outcome(step, Status.NOT_RUN, reason="not done")
                 if not step.checks:
                     return self._outcome(step, Status.DONE_BEFORE)
+                if step.key + "@" + step.node in batched:
+                    return batched[step.key + "@" + step.node]
                 return self._recheck(step)
 
             def walk(node: str, stage: RenderedStage = stage) -> list[StepOutcome]:
@@ -281,6 +336,81 @@ class Engine:
                 StageOutcome(stage.name, stage.title, stage.guide, time.monotonic() - start, steps)
             )
         return outcomes
+
+    def _recheck_batches(
+        self,
+        stages: Sequence[RenderedStage],
+        found: Mapping[str, dict[str, str] | LabbuilderError],
+    ) -> dict[str, StepOutcome]:
+        """The checks of every step done before, each tried once, one script per node (the
+        nodes in parallel): a script per check costs a login's worth of round trips and
+        processes, seconds each under emulation. Keyed ``stage/step@node``."""
+        todo: dict[str, list[RenderedStep]] = {}
+        for stage in stages:
+            for step in stage.steps:
+                reached = found.get(step.node)
+                if (
+                    isinstance(reached, dict)
+                    and not step.skipped_reason
+                    and step.checks
+                    and reached.get(marker_name(step)) == step.digest
+                ):
+                    todo.setdefault(step.node, []).append(step)
+
+        def node_batch(node: str) -> dict[str, StepOutcome]:
+            steps = todo[node]
+            checks = [check for step in steps for check in step.checks]
+            start = time.monotonic()
+            try:
+                nonce = secrets.token_hex(8)
+                result = self.transports[node].run_script(
+                    check_batch_script(checks, ONCE_TIMEOUT, nonce),
+                    timeout=ONCE_TIMEOUT * len(checks) + 60,
+                )
+                answers = parse_check_batch(result.stdout, len(checks), nonce)
+            except LabbuilderError as err:
+                reason = self.redact(err.message.splitlines()[0] if err.message else str(err))
+                return {
+                    f"{step.key}@{node}": self._outcome(step, Status.FAILED, reason=reason)
+                    for step in steps
+                }
+            seconds = (time.monotonic() - start) / max(1, len(checks))
+            outcomes: dict[str, StepOutcome] = {}
+            index = 0
+            for step in steps:
+                outcome = self._outcome(step, Status.DONE_BEFORE)
+                for check in step.checks:
+                    rc, out, errors = answers[index]
+                    index += 1
+                    if outcome.status == Status.FAILED:
+                        continue  # as a re-check does: the step's first failing check counts
+                    passed = rc == 0 and (
+                        check.expect is None or re.search(check.expect, out, re.M) is not None
+                    )
+                    tail = self.redact("\n".join((out + errors).splitlines()[-20:]))
+                    outcome.checks.append(
+                        CheckOutcome(
+                            name=check.name,
+                            command=self.redact(check.command),
+                            passed=passed,
+                            seconds=seconds,
+                            attempts=1,
+                            output_tail=tail,
+                            guide=check.guide,
+                            expect=check.expect,
+                        )
+                    )
+                    if not passed:
+                        outcome.status = Status.FAILED
+                        outcome.failed_check = check.name
+                        outcome.output_tail = tail
+                        outcome.reason = f"done before, but its check {check.name} fails now"
+                outcomes[f"{step.key}@{node}"] = outcome
+            return outcomes
+
+        nodes = sorted(todo)
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            return {key: out for batch in pool.map(node_batch, nodes) for key, out in batch.items()}
 
     def _prepare(self, nodes: Sequence[str]) -> dict[str, dict[str, str] | LabbuilderError]:
         """Each node's helpers written and its run-once markers read, in parallel; a node
