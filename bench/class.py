@@ -121,7 +121,7 @@ def until_passing(path: Path, env: dict[str, str], timeout: float = 600) -> dict
             return board
 
 
-def run(work: Path, students: int) -> dict[str, Any]:
+def run(work: Path, students: int, reuse: bool) -> dict[str, Any]:
     env = {**lab_environment(work / "state"), "LABBUILDER_POOL": POOL}
     os.environ.update(env)
     r: dict[str, Any] = {}
@@ -131,15 +131,20 @@ def run(work: Path, students: int) -> dict[str, Any]:
     folder.mkdir(exist_ok=True)
     (folder / "lab.toml").write_text(full_lab(CLASS, core=True, isolated=True))
 
-    started = time.monotonic()
-    r["scratch_up"], _ = timed("up", str(source), env=env)
-    timed("install", str(source), "--until", "image", "--json", env=env)
-    r["scratch_image"] = time.monotonic() - started
-    r["save"], saved = timed(
-        "template", "save", TEMPLATE, "--stage", "image", str(source), "--json", env=env
-    )
+    if reuse and (work / "state" / "templates" / TEMPLATE / "template.json").exists():
+        # a template a run before made (--reuse): no baseline in this run
+        _, saved = timed("template", "show", TEMPLATE, "--json", env=env)
+        r["scratch_up"] = r["scratch_image"] = r["save"] = None
+    else:
+        started = time.monotonic()
+        r["scratch_up"], _ = timed("up", str(source), env=env)
+        timed("install", str(source), "--until", "image", "--json", env=env)
+        r["scratch_image"] = time.monotonic() - started
+        r["save"], saved = timed(
+            "template", "save", TEMPLATE, "--stage", "image", str(source), "--json", env=env
+        )
+        labbuilder("down", str(source), env=env)
     r["template_bytes"] = saved["disk_bytes"] + saved["memory_bytes"]
-    labbuilder("down", str(source), env=env)
 
     ksm_set(pages_to_scan=4000, sleep_millisecs=20, run=1)
     entry_port = free_port()
@@ -235,11 +240,12 @@ def print_result(r: dict[str, Any]) -> None:
         f"  up, every lab's checks passing {r['class_ready']:7.1f} s  (class up "
         f"{r['class_up']:.1f} s, then the board's checks); {per_lab:.1f} s per student"
     )
-    out(
-        f"    one lab from scratch through image: {r['scratch_image']:.1f} s "
-        f"(up {r['scratch_up']:.1f} s); the class of {n}: "
-        f"{r['scratch_image'] * n / r['class_ready']:.0f}x faster than {n} such installs"
-    )
+    if r["scratch_image"] is not None:
+        out(
+            f"    one lab from scratch through image: {r['scratch_image']:.1f} s "
+            f"(up {r['scratch_up']:.1f} s); the class of {n}: "
+            f"{r['scratch_image'] * n / r['class_ready']:.0f}x faster than {n} such installs"
+        )
     scaled = r["class_ready"] * 4 / n
     out(
         f"    target: 4 students <= {UP_TARGET:.0f} s: "
@@ -286,6 +292,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--students", type=int, default=4, help="at most this many (default 4)")
     parser.add_argument("--workdir", help="keep the files and state here")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use the template a killed run left in --workdir (no from-scratch baseline)",
+    )
     args = parser.parse_args()
     saved = ksm_settings()
     with contextlib.ExitStack() as stack:
@@ -296,7 +307,7 @@ def main() -> None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbbench-class-")))
         env = {**lab_environment(work / "state"), "LABBUILDER_POOL": POOL}
         try:
-            result = run(work, args.students)
+            result = run(work, args.students, args.reuse)
         finally:
             made = sorted((work / "class").glob("class-*.toml"), key=lambda p: len(p.read_text()))
             if made:  # the class file with the most students names every lab there may be
