@@ -51,10 +51,10 @@ def nodes(lab: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {node["name"]: node for node in lab["record"]["plan"]["nodes"]}
 
 
-def ssh(lab: dict[str, Any], node: str, command: str) -> str:
+def ssh(lab: dict[str, Any], node: str, command: str, timeout: float = 120) -> str:
     address = nodes(lab)[node]["nics"][0]["address"]
     with SSHSession(address, lab["record"]["user"], lab["key"]) as session:
-        return session.run(command, timeout=120).check(node).stdout
+        return session.run(command, timeout=timeout).check(node).stdout
 
 
 def test_every_node_has_its_hostname_and_static_addresses(lab: dict[str, Any]) -> None:
@@ -88,7 +88,7 @@ def test_each_node_is_a_new_cloud_init_machine_with_its_root_grown(lab: dict[str
     script = "".join(f"echo '=== {key}'; {command}\n" for key, command in checks.items())
 
     def look(name: str) -> dict[str, str]:
-        sections = ssh(lab, name, script).split("=== ")[1:]
+        sections = ssh(lab, name, script, timeout=600).split("=== ")[1:]  # seven commands
         return {key: text.strip() for key, _, text in (s.partition("\n") for s in sections)}
 
     with ThreadPoolExecutor(max_workers=len(nodes(lab))) as pool:
