@@ -45,7 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from install import lab_disk  # noqa: E402
 from lablib import full_lab, lab_environment, remove_test_pool  # noqa: E402
 
-from labs import GIB, ksm_restore, ksm_set, ksm_settings, ksm_settle, used_memory  # noqa: E402
+from labs import (
+    GIB,
+    keep_partial,
+    ksm_restore,
+    ksm_set,
+    ksm_settings,
+    ksm_settle,
+    used_memory,
+)  # noqa: E402
 
 POOL = "lbbench-class-pool"
 SOURCE = "lbbench-class"
@@ -169,16 +177,19 @@ def run(work: Path, students: int, reuse: bool) -> dict[str, Any]:
     r["class_ready"] = time.monotonic() - started
     r["ready_passing"] = all_passing(board)
     r["round_seconds"] = board["round_seconds"]
+    keep_partial(work, r)
 
     r["ksm_settle"] = ksm_settle()
     r["used_class"] = used_memory(settle=5)
     r["disk"] = {f"s{i}": lab_disk(f"{CLASS}-s{i}", POOL)[0] for i in range(1, n + 1)}
+    keep_partial(work, r)
 
     r["reset_one"], _ = timed("class", "reset", str(path), "--student", "s1", "--to", "image",
                               "--json", env=env)  # fmt: skip
     board = until_passing(path, env)
     r["reset_one_ready"] = r["reset_one"] + board["round_seconds"]
     r["reset_one_passing"] = all_passing(board)
+    keep_partial(work, r)
     r["reset_all"], _ = timed("class", "reset", str(path), "--to", "image", "--json", env=env)
     board = until_passing(path, env)
     r["reset_all_passing"] = all_passing(board)
