@@ -34,7 +34,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -53,6 +52,7 @@ from labs import (
     ksm_settings,
     ksm_settle,
     used_memory,
+    work_folder,
 )  # noqa: E402
 
 POOL = "lbbench-class-pool"
@@ -311,11 +311,7 @@ def main() -> None:
     args = parser.parse_args()
     saved = ksm_settings()
     with contextlib.ExitStack() as stack:
-        if args.workdir:
-            work = Path(args.workdir).resolve()
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbbench-class-")))
+        work = work_folder(args.workdir, stack, "lbbench-class-")
         env = {**lab_environment(work / "state"), "LABBUILDER_POOL": POOL}
         try:
             result = run(work, args.students, args.reuse)

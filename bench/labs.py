@@ -155,6 +155,15 @@ def stamp(work: Path, name: str, template: str, stage: str, env: dict[str, str])
     }
 
 
+def work_folder(given: str | None, stack: contextlib.ExitStack, prefix: str) -> Path:
+    """``--workdir`` (made if missing), else a temporary folder removed when ``stack`` ends."""
+    if given:
+        work = Path(given).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        return work
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+
+
 def keep_partial(work: Path, result: dict[str, Any]) -> None:
     """What was measured so far, in case a later phase fails."""
     (work / "labs-result.json").write_text(json.dumps(result, indent=1, default=str))
@@ -294,11 +303,7 @@ def main() -> None:
     args = parser.parse_args()
     saved = ksm_settings()
     with contextlib.ExitStack() as stack:
-        if args.workdir:
-            work = Path(args.workdir).resolve()
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbbench-labs-")))
+        work = work_folder(args.workdir, stack, "lbbench-labs-")
         try:
             result = run(work, args.keep)
         finally:

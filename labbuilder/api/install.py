@@ -55,7 +55,6 @@ from labbuilder.lifecycle.state import (
     ensure_secrets,
     lab_lock,
     lab_state,
-    load_secrets,
     load_state_record,
 )
 from labbuilder.model.lab import Lab, Plan
@@ -282,10 +281,11 @@ def check_lab(lab: Lab, selection: Selection | None = None) -> list[StageOutcome
         raise UsageError(f"lab {lab.name} is not up on this host", "bring it up first")
     plan = plan_from_dict(record["plan"])
     recipe = load_recipe(chosen.recipe or lab.recipe)
+    secrets = ensure_secrets(state, recipe.secret_names)
     _, rendered = render_for_lab(
         lab,
         chosen,
-        secrets=ensure_secrets(state, recipe.secret_names),
+        secrets=secrets,
         plan=plan,
         virt_type=str(record.get("virt_type", "qemu")),
     )
@@ -308,7 +308,7 @@ def check_lab(lab: Lab, selection: Selection | None = None) -> list[StageOutcome
         }
         engine = Engine(
             transports,
-            redact=Redactor(list(load_secrets(state).values())),
+            redact=Redactor(list(secrets.values())),
             helpers=guest_helpers(chosen.path),
         )
         return engine.check(rendered, once=True)
