@@ -53,14 +53,22 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
 
 
 def board_cells(driver: WebDriver) -> dict[tuple[str, str], str]:
-    """The class board's cells as the page shows them: (student, stage) -> status."""
+    """The class board's cells as the page shows them: (student, stage) -> status; read again
+    when the page reloads itself (every 5 s) while they are read."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    found = {}
-    for row in driver.find_elements(By.CSS_SELECTOR, "tr[data-student]"):
-        student = str(row.get_attribute("data-student"))
-        for cell in row.find_elements(By.CSS_SELECTOR, "td[data-stage]"):
-            found[(student, str(cell.get_attribute("data-stage")))] = str(
-                cell.get_attribute("data-status")
-            )
-    return found
+    for _ in range(10):
+        found = {}
+        try:
+            for row in driver.find_elements(By.CSS_SELECTOR, "tr[data-student]"):
+                student = str(row.get_attribute("data-student"))
+                for cell in row.find_elements(By.CSS_SELECTOR, "td[data-stage]"):
+                    found[(student, str(cell.get_attribute("data-stage")))] = str(
+                        cell.get_attribute("data-status")
+                    )
+        except StaleElementReferenceException:
+            time.sleep(0.2)
+            continue
+        return found
+    raise AssertionError("the board's page kept reloading while it was read")
