@@ -18,7 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +331,7 @@ def board_test(class_file: Path, env: dict[str, str]) -> None:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     try:
-        with chromium() as driver:
+        with chromium() as driver, board_evidence(url, board, driver):
 
             def seen() -> dict[tuple[str, str], str]:
                 assert board.poll() is None, board.communicate()[0]
@@ -338,32 +340,32 @@ def board_test(class_file: Path, env: dict[str, str]) -> None:
                     return board_cells(driver)
                 return {}
 
-            cells = wait_for(
-                "both labs passing through image",
-                lambda: (c := seen()) and all(
-                    c[(s, stage)] == "passed"
-                    for s in ("alice", "bob")
+            def through_image() -> dict[tuple[str, str], str] | None:
+                cells = seen()
+                passing = all(
+                    cells.get((student, stage)) == "passed"
+                    for student in ("alice", "bob")
                     for stage in ("environment", "identity", "image")
-                ) and c,
-                300,
-                every=2,
-            )  # fmt: skip
+                )
+                return cells if passing else None
+
+            def red() -> dict[tuple[str, str], str] | None:
+                cells = seen()
+                return cells if cells.get(("alice", "image")) == "failed" else None
+
+            cells = wait_for("both labs passing through image", through_image, 300, every=2)
             assert cells[("alice", "compute")] == cells[("bob", "compute")] == "not done", cells
             # The trainer steps into alice's lab (`class ssh`) and stops glance-api by hand.
             command = ("class", "ssh", str(class_file), "alice", "controller")
             stopped = labbuilder(*command, "sudo systemctl stop glance-api", env=env)
             assert stopped.returncode == 0, stopped.stderr
             since = time.monotonic()
-            cells = wait_for(
-                "alice's image stage red", lambda: (c := seen()).get(("alice", "image")) == "failed" and c,
-                150,
-                every=2,
-            )  # fmt: skip
-            red = time.monotonic() - since
+            cells = wait_for("alice's image stage red", red, 150, every=2)
+            seconds = time.monotonic() - since
             assert cells[("bob", "image")] == "passed", cells
             driver.save_screenshot(str(artifacts() / "board-class.png"))
             (artifacts() / "board-class.txt").write_text(
-                f"a stopped glance-api showed red on the board after {red:.0f} s\n"
+                f"a stopped glance-api showed red on the board after {seconds:.0f} s\n"
             )
     finally:
         os.killpg(board.pid, signal.SIGINT)
@@ -372,6 +374,23 @@ def board_test(class_file: Path, env: dict[str, str]) -> None:
     assert f"the board is on {url}" in output, output
     refused = labbuilder("class", "ssh", str(class_file), "mallory", "controller", env=env)
     assert refused.returncode == 2 and "there is no student 'mallory'" in refused.stderr
+
+
+@contextlib.contextmanager
+def board_evidence(url: str, board: subprocess.Popen[str], driver: Any) -> Iterator[None]:
+    """On a failure inside, what the board served (its JSON: each cell's status and first
+    failing check) and a screenshot go to artifacts/ and into the failure's message."""
+    try:
+        yield
+    except AssertionError as failure:
+        served = "(not served)"
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(urllib.request.urlopen(url + "board.json", timeout=30).read())
+            served = json.dumps(data, indent=1)
+        (artifacts() / "board-class-failed.json").write_text(served)
+        with contextlib.suppress(Exception):
+            driver.save_screenshot(str(artifacts() / "board-class-failed.png"))
+        raise AssertionError(f"{failure}\nthe board served:\n{served[-6000:]}") from failure
 
 
 def killed_save_then_gc(lab: dict[str, Any]) -> None:

@@ -31,9 +31,9 @@ from labbuilder.install.engine import (
     Engine,
     Redactor,
     Status,
-    check_batch_script,
     install_helpers,
-    parse_check_batch,
+    look_script,
+    parse_look,
 )
 from labbuilder.install.guest import WARM_PYTHON_SOURCE
 from labbuilder.install.report import (
@@ -47,7 +47,7 @@ from labbuilder.install.report import (
     write_reports,
 )
 from labbuilder.recipe.files import load_recipe
-from labbuilder.recipe.model import ApiPath, RenderedCheck, RenderedStage
+from labbuilder.recipe.model import ApiPath, RenderedCheck, RenderedStage, RenderedStep
 from labbuilder.recipe.render import (
     GUARD_SENTINEL,
     MARKER_DIR,
@@ -97,20 +97,34 @@ class FakeNode:
         marker = answer_markers(script, self.markers)
         if marker is not None:
             return marker
-        batch = re.search(r"@@labbuilder-check-([0-9a-f]+) end", script)
-        if batch is not None:  # the board's checks, one script: each answered as on its own
-            with self.lock:
+        look = re.search(r"@@labbuilder-check-([0-9a-f]+) end", script)
+        if look is not None:  # the board's look at the node, one script: each check answered
+            with self.lock:  # as on its own, where its step's marker matches
                 self.log.append((self.name, script, time.monotonic()))
-            out = ""
+            mark = f"@@labbuilder-check-{look.group(1)}"
+            out = f"\n{mark} markers\n" + "".join(f"{k} {v}\n" for k, v in self.markers.items())
             quoted = r"'(?:[^']|'\"'\"')*'"  # as shlex.quote writes it, over lines
-            bodies = re.findall(rf"^printf '%s' ({quoted}) > \"\$d/\d+\"$", script, re.M)
-            for index, body in enumerate(bodies):
-                answer = self.run_script(shlex.split(body)[0])
-                mark = f"@@labbuilder-check-{batch.group(1)} {index}"
-                out += f"\n{mark} {answer.rc}\n{answer.stdout}\n{mark} err\n{answer.stderr}"
-            return CommandResult(
-                interpreter, 0, out + f"\n@@labbuilder-check-{batch.group(1)} end\n", ""
+            guard = re.compile(
+                rf"^v=; {{ read -r v < {MARKER_DIR}/(\S+); }} 2>/dev/null; if \[ \"\$v\" = (\S+) \]"
             )
+            body = re.compile(rf"^  printf '%s' ({quoted}) > \"\$d/\d+\"$", re.M)
+            index, done = 0, False
+            for part in re.split(r"(?m)^(?=v=; )", script):
+                guarded = guard.match(part)
+                if guarded is not None:
+                    name, digest = guarded.group(1), shlex.split(guarded.group(2))[0]
+                    done = self.markers.get(name) == digest
+                for found in body.findall(part):
+                    if done:
+                        answer = self.run_script(shlex.split(found)[0])
+                        out += (
+                            f"\n{mark} {index} {answer.rc}\n{answer.stdout}\n{mark} {index} err\n"
+                        )
+                        out += answer.stderr
+                    else:
+                        out += f"\n{mark} {index} skip\n{mark} {index} err\n"
+                    index += 1
+            return CommandResult(interpreter, 0, out + f"\n{mark} end\n", "")
         with self.lock:
             self.log.append((self.name, script, time.monotonic()))
         for rule in self.rules:
@@ -377,11 +391,13 @@ def test_a_check_of_a_lab_runs_no_step_and_looks_at_every_stage(
         assert objects.status == Status.FAILED and tries(objects.checks[0].attempts), once
         assert objects.failed_check == "projects" and "fails now" in objects.reason
         assert {s.status for s in found[0].steps} <= {Status.DONE_BEFORE, Status.SKIPPED}
-    # once: every check of a node in one script (plus the checks themselves, as the fake
-    # answers each on its own), not one login's worth of round trips per check
-    batches = [script for _, script, _ in log[before:] if "@@labbuilder-check-" in script]
-    assert len(batches) == len({node for stage in waiting for node in stage.nodes if any(
-        step.checks for step in stage.for_node(node))})  # fmt: skip
+    # once: one script per node, its markers and every check in it (the fake answers each
+    # check on its own, logged after it), not a login's worth of round trips per check or
+    # a script for the helpers and another for the markers
+    looks = [node for node, script, _ in log[before:] if "@@labbuilder-check-" in script]
+    assert sorted(looks) == sorted({node for stage in waiting for node in stage.nodes})
+    others = [script for _, script, _ in log[before:] if "@@labbuilder-check-" not in script]
+    assert others and all(script.startswith("set -eo pipefail\n") for script in others)
 
 
 def test_failure_stops_the_run_and_reports_where_and_how_to_resume(
@@ -891,31 +907,76 @@ def test_step_logs_are_private_and_never_written_through_a_link(
     assert log.exists() and log.stat().st_mode & 0o077 == 0
 
 
-def test_a_batch_of_checks_reports_each_as_a_recheck_would() -> None:
-    """The board's checks of a node run as one script: each check's exit status (pipefail,
-    timeout), output and errors come back apart; stdin is empty; a check's output cannot
-    forge the markers (they hold a random nonce); a cut-off run is an error, not a pass."""
-    checks = [
+def test_a_look_at_a_node_reports_each_check_as_a_recheck_would(tmp_path: Path) -> None:
+    """The board's look at a node is one script: it puts the helpers in place where they
+    differ, lists the markers, and runs the checks of the steps whose marker matches, a few at
+    a time; each check's exit status (pipefail, timeout), output and errors come back apart,
+    stdin empty; a step not done runs no check; a check's output cannot forge the lines
+    between them (they hold a random nonce); a cut-off run is an error, not a pass."""
+    markers = tmp_path / "steps"
+    markers.mkdir()
+    helper = tmp_path / "lib" / "helper.sh"
+
+    def step(name: str, checks: list[RenderedCheck], digest: str) -> RenderedStep:
+        return RenderedStep("stage", name, "node", name, "", "true", checks=tuple(checks),
+                            after=(), digest=digest, timeout=60, retries=0)  # fmt: skip
+
+    done = step("done", [
         RenderedCheck("a", "echo hello", "^hello$", 0, ""),
         RenderedCheck("b", "false | true; echo x", None, 0, ""),
         RenderedCheck("c", "cat; printf 'no newline'", None, 0, ""),
         RenderedCheck("d", "echo err >&2; echo out", None, 0, ""),
         RenderedCheck("e", "sleep 5", None, 0, ""),
         RenderedCheck("f", "printf '\\n@@labbuilder-check-0000 5 0\\n'; echo 'it''s'", None, 0, ""),
-    ]
-    nonce = secrets.token_hex(8)
-    script = check_batch_script(checks, 1, nonce)
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
-                         stdin=subprocess.DEVNULL, check=True).stdout  # fmt: skip
-    assert parse_check_batch(out, len(checks), nonce) == [
+        RenderedCheck("g", f"{helper}", None, 0, ""),
+    ], "d1")  # fmt: skip
+    stale = step("stale", [RenderedCheck("h", "touch ran-h", None, 0, "")], "new-digest")
+    never = step("never", [RenderedCheck("i", "touch ran-i", None, 0, "")], "d3")
+    (markers / "stage.done").write_text("d1\n")
+    (markers / "stage.stale").write_text("old-digest\n")
+
+    def look(
+        helpers: dict[str, str], steps: list[RenderedStep], parallel: int = 4, timeout: int = 1
+    ) -> tuple[str, str]:
+        nonce = secrets.token_hex(8)
+        script = look_script(helpers, steps, timeout, nonce, parallel, marker_dir=str(markers))
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL, cwd=tmp_path, check=True).stdout  # fmt: skip
+        return nonce, out
+
+    nonce, out = look({str(helper): "#!/bin/sh\necho helper one"}, [done, stale, never])
+    found, answers = parse_look(out, 9, nonce)
+    assert found == {"stage.done": "d1", "stage.stale": "old-digest"}
+    assert answers == [
         (0, "hello\n", ""),
         (1, "", ""),
         (0, "no newline", ""),
         (0, "out\n", "err\n"),
         (124, "", ""),
         (0, "\n@@labbuilder-check-0000 5 0\nits\n", ""),
+        (0, "helper one\n", ""),
+        None,
+        None,
     ]
-    with pytest.raises(GuestCommandError, match="stopped before check 7 of 7"):
-        parse_check_batch(out, len(checks) + 1, nonce)
-    with pytest.raises(GuestCommandError, match="stopped before check 6 of 6"):
-        parse_check_batch(out.rsplit("@@", 1)[0], len(checks), nonce)  # its end cut off
+    assert not (tmp_path / "ran-h").exists() and not (tmp_path / "ran-i").exists()
+    # The helper is written again only when it differs.
+    first = helper.stat().st_ino
+    look({str(helper): "#!/bin/sh\necho helper one"}, [])
+    assert helper.stat().st_ino == first
+    nonce, out = look({str(helper): "#!/bin/sh\necho helper two"}, [done])
+    assert parse_look(out, 7, nonce)[1][6] == (0, "helper two\n", "")
+
+    # A few at a time: four one-second checks in about one second, not four.
+    sleepy = step("done", [RenderedCheck(n, "sleep 1", None, 0, "") for n in "wxyz"], "d1")
+    started = time.monotonic()
+    nonce, out = look({}, [sleepy], parallel=4, timeout=10)
+    assert time.monotonic() - started < 3.5 and parse_look(out, 4, nonce)[1] == [(0, "", "")] * 4
+
+    with pytest.raises(GuestCommandError, match="stopped before check 5 of 5"):
+        parse_look(out, 5, nonce)
+    with pytest.raises(GuestCommandError, match="stopped before check 4 of 4"):
+        parse_look(out.rsplit("@@", 1)[0], 4, nonce)  # its end cut off
+    with pytest.raises(GuestCommandError, match="did not finish"):
+        parse_look(out + out.split("\n", 2)[1] + "\n", 4, nonce)  # more than it printed
+    with pytest.raises(GuestCommandError, match="before its markers"):
+        parse_look("", 0, nonce)

@@ -25,6 +25,7 @@ stage and node (secrets redacted), and reports every step and check as a ``StepO
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -131,54 +132,120 @@ class Redactor:
 
 
 BATCH_MARK = "@@labbuilder-check"
+LOOK_PARALLEL = 4  # a node's checks run at once, at most, in a look (they only read)
 
 
-def check_batch_script(checks: Sequence[RenderedCheck], timeout: float, nonce: str) -> str:
-    """One script that runs ``checks`` one after the other, each as a re-check runs it (bash,
-    ``set -eo pipefail``, stdin from /dev/null) under ``timeout`` seconds, and prints each
-    one's exit status, output and errors between markers holding ``nonce`` (a check's own
-    output cannot forge them; ``parse_check_batch``)."""
+def look_script(
+    helpers: Mapping[str, str],
+    steps: Sequence[RenderedStep],
+    timeout: float,
+    nonce: str,
+    parallel: int = LOOK_PARALLEL,
+    marker_dir: str = MARKER_DIR,
+) -> str:
+    """One script that looks at a node as a board does, in one login: puts the helpers the
+    checks rely on in place (where they differ), lists the run-once markers, and runs the
+    checks of each of ``steps`` whose marker matches its digest, ``parallel`` at a time, each
+    as a re-check runs it (bash, ``set -eo pipefail``, stdin from /dev/null) under ``timeout``
+    seconds. It prints the markers, then each check's exit status (or ``skip``: its step is
+    not done), output and errors, between lines holding ``nonce`` (a check's own output
+    cannot forge them; ``parse_look``)."""
     mark = f"{BATCH_MARK}-{nonce}"
-    lines = ["d=$(mktemp -d)", "trap 'rm -rf \"$d\"' EXIT"]
-    for index, check in enumerate(checks):
-        body = shlex.quote("set -eo pipefail\n" + check.command + "\n")
-        lines += [
-            f"printf '%s' {body} > \"$d/{index}\"",
-            f'timeout {int(timeout)} bash "$d/{index}" </dev/null >"$d/{index}.out" '
-            f'2>"$d/{index}.err"; rc=$?',
-            f"printf '\\n{mark} {index} %s\\n' \"$rc\"",
-            f"cat \"$d/{index}.out\"; printf '\\n{mark} {index} err\\n'",
-            f'tail -c 4000 "$d/{index}.err"',
-        ]
+    lines = ["set +e"]
+    for path, text in sorted(helpers.items()):
+        body = text if text.endswith("\n") else text + "\n"
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        write = write_file_script(
+            path, body, "0755", "root:root", "helper", "LABBUILDER_HELPER_EOF"
+        )
+        lines.append(
+            f"printf '%s  %s\\n' {digest} {shlex.quote(path)} | sha256sum -c --status "
+            f"2>/dev/null || {{\n{write}\n}}"
+        )
+    # Forks are what costs in an emulated guest: the shell's builtins read the markers, and
+    # each check's record (status, output, errors) is written by its own background job into
+    # a file, all of which one `cat` prints in order.
+    lines += [
+        "d=$(mktemp -d) || exit 1",
+        "trap 'rm -rf \"$d\"' EXIT",
+        f"mkdir -p {shlex.quote(marker_dir)}",
+        f"printf '\\n{mark} markers\\n'",
+        f'for f in {shlex.quote(marker_dir)}/*; do [ -f "$f" ] && read -r v < "$f" && '
+        'printf \'%s %s\\n\' "${f##*/}" "$v"; done',
+        "n=0",
+    ]
+    index = 0
+    for step in steps:
+        marker = shlex.quote(f"{marker_dir}/{marker_name(step)}")
+        lines.append(
+            f"v=; {{ read -r v < {marker}; }} 2>/dev/null; "
+            f'if [ "$v" = {shlex.quote(step.digest)} ]; then'
+        )
+        for check in step.checks:
+            body = shlex.quote("set -eo pipefail\n" + check.command + "\n")
+            record = f'"$d/{index:05d}.rec"'
+            lines += [
+                f"  printf '%s' {body} > \"$d/{index}\"",
+                f'  {{ timeout {int(timeout)} bash "$d/{index}" </dev/null >"$d/{index}.out" '
+                f'2>"$d/{index}.err"; printf \'\\n{mark} {index} %s\\n\' "$?"; '
+                f"cat \"$d/{index}.out\"; printf '\\n{mark} {index} err\\n'; "
+                f'tail -c 4000 "$d/{index}.err"; }} > {record} &',
+                f'  n=$((n + 1)); if [ "$n" -ge {max(1, parallel)} ]; then wait -n; '
+                "n=$((n - 1)); fi",
+            ]
+            index += 1
+        lines.append("else")
+        for i in range(index - len(step.checks), index):
+            lines.append(f"  printf '\\n{mark} {i} skip\\n{mark} {i} err\\n' > \"$d/{i:05d}.rec\"")
+        lines.append("fi")
+    lines.append("wait")
+    if index:
+        lines.append('cat "$d"/*.rec')
     lines.append(f"printf '\\n{mark} end\\n'")
     return "\n".join(lines) + "\n"
 
 
-def parse_check_batch(stdout: str, count: int, nonce: str) -> list[tuple[int, str, str]]:
-    """Each check's (exit status, output, errors) from ``check_batch_script``'s output;
-    GuestCommandError if the script did not get through every check."""
+def parse_look(
+    stdout: str, count: int, nonce: str
+) -> tuple[dict[str, str], list[tuple[int, str, str] | None]]:
+    """The markers and each check's (exit status, output, errors), None for a check not run,
+    from ``look_script``'s output; GuestCommandError if the script did not get through."""
     from labbuilder.common.errors import GuestCommandError
 
     mark = f"{BATCH_MARK}-{nonce}"
-    pattern = re.compile(rf"^{re.escape(mark)} (\d+|end)(?: (-?\d+|err))?$", re.M)
+    pattern = re.compile(rf"^{re.escape(mark)} (\d+|end|markers)(?: (-?\d+|err|skip))?$", re.M)
     marks = list(pattern.finditer(stdout))
-    answers: list[tuple[int, str, str]] = []
+    if not marks or marks[0].group(1) != "markers":
+        raise GuestCommandError(
+            "looking at the node failed before its markers were read",
+            "check that the lab is up (`labbuilder status`)",
+        )
+    listing = stdout[marks[0].end() + 1 : marks[1].start() if len(marks) > 1 else len(stdout)]
+    markers = {}
+    for line in listing.splitlines():
+        name, _, digest = line.partition(" ")
+        if digest:
+            markers[name] = digest.strip()
+    answers: list[tuple[int, str, str] | None] = []
     for index in range(count):
-        head = 2 * index
+        head = 1 + 2 * index
         if head + 2 >= len(marks) or marks[head].group(1) != str(index):
             raise GuestCommandError(
                 f"the checks stopped before check {index + 1} of {count}",
                 "check that the lab is up (`labbuilder status`)",
             )
+        if marks[head].group(2) == "skip":
+            answers.append(None)
+            continue
         rc = int(marks[head].group(2))
         out = stdout[marks[head].end() + 1 : marks[head + 1].start()].removesuffix("\n")
         err = stdout[marks[head + 1].end() + 1 : marks[head + 2].start()].removesuffix("\n")
         answers.append((rc, out, err))
-    if not marks or marks[-1].group(1) != "end":
+    if marks[-1].group(1) != "end" or len(marks) != 2 + 2 * count:
         raise GuestCommandError(
             "the checks did not finish", "check that the lab is up (`labbuilder status`)"
         )
-    return answers
+    return markers, answers
 
 
 def marker_name(step: RenderedStep) -> str:
@@ -302,9 +369,12 @@ class Engine:
         one after the other. With ``once``, each check is tried once (at most
         ``ONCE_TIMEOUT`` seconds), not again until its timeout: how the lab is now."""
         self.check_once = once
-        found = self._prepare(sorted({node for stage in stages for node in stage.nodes}))
+        nodes = sorted({node for stage in stages for node in stage.nodes})
+        if once:
+            found, batched = self._look(stages, nodes)
+        else:
+            found, batched = self._prepare(nodes), {}
         self.markers = {n: m for n, m in found.items() if not isinstance(m, LabbuilderError)}
-        batched = self._recheck_batches(stages, found) if once else {}
         outcomes = []
         for stage in stages:
             start = time.monotonic()
@@ -337,53 +407,52 @@ class Engine:
             )
         return outcomes
 
-    def _recheck_batches(
-        self,
-        stages: Sequence[RenderedStage],
-        found: Mapping[str, dict[str, str] | LabbuilderError],
-    ) -> dict[str, StepOutcome]:
-        """The checks of every step done before, each tried once, one script per node (the
-        nodes in parallel): a script per check costs a login's worth of round trips and
-        processes, seconds each under emulation. Keyed ``stage/step@node``."""
-        todo: dict[str, list[RenderedStep]] = {}
+    def _look(
+        self, stages: Sequence[RenderedStage], nodes: Sequence[str]
+    ) -> tuple[dict[str, dict[str, str] | LabbuilderError], dict[str, StepOutcome]]:
+        """Each node looked at in one script (``look_script``; the nodes in parallel): its
+        markers, and the checks of its steps done before, each tried once. A login's worth of
+        round trips per script costs seconds under emulation. Gives each node's markers (or
+        its error) and the outcomes of the steps done before, keyed ``stage/step@node``."""
+        todo: dict[str, list[RenderedStep]] = {node: [] for node in nodes}
         for stage in stages:
             for step in stage.steps:
-                reached = found.get(step.node)
-                if (
-                    isinstance(reached, dict)
-                    and not step.skipped_reason
-                    and step.checks
-                    and reached.get(marker_name(step)) == step.digest
-                ):
-                    todo.setdefault(step.node, []).append(step)
+                if not step.skipped_reason and step.checks and step.node in todo:
+                    todo[step.node].append(step)
 
-        def node_batch(node: str) -> dict[str, StepOutcome]:
+        def node_look(node: str) -> tuple[dict[str, str] | LabbuilderError, dict[str, StepOutcome]]:
             steps = todo[node]
             checks = [check for step in steps for check in step.checks]
             start = time.monotonic()
             try:
                 nonce = secrets.token_hex(8)
                 result = self.transports[node].run_script(
-                    check_batch_script(checks, ONCE_TIMEOUT, nonce),
-                    timeout=ONCE_TIMEOUT * len(checks) + 60,
+                    look_script(self.helpers, steps, ONCE_TIMEOUT, nonce),
+                    timeout=ONCE_TIMEOUT * len(checks) + 120,
                 )
-                answers = parse_check_batch(result.stdout, len(checks), nonce)
+                if result.rc != 0 and BATCH_MARK not in result.stdout:
+                    raise_transport_failure("looking at the node", result)
+                markers, answers = parse_look(result.stdout, len(checks), nonce)
             except LabbuilderError as err:
-                reason = self.redact(err.message.splitlines()[0] if err.message else str(err))
-                return {
-                    f"{step.key}@{node}": self._outcome(step, Status.FAILED, reason=reason)
-                    for step in steps
-                }
-            seconds = (time.monotonic() - start) / max(1, len(checks))
+                return err, {}
+            ran = sum(1 for answer in answers if answer is not None)
+            seconds = (time.monotonic() - start) / max(1, ran)
             outcomes: dict[str, StepOutcome] = {}
             index = 0
             for step in steps:
+                found = answers[index : index + len(step.checks)]
+                index += len(step.checks)
+                if markers.get(marker_name(step)) != step.digest:
+                    continue  # not done: no outcome here
                 outcome = self._outcome(step, Status.DONE_BEFORE)
-                for check in step.checks:
-                    rc, out, errors = answers[index]
-                    index += 1
+                for check, answer in zip(step.checks, found, strict=True):
                     if outcome.status == Status.FAILED:
                         continue  # as a re-check does: the step's first failing check counts
+                    if answer is None:
+                        outcome.status = Status.FAILED
+                        outcome.reason = "its marker changed while the node was looked at"
+                        continue
+                    rc, out, errors = answer
                     passed = rc == 0 and (
                         check.expect is None or re.search(check.expect, out, re.M) is not None
                     )
@@ -406,11 +475,12 @@ class Engine:
                         outcome.output_tail = tail
                         outcome.reason = f"done before, but its check {check.name} fails now"
                 outcomes[f"{step.key}@{node}"] = outcome
-            return outcomes
+            return markers, outcomes
 
-        nodes = sorted(todo)
         with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            return {key: out for batch in pool.map(node_batch, nodes) for key, out in batch.items()}
+            looked = dict(zip(nodes, pool.map(node_look, nodes), strict=True))
+        found = {node: markers for node, (markers, _) in looked.items()}
+        return found, {key: out for _, outs in looked.values() for key, out in outs.items()}
 
     def _prepare(self, nodes: Sequence[str]) -> dict[str, dict[str, str] | LabbuilderError]:
         """Each node's helpers written and its run-once markers read, in parallel; a node

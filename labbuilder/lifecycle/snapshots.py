@@ -458,6 +458,9 @@ def _resume_if_paused(hypervisor: Hypervisor, domain: str) -> None:
         hypervisor.resume_domain(domain)
 
 
+CLOCK_SAMPLES = 3  # quick round trips to a node, the shortest one measures its clock
+
+
 def sync_clocks(
     state: LabState,
     *,
@@ -466,7 +469,14 @@ def sync_clocks(
 ) -> dict[str, float]:
     """Set every node's clock to the host's over SSH (after a restore the guests' clocks are
     at the snapshot's time); returns by how many seconds each clock moved. ``also`` runs in
-    the same session on each node afterwards (a class's student key, after a reset)."""
+    the same session on each node afterwards (a class's student key, after a reset).
+
+    Each clock is stepped by its offset from the host's, measured around the quickest of a few
+    ``date`` round trips (a time sent from the host would arrive late by a loaded guest's
+    latency, seconds under emulation, and the nodes would disagree by as much). Once every
+    node is stepped, chrony (the guide's NTP), where the lab runs it, forgets what it measured
+    before the step and measures its sources again at once: else it calls them too variable
+    for minutes."""
     record = load_state_record(state)
     if record is None:
         return {}
@@ -477,41 +487,80 @@ def sync_clocks(
         if address is not None:
             targets.append((str(node["name"]), str(address)))
 
-    def sync(target: tuple[str, str]) -> float:
+    def step(target: tuple[str, str]) -> tuple[SSHSession, float]:
         node, address = target
         deadline = time.monotonic() + timeout
         while True:
+            session = SSHSession(
+                address,
+                record["user"],
+                state.key_path,
+                known_hosts=state.known_hosts_path,
+                node=node,
+                namespace=namespace,
+            )
             try:
-                with SSHSession(
-                    address,
-                    record["user"],
-                    state.key_path,
-                    known_hosts=state.known_hosts_path,
-                    node=node,
-                    namespace=namespace,
-                ) as session:
-                    now = time.time()
-                    # chrony (the guide's NTP), where the lab runs it, measures its sources
-                    # again at once: after the step it would take minutes to call them synced
-                    result = session.run(
-                        "date +%%s.%%N && date -u -s @%s >/dev/null && { ! command -v chronyc "
-                        ">/dev/null || chronyc burst 4/4 >/dev/null 2>&1 || true; }",
-                        f"{now:.3f}", sudo=True, timeout=timeout,
-                    ).check(node)  # fmt: skip
-                    if also is not None:
-                        also(node, session)
-                    return now - float(result.stdout.split()[0])
+                offset = _clock_offset(session, node, timeout)
+                session.run(
+                    "date -u -s \"@$(date +%%s.%%N | awk -v o=%s '{printf \"%%.6f\", $1 - o}')\" "
+                    ">/dev/null",
+                    f"{offset:.6f}", sudo=True, timeout=timeout,
+                ).check(node)  # fmt: skip
+                return session, -offset
             except (OSError, EOFError, GuestTransportError) as err:
+                session.close()
                 if time.monotonic() > deadline:
                     raise HypervisorError(
                         f"cannot set the clock of node {node} ({address}) after the restore: {err}",
                         "the node may not be running; `labbuilder status` shows it",
                     ) from None
                 time.sleep(1)
+            except BaseException:
+                session.close()
+                raise
 
-    return dict(
-        zip((node for node, _ in targets), raise_first(parallel(targets, sync)), strict=True)
-    )
+    def settle(item: tuple[str, SSHSession]) -> None:
+        node, session = item
+        try:
+            session.run(
+                "! command -v chronyc >/dev/null || { chronyc reset sources >/dev/null 2>&1; "
+                "chronyc burst 4/4 >/dev/null 2>&1; } || true",
+                sudo=True, timeout=timeout,
+            ).check(node)  # fmt: skip
+            if also is not None:
+                also(node, session)
+        except (OSError, EOFError, GuestTransportError) as err:
+            raise HypervisorError(
+                f"cannot reach node {node} after setting its clock: {err}",
+                "the node may not be running; `labbuilder status` shows it",
+            ) from None
+
+    stepped = parallel(targets, step)
+    sessions = [
+        (node, found[0]) for (node, _), (found, _) in zip(targets, stepped, strict=True) if found
+    ]
+    try:
+        moved = raise_first(stepped)
+        raise_first(parallel(sessions, settle))
+    finally:
+        for _, session in sessions:
+            session.close()
+    return {node: seconds for (node, _), (_, seconds) in zip(targets, moved, strict=True)}
+
+
+def _clock_offset(session: SSHSession, node: str, timeout: float) -> float:
+    """The node's clock less the host's, in seconds: the guest's time at the middle of the
+    quickest of ``CLOCK_SAMPLES`` round trips."""
+    best: tuple[float, float] | None = None  # (round trip, offset)
+    for _ in range(CLOCK_SAMPLES):
+        sent = time.time()
+        result = session.run("date +%s.%N", timeout=timeout).check(node)
+        back = time.time()
+        offset = float(result.stdout.split()[0]) - (sent + back) / 2
+        if best is None or back - sent < best[0]:
+            best = (back - sent, offset)
+    assert best is not None
+    return best[1]
 
 
 # --- deleting ---------------------------------------------------------------------------------
