@@ -491,15 +491,17 @@ def sync_clocks(
         node, address = target
         deadline = time.monotonic() + timeout
         while True:
-            session = SSHSession(
-                address,
-                record["user"],
-                state.key_path,
-                known_hosts=state.known_hosts_path,
-                node=node,
-                namespace=namespace,
-            )
+            session: SSHSession | None = None
             try:
+                # logs in as it is made: a node just resumed may not answer yet
+                session = SSHSession(
+                    address,
+                    record["user"],
+                    state.key_path,
+                    known_hosts=state.known_hosts_path,
+                    node=node,
+                    namespace=namespace,
+                )
                 offset = _clock_offset(session, node, timeout)
                 session.run(
                     "date -u -s \"@$(date +%%s.%%N | awk -v o=%s '{printf \"%%.6f\", $1 - o}')\" "
@@ -508,7 +510,8 @@ def sync_clocks(
                 ).check(node)  # fmt: skip
                 return session, -offset
             except (OSError, EOFError, GuestTransportError) as err:
-                session.close()
+                if session is not None:
+                    session.close()
                 if time.monotonic() > deadline:
                     raise HypervisorError(
                         f"cannot set the clock of node {node} ({address}) after the restore: {err}",
@@ -516,7 +519,8 @@ def sync_clocks(
                     ) from None
                 time.sleep(1)
             except BaseException:
-                session.close()
+                if session is not None:
+                    session.close()
                 raise
 
     def settle(item: tuple[str, SSHSession]) -> None:
