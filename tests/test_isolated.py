@@ -36,7 +36,7 @@ from pyroute2 import IPRoute
 
 from labbuilder.adapters import netns
 from labbuilder.lab.files import parse_lab
-from labbuilder.lab.planner import plan
+from labbuilder.lab.planner import gateway_mac, plan
 from labbuilder.lab.view import plan_as_dict, plan_from_dict
 from labbuilder.lifecycle.render import render_network_xml
 from labbuilder.model.lab import Egress, GatewayLink, HostFacts, HostRoute, PlannedGateway
@@ -167,10 +167,13 @@ def bridges() -> Iterator[list[str]]:
 def make_gateway(name: str, index: int) -> PlannedGateway:
     return PlannedGateway(
         f"lbns-{name}",
-        (GatewayLink("management", f"lbgtest{index}0", "gw-mgmt", "10.0.0.1", 24),),
+        (GatewayLink("management", f"lbgtest{index}0", "gw-mgmt", "10.0.0.1", 24, MAC),),
         "10.0.2.0/24",
         "10.0.2.3",
     )
+
+
+MAC = gateway_mac("management", "10.0.0.1")
 
 
 @pytest.mark.integration
@@ -193,7 +196,10 @@ def test_two_gateways_with_the_guides_address_live_side_by_side(
             assert len(netns.uplink_pids(gateway.namespace)) == 1
             with netns.inside(gateway.namespace), IPRoute() as inner:
                 held = [a.get_attr("IFA_ADDRESS") for a in inner.get_addr(family=socket.AF_INET)]
+                (leg,) = inner.get_links(ifname="gw-mgmt")
             assert "10.0.0.1" in held
+            # the same MAC in both labs (apart at layer 2): what a template's nodes know
+            assert leg.get_attr("IFLA_ADDRESS") == MAC and leg.get_attr("IFLA_OPERSTATE") != "DOWN"
         # the mirror's address inside the lab's subnet: routed through the uplink, not the lab
         netns.ensure_gateway(
             gateways[1], {"management": bridges[1]}, egress=Egress.NAT, allow=(),

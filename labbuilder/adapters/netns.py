@@ -192,6 +192,9 @@ def ensure_gateway(
                 inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
                 for link in gateway.links:
                     index = inner.link_lookup(ifname=link.inner_ifname)[0]
+                    if link.mac and inner.get_links(index)[0].get_attr("IFLA_ADDRESS") != link.mac:
+                        inner.link("set", index=index, state="down")
+                        inner.link("set", index=index, address=link.mac)
                     have = {
                         (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
                         for a in inner.get_addr(index=index, family=socket.AF_INET)

@@ -265,6 +265,7 @@ def plan_gateway(lab: Lab, networks: tuple[PlannedNetwork, ...]) -> PlannedGatew
             inner_ifname=f"gw-{BRIDGE_ABBREVIATION[net.role]}",
             address=net.gateway,
             prefix=ip_network(net.cidr).prefixlen,
+            mac=gateway_mac(net.name, net.gateway),
         )
         for index, net in enumerate(networks)
         if net.gateway is not None
@@ -339,6 +340,16 @@ def plan_macs(lab: Lab, host: HostFacts) -> dict[tuple[str, NicRole], str]:
             taken.add(mac)
             macs[node.name, role] = mac
     return macs
+
+
+def gateway_mac(network: str, address: str) -> str:
+    """An isolated lab's gateway MAC on ``network``: from the network's name and gateway
+    address only, so every lab of a plan has the same (each lab is a layer-2 domain of its
+    own), and a node restored from a template need not learn its gateway again (Linux keeps
+    a neighbour entry up to a minute: SSH to a stamped lab would wait that long). Locally
+    administered, apart from the guests' 52:54:00."""
+    digest = hashlib.sha256(f"gateway/{network}/{address}".encode()).digest()
+    return "02:6c:62:" + ":".join(f"{byte:02x}" for byte in digest[:3])
 
 
 def derive_mac(lab: str, node: str, nic: NicRole, attempt: int = 0) -> str:

@@ -605,8 +605,9 @@ def restamp(
     digest = next((d.metadata.get("plan") for d in domains if d.metadata.get("plan")), None)
     if digest is None:
         raise UsageError(f"lab {state.lab} has no nodes on this host", "bring it up again")
-    for domain in domains:
-        hypervisor.remove_domain(domain.name)
+    snapshots.raise_first(
+        snapshots.parallel([d.name for d in domains], hypervisor.remove_domain)
+    )  # a TCG guest takes seconds to stop: all at once
     for volume in hypervisor.lab_volumes(pool, str(pool_path), state.lab):
         hypervisor.delete_volume(volume)
     stamp_nodes(hypervisor, template, plan, digest, state, pool, log=log)

@@ -256,6 +256,10 @@ class GatewayLink:
     inner_ifname: str  # "gw-mgmt", inside the namespace
     address: str  # the network's gateway: "10.0.0.1"
     prefix: int
+    # the inner end's MAC, the same in every lab with this network and gateway address (labs
+    # are apart at layer 2): a node restored from a template finds its gateway in its ARP
+    # cache as it was. "" (a lab planned before): the kernel's.
+    mac: str = ""
 
 
 @dataclass(frozen=True)
