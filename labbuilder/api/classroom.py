@@ -163,11 +163,13 @@ def class_up(spec: ClassSpec, *, log: Log | None = None) -> list[StudentResult]:
     if any(result.ok for result in results):
         emit("the class's SSH entry and the students' files")
         entry = open_access(spec)
-        for result in results:
-            if result.ok:
-                authorize_student(spec, result.student)
-                folder = write_student_files(spec, result.student, entry)
-                result.detail["files"] = str(folder)
+        made = [result for result in results if result.ok]
+        snapshots.raise_first(
+            snapshots.parallel([r.student for r in made], lambda s: authorize_student(spec, s))
+        )  # a login per node: the students' labs at once
+        for result in made:
+            folder = write_student_files(spec, result.student, entry)
+            result.detail["files"] = str(folder)
     return results
 
 
