@@ -532,14 +532,20 @@ def test_a_template_outlives_its_lab_and_a_lab_stamped_from_it_goes_on(
 
         def first_step_done() -> bool:
             assert going.poll() is None, going.communicate()[0]
-            probe = ("ssh", "-f", str(stamped), "controller", f"test -e {marker}")
+            probe = ("ssh", "-f", str(stamped), "controller", f"sudo test -e {marker}")
             return labbuilder(*probe, env=env).returncode == 0
 
         try:
-            wait_for("compute's first step done", first_step_done, 300, every=3)
+            late: AssertionError | None = None
+            try:
+                wait_for("compute's first step done", first_step_done, 300, every=3)
+            except AssertionError as err:
+                late = err
         finally:
             os.killpg(going.pid, signal.SIGINT)
             output = going.communicate(timeout=120)[0]
+        if late is not None:  # with what the install printed
+            raise AssertionError(f"{late}\n{output[-8000:]}")
         assert going.returncode == 130, output
         reports = Path(env["LABBUILDER_STATE_DIR"]) / "labs" / STAMPED / "reports"
         report = json.loads((reports / "latest.json").read_text())
