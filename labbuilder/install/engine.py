@@ -221,11 +221,7 @@ def parse_look(
             "check that the lab is up (`labbuilder status`)",
         )
     listing = stdout[marks[0].end() + 1 : marks[1].start() if len(marks) > 1 else len(stdout)]
-    markers = {}
-    for line in listing.splitlines():
-        name, _, digest = line.partition(" ")
-        if digest:
-            markers[name] = digest.strip()
+    markers = _marker_lines(listing)
     answers: list[tuple[int, str, str] | None] = []
     for index in range(count):
         head = 1 + 2 * index
@@ -262,8 +258,13 @@ def read_markers(transport: Transport) -> dict[str, str]:
     result = transport.run_script(script, timeout=120)
     if result.failed:
         raise_transport_failure("reading the run-once markers", result)
+    return _marker_lines(result.stdout)
+
+
+def _marker_lines(text: str) -> dict[str, str]:
+    """Marker name -> digest, from the lines ``name digest`` a marker listing prints."""
     markers = {}
-    for line in result.stdout.splitlines():
+    for line in text.splitlines():
         name, _, digest = line.partition(" ")
         if digest:
             markers[name] = digest.strip()
