@@ -336,6 +336,27 @@ def test_a_recheck_runs_the_checks_of_steps_done_before_and_fails_on_a_broken_on
     rechecks = log[ran_first:]
     assert any("list-projects" in script for _, script, _ in rechecks), rechecks
     assert not any("echo database" in script or "hello from" in script for _, script, _ in rechecks)
+    # every check at once: one look script per node, nothing checked one by one
+    looks = sorted(node for node, script, _ in rechecks if "@@labbuilder-check-" in script)
+    assert looks == sorted(nodes)
+    # (the fake logs each check the look runs): each check ran once, in the look
+    checks = [s for _, s, _ in rechecks if s.startswith("set -eo pipefail\n")]
+    assert checks and len(checks) == len(set(checks)), checks
+
+    # A check that fails at the first try is tried again, one by one, until it passes.
+    tries: list[str] = []
+
+    def slow_service(script: str) -> CommandResult | None:
+        if "list-projects" not in script:
+            return None
+        tries.append(script)
+        return ok("admin\n") if len(tries) == 1 else None
+
+    nodes["controller"].rules.insert(0, slow_service)
+    late = engine_for(nodes, tmp_path, recheck=True).run(render(folder))
+    objects = next(s for s in late[1].steps if s.step.startswith("objects"))
+    assert objects.status == Status.DONE_BEFORE and len(tries) == 2, tries  # look, retry
+    nodes["controller"].rules.remove(slow_service)
 
     # The service is gone now: the step done before fails, naming its check.
     nodes["controller"].rules.insert(0, lambda s: ok("admin\n") if "list-projects" in s else None)

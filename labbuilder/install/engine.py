@@ -322,6 +322,7 @@ class Engine:
         self.check_interval = check_interval
         self.retry_delays = tuple(retry_delays)
         self.markers: dict[str, dict[str, str]] = {}
+        self.looked: dict[str, StepOutcome] = {}  # re-checks done at once, by stage/step@node
         self._log_lock = threading.Lock()
 
     # --- the run ------------------------------------------------------------------------------
@@ -332,7 +333,13 @@ class Engine:
         if missing:
             raise ValueError(f"no transport for nodes {missing}")
 
-        found = self._prepare(nodes)
+        if self.recheck and not self.force:
+            # Steps done before have their checks run again: first all at once (one script per
+            # node, as a board's look), then, one by one with their retries, only those whose
+            # check did not pass at the first try.
+            found, self.looked = self._look(stages, nodes)
+        else:
+            found = self._prepare(nodes)
         unprepared = {node: err for node, err in found.items() if isinstance(err, LabbuilderError)}
         self.markers = {n: m for n, m in found.items() if not isinstance(m, LabbuilderError)}
         outcomes: list[StageOutcome] = []
@@ -601,6 +608,14 @@ class Engine:
         if not self.force and self.markers.get(step.node, {}).get(marker) == step.digest:
             self._log(step, f"== {step.step}: done before (marker {marker} matches)")
             if self.recheck and step.checks:
+                looked = self.looked.get(f"{step.key}@{step.node}")
+                if looked is not None and looked.status != Status.FAILED:
+                    for check in looked.checks:
+                        self._log(step, f"   check passed: {check.name} (re-checked at once)")
+                    self.on_event(
+                        EngineEvent("step-end", step.stage, step.node, step.step, "done-before")
+                    )
+                    return looked
                 return self._recheck(step)
             self.on_event(EngineEvent("step-end", step.stage, step.node, step.step, "done-before"))
             return self._outcome(step, Status.DONE_BEFORE)
