@@ -26,7 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "labbuilder"
 # Modules that run in the guests (put there as text by the engine), not on the host: what they
 # import is the guest's business (openstacksdk in an OpenStack controller), not a dependency.
-GUEST_MODULES = {"labbuilder.install.guest.guestapi", "labbuilder.install.guest.warmpython"}
+GUEST_MODULES = {
+    "labbuilder.install.guest.guestapi",
+    "labbuilder.install.guest.warmpython",
+    "labbuilder.install.guest.cloudfacts",
+}
 GUEST_IMPORTS = {"openstack"}
 
 

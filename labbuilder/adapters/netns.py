@@ -123,6 +123,29 @@ def enter(namespace: str) -> None:
         os.close(fd)
 
 
+CLONE_NEWNS = 0x00020000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    if _libc.mount(source.encode(), target.encode(), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def see_hosts(hosts: Path) -> None:
+    """Give this whole (single-threaded) process a mount namespace of its own in which
+    ``/etc/hosts`` is ``hosts``: before an exec, so that a program resolves a lab's names (as
+    ``ip netns exec`` does with ``/etc/netns/NAME/hosts``). The host's file is not touched."""
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare (mount namespace): {os.strerror(err)}")
+    _mount("none", "/", MS_REC | MS_PRIVATE)  # nothing mounted here shows outside
+    _mount(str(hosts), "/etc/hosts", MS_BIND)
+
+
 # --- the gateway ------------------------------------------------------------------------------
 
 

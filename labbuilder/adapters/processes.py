@@ -163,6 +163,8 @@ def run(
     check: bool = True,
     log_input: bool = False,
     log_output: bool = True,
+    cwd: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> ProcessResult:
     """Run ``argv`` (an argv list, never a shell) to its end and return its result.
 
@@ -171,7 +173,8 @@ def run(
     With ``stream``, each line of output is logged as it arrives (long-running tools), else
     all of it once the process ends. ``merge_stderr`` sends standard error into ``output``,
     in order. ``log_input`` logs ``input`` (never for a secret); ``log_output=False`` keeps
-    the output out of the log (a secret the process prints).
+    the output out of the log (a secret the process prints). ``cwd`` is the folder the process
+    starts in; ``on_line`` (with ``stream``) is given each line of output as it arrives.
 
     Raises ``ProgramMissing``, ``ProgramNotStarted``, ``ProcessTimedOut``, and with ``check``
     ``ProcessFailed`` for a non-zero exit code.
@@ -199,6 +202,7 @@ def run(
             env=environment,
             encoding="utf-8",
             errors="replace",
+            cwd=cwd,
         )
     except FileNotFoundError:
         raise ProgramMissing(asked, args[0]) from None
@@ -208,7 +212,7 @@ def run(
     with proc:
         try:
             if stream:
-                output, errors = _stream(proc, input, timeout, killed, log_output)
+                output, errors = _stream(proc, input, timeout, killed, log_output, on_line)
             else:
                 output, errors = _collect(proc, input, timeout, killed)
         except KeyboardInterrupt:
@@ -251,6 +255,7 @@ def _stream(
     timeout: float | None,
     killed: threading.Event,
     log_output: bool,
+    on_line: Callable[[str], None] | None = None,
 ) -> tuple[str, str]:
     """The process's output, each line logged as it arrives; standard error and standard
     input are served by threads, and a timer kills the process at ``timeout``."""
@@ -272,7 +277,7 @@ def _stream(
         for helper in helpers:
             helper.start()
         lines: list[str] = []
-        _read(proc.stdout, lines, log_output)
+        _read(proc.stdout, lines, log_output, on_line)
         for helper in helpers:
             helper.join()
         proc.wait()
@@ -291,11 +296,15 @@ def _feed(pipe: IO[str], text: str) -> None:
             pipe.close()
 
 
-def _read(pipe: IO[str], lines: list[str], log: bool) -> None:
+def _read(
+    pipe: IO[str], lines: list[str], log: bool, on_line: Callable[[str], None] | None = None
+) -> None:
     for line in pipe:
         lines.append(line)
         if log:
             _tools.debug("%s", line.rstrip("\n"))
+        if on_line is not None:
+            on_line(line.rstrip("\n"))
 
 
 def _kill(proc: subprocess.Popen[str], killed: threading.Event) -> None:

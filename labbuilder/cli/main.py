@@ -33,11 +33,24 @@ from labbuilder.cli import (
     run,
     snapshot,
     template,
+    verify,
 )
 from labbuilder.cli.common import Handler, check_environment
 from labbuilder.common.errors import LabbuilderError
 
-COMMAND_MODULES = (lab, gateway, install, run, recipe, snapshot, template, classroom, images, host)
+COMMAND_MODULES = (
+    lab,
+    gateway,
+    install,
+    run,
+    verify,
+    recipe,
+    snapshot,
+    template,
+    classroom,
+    images,
+    host,
+)
 EXIT_INTERRUPTED = 130
 
 

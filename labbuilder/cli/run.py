@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from labbuilder.api import install as installer
+from labbuilder.api import verify as verifier
 from labbuilder.cli.common import (
     Sizes,
     Subparsers,
@@ -34,6 +35,7 @@ from labbuilder.cli.upwatch import (
     up_reports_dir,
     up_watched,
 )
+from labbuilder.cli.verify import print_result as print_verified
 from labbuilder.common.errors import UsageError
 from labbuilder.common.paths import state_root
 from labbuilder.install.report import error_entry
@@ -75,6 +77,20 @@ def register(commands: Subparsers) -> None:
         help="where the JUnit and JSON reports are copied (default: "
         "<state root>/runs/<lab>-<time>/); they outlive the lab",
     )
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="once the install passes, run Tempest against the lab (`labbuilder verify`); "
+        "the run passes only if Tempest does",
+    )
+    run.add_argument(
+        "--verify-suite",
+        action="append",
+        default=[],
+        metavar="SUITE",
+        help="the Tempest suite --verify runs: smoke (default), full or a regular expression; "
+        "may be given again",
+    )
     run.add_argument("--json", action="store_true", help="print a JSON summary of the runs")
     run.set_defaults(handler=cmd_run)
 
@@ -105,6 +121,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     lab = selected_lab(args, Sizes.FLAG)
     selection = selection_from(args)
+    if args.verify_suite and not args.verify:
+        raise UsageError("--verify-suite chooses what --verify runs", "add --verify")
     if args.keep and args.repeat > 1:
         raise UsageError(
             "--keep keeps one lab; it cannot be combined with --repeat",
@@ -147,6 +165,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             )
             up_seconds = up.seconds
             result = run_install(lab, selection, json_output=args.json)
+            verified = None
+            if args.verify and result.ok:
+                progress.print(f"run {number}/{args.repeat}: verify (Tempest)")
+                verified = verifier.verify(lab, args.verify_suite, on_line=progress.print)
         except BaseException as err:
             # Whatever stopped the run, its reports (up's, and install's so far) are kept.
             copied = copy_reports(lab, target, since)
@@ -174,24 +196,32 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         copy_reports(lab, target, since)
         copy_logs(marks, target)
         copy_consoles(lab, target, since)
-        keep = (args.keep and result.ok) or (not result.ok and not args.always_down)
+        ok = result.ok and (verified is None or verified.passed)
+        keep = (args.keep and ok) or (not ok and not args.always_down)
         if not keep:
             api.down(lab)
         runs.append(
             {
                 "run": number,
-                "passed": result.ok,
+                "passed": ok,
                 "up_seconds": round(up.seconds, 1),
                 "install_seconds": round(result.info.seconds, 1),
                 "total_seconds": round(time.monotonic() - started, 1),
                 "stages": {stage.name: round(stage.seconds, 1) for stage in result.stages},
                 "reports": str(target),
                 "kept": keep,
+                **({} if verified is None else {"verify": {
+                    "passed": verified.passed,
+                    "seconds": round(verified.seconds, 1),
+                    "summary": verified.summary,
+                }}),
             }
-        )
+        )  # fmt: skip
         if not args.json:
             print_summary(console, result)
-        if not result.ok:
+            if verified is not None:
+                print_verified(verified, console)
+        if not ok:
             status = 1
             if keep:
                 console.print(
@@ -210,6 +240,7 @@ def cmd_up_install(args: argparse.Namespace, console: Console) -> int:
     defaults: dict[str, object] = {"recipe": None, "start": None, "until": None, "only": []}
     defaults |= {"optional": [], "faithful": False, "force": False, "no_snapshots": False}
     defaults |= {"repeat": 1, "keep": True, "always_down": False, "report_dir": None}
+    defaults |= {"verify": False, "verify_suite": []}
     run_args = argparse.Namespace(**{**vars(args), **defaults})
     status = cmd_run(run_args, console)
     if status == 0 and not args.json:
@@ -243,13 +274,14 @@ def copy_reports(lab: Lab, target: Path, since: float) -> list[Path]:
     folders = {"up": up_reports_dir(lab.name), "install": lab_state(lab.name).directory / "reports"}
     copied: list[Path] = []
     target.mkdir(parents=True, exist_ok=True)
-    for kind, latest in (("up", "up-latest"), ("install", "latest")):
+    folders["verify"] = folders["install"]
+    for kind, latest in (("up", "up-latest"), ("install", "latest"), ("verify", "verify-latest")):
         for suffix in (".xml", ".json"):
             found = sorted(
                 path
                 for path in folders[kind].glob(f"{kind}-*{suffix}")
                 if not path.is_symlink()
-                and path.stem != "up-latest"
+                and path.stem not in ("up-latest", "verify-latest")
                 and path.stat().st_mtime >= since - 1
             )
             for path in found:
