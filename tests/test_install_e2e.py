@@ -104,6 +104,54 @@ def test_a_rerun_of_a_finished_lab_runs_nothing(lab: dict[str, Any]) -> None:
     assert statuses <= {"done-before", "skipped"}, statuses
 
 
+# Tempest's identity and image API tests that a lab through the image stage can run: the API's
+# discovery, tokens, a domain made and removed as the admin, an image registered, uploaded and
+# read back, the image API's versions.
+VERIFY_SUITES = (
+    r"tempest\.api\.identity\.v3\.test_api_discovery\.",
+    r"tempest\.api\.identity\.v3\.test_tokens\.TokensV3Test\.test_create_token",
+    r"tempest\.api\.identity\.admin\.v3\.test_domains\.DomainsTestJSON\.test_create_update_delete_domain",
+    r"tempest\.api\.image\.v2\.test_images\.BasicOperationsImagesTest\.test_register_upload_get_image_file",
+    r"tempest\.api\.image\.v2\.test_versions\.",
+)
+
+
+def test_verify_runs_tempests_identity_and_image_tests_against_the_lab(
+    lab: dict[str, Any],
+) -> None:
+    """`labbuilder verify` for real, on the lab through the image stage: Debian's Tempest on
+    this host, configured from the lab, its results one JUnit case per test."""
+    args = [arg for suite in VERIFY_SUITES for arg in ("--suite", suite)]
+    result = labbuilder("verify", lab["file"], *args, "--json", env=lab["env"], timeout=1800)
+    secrets = json.loads((lab["state"] / "secrets.json").read_text())
+    assert secrets["ADMIN_PASS"] not in result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    report = json.loads(result.stdout)
+    assert report["result"] == "passed" and report["tempest"] == "33.0.0"
+    summary = report["summary"]
+    assert set(summary) == {"identity", "image"}, summary
+    assert summary["identity"]["passed"] >= 6 and summary["image"]["passed"] >= 2, summary
+    assert not report["failures"]
+    assert "SSH server" in report["ssh_validation"]
+    ran = {test["test"] for test in report["tests"] if test["status"] == "passed"}
+    assert any(t.endswith("test_register_upload_get_image_file") for t in ran), ran
+
+    reports = lab["state"] / "reports"
+    junit = ET.parse(reports / "verify-latest.xml").getroot()
+    suites = {suite.get("name"): suite for suite in junit.findall("testsuite")}
+    assert set(suites) == {"tempest.identity", "tempest.image"}
+    cases = [case for suite in suites.values() for case in suite.findall("testcase")]
+    assert len(cases) == len(report["tests"])
+    assert not [case for case in cases if case.find("failure") is not None]
+    assert {case.get("classname") + "." + case.get("name") for case in cases} >= ran
+    # the install's own report is still there, beside it
+    assert (reports / "latest.xml").exists()
+    workspace = max((lab["state"] / "verify").iterdir())
+    conf = workspace / "etc" / "tempest.conf"
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert secrets["ADMIN_PASS"] in conf.read_text()
+
+
 def test_the_faithful_path_runs_the_guides_commands(lab: dict[str, Any]) -> None:
     """The identity stage again on the faithful path: its API steps run as the guide's CLI
     commands (their markers differ from the fast path's merged step); the rest is done."""
