@@ -268,3 +268,21 @@ def test_the_board_refuses_bad_flags_before_anything_runs(
     ):
         code, out, err = run(argv, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) <= 2, (argv, err)
+
+
+def test_verify_refuses_bad_flags_and_a_lab_that_is_not_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`verify` and `run --verify`: a concurrency or timeout that is none, --verify-suite
+    without --verify, a lab that is not up: exit 2, one line each, nothing run."""
+    monkeypatch.setenv("LABBUILDER_STATE_DIR", str(tmp_path / "state"))
+    lab = tmp_path / "lab.toml"
+    lab.write_text('name = "lbtest-verify"\n')
+    for argv, message in (
+        (["verify", str(lab), "--concurrency", "0"], "--concurrency 0 is not a number of tests"),
+        (["verify", str(lab), "--timeout", "-5"], "--timeout -5 is not a duration"),
+        (["verify", str(lab)], "lab lbtest-verify is not up on this host"),
+        (["run", str(lab), "--verify-suite", "smoke"], "--verify-suite chooses what --verify runs"),
+    ):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) <= 2, (argv, err)
