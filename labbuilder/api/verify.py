@@ -220,23 +220,37 @@ def verify(
             write_state_file(exclude, "".join(f"^{re.escape(test)}$\n" for test, _ in skipped))
         namespace = plan.gateway.namespace if plan.gateway else None
         begin = time.monotonic()
-        code = tempest.run(
-            workspace,
-            regexes=regexes,
-            exclude_list=exclude,
-            concurrency=concurrency or spec.concurrency,
-            namespace=namespace,
-            hosts=workspace / "etc" / "hosts",
-            on_line=on_line,
-            timeout=timeout,
-        )
+
+        def reports(code: int) -> tuple[list[results.TestCase], Path, Path]:
+            found = results.with_expected_skips(
+                results.read_subunit(tempest.last_stream(workspace)), skipped
+            )
+            seconds = time.monotonic() - begin
+            junit, report = _write_reports(
+                state.directory, lab.name, " ".join(suite_names), seconds, found, spec, code, stamp
+            )
+            return found, junit, report
+
+        try:
+            code = tempest.run(
+                workspace,
+                regexes=regexes,
+                exclude_list=exclude,
+                concurrency=concurrency or spec.concurrency,
+                namespace=namespace,
+                hosts=workspace / "etc" / "hosts",
+                on_line=on_line,
+                timeout=timeout,
+            )
+        except BaseException as err:  # Ctrl-C, a timeout: the tests that ended are reported
+            try:
+                _, junit, report = reports(-1)
+                err.add_note(f"reports of the tests that ended: {junit} {report}")
+            except Exception as failed:  # noqa: BLE001 - the first error is the one to show
+                err.add_note(f"writing the reports failed too: {failed}")
+            raise
         seconds = time.monotonic() - begin
-        cases = results.with_expected_skips(
-            results.read_subunit(tempest.last_stream(workspace)), skipped
-        )
-        junit, report = _write_reports(
-            state.directory, lab.name, " ".join(suite_names), seconds, cases, spec, code, stamp
-        )
+        cases, junit, report = reports(code)
         return VerifyResult(
             lab=lab.name,
             suite=" ".join(suite_names),
