@@ -19,6 +19,7 @@ from labbuilder.adapters import processes
 from labbuilder.common.errors import HostError
 
 TEMPEST = "tempest"  # Debian's /usr/bin/tempest
+STESTR = "stestr"  # its test runner (Debian's python3-stestr)
 SYSTEM_PYTHON = "/usr/bin/python3"  # the Python Debian's tempest is installed for
 
 
@@ -74,6 +75,12 @@ def run(
             "give it longer (--timeout) or a smaller suite (--suite)",
         ) from err
     return result.returncode
+
+
+def init(workspace: Path) -> None:
+    """Make ``workspace`` a test repository (``stestr init``: where runs are kept)."""
+    if not (workspace / ".stestr").is_dir():
+        processes.run([STESTR, "init"], cwd=workspace, env={"PYTHON": SYSTEM_PYTHON})
 
 
 def list_tests(workspace: Path, regexes: list[str], hosts: Path) -> list[str]:

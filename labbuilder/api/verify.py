@@ -207,6 +207,7 @@ def verify(
         hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in plan.hosts)
         write_state_file(workspace / "etc" / "hosts", hosts)
         (workspace / "etc" / "hosts").chmod(0o644)  # read by Tempest's resolver as /etc/hosts
+        tempest.init(workspace)
         listed = tempest.list_tests(workspace, regexes, workspace / "etc" / "hosts")
         if not listed:
             raise UsageError(
