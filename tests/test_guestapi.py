@@ -527,3 +527,45 @@ def test_a_document_of_the_wrong_shape_is_rejected(
     assert err.splitlines()[0] == error, err
     assert err.splitlines()[1].startswith("hint: "), err
     assert cloud.requests == []
+
+
+def test_calls_of_one_look_share_one_token_per_credentials(
+    cloud: FakeCloud, tmp_path: Path
+) -> None:
+    """The warm Python's calls with LABBUILDER_SHARED_TOKENS set (a board's look: a node's
+    checks at once) ask keystone for one token per set of credentials and share it through a
+    private folder; without it, each call asks for its own."""
+    from labbuilder.install.guest import WARM_PYTHON_SOURCE
+
+    cloud.add_network(f"{PREFIX}shared")
+    code = "import openstack; c = openstack.connect(); print(len(list(c.network.networks())))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(key, None)
+    env.update(
+        HOME=str(tmp_path), NO_PROXY="127.0.0.1", OS_AUTH_URL=f"{cloud.url}/identity/v3",
+        OS_IDENTITY_API_VERSION="3", OS_USERNAME="demo", OS_PASSWORD="lbtestga-secret",
+        OS_PROJECT_NAME="demo", OS_USER_DOMAIN_NAME="Default", OS_PROJECT_DOMAIN_NAME="Default",
+        OS_REGION_NAME="RegionOne", OS_INTERFACE="public",
+        # no server (its module cannot be imported): each call runs in its own process
+        WARMPYTHON_DIR=str(tmp_path / "warm"), WARMPYTHON_PRELOAD="lbtestga_no_such_module",
+    )  # fmt: skip
+
+    def tokens_asked(extra: dict[str, str], calls: int) -> int:
+        before = sum(1 for _, path, _ in cloud.bodies if path.endswith("/auth/tokens"))
+        for _ in range(calls):
+            done = subprocess.run(
+                [sys.executable, str(WARM_PYTHON_SOURCE), "-c", code],
+                env={**env, **extra}, capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
+        return sum(1 for _, path, _ in cloud.bodies if path.endswith("/auth/tokens")) - before
+
+    assert tokens_asked({}, 3) == 3
+    shared = tmp_path / "tokens"
+    shared.mkdir(mode=0o700)
+    assert tokens_asked({"LABBUILDER_SHARED_TOKENS": str(shared)}, 3) == 1
+    kept = [p for p in shared.iterdir() if not p.name.endswith(".lock")]
+    assert len(kept) == 1 and kept[0].stat().st_mode & 0o777 == 0o600
+    # other credentials: a token of their own
+    assert tokens_asked({"LABBUILDER_SHARED_TOKENS": str(shared), "OS_USERNAME": "admin"}, 2) == 1

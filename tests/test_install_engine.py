@@ -993,6 +993,13 @@ def test_a_look_at_a_node_reports_each_check_as_a_recheck_would(tmp_path: Path) 
     nonce, out = look({}, [sleepy], parallel=4, timeout=10)
     assert time.monotonic() - started < 3.5 and parse_look(out, 4, nonce)[1] == [(0, "", "")] * 4
 
+    # The checks' API calls share tokens through a private folder of the look's own, removed
+    # with it.
+    shared = 'd="$LABBUILDER_SHARED_TOKENS"; stat -c %a "$d"; echo "$d" > where'
+    token_nonce, seen = look({}, [step("done", [RenderedCheck("t", shared, None, 0, "")], "d1")])
+    assert parse_look(seen, 1, token_nonce)[1] == [(0, "700\n", "")]
+    assert not Path((tmp_path / "where").read_text().strip()).exists()
+
     with pytest.raises(GuestCommandError, match="stopped before check 5 of 5"):
         parse_look(out, 5, nonce)
     with pytest.raises(GuestCommandError, match="stopped before check 4 of 4"):

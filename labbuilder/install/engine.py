@@ -132,6 +132,7 @@ class Redactor:
 
 
 BATCH_MARK = "@@labbuilder-check"
+SHARED_TOKENS = "LABBUILDER_SHARED_TOKENS"  # the warm Python's (install/guest/warmpython.py)
 LOOK_PARALLEL = 4  # a node's checks run at once, at most, in a look (they only read)
 
 
@@ -168,6 +169,8 @@ def look_script(
     lines += [
         "d=$(mktemp -d) || exit 1",
         "trap 'rm -rf \"$d\"' EXIT",
+        # the checks' API calls (the warm Python's) share an Identity token per credentials
+        f'mkdir -m 0700 "$d/tokens" && export {SHARED_TOKENS}="$d/tokens"',
         f"mkdir -p {shlex.quote(marker_dir)}",
         f"printf '\\n{mark} markers\\n'",
         f'for f in {shlex.quote(marker_dir)}/*; do [ -f "$f" ] && read -r v < "$f" && '
