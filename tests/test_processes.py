@@ -151,6 +151,26 @@ def test_a_streamed_process_running_past_its_timeout_is_killed() -> None:
     assert late.value.result.output == "started\n"
 
 
+def test_a_process_group_past_its_timeout_is_killed_workers_and_all(tmp_path: Path) -> None:
+    """A runner and its workers (``group``): the timeout ends every one of them, and lines
+    reach ``on_line`` as they come, in the folder given."""
+    lines: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(ProcessTimedOut):
+        run(
+            ["sh", "-c", "sleep 60 & echo $! > worker; pwd; wait"],
+            timeout=1, stream=True, group=True, cwd=tmp_path, on_line=lines.append,
+        )  # fmt: skip
+    assert time.monotonic() - started < 10  # the worker held the output open: killed too
+    assert lines == [str(tmp_path)]
+    worker = int((tmp_path / "worker").read_text())
+    time.sleep(0.2)
+    assert (
+        not Path(f"/proc/{worker}").exists()
+        or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
+    )
+
+
 def test_a_process_within_its_timeout_finishes_normally() -> None:
     assert run(["sh", "-c", "sleep 0.1; echo done"], timeout=30).output == "done\n"
     assert run(["sh", "-c", "sleep 0.1; echo done"], timeout=30, stream=True).output == "done\n"

@@ -165,6 +165,7 @@ def run(
     log_output: bool = True,
     cwd: Path | None = None,
     on_line: Callable[[str], None] | None = None,
+    group: bool = False,
 ) -> ProcessResult:
     """Run ``argv`` (an argv list, never a shell) to its end and return its result.
 
@@ -175,6 +176,9 @@ def run(
     in order. ``log_input`` logs ``input`` (never for a secret); ``log_output=False`` keeps
     the output out of the log (a secret the process prints). ``cwd`` is the folder the process
     starts in; ``on_line`` (with ``stream``) is given each line of output as it arrives.
+    With ``group`` the process leads a process group of its own (a runner and its workers):
+    a timeout kills the whole group, Ctrl-C (or any error here) stops it (SIGINT, then SIGKILL
+    after ``GROUP_GRACE`` seconds), so that no worker outlives the run.
 
     Raises ``ProgramMissing``, ``ProgramNotStarted``, ``ProcessTimedOut``, and with ``check``
     ``ProcessFailed`` for a non-zero exit code.
@@ -203,6 +207,7 @@ def run(
             encoding="utf-8",
             errors="replace",
             cwd=cwd,
+            start_new_session=group,
         )
     except FileNotFoundError:
         raise ProgramMissing(asked, args[0]) from None
@@ -212,12 +217,16 @@ def run(
     with proc:
         try:
             if stream:
-                output, errors = _stream(proc, input, timeout, killed, log_output, on_line)
+                output, errors = _stream(proc, input, timeout, killed, log_output, on_line, group)
             else:
-                output, errors = _collect(proc, input, timeout, killed)
+                output, errors = _collect(proc, input, timeout, killed, group)
         except KeyboardInterrupt:
+            if group:  # a group of its own got no SIGINT from the terminal
+                _stop_group(proc)
             raise  # the process got the same SIGINT; Popen's exit gives it a moment to end
         except BaseException:
+            if group:
+                _stop_group(proc)
             proc.kill()
             raise
     returncode = proc.wait()
@@ -237,14 +246,17 @@ def run(
 
 
 def _collect(
-    proc: subprocess.Popen[str], text: str | None, timeout: float | None, killed: threading.Event
+    proc: subprocess.Popen[str],
+    text: str | None,
+    timeout: float | None,
+    killed: threading.Event,
+    group: bool = False,
 ) -> tuple[str, str]:
     """All of the process's output once it ends (or is killed at ``timeout``)."""
     try:
         output, errors = proc.communicate(text, timeout=timeout)
     except subprocess.TimeoutExpired:
-        killed.set()
-        proc.kill()
+        _kill(proc, killed, group)
         output, errors = proc.communicate()
     return output or "", errors or ""
 
@@ -256,6 +268,7 @@ def _stream(
     killed: threading.Event,
     log_output: bool,
     on_line: Callable[[str], None] | None = None,
+    group: bool = False,
 ) -> tuple[str, str]:
     """The process's output, each line logged as it arrives; standard error and standard
     input are served by threads, and a timer kills the process at ``timeout``."""
@@ -270,7 +283,7 @@ def _stream(
         )
     timer = None
     if timeout is not None:
-        timer = threading.Timer(timeout, _kill, args=(proc, killed))
+        timer = threading.Timer(timeout, _kill, args=(proc, killed, group))
         timer.daemon = True
         timer.start()
     try:
@@ -307,10 +320,27 @@ def _read(
             on_line(line.rstrip("\n"))
 
 
-def _kill(proc: subprocess.Popen[str], killed: threading.Event) -> None:
+def _kill(proc: subprocess.Popen[str], killed: threading.Event, group: bool = False) -> None:
     if proc.poll() is None:
         killed.set()
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()
+
+
+GROUP_GRACE = 15.0  # seconds a process group has to end after SIGINT
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGINT to the process's group, then SIGKILL to what is left of it after ``GROUP_GRACE``
+    seconds (the leader is waited for; its workers may outlive it briefly)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(GROUP_GRACE)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def process_alive(pid: int) -> bool:

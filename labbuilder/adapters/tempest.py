@@ -68,6 +68,7 @@ def run(
             timeout=timeout,
             on_line=on_line,
             env={"PYTHON": SYSTEM_PYTHON},
+            group=True,  # Tempest and its workers: none outlives a timeout or Ctrl-C
         )
     except processes.ProcessTimedOut as err:
         raise HostError(

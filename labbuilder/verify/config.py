@@ -22,7 +22,7 @@ SERVICES = (
     ("object-store", "swift"),
     ("orchestration", None),  # heat's tests are a plugin's, not Tempest's own
 )
-DEFAULT_TIMEOUTS = {"compute": 1200, "image": 600, "network": 600, "volume": 1200}
+DEFAULT_TIMEOUTS = {"compute": 1200, "image": 600, "network": 600, "volume": 1200, "http": 300}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ def tempest_conf(spec: VerifySpec, target: Target, facts: CloudFacts, workspace:
         conf[name] = {key: _value(value) for key, value in values.items()}
 
     section("DEFAULT", {"log_dir": f"{workspace}/logs", "log_file": "tempest.log"})
+    # Tempest's own API requests give up after 60 s by default: under emulation neutron takes
+    # up to a minute to make a router with its gateway (each test class makes one).
+    section("service-clients", {"http_timeout": timeouts["http"]})
     section("oslo_concurrency", {"lock_path": f"{workspace}/tempest_lock"})
     section(
         "auth",
