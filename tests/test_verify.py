@@ -34,6 +34,7 @@ FACTS = CloudFacts(
     public_network_name="ext-net",
     services=frozenset({"identity", "image", "compute", "network", "placement"}),
     compute_hosts=1,
+    network_extensions=("agent", "external-net", "router", "security-group"),
 )
 
 
@@ -103,6 +104,10 @@ def test_tempest_conf_for_a_core_path_lab_matches_the_golden_file(tmp_path: Path
     assert (available["nova"], available["neutron"], available["glance"]) == ("true",) * 3
     assert (available["cinder"], available["swift"], available["horizon"]) == ("false",) * 3
     assert conf["validation"]["run_validation"] == "false"  # the test image has no SSH server
+    # the cloud's own extensions (not "all": Tempest would expect metering, which it lacks)
+    extensions = conf["network-feature-enabled"]["api_extensions"].split(",")
+    assert extensions == ["agent", "external-net", "router", "security-group"]
+    assert int(conf["service-clients"]["http_timeout"]) >= 300
     assert not conf.has_section("volume") and not conf.has_section("object-storage")
 
 

@@ -143,6 +143,7 @@ def cloud_facts(
         compute_hosts=int(data["compute_hosts"]),
         dashboard=bool(data["dashboard"]),
         volume_backend=str(data["volume_backend"]),
+        network_extensions=tuple(data.get("network_extensions", ())),
     )
 
 

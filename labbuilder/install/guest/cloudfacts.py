@@ -19,6 +19,9 @@ def main() -> None:
     image = cloud.image.find_image(image_name) if "image" in services else None
     flavor = cloud.compute.find_flavor(flavor_name) if "compute" in services else None
     network = cloud.network.find_network(network_name) if "network" in services else None
+    extensions = []
+    if "network" in services:
+        extensions = sorted(extension.alias for extension in cloud.network.extensions())
     hosts = []
     if "compute" in services:
         hosts = [h for h in cloud.compute.hypervisors(details=True) if h.state == "up"]
@@ -43,6 +46,7 @@ def main() -> None:
                 "compute_hosts": len(hosts),
                 "dashboard": dashboard,
                 "volume_backend": backend,
+                "network_extensions": extensions,
             }
         )
     )
