@@ -218,3 +218,26 @@ def test_a_program_sees_the_labs_names_and_the_host_file_stays(tmp_path: Path) -
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert missing.returncode == 127 and "No such file" in missing.stderr
+
+
+def test_a_run_kept_by_stestr_in_subunit_version_1_is_read_too() -> None:
+    """stestr's repository keeps a run as a version 1 stream (what a stopped run leaves)."""
+    v1 = (
+        "time: 2026-12-06 13:20:39.000000Z\n"
+        f"test: {IDENTITY}\n"
+        "time: 2026-12-06 13:20:41.500000Z\n"
+        f"success: {IDENTITY}\n"
+        "test: setUpClass (tempest.api.network.test_ports.PortsIpV6TestJSON)\n"
+        "skip: setUpClass (tempest.api.network.test_ports.PortsIpV6TestJSON) [\n"
+        "IPv6 Tests are disabled.\n"
+        "]\n"
+        f"test: {NETWORK}\n"
+    ).encode()
+    cases = results.read_subunit(v1)
+    by_id = {case.id: case for case in cases}
+    assert by_id[IDENTITY].status == results.PASSED and by_id[IDENTITY].seconds == 2.5
+    fixture = by_id["setUpClass (tempest.api.network.test_ports.PortsIpV6TestJSON)"]
+    assert fixture.status == results.SKIPPED and "IPv6 Tests are disabled" in fixture.reason
+    assert (fixture.service, fixture.method) == ("network", "setUpClass")
+    assert fixture.classname == "tempest.api.network.test_ports.PortsIpV6TestJSON"
+    assert by_id[NETWORK].status == results.FAILED  # it never ended: the run was stopped

@@ -21,6 +21,7 @@ PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 _STATUS = {"success": PASSED, "xfail": PASSED, "fail": FAILED, "uxsuccess": FAILED,
            "skip": SKIPPED}  # fmt: skip
 _TAGS = re.compile(r"\[[^\]]*\]$")
+_FIXTURE = re.compile(r"^(setUpClass|tearDownClass) \((.+)\)$")  # a class's setup, as a test
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,21 @@ class TestCase:
 
     @property
     def classname(self) -> str:
-        return self.name.rsplit(".", 1)[0]
+        fixture = _FIXTURE.match(self.name)
+        return fixture.group(2) if fixture else self.name.rsplit(".", 1)[0]
 
     @property
     def method(self) -> str:
-        return self.name.rsplit(".", 1)[-1]
+        fixture = _FIXTURE.match(self.name)
+        return fixture.group(1) if fixture else self.name.rsplit(".", 1)[-1]
+
+
+SUBUNIT_V2 = b"\xb3"  # the first byte of every packet of a version 2 stream
 
 
 def read_subunit(data: bytes) -> list[TestCase]:
-    """The tests in a subunit v2 stream, in the order they ended."""
+    """The tests in a subunit stream (version 2, or version 1 as stestr's repository keeps a
+    run), in the order they ended."""
     cases: list[TestCase] = []
 
     def ended(test: Any) -> None:  # testtools' TestDict
@@ -81,13 +88,21 @@ def read_subunit(data: bytes) -> list[TestCase]:
             TestCase(test["id"], status, seconds, reason, text if status == FAILED else "")
         )
 
-    stream = subunit.ByteStreamToStreamResult(io.BytesIO(data), non_subunit_name="stdout")
     result = testtools.StreamToDict(ended)
-    result.startTestRun()
-    try:
-        stream.run(result)
-    finally:
-        result.stopTestRun()
+    if data[:1] == SUBUNIT_V2:
+        stream = subunit.ByteStreamToStreamResult(io.BytesIO(data), non_subunit_name="stdout")
+        result.startTestRun()
+        try:
+            stream.run(result)
+        finally:
+            result.stopTestRun()
+    else:  # version 1, as stestr keeps a run in its repository
+        decorated = testtools.ExtendedToStreamDecorator(result)
+        decorated.startTestRun()
+        try:
+            subunit.ProtocolTestCase(io.BytesIO(data)).run(decorated)
+        finally:
+            decorated.stopTestRun()
     return cases
 
 
