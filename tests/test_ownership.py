@@ -191,6 +191,9 @@ def test_down_removes_only_labbuilders_files_and_follows_no_link(tmp_path: Path)
     (state / "host-keys" / "controller").write_text("x")
     (state / "reports" / "install-1.json").write_text("{}")
     (state / "reports" / "latest.json").symlink_to(outside / "precious")
+    # Tempest's workspaces (`verify`): their tempest.conf holds the admin password
+    (state / "verify" / "20261206T131948" / "etc").mkdir(parents=True)
+    (state / "verify" / "20261206T131948" / "etc" / "tempest.conf").write_text("x")
     (state / "console").symlink_to(outside)  # where labbuilder keeps a folder: not followed
     (state / "notes.txt").write_text("the user's")
     left = remove_state_files(state)

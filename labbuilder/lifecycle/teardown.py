@@ -41,7 +41,9 @@ STATE_FILES = frozenset(
         "lock",  # the lab's lock before it moved to the host's lock directory
     }
 )
-STATE_FOLDERS = frozenset({"console", "host-keys", "logs", "reports"})
+STATE_FOLDERS = frozenset(
+    {"console", "host-keys", "logs", "reports", "verify"}
+)  # verify: Tempest's workspaces
 
 
 @dataclass
