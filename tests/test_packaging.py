@@ -31,7 +31,7 @@ GUEST_MODULES = {
     "labbuilder.install.guest.warmpython",
     "labbuilder.install.guest.cloudfacts",
 }
-GUEST_IMPORTS = {"openstack"}
+GUEST_IMPORTS = {"openstack", "keystoneauth1"}  # openstacksdk and its keystoneauth1
 
 
 def module_name(path: Path) -> str:
