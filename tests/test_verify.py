@@ -241,3 +241,18 @@ def test_a_run_kept_by_stestr_in_subunit_version_1_is_read_too() -> None:
     assert (fixture.service, fixture.method) == ("network", "setUpClass")
     assert fixture.classname == "tempest.api.network.test_ports.PortsIpV6TestJSON"
     assert by_id[NETWORK].status == results.FAILED  # it never ended: the run was stopped
+
+
+def test_a_recipe_verified_with_another_tempest_is_refused_naming_both() -> None:
+    """The guide's own recipe names Tempest 4 (the last for Icehouse); this host has Debian's
+    33.0.0 (scripts/setup-host installs it): refused before anything runs, exit 2."""
+    from labbuilder.adapters import tempest
+    from labbuilder.api.verify import check_tempest
+
+    recipe = load_recipe("icehouse-ubuntu-14.04")
+    spec = load_verify_spec(Path(recipe.directory), recipe.name)
+    assert tempest.installed_version() == "33.0.0"
+    with pytest.raises(UsageError) as refused:
+        check_tempest(spec)
+    assert "verified with Tempest 4, this host has 33.0.0" in refused.value.message
+    assert check_tempest(zed_spec()) == "33.0.0"
