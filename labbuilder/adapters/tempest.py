@@ -34,6 +34,19 @@ def installed_version() -> str | None:
     return result.output.strip() or None if result.returncode == 0 else None
 
 
+def tempest_run(
+    workspace: Path, regexes: list[str], hosts: Path, namespace: str | None
+) -> list[str]:
+    """``tempest run`` with the workspace's configuration and the tests ``regexes`` select,
+    started through ``nsexec`` (the lab's names; its gateway namespace when given)."""
+    argv = [
+        sys.executable, "-m", "labbuilder.adapters.nsexec", "--hosts", str(hosts),
+        *(["--netns", namespace] if namespace else []),
+        "--", TEMPEST, "run", "--config-file", str(workspace / "etc" / "tempest.conf"),
+    ]  # fmt: skip
+    return argv + (["--regex", " ".join(regexes)] if regexes else [])
+
+
 def run(
     workspace: Path,
     *,
@@ -48,14 +61,7 @@ def run(
     """``tempest run`` in ``workspace`` (which holds ``etc/tempest.conf``), its progress lines
     given to ``on_line``; the subunit stream is left in ``workspace/.stestr``. Its exit code
     (1 when a test failed)."""
-    argv = [
-        sys.executable, "-m", "labbuilder.adapters.nsexec", "--hosts", str(hosts),
-        *(["--netns", namespace] if namespace else []),
-        "--", TEMPEST, "run", "--config-file", str(workspace / "etc" / "tempest.conf"),
-        "--concurrency", str(concurrency),
-    ]  # fmt: skip
-    if regexes:
-        argv += ["--regex", " ".join(regexes)]
+    argv = tempest_run(workspace, regexes, hosts, namespace) + ["--concurrency", str(concurrency)]
     if exclude_list is not None:
         argv += ["--exclude-list", str(exclude_list)]
     try:
@@ -86,12 +92,7 @@ def init(workspace: Path) -> None:
 
 def list_tests(workspace: Path, regexes: list[str], hosts: Path) -> list[str]:
     """The ids of the tests ``regexes`` select (``tempest run --list-tests``), nothing run."""
-    argv = [
-        sys.executable, "-m", "labbuilder.adapters.nsexec", "--hosts", str(hosts), "--",
-        TEMPEST, "run", "--config-file", str(workspace / "etc" / "tempest.conf"), "--list-tests",
-    ]  # fmt: skip
-    if regexes:
-        argv += ["--regex", " ".join(regexes)]
+    argv = tempest_run(workspace, regexes, hosts, None) + ["--list-tests"]
     result = processes.run(argv, cwd=workspace, env={"PYTHON": SYSTEM_PYTHON}, log_output=False)
     return [line.strip() for line in result.output.splitlines() if line.startswith("tempest.")]
 

@@ -295,7 +295,7 @@ def check_lab(lab: Lab, selection: Selection | None = None) -> list[StageOutcome
 
     def connect(name: str) -> None:
         try:
-            sessions[name] = _connect_one(plan, record, state, name)
+            sessions[name] = connect_node(plan, record, state, name)
         except Exception as err:  # noqa: BLE001 - the node's steps fail, naming it
             unreachable[name] = str(err)
 
@@ -488,7 +488,7 @@ def _select_args(lab: Lab) -> str:
     return f"--lab {lab.name}" if lab.source.startswith("built-in") else shlex.quote(lab.source)
 
 
-def _connect_one(plan: Plan, record: dict[str, Any], state: LabState, name: str) -> GuestSession:
+def connect_node(plan: Plan, record: dict[str, Any], state: LabState, name: str) -> GuestSession:
     node = plan.node(name)
     return SSHSession(
         node.management_address,
@@ -502,7 +502,7 @@ def _connect_one(plan: Plan, record: dict[str, Any], state: LabState, name: str)
 
 def _connect(plan: Plan, record: dict[str, Any], state: LabState) -> dict[str, GuestSession]:
     def connect(name: str) -> GuestSession:
-        return _connect_one(plan, record, state, name)
+        return connect_node(plan, record, state, name)
 
     names = [node.name for node in plan.nodes]
     with ThreadPoolExecutor(max_workers=len(names)) as pool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from labbuilder.adapters import tempest
-from labbuilder.api.install import _connect_one
+from labbuilder.api.install import connect_node
 from labbuilder.common.errors import GuestCommandError, UsageError
 from labbuilder.install.guest import CLOUD_FACTS_SOURCE
 from labbuilder.install.report import point_at
@@ -104,7 +104,7 @@ def cloud_facts(
         f"$py - {args} <<'LABBUILDER_FACTS'\n{CLOUD_FACTS_SOURCE.read_text()}\nLABBUILDER_FACTS\n"
     )
     state = lab_state(lab.name)
-    session = _connect_one(plan, record, state, controller.name)
+    session = connect_node(plan, record, state, controller.name)
     try:
         result = session.run_script(script, timeout=FACTS_TIMEOUT)
     finally:
