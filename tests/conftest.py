@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# The property tests share a loaded 2-core host with emulated guests (the other pytest-xdist
+# worker): an example's time says nothing there. Tests that assert a time say so themselves.
+settings.register_profile("labbuilder", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("labbuilder")
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_PREFIX = "lbtest-"
@@ -22,6 +28,16 @@ GUIDE_POOL = "lbtest-guide-pool"  # its own: other modules remove lbtest-pool as
 GUIDE_HEARTBEAT = 3  # seconds between progress heartbeats of its `up`
 # The modules that use guide_lab, in the order they run (after every other module).
 GUIDE_LAB_MODULES = ("test_bringup.py", "test_install_e2e.py")
+# The modules with tests marked integration (libvirtd, guests, namespaces, firewall rules):
+# they run one after the other in one worker (pytest_xdist_make_scheduler).
+HOST_MODULES = (
+    "test_bringup.py", "test_class_access.py", "test_cli.py", "test_failure_reports.py",
+    "test_firewall.py", "test_guest_ssh.py", "test_hostfacts.py", "test_imagebuild.py",
+    "test_install_e2e.py", "test_install_full.py", "test_isolated.py", "test_ownership.py",
+    "test_probe.py", "test_relay.py", "test_rolebake.py", "test_run_command.py",
+    "test_snapshots.py", "test_teardown.py", "test_templates.py",
+)  # fmt: skip
+HOST_GROUP = "host"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -30,6 +46,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return GUIDE_LAB_MODULES.index(name) + 1 if name in GUIDE_LAB_MODULES else 0
 
     items.sort(key=order)  # stable: every module keeps its own order
+    unlisted = sorted(
+        {item.path.name for item in items if item.get_closest_marker("integration")}
+        - set(HOST_MODULES)
+    )
+    if unlisted:
+        raise pytest.UsageError(
+            f"tests/conftest.py: HOST_MODULES lacks {', '.join(unlisted)} (its tests are "
+            "marked integration: they touch the host and must run in the host's worker)"
+        )
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """The README's test command runs two pytest-xdist workers: one runs every module of
+    ``HOST_MODULES``, in the order above and one test at a time, as a run without workers
+    does (the host's labs, pools and rules are never made by two tests at once); the other
+    runs the modules that only compute, while the first mostly waits on emulated guests."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class HostScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return HOST_GROUP if module in HOST_MODULES else nodeid
+
+    return HostScheduling(config, log)
 
 
 @pytest.fixture

@@ -534,7 +534,8 @@ def test_calls_of_one_look_share_one_token_per_credentials(
 ) -> None:
     """The warm Python's calls with LABBUILDER_SHARED_TOKENS set (a board's look: a node's
     checks at once) ask keystone for one token per set of credentials and share it through a
-    private folder; without it, each call asks for its own."""
+    private folder, and read each service's version document once; without it, each call asks
+    for its own."""
     from labbuilder.install.guest import WARM_PYTHON_SOURCE
 
     cloud.add_network(f"{PREFIX}shared")
@@ -561,11 +562,25 @@ def test_calls_of_one_look_share_one_token_per_credentials(
             assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
         return sum(1 for _, path, _ in cloud.bodies if path.endswith("/auth/tokens")) - before
 
-    assert tokens_asked({}, 3) == 3
+    def asked(extra: dict[str, str], calls: int) -> tuple[int, list[tuple[str, str]]]:
+        """Tokens asked, and the other requests made."""
+        before = len(cloud.requests)
+        tokens = tokens_asked(extra, calls)
+        return tokens, [r for r in cloud.requests[before:] if not r[1].endswith("/auth/tokens")]
+
+    alone, requests = asked({}, 3)
+    assert alone == 3
+    listed = ("GET", "/network/v2.0/networks")
+    versions = [r for r in requests if r != listed]
+    assert requests.count(listed) == 3 and versions and len(versions) % 3 == 0, requests
     shared = tmp_path / "tokens"
     shared.mkdir(mode=0o700)
-    assert tokens_asked({"LABBUILDER_SHARED_TOKENS": str(shared)}, 3) == 1
+    # and the services' version documents: each read once
+    together, requests = asked({"LABBUILDER_SHARED_TOKENS": str(shared)}, 3)
+    assert together == 1
+    assert requests.count(listed) == 3 and len(requests) == 3 + len(versions) // 3, requests
     kept = [p for p in shared.iterdir() if not p.name.endswith(".lock")]
-    assert len(kept) == 1 and kept[0].stat().st_mode & 0o777 == 0o600
+    assert len(kept) == 1 + len(versions) // 3, kept
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in kept)
     # other credentials: a token of their own
     assert tokens_asked({"LABBUILDER_SHARED_TOKENS": str(shared), "OS_USERNAME": "admin"}, 2) == 1

@@ -993,6 +993,18 @@ def test_a_look_at_a_node_reports_each_check_as_a_recheck_would(tmp_path: Path) 
     nonce, out = look({}, [sleepy], parallel=4, timeout=10)
     assert time.monotonic() - started < 3.5 and parse_look(out, 4, nonce)[1] == [(0, "", "")] * 4
 
+    # A step's checks with the same command (two reading one console log) run it once, and
+    # each gets its output; another step's same command runs on its own.
+    twice = "echo run >> runs; echo seen; echo warn >&2; exit 3"
+    pair = step("done", [RenderedCheck("j", twice, None, 0, ""), RenderedCheck("k", "echo k", None, 0, ""),
+                         RenderedCheck("l", twice, "^seen$", 0, "")], "d1")  # fmt: skip
+    other = step("stale", [RenderedCheck("m", twice, None, 0, "")], "old-digest")
+    nonce, out = look({}, [pair, other])
+    assert parse_look(out, 4, nonce)[1] == [
+        (3, "seen\n", "warn\n"), (0, "k\n", ""), (3, "seen\n", "warn\n"), (3, "seen\n", "warn\n"),
+    ]  # fmt: skip
+    assert (tmp_path / "runs").read_text() == "run\nrun\n"
+
     # The checks' API calls share tokens through a private folder of the look's own, removed
     # with it.
     shared = 'd="$LABBUILDER_SHARED_TOKENS"; stat -c %a "$d"; echo "$d" > where'

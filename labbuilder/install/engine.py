@@ -148,9 +148,10 @@ def look_script(
     checks rely on in place (where they differ), lists the run-once markers, and runs the
     checks of each of ``steps`` whose marker matches its digest, ``parallel`` at a time, each
     as a re-check runs it (bash, ``set -eo pipefail``, stdin from /dev/null) under ``timeout``
-    seconds. It prints the markers, then each check's exit status (or ``skip``: its step is
-    not done), output and errors, between lines holding ``nonce`` (a check's own output
-    cannot forge them; ``parse_look``)."""
+    seconds; a step's checks with the same command share one run of it. It prints the
+    markers, then each check's exit status (or ``skip``: its step is not done), output and
+    errors, between lines holding ``nonce`` (a check's own output cannot forge them;
+    ``parse_look``)."""
     mark = f"{BATCH_MARK}-{nonce}"
     lines = ["set +e"]
     for path, text in sorted(helpers.items()):
@@ -184,15 +185,31 @@ def look_script(
             f"v=; {{ read -r v < {marker}; }} 2>/dev/null; "
             f'if [ "$v" = {shlex.quote(step.digest)} ]; then'
         )
+        # A step's checks that run the same command (two reading one console log) run it
+        # once: its record is copied, renumbered, for the others.
+        first: dict[str, int] = {}
+        copies: dict[int, list[int]] = {}
+        for offset, check in enumerate(step.checks):
+            if check.command in first:
+                copies.setdefault(first[check.command], []).append(index + offset)
+            else:
+                first[check.command] = index + offset
         for check in step.checks:
+            if first[check.command] != index:
+                index += 1
+                continue
             body = shlex.quote("set -eo pipefail\n" + check.command + "\n")
             record = f'"$d/{index:05d}.rec"'
+            copy = "".join(
+                f"; sed 's/^{mark} {index} /{mark} {other} /' {record} > \"$d/{other:05d}.rec\""
+                for other in copies.get(index, [])
+            )
             lines += [
                 f"  printf '%s' {body} > \"$d/{index}\"",
-                f'  {{ timeout {int(timeout)} bash "$d/{index}" </dev/null >"$d/{index}.out" '
+                f'  {{ {{ timeout {int(timeout)} bash "$d/{index}" </dev/null >"$d/{index}.out" '
                 f'2>"$d/{index}.err"; printf \'\\n{mark} {index} %s\\n\' "$?"; '
                 f"cat \"$d/{index}.out\"; printf '\\n{mark} {index} err\\n'; "
-                f'tail -c 4000 "$d/{index}.err"; }} > {record} &',
+                f'tail -c 4000 "$d/{index}.err"; }} > {record}{copy}; }} &',
                 f'  n=$((n + 1)); if [ "$n" -ge {max(1, parallel)} ]; then wait -n; '
                 "n=$((n - 1)); fi",
             ]

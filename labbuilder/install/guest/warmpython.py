@@ -110,11 +110,13 @@ def share_tokens(folder: str) -> None:
     a node: its checks at once) share one Identity token per set of credentials: the first
     call to need one asks keystone and leaves it there (mode 0600, under a lock), the others
     use it until it is two minutes from expiring. Under emulation a token costs a second of the
-    controller's CPU (bcrypt), and a look runs a dozen API checks at once."""
+    controller's CPU (bcrypt), and a look runs a dozen API checks at once. They share the
+    services' version documents (``share_discovery``) the same way."""
     try:
         from keystoneauth1.identity import base  # type: ignore[import-untyped]
     except ImportError:
         return
+    share_discovery(folder)
     fetch = base.BaseIdentityPlugin.get_access
     if getattr(fetch, "shared", False):
         return
@@ -132,14 +134,48 @@ def share_tokens(folder: str) -> None:
             shared = plugin.auth_ref
             access = fetch(plugin, session, **kwargs)  # asks keystone only if it must
             if plugin.auth_ref is not shared:
-                fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w", encoding="utf-8") as state:
-                    state.write(plugin.get_auth_state())
-                os.replace(path + ".new", path)
+                write_private(path, plugin.get_auth_state())
             return access
 
     get_access.shared = True  # type: ignore[attr-defined]
     base.BaseIdentityPlugin.get_access = get_access
+
+
+def share_discovery(folder: str) -> None:
+    """Each new connection reads a service's version document (its API's versions and
+    microversions) before its first call: the calls of one look read it once per URL and share
+    it through ``folder``. A look lasts seconds; its services' versions do not change meanwhile,
+    and a service that is down still fails the call that follows."""
+    try:
+        from keystoneauth1 import discover  # type: ignore[import-untyped]
+    except ImportError:
+        return
+    fetch = discover.get_version_data
+    if getattr(fetch, "shared", False):
+        return
+
+    def get_version_data(session: Any, url: str, authenticated: Any = None) -> Any:
+        key = json.dumps(["discovery", url, authenticated])
+        path = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest())
+        with contextlib.suppress(OSError, ValueError):  # noqa: SIM117 - Python 3.9
+            with open(path, encoding="utf-8") as known:
+                return json.load(known)
+        data = fetch(session, url, authenticated=authenticated)
+        with contextlib.suppress(OSError, TypeError, ValueError):
+            write_private(path, json.dumps(data))
+        return data
+
+    get_version_data.shared = True  # type: ignore[attr-defined]
+    discover.get_version_data = get_version_data
+
+
+def write_private(path: str, text: str) -> None:
+    """Write ``path`` whole (readers see the old file or the new one), mode 0600."""
+    new = f"{path}.{os.getpid()}.new"
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(new, path)
 
 
 def run_here(code: str, filename: str, args: list[str]) -> int:
