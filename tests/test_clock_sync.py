@@ -5,7 +5,7 @@ its old samples only once every node is stepped."""
 
 from __future__ import annotations
 
-import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,17 +21,76 @@ from labbuilder.lifecycle import snapshots
 OFFSETS = {"controller": -3600.0, "network": 2.5, "compute1": -0.75}  # guest less host
 
 
-class Guests:
-    """The lab's nodes: each session logs what it ran, in order, across the nodes."""
+FAKE_DATE = """#!/usr/bin/env python3
+import sys, time
+from pathlib import Path
+clock = Path(__file__).with_name("offset")
+offset = float(clock.read_text())
+if sys.argv[1:2] == ["+%s.%N"]:
+    print(f"{time.time() + offset:.9f}")
+elif sys.argv[1:3] == ["-u", "-s"] and sys.argv[3].startswith("@"):
+    clock.write_text(repr(float(sys.argv[3][1:]) - time.time()))
+else:
+    sys.exit(f"date: unexpected {sys.argv[1:]}")
+"""
+FAKE_CHRONYC = """#!/bin/sh
+echo "$*" >> "$(dirname "$0")/chronyc.log"
+"""
 
-    def __init__(self, refuse_first: set[str], delay: float = 0.0) -> None:
+
+class Dialog:
+    """``CLOCK_DIALOG`` for real, in a local bash: its clock is a fake ``date`` with the node's
+    offset (bash's EPOCHREALTIME unset, so the script asks ``date``), with a fake ``chronyc``."""
+
+    def __init__(self, guests: Guests, node: str, folder: Path, command: str) -> None:
+        self.guests, self.node, self.folder = guests, node, folder
+        self.process = subprocess.Popen(
+            ["bash", "-c", "unset EPOCHREALTIME\n" + command],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={"PATH": f"{folder}:/usr/bin:/bin"},
+        )  # fmt: skip
+
+    def ask(self, line: str, timeout: float) -> str:
+        with self.guests.lock:
+            self.guests.ran.append((self.node, line))
+        time.sleep(self.guests.delay)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline().rstrip("\n")
+        time.sleep(self.guests.delay)
+        return answer
+
+    def close(self, timeout: float) -> CommandResult:
+        out, err = self.process.communicate(timeout=timeout)
+        return CommandResult("dialog", self.process.returncode, out, err)
+
+
+class Guests:
+    """The lab's nodes: each session logs what it was asked, in order, across the nodes."""
+
+    def __init__(self, folder: Path, refuse_first: set[str], delay: float = 0.0) -> None:
+        self.folder = folder
         self.refuse_first = set(refuse_first)
-        self.delay = delay  # one way, per command
+        self.delay = delay  # one way, per question
         self.logins: dict[str, int] = {}
         self.ran: list[tuple[str, str]] = []
         self.closed: list[str] = []
-        self.clocks = dict(OFFSETS)
         self.lock = threading.Lock()
+        for node, offset in OFFSETS.items():
+            bin_dir = folder / node
+            bin_dir.mkdir()
+            (bin_dir / "offset").write_text(repr(offset))
+            for name, text in (("date", FAKE_DATE), ("chronyc", FAKE_CHRONYC)):
+                (bin_dir / name).write_text(text)
+                (bin_dir / name).chmod(0o755)
+
+    def clock(self, node: str) -> float:
+        return float((self.folder / node / "offset").read_text())
+
+    def chronyc(self, node: str) -> list[str]:
+        log = self.folder / node / "chronyc.log"
+        return log.read_text().splitlines() if log.exists() else []
 
     def session(self, address: str, user: str, key: Path, **kwargs: Any) -> Any:
         node = str(kwargs["node"])
@@ -43,20 +102,9 @@ class Guests:
         guests = self
 
         class Session:
-            def run(self, template: str, *args: object, **_: Any) -> CommandResult:
-                command = template % args if args else template
-                with guests.lock:
-                    guests.ran.append((node, command))
-                time.sleep(guests.delay)
-                now = time.time() + guests.clocks[node]
-                time.sleep(guests.delay)
-                if command == "date +%s.%N":
-                    return CommandResult(command, 0, f"{now:.9f}\n", "")
-                stepped = re.search(r"awk -v o=(\S+) ", command)
-                if stepped:
-                    with guests.lock:
-                        guests.clocks[node] -= float(stepped.group(1).strip("'"))
-                return CommandResult(command, 0, "", "")
+            def converse(self, template: str, *args: object, sudo: bool = False) -> Dialog:
+                assert sudo and template == "bash -c %s"
+                return Dialog(guests, node, guests.folder / node, str(args[0]))
 
             def close(self) -> None:
                 with guests.lock:
@@ -83,30 +131,35 @@ def lab(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
 
 
 def test_each_clock_is_stepped_by_its_offset_then_chrony_measures_again(
-    monkeypatch: pytest.MonkeyPatch, lab: Any
+    monkeypatch: pytest.MonkeyPatch, lab: Any, tmp_path: Path
 ) -> None:
-    guests = Guests(refuse_first={"network"}, delay=0.05)
+    guests = Guests(tmp_path, refuse_first={"network"}, delay=0.05)
     monkeypatch.setattr(snapshots, "SSHSession", guests.session)
     added: list[str] = []
     moved = snapshots.sync_clocks(lab, timeout=10, also=lambda node, _s: added.append(node))
 
-    # Moved by the offset (within the measuring round trip), whatever the latency: a time
-    # sent from the host would have arrived 50 ms late.
+    # Moved by the offset (within the measuring round trip and the fake clock's own start-up),
+    # whatever the latency: a time sent from the host would have arrived 50 ms late.
     for node, offset in OFFSETS.items():
-        assert moved[node] == pytest.approx(-offset, abs=0.03), (node, moved)
-        assert guests.clocks[node] == pytest.approx(0.0, abs=0.03), (node, guests.clocks)
+        assert moved[node] == pytest.approx(-offset, abs=0.04), (node, moved)
+        assert guests.clock(node) == pytest.approx(0.0, abs=0.1), (node, guests.clock(node))
     assert guests.logins == {"controller": 1, "network": 2, "compute1": 1}
-    # chrony forgets what it measured only once every clock is stepped, then measures again
-    steps = [i for i, (_, command) in enumerate(guests.ran) if "date -u -s" in command]
-    resets = [i for i, (_, command) in enumerate(guests.ran) if "chronyc reset sources" in command]
-    assert len(steps) == len(resets) == 3 and max(steps) < min(resets)
-    assert all("chronyc burst 4/4" in guests.ran[i][1] for i in resets)
+    # three round trips each, then the step; chrony forgets what it measured only once every
+    # clock is stepped, then measures again
+    asked = [line.split()[0] for node, line in guests.ran if node == "compute1"]
+    assert asked == ["now", "now", "now", "step", "settle"]
+    steps = [i for i, (_, line) in enumerate(guests.ran) if line.startswith("step ")]
+    settles = [i for i, (_, line) in enumerate(guests.ran) if line == "settle"]
+    assert len(steps) == len(settles) == 3 and max(steps) < min(settles)
+    assert all(guests.chronyc(node) == ["reset sources", "burst 4/4"] for node in OFFSETS)
     assert sorted(added) == sorted(OFFSETS)  # in the same sessions
     assert sorted(guests.closed) == sorted(OFFSETS)
 
 
-def test_a_node_that_never_answers_is_named(monkeypatch: pytest.MonkeyPatch, lab: Any) -> None:
-    guests = Guests(refuse_first=set())
+def test_a_node_that_never_answers_is_named(
+    monkeypatch: pytest.MonkeyPatch, lab: Any, tmp_path: Path
+) -> None:
+    guests = Guests(tmp_path, refuse_first=set())
 
     def never(address: str, user: str, key: Path, **kwargs: Any) -> Any:
         if kwargs["node"] == "compute1":

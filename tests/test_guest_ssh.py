@@ -38,7 +38,11 @@ from labbuilder.adapters.ssh import (
     SSHSession,
     _whole,
 )
-from labbuilder.common.errors import GuestAuthenticationError, GuestTransportError
+from labbuilder.common.errors import (
+    GuestAuthenticationError,
+    GuestCommandError,
+    GuestTransportError,
+)
 from labbuilder.install.engine import Engine, Status
 from labbuilder.install.guest import WARM_PYTHON_SOURCE
 from labbuilder.install.report import RunInfo, compare, write_reports
@@ -82,6 +86,32 @@ def test_a_script_runs_detached_and_returns_its_output_and_exit_status(tmp_path:
     assert session.run_script("cat; read -r x || echo stdin is empty\n").stdout == (
         "stdin is empty\n"
     )
+
+
+def test_a_conversation_answers_line_by_line_on_one_channel(tmp_path: Path) -> None:
+    """``converse``: many quick round trips on one channel (the clock step's), the command's
+    end and silence named, and its exit status and errors once it is closed."""
+    session = LocalSession(tmp_path / "run")
+    echo = 'while read -r word rest; do [ "$word" = end ] && { echo bye >&2; exit 4; }; [ "$word" = mute ] && sleep 30; echo "got $word"; done'
+    talk = session.converse("bash -c %s", echo)
+    started = time.monotonic()
+    assert [talk.ask(f"q{i} with words", 5) for i in range(20)] == [f"got q{i}" for i in range(20)]
+    assert time.monotonic() - started < 5 and len(session.channels) == 1
+    result = talk.close(5)
+    assert (result.rc, result.stdout, result.stderr) == (0, "", "")
+
+    talk = session.converse("bash -c %s", echo)
+    with pytest.raises(
+        GuestCommandError,
+        match=r"the command ended \(exit code 4\) instead of answering 'end': bye",
+    ):
+        talk.ask("end", 5)
+    talk = session.converse("bash -c %s", echo)
+    started = time.monotonic()
+    with pytest.raises(GuestCommandError, match="did not answer 'mute' within 1 s"):
+        talk.ask("mute", 1)
+    assert time.monotonic() - started < 3
+    assert talk.close(0.5).rc == 124
 
 
 def test_a_script_that_arrives_incomplete_does_not_run(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ MAX_RECONNECTS = 5  # per script
 KILL_GRACE_STEPS = 50  # tenths of a second between TERM and KILL
 LOST = 255  # exit code of a script whose result could not be collected
 RUN_ROOT = "/run/labbuilder"
+ANSWER_POLL = 0.002  # seconds between looks for a conversation's answer (its timing's grain)
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,76 @@ class _Output:
         return bytes(self.data[kind]).decode(errors="replace")
 
 
+class Conversation:
+    """A command in the guest answering lines on its stdin with lines on its stdout
+    (``SSHSession.converse``)."""
+
+    def __init__(self, channel: Any, command: str, node: str) -> None:
+        self._channel = channel
+        self.command = command
+        self.node = node
+        self._buffer = b""
+
+    def ask(self, line: str, timeout: float) -> str:
+        """Send ``line``; the next line the command prints (without its newline).
+        GuestCommandError if the command ends or says nothing within ``timeout`` seconds."""
+        try:
+            self._channel.sendall(line.encode() + b"\n")
+            deadline = time.monotonic() + timeout
+            while b"\n" not in self._buffer:
+                if self._channel.recv_ready():
+                    self._buffer += self._channel.recv(4096)
+                elif self._channel.exit_status_ready() or self._channel.closed:
+                    result = self.close(5.0)
+                    raise GuestCommandError(
+                        f"node {self.node}: the command ended (exit code {result.rc}) instead "
+                        f"of answering {line.split()[0]!r}: {_tail(result.stderr, 3)}",
+                        "run it by hand on the node to see why (`labbuilder ssh`)",
+                    )
+                elif time.monotonic() > deadline:
+                    raise GuestCommandError(
+                        f"node {self.node} did not answer {line.split()[0]!r} within "
+                        f"{timeout:.0f} s",
+                        "the node may be overloaded; `labbuilder status` shows it",
+                    )
+                else:
+                    time.sleep(ANSWER_POLL)
+        except (*_NETWORK_ERRORS, EOFError) as err:
+            raise GuestTransportError(_problem(err)) from None
+        answer, self._buffer = self._buffer.split(b"\n", 1)
+        return answer.decode(errors="replace")
+
+    def close(self, timeout: float) -> CommandResult:
+        """Close its stdin and wait for the command to end: its exit status (124 if it does
+        not end within ``timeout`` seconds), the rest of its output and its errors."""
+        channel = self._channel
+        try:
+            channel.shutdown_write()
+            deadline = time.monotonic() + timeout
+            rest = [self._buffer]
+            errors = []
+            while True:
+                if channel.recv_ready():
+                    rest.append(channel.recv(65536))
+                elif channel.recv_stderr_ready():
+                    errors.append(channel.recv_stderr(65536))
+                elif channel.exit_status_ready():
+                    rc = channel.recv_exit_status()
+                    break
+                elif time.monotonic() > deadline or channel.closed:
+                    rc = 124
+                    break
+                else:
+                    time.sleep(0.02)
+        except (*_NETWORK_ERRORS, EOFError) as err:
+            raise GuestTransportError(_problem(err)) from None
+        finally:
+            self._buffer = b""
+            channel.close()
+        text = b"".join(rest).decode(errors="replace")
+        return CommandResult(self.command, rc, text, b"".join(errors).decode(errors="replace"))
+
+
 class SSHSession:
     """A logged-in SSH session to one node.
 
@@ -444,6 +515,18 @@ class SSHSession:
             return CommandResult(command, channel.recv_exit_status(), out, err)
         except paramiko.SSHException as problem:
             raise GuestTransportError(_problem(problem)) from problem
+
+    def converse(self, template: str, *args: object, sudo: bool = False) -> Conversation:
+        """Start a command whose stdin and stdout are a conversation in lines
+        (``Conversation.ask``): one login's channel for many quick round trips, with no
+        process started per question."""
+        command = quote_command(template, *args)
+        if sudo:
+            command = "sudo -n sh -c " + shlex.quote(command)
+        try:
+            return Conversation(self._channel(command), command, self.node)
+        except _Lost as err:
+            raise GuestTransportError(str(err)) from None
 
     def _runner(self, body: str, *args: object) -> str:
         """The command line that runs one of the runner's shell texts as root."""

@@ -35,9 +35,10 @@ from typing import Any, TypeVar, cast
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters.hypervisor import Hypervisor
-from labbuilder.adapters.ssh import SSHSession
+from labbuilder.adapters.ssh import Conversation, SSHSession
 from labbuilder.common.errors import (
     DiskSpaceError,
+    GuestCommandError,
     GuestTransportError,
     HypervisorError,
     LabbuilderError,
@@ -460,6 +461,30 @@ def _resume_if_paused(hypervisor: Hypervisor, domain: str) -> None:
 
 CLOCK_SAMPLES = 3  # quick round trips to a node, the shortest one measures its clock
 
+# Runs as root on each node for the whole clock step, answering the host line by line: "now"
+# gives the guest's time, "step OFFSET" sets the clock back by OFFSET seconds, "settle" makes
+# chrony (where the lab runs it) forget what it measured before the step and measure its
+# sources again at once (else it calls them too variable for minutes). bash's EPOCHREALTIME
+# reads the clock without starting a process, so a round trip costs no fork; `date` stands in
+# on an older bash.
+CLOCK_DIALOG = r"""export LC_ALL=C
+now() { t=${EPOCHREALTIME:-}; [ -n "$t" ] || t=$(date +%s.%N); }
+while read -r word offset; do
+  case $word in
+    now) now; echo "$t" ;;
+    step) now
+      date -u -s "@$(awk -v t="$t" -v o="$offset" 'BEGIN { printf "%.6f", t - o }')" \
+        >/dev/null || exit 1
+      echo stepped ;;
+    settle) if command -v chronyc >/dev/null; then
+        { chronyc reset sources; chronyc burst 4/4; } >/dev/null 2>&1
+      fi
+      echo settled ;;
+    *) exit 2 ;;
+  esac
+done
+"""
+
 
 def sync_clocks(
     state: LabState,
@@ -471,12 +496,11 @@ def sync_clocks(
     at the snapshot's time); returns by how many seconds each clock moved. ``also`` runs in
     the same session on each node afterwards (a class's student key, after a reset).
 
-    Each clock is stepped by its offset from the host's, measured around the quickest of a few
-    ``date`` round trips (a time sent from the host would arrive late by a loaded guest's
-    latency, seconds under emulation, and the nodes would disagree by as much). Once every
-    node is stepped, chrony (the guide's NTP), where the lab runs it, forgets what it measured
-    before the step and measures its sources again at once: else it calls them too variable
-    for minutes."""
+    Each node is logged in to once and answers a ``CLOCK_DIALOG`` on one channel. Its clock
+    is stepped by its offset from the host's, measured around the quickest of a few round
+    trips (a time sent from the host would arrive late by a loaded guest's latency, seconds
+    under emulation, and the nodes would disagree by as much). Once every node is stepped,
+    chrony, where the lab runs it, measures its sources again."""
     record = load_state_record(state)
     if record is None:
         return {}
@@ -487,7 +511,7 @@ def sync_clocks(
         if address is not None:
             targets.append((str(node["name"]), str(address)))
 
-    def step(target: tuple[str, str]) -> tuple[SSHSession, float]:
+    def step(target: tuple[str, str]) -> tuple[SSHSession, Conversation, float]:
         node, address = target
         deadline = time.monotonic() + timeout
         while True:
@@ -502,13 +526,13 @@ def sync_clocks(
                     node=node,
                     namespace=namespace,
                 )
-                offset = _clock_offset(session, node, timeout)
-                session.run(
-                    "date -u -s \"@$(date +%%s.%%N | awk -v o=%s '{printf \"%%.6f\", $1 - o}')\" "
-                    ">/dev/null",
-                    f"{offset:.6f}", sudo=True, timeout=timeout,
-                ).check(node)  # fmt: skip
-                return session, -offset
+                dialog = session.converse("bash -c %s", CLOCK_DIALOG, sudo=True)
+                offset = _clock_offset(dialog, timeout)
+                if dialog.ask(f"step {offset:.6f}", timeout) != "stepped":
+                    raise GuestCommandError(
+                        f"node {node}: setting its clock failed", "`labbuilder ssh` to see why"
+                    )
+                return session, dialog, -offset
             except (OSError, EOFError, GuestTransportError) as err:
                 if session is not None:
                     session.close()
@@ -523,14 +547,11 @@ def sync_clocks(
                     session.close()
                 raise
 
-    def settle(item: tuple[str, SSHSession]) -> None:
-        node, session = item
+    def settle(item: tuple[str, SSHSession, Conversation]) -> None:
+        node, session, dialog = item
         try:
-            session.run(
-                "! command -v chronyc >/dev/null || { chronyc reset sources >/dev/null 2>&1; "
-                "chronyc burst 4/4 >/dev/null 2>&1; } || true",
-                sudo=True, timeout=timeout,
-            ).check(node)  # fmt: skip
+            dialog.ask("settle", timeout)
+            dialog.close(timeout).check(node)
             if also is not None:
                 also(node, session)
         except (OSError, EOFError, GuestTransportError) as err:
@@ -541,26 +562,34 @@ def sync_clocks(
 
     stepped = parallel(targets, step)
     sessions = [
-        (node, found[0]) for (node, _), (found, _) in zip(targets, stepped, strict=True) if found
+        (node, found[0], found[1])
+        for (node, _), (found, _) in zip(targets, stepped, strict=True)
+        if found
     ]
     try:
         moved = raise_first(stepped)
         raise_first(parallel(sessions, settle))
     finally:
-        for _, session in sessions:
+        for _, session, _ in sessions:
             session.close()
-    return {node: seconds for (node, _), (_, seconds) in zip(targets, moved, strict=True)}
+    return {node: seconds for (node, _), (_, _, seconds) in zip(targets, moved, strict=True)}
 
 
-def _clock_offset(session: SSHSession, node: str, timeout: float) -> float:
+def _clock_offset(dialog: Conversation, timeout: float) -> float:
     """The node's clock less the host's, in seconds: the guest's time at the middle of the
     quickest of ``CLOCK_SAMPLES`` round trips."""
     best: tuple[float, float] | None = None  # (round trip, offset)
     for _ in range(CLOCK_SAMPLES):
         sent = time.time()
-        result = session.run("date +%s.%N", timeout=timeout).check(node)
+        answer = dialog.ask("now", timeout)
         back = time.time()
-        offset = float(result.stdout.split()[0]) - (sent + back) / 2
+        try:
+            offset = float(answer) - (sent + back) / 2
+        except ValueError:
+            raise GuestCommandError(
+                f"node {dialog.node} gave no time but {answer[:80]!r}",
+                "its clock was left as it was; `labbuilder ssh` to see why",
+            ) from None
         if best is None or back - sent < best[0]:
             best = (back - sent, offset)
     assert best is not None
