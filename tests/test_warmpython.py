@@ -322,3 +322,34 @@ def test_a_server_that_does_not_take_the_call_in_time_leaves_it_to_the_caller_on
     assert wait_for(lambda: log.read_text().count("ended with exit 1 ") == 1, 10), log.read_text()
     assert len(ran.read_text().splitlines()) == 1
     assert run(warm, "-c", "raise SystemExit(5)").returncode == 5  # and it serves the next call
+
+
+def test_the_server_reads_keystoneauths_plugins_once_for_all_its_calls(tmp_path: Path) -> None:
+    """``warm_up`` (run by the server before it listens) leaves keystoneauth's plugins found,
+    in memory that its forked calls share: a call's first connection then reads no entry
+    points. Without it, the same lookup reads them (here: fails, as they are hidden)."""
+    lookup = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("warmpython", {str(SCRIPT)!r})
+warmpython = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(warmpython)
+if sys.argv[1] == "warm":
+    warmpython.warm_up()
+from stevedore import _cache
+def hidden(*args, **kwargs):
+    raise RuntimeError("read the entry points")
+_cache._hash_settings_for_path = hidden
+from keystoneauth1 import loading
+print(loading.get_plugin_loader("password").__class__.__name__)
+"""
+    env = {**os.environ, "HOME": str(tmp_path)}  # stevedore's file cache starts empty
+    warm = subprocess.run(
+        [sys.executable, "-c", lookup, "warm"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert warm.returncode == 0 and warm.stdout.strip() == "Password", warm.stderr
+    cold = subprocess.run(
+        [sys.executable, "-c", lookup, "cold"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert cold.returncode != 0 and "read the entry points" in cold.stderr, cold.stdout
