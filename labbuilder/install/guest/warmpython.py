@@ -449,7 +449,7 @@ def warm_up() -> None:
     points (stevedore, kept in memory per ``sys.path``): 0.03 s natively, most of a second of
     an emulated CPU for each API call."""
     with contextlib.suppress(Exception):
-        from keystoneauth1 import loading  # type: ignore[import-untyped]
+        from keystoneauth1 import loading
 
         loading.get_plugin_loader("password")
 
