@@ -188,6 +188,35 @@ def test_the_server_leaves_when_its_module_changes_on_disk(
     assert third.stdout.split() == ["2", str(server_pid(Path(warm["WARMPYTHON_DIR"])))]
 
 
+def test_the_server_leaves_when_its_own_script_changes(
+    warm: dict[str, str], tmp_path: Path
+) -> None:
+    """A new labbuilder puts a new script in place: the running server, still the old code,
+    leaves, and the next call starts a server of the new script."""
+    script = tmp_path / "warmpython.py"
+    script.write_text(SCRIPT.read_text())
+    env = {**warm, "WARMPYTHON_PRELOAD": PRELOAD}
+    code = "import os; print(os.getppid())"
+
+    def call() -> str:
+        done = subprocess.run(
+            [sys.executable, str(script), "-c", code],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    first = call()
+    server = server_pid(Path(warm["WARMPYTHON_DIR"]))
+    assert first == str(server)
+    assert call() == str(server)  # unchanged: the same server
+    script.write_text(SCRIPT.read_text() + "# a new version\n")
+    os.utime(script, (time.time() + 10, time.time() + 10))
+    call()  # run by the caller or by the old server's last call; the server then leaves
+    assert wait_for(lambda: server_pid(Path(warm["WARMPYTHON_DIR"])) is None, 10)
+    assert call() == str(server_pid(Path(warm["WARMPYTHON_DIR"]))) != str(server)
+
+
 def test_a_caller_that_goes_away_stops_its_code(warm: dict[str, str]) -> None:
     caller = subprocess.Popen(
         [sys.executable, str(SCRIPT), "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"],

@@ -28,7 +28,8 @@ A call is never lost and never waits without end:
   waits for every child (a pidfd each) and writes the status of a child that died without
   writing it (killed by signal N: ``exit 128+N``, as a shell reports it).
 - The server exits after ``IDLE`` seconds *without a running call* and without a request, and
-  when the openstacksdk it imported changes on disk; it then stops listening at once (a new
+  when the openstacksdk it imported or this script changes on disk (a package upgraded, a new
+  labbuilder's script put in place); it then stops listening at once (a new
   server may start) but waits for its running calls and reports them. Idle time is measured on
   the monotonic clock: a guest paused by a snapshot and its clock stepped afterwards changes
   nothing for a running call.
@@ -348,8 +349,8 @@ class Server:
         self.listener: socket.socket | None = listener
         self.inode = os.stat(SOCKET).st_ino  # the socket file this server bound
         self.lock = lock
-        self.watched = watched
-        self.stamp = mtime(watched)
+        self.watched = (watched, os.path.abspath(__file__))
+        self.stamp = [mtime(path) for path in self.watched]
         self.calls: dict[int, Call] = {}  # by pidfd
         self.selector = selectors.DefaultSelector()
         self.selector.register(listener, selectors.EVENT_READ)
@@ -379,8 +380,9 @@ class Server:
         except OSError:
             return
         self.last_activity = time.monotonic()
-        if mtime(self.watched) != self.stamp:
-            log(f"server {os.getpid()}: {self.watched} changed, exiting after its calls")
+        changed = [p for p, m in zip(self.watched, self.stamp) if mtime(p) != m]  # noqa: B905 - Python 3.9
+        if changed:
+            log(f"server {os.getpid()}: {changed[0]} changed, exiting after its calls")
             conn.close()  # the caller hears no "ready" and runs the code itself
             self.stop_listening()
             return
