@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -382,3 +383,34 @@ print(loading.get_plugin_loader("password").__class__.__name__)
         capture_output=True, text=True, timeout=120, env=env, check=False,
     )  # fmt: skip
     assert cold.returncode != 0 and "read the entry points" in cold.stderr, cold.stdout
+
+
+def test_the_log_gives_each_call_the_status_its_caller_got(warm: dict[str, str]) -> None:
+    """A call that ends is logged with its own status, not as stopped when its caller, told
+    the status, goes away."""
+    log = Path(warm["WARMPYTHON_DIR"]) / "warmpython.log"
+    statuses = [0, 3, 0, 0, 5, 0]
+    for status in statuses:
+        assert run(warm, "-c", f"raise SystemExit({status})").returncode == status
+    ended = lambda: re.findall(r"ended with exit (\d+) ", log.read_text())  # noqa: E731
+    assert wait_for(lambda: len(ended()) == len(statuses), 10), log.read_text()
+    assert [int(s) for s in ended()] == statuses, log.read_text()
+
+
+def test_a_finished_calls_child_outlives_its_caller_leaving() -> None:
+    """The child's watcher: its caller going away stops the child only while its code runs
+    (``os._exit(143)``); once the code finished, the watcher just ends."""
+    import socket
+    import threading
+
+    from labbuilder.install.guest import warmpython
+
+    ours, callers = socket.socketpair()
+    finished = threading.Event()
+    finished.set()
+    watcher = threading.Thread(target=warmpython.stop_when_caller_leaves, args=(ours, finished))
+    watcher.start()
+    callers.close()  # the caller, told the status, leaves
+    watcher.join(10)
+    assert not watcher.is_alive()  # and this process (pytest) is still here
+    ours.close()

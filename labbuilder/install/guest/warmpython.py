@@ -521,12 +521,15 @@ def child(conn: socket.socket) -> int:
     os.environ.update(request["env"])
     with contextlib.suppress(OSError):
         os.chdir(request["cwd"])
-    threading.Thread(target=stop_when_caller_leaves, args=(conn,), daemon=True).start()
+    finished = threading.Event()
+    watcher = threading.Thread(target=stop_when_caller_leaves, args=(conn, finished), daemon=True)
+    watcher.start()
     status = run_here(request["code"], request["filename"], request["argv"])
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     with contextlib.suppress(Exception):
         sys.stderr.flush()
+    finished.set()  # the caller, told the status, goes away: that stops nothing any more
     with contextlib.suppress(OSError):
         conn.sendall(f"exit {status}\n".encode())
     return status
@@ -543,12 +546,14 @@ def receive(conn: socket.socket, size: int) -> bytes:
     return data
 
 
-def stop_when_caller_leaves(conn: socket.socket) -> None:
-    """The caller sends nothing more: an end of file means it went away (killed, timed out)."""
+def stop_when_caller_leaves(conn: socket.socket, finished: threading.Event) -> None:
+    """The caller sends nothing more: an end of file means it went away (killed, timed out),
+    unless the code has finished (its status is on the way to the caller)."""
     with contextlib.suppress(OSError):
         while conn.recv(64):
             pass
-    os._exit(143)
+    if not finished.is_set():
+        os._exit(143)
 
 
 def log(message: str) -> None:
