@@ -185,7 +185,10 @@ def test_a_timed_out_script_has_all_its_processes_stopped(tmp_path: Path) -> Non
     assert empty_soon(tmp_path / "run")
 
 
-def test_closing_a_session_stops_the_scripts_it_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("after", [0.5, 0.0, 0.002, 0.01, 0.03, 0.1])
+def test_closing_a_session_stops_the_scripts_it_runs(tmp_path: Path, after: float) -> None:
+    # Also when the close comes while the script is still being started (an install
+    # interrupted at once, or a loaded host): the script must not start after it.
     session = LocalSession(tmp_path / "run")
     results: list[object] = []
 
@@ -196,12 +199,16 @@ def test_closing_a_session_stops_the_scripts_it_runs(tmp_path: Path) -> None:
             results.append(err)
 
     worker = threading.Thread(target=run)
-    worker.start()
-    time.sleep(0.5)
-    session.close()  # as an interrupted install does
-    worker.join(20)
-    assert not worker.is_alive() and len(results) == 1
-    assert pids("sleep 977005") == []
+    try:
+        worker.start()
+        time.sleep(after)
+        session.close()  # as an interrupted install does
+        worker.join(20)
+        assert not worker.is_alive() and len(results) == 1
+        time.sleep(0.3)  # a script that would start late has started by now
+        assert pids("sleep 977005") == []
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", "sleep 977005"], check=False)
 
 
 def test_a_connection_that_does_not_come_back_ends_in_connection_lost(tmp_path: Path) -> None:

@@ -111,20 +111,26 @@ def port_open(
 # directory (which ``_FOLLOW`` removes once it has the exit status), then follow it.
 _START = """set -e
 umask 077
+_RUN='echo $$ > "$1/pid"
+if [ -e "$1/stop" ]; then
+  echo "labbuilder: the session was closed before the script started; it did not run" >> "$1/err"
+  echo 143 > "$1/rc"
+  exit
+fi
+"$2" "$1/script" < /dev/null >> "$1/out" 2>> "$1/err"
+echo $? > "$1/rc"'
 [ -d "$1" ] || mkdir -p "$1"
 d="$1/$2"
-mkdir "$d"
+mkdir -p "$d"
 cat > "$d/script"
 if [ "$4" != - ] && [ "$(wc -c < "$d/script")" -ne "$4" ]; then
   echo "labbuilder: the script arrived incomplete; it did not run" >&2
   exit 255
 fi
-: > "$d/out"
-: > "$d/err"
-setsid sh -c '"$2" "$1/script" < /dev/null >> "$1/out" 2>> "$1/err"; echo $? > "$1/rc"' \\
-  sh "$d" "$3" < /dev/null > /dev/null 2>&1 &
+: >> "$d/out"
+: >> "$d/err"
+setsid sh -c "$_RUN" sh "$d" "$3" < /dev/null > /dev/null 2>&1 &
 pid=$!
-echo $pid > "$d/pid"
 set +e
 o=0
 e=0
@@ -158,7 +164,9 @@ exit "$rc"
 # says "stopping" first: from there on it finishes even if the connection closes.
 _KILL = f"""d="$1/$2"
 echo stopping
-read -r sid < "$d/pid" || exit 0
+umask 077
+mkdir -p "$d" && : > "$d/stop"
+{{ read -r sid < "$d/pid"; }} 2> /dev/null || exit 0  # not started: it sees "stop" and does not
 pkill -TERM -s "$sid"
 i=0
 while pgrep -s "$sid" > /dev/null && [ $i -lt {KILL_GRACE_STEPS} ]; do
@@ -554,7 +562,10 @@ class SSHSession:
         the guest, and rc is 124.
         """
         run_id = secrets.token_hex(8)
-        self._runs.add(run_id)
+        self._runs.add(run_id)  # before the check: a close() from now on stops this run
+        if self._closed:
+            self._runs.discard(run_id)
+            raise ConnectionLostError(f"the SSH session to node {self.node} was closed")
         try:
             return self._run_script(run_id, script, timeout, on_output, interpreter)
         finally:
