@@ -114,7 +114,8 @@ def test_tempest_conf_for_a_core_path_lab_matches_the_golden_file(tmp_path: Path
 def test_a_cloud_with_block_and_object_storage_turns_their_tests_on() -> None:
     facts = CloudFacts(
         **{**FACTS.__dict__, "services": FACTS.services | {"volumev3", "object-store"},
-           "volume_backend": "lvm", "dashboard": True},
+           "volume_backend": "lvm", "dashboard": True,
+           "object_apis": ("bulk_delete", "slo", "swift", "tempurl")},
     )  # fmt: skip
     target = Target("http://controller:5000/v3", "RegionOne", "admin", PASSWORD,
                     dashboard_url="http://controller/horizon/")  # fmt: skip
@@ -125,6 +126,15 @@ def test_a_cloud_with_block_and_object_storage_turns_their_tests_on() -> None:
     assert conf["volume"]["backend_names"] == "lvm"
     assert conf["volume"]["build_timeout"] == "1200"
     assert conf["dashboard"]["dashboard_url"] == "http://controller/horizon/"
+    # No cinder-backup: its tests are off. Swift's tests expect what its /info lists, not all.
+    assert conf["volume-feature-enabled"]["backup"] == "false"
+    objects = conf["object-storage-feature-enabled"]
+    assert objects["discoverable_apis"] == "bulk_delete,slo,swift,tempurl"
+    assert (objects["container_sync"], objects["object_versioning"]) == ("false", "false")
+    with_all = CloudFacts(**{**facts.__dict__, "volume_backup": True, "object_apis": ()})
+    conf.read_string(tempest_conf(zed_spec(), target, with_all, "/w"))
+    assert conf["volume-feature-enabled"]["backup"] == "true"
+    assert conf["object-storage-feature-enabled"]["discoverable_apis"] == "all"
 
 
 def stream(*tests: tuple[str, str, dict[str, str]]) -> bytes:

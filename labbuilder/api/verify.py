@@ -144,6 +144,8 @@ def cloud_facts(
         dashboard=bool(data["dashboard"]),
         volume_backend=str(data["volume_backend"]),
         network_extensions=tuple(data.get("network_extensions", ())),
+        volume_backup=bool(data.get("volume_backup", False)),
+        object_apis=tuple(data.get("object_apis", ())),
     )
 
 

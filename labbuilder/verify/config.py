@@ -38,6 +38,8 @@ class CloudFacts:
     dashboard: bool = False  # horizon answers on the controller
     volume_backend: str = ""  # cinder's backend name, "" without cinder
     network_extensions: tuple[str, ...] = ()  # the aliases neutron lists
+    volume_backup: bool = False  # a cinder-backup service is up
+    object_apis: tuple[str, ...] = ()  # what swift's /info lists (its middleware)
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,21 @@ def tempest_conf(spec: VerifySpec, target: Target, facts: CloudFacts, workspace:
                 "storage_protocol": "iSCSI",
             },
         )
+        # The guide installs no cinder-backup: its tests run only where one is up.
+        section("volume-feature-enabled", {"backup": facts.volume_backup})
     if "object-store" in facts.services:
         section("object-storage", {"region": target.region, "operator_role": "admin"})
+        # What the proxy's pipeline has ("all" makes Tempest expect every middleware it knows:
+        # account and container quotas, which the guide's pipeline leaves out, among them).
+        apis = facts.object_apis
+        section(
+            "object-storage-feature-enabled",
+            {
+                "discoverable_apis": ",".join(apis) or "all",
+                "container_sync": "container_sync" in apis,
+                "object_versioning": "versioned_writes" in apis,
+            },
+        )
     if facts.dashboard:
         section(
             "dashboard",

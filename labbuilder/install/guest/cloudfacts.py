@@ -5,6 +5,7 @@ the test flavor's name, the external network's name. Standard library and openst
 
 import json
 import sys
+import urllib.parse
 import urllib.request
 
 import openstack
@@ -26,9 +27,23 @@ def main() -> None:
     if "compute" in services:
         hosts = [h for h in cloud.compute.hypervisors(details=True) if h.state == "up"]
     backend = ""
+    backup = False
     if "volumev3" in services:
         pools = list(cloud.block_storage.backend_pools())
         backend = pools[0].capabilities.get("volume_backend_name", "") if pools else ""
+        # Zed's openstacksdk has no block_storage.services(): the API's own list.
+        listed = cloud.block_storage.get("/os-services").json().get("services", [])
+        backup = any(s.get("binary") == "cinder-backup" and s.get("state") == "up" for s in listed)
+    object_apis = []
+    if "object-store" in services:
+        # The proxy's /info (no token needed) lists its middleware.
+        parts = urllib.parse.urlsplit(cloud.object_store.get_endpoint())
+        info = f"{parts.scheme}://{parts.netloc}/info"
+        try:
+            with urllib.request.urlopen(info, timeout=60) as page:
+                object_apis = sorted(json.load(page))
+        except (OSError, ValueError):
+            pass  # "all": Tempest's object tests then show what the proxy does not answer
     dashboard = False
     try:
         with urllib.request.urlopen("http://localhost/horizon/", timeout=20) as page:
@@ -47,6 +62,8 @@ def main() -> None:
                 "dashboard": dashboard,
                 "volume_backend": backend,
                 "network_extensions": extensions,
+                "volume_backup": backup,
+                "object_apis": object_apis,
             }
         )
     )
