@@ -241,6 +241,10 @@ def test_a_run_kept_by_stestr_in_subunit_version_1_is_read_too() -> None:
         "skip: setUpClass (tempest.api.network.test_ports.PortsIpV6TestJSON) [\n"
         "IPv6 Tests are disabled.\n"
         "]\n"
+        "test: setUpClass (tempest.scenario.test_server_multinode.TestServerMultinode)\n"
+        "skip: setUpClass (tempest.scenario.test_server_multinode.TestServerMultinode) [\n"
+        "Less than 2 compute nodes, skipping multinode tests.\n"
+        "]\n"
         f"test: {NETWORK}\n"
     ).encode()
     cases = results.read_subunit(v1)
@@ -250,6 +254,8 @@ def test_a_run_kept_by_stestr_in_subunit_version_1_is_read_too() -> None:
     assert fixture.status == results.SKIPPED and "IPv6 Tests are disabled" in fixture.reason
     assert (fixture.service, fixture.method) == ("network", "setUpClass")
     assert fixture.classname == "tempest.api.network.test_ports.PortsIpV6TestJSON"
+    scenario = by_id["setUpClass (tempest.scenario.test_server_multinode.TestServerMultinode)"]
+    assert scenario.service == "scenario"  # its class's service, as for the API's classes
     assert by_id[NETWORK].status == results.FAILED  # it never ended: the run was stopped
 
 

@@ -41,12 +41,11 @@ class TestCase:
 
     @property
     def service(self) -> str:
-        """``identity``, ``compute``, ``network``, ... for API tests; ``scenario`` otherwise."""
-        parts = self.name.split(".")
+        """``identity``, ``compute``, ``network``, ... for API tests; ``scenario`` otherwise.
+        A class's setup counts for its class's service."""
+        parts = self.classname.split(".")
         if len(parts) > 2 and parts[1] == "api":
             return parts[2]
-        if len(parts) > 1 and parts[0] == "setUpClass (tempest":
-            return "setup"
         return parts[1] if len(parts) > 1 and parts[0] == "tempest" else "other"
 
     @property
