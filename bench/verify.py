@@ -42,6 +42,18 @@ def verify(lab_file: str, suite: str, env: dict[str, str]) -> tuple[float, dict[
         raise SystemExit(f"verify --suite {suite} failed:\n{result.stderr[-3000:]}") from None
 
 
+def services(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per service of the report's summary: its counts and the sum of its tests' seconds."""
+    table = {name: {**counts, "seconds": 0.0} for name, counts in report["summary"].items()}
+    names = sorted(table, key=len, reverse=True)
+    for test in report.get("tests", []):
+        where = test["test"].split("(")[-1]  # a class's setup: its class
+        found = next((n for n in names if f".api.{n}." in where or f".{n}." in where), None)
+        if found:
+            table[found]["seconds"] += test["seconds"]
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lab_file")
@@ -62,6 +74,7 @@ def main() -> None:
             for key in counts:
                 counts[key] += service[key]
         rows[name] = {"seconds": seconds, "tempest_seconds": report["seconds"], **counts,
+                      "services": services(report),
                       "failures": report["failures"], "skips": report["skips"]}  # fmt: skip
         print(f"{name}: {seconds:.0f} s, {counts}", file=sys.stderr, flush=True)
     print("\n== Tempest on the core-path lab, per suite ==")
@@ -73,6 +86,15 @@ def main() -> None:
             f"{name:<10} {row['seconds']:8.0f} {row['passed']:7d} {row['failed']:7d} "
             f"{row['skipped']:8d} {per:7.1f}"
         )
+    print("\nper service (seconds: the sum of its tests' own times, class setup not included)")
+    heads = ("passed", "failed", "skipped", "seconds")
+    print(f"{'suite':<10} {'service':<15} " + " ".join(f"{h:>8}" for h in heads))
+    for name, row in rows.items():
+        for service, counts in row["services"].items():
+            print(
+                f"{name:<10} {service:<15} {counts['passed']:8d} {counts['failed']:8d} "
+                f"{counts['skipped']:8d} {counts['seconds']:8.0f}"
+            )
     parts = [rows[n]["seconds"] for n in ("identity", "image", "network", "compute") if n in rows]
     if "smoke" in rows and len(parts) == 4:
         print(
