@@ -142,10 +142,11 @@ def test_each_clock_is_stepped_by_its_offset_then_chrony_measures_again(
     # whatever the latency: a time sent from the host would have arrived 50 ms late.
     for node, offset in OFFSETS.items():
         assert moved[node] == pytest.approx(-offset, abs=0.04), (node, moved)
-        # the guest's clock then reads the host's time, within what starting the fake clock's
-        # processes costs on a loaded host (CI runs this beside emulated guests): tenths of a
-        # second, well within the half second the restore's real test allows
-        assert guests.clock(node) == pytest.approx(0.0, abs=0.3), (node, guests.clock(node))
+        # the guest's clock then reads the host's time, within what starting the fake `date`
+        # (a Python process) costs before it sets the clock: tenths of a second on a loaded
+        # host (CI runs this beside emulated guests); the real `date` costs a millisecond, and
+        # the restore's test on a real guest allows half a second
+        assert guests.clock(node) == pytest.approx(0.0, abs=0.5), (node, guests.clock(node))
     assert guests.logins == {"controller": 1, "network": 2, "compute1": 1}
     # three round trips each, then the step; chrony forgets what it measured only once every
     # clock is stepped, then measures again
