@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+from labbuilder.verify.results import TestCase
+
 SUITES = {
     "identity": r"^tempest\.api\.identity\..*\bsmoke\b",
     "image": r"^tempest\.api\.image\..*\bsmoke\b",
@@ -45,12 +47,10 @@ def verify(lab_file: str, suite: str, env: dict[str, str]) -> tuple[float, dict[
 def services(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per service of the report's summary: its counts and the sum of its tests' seconds."""
     table = {name: {**counts, "seconds": 0.0} for name, counts in report["summary"].items()}
-    names = sorted(table, key=len, reverse=True)
     for test in report.get("tests", []):
-        where = test["test"].split("(")[-1]  # a class's setup: its class
-        found = next((n for n in names if f".api.{n}." in where or f".{n}." in where), None)
-        if found:
-            table[found]["seconds"] += test["seconds"]
+        service = TestCase(test["test"], test["status"]).service  # as the summary counts it
+        if service in table:
+            table[service]["seconds"] += test["seconds"]
     return table
 
 
