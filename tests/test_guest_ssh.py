@@ -33,6 +33,7 @@ from localssh import LocalSession
 from labbuilder.adapters.ssh import (
     _FOLLOW,
     _START,
+    KILL_GRACE_STEPS,
     ConnectionLostError,
     HostKeyError,
     SSHSession,
@@ -205,6 +206,12 @@ def test_closing_a_session_stops_the_scripts_it_runs(tmp_path: Path, after: floa
         session.close()  # as an interrupted install does
         worker.join(20)
         assert not worker.is_alive() and len(results) == 1
+        # The stop is under way when close() returns: it ends within its grace period. A
+        # script that started after it would run on (for days), so it is not gone by then.
+        end = time.monotonic() + KILL_GRACE_STEPS / 10 + 5
+        while pids("sleep 977005") and time.monotonic() < end:
+            time.sleep(0.05)
+        assert pids("sleep 977005") == []
         time.sleep(0.3)  # a script that would start late has started by now
         assert pids("sleep 977005") == []
     finally:

@@ -167,9 +167,9 @@ echo stopping
 umask 077
 mkdir -p "$d" && : > "$d/stop"
 {{ read -r sid < "$d/pid"; }} 2> /dev/null || exit 0  # not started: it sees "stop" and does not
-pkill -TERM -s "$sid"
 i=0
-while pgrep -s "$sid" > /dev/null && [ $i -lt {KILL_GRACE_STEPS} ]; do
+# TERM again each time: a child forked while pkill read the process table was not signalled
+while pkill -TERM -s "$sid" && [ $i -lt {KILL_GRACE_STEPS} ]; do
   sleep 0.1
   i=$((i + 1))
 done
