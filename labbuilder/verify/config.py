@@ -10,7 +10,7 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from labbuilder.verify.spec import VerifySpec
+from labbuilder.verify.spec import ExpectedSkip, VerifySpec
 
 # Catalog service types -> tempest.conf [service_available] options.
 SERVICES = (
@@ -184,6 +184,24 @@ def tempest_conf(spec: VerifySpec, target: Target, facts: CloudFacts, workspace:
     out.write("# Made by labbuilder verify for this lab; it holds the admin password.\n")
     conf.write(out)
     return out.getvalue()
+
+
+def cloud_skips(facts: CloudFacts) -> tuple[ExpectedSkip, ...]:
+    """Test classes left out because of what the cloud has, each with why: classes every test
+    of which Tempest would skip on this cloud, but whose setup needs what the cloud lacks."""
+    skips = []
+    if "object-store" in facts.services and "account_quotas" not in facts.object_apis:
+        # Each test skips without the middleware, but only after setUp has set a quota on the
+        # account as a reseller admin (swift's ResellerAdmin role, which the guide never makes).
+        skips.append(
+            ExpectedSkip(
+                r"^tempest\.api\.object_storage\.test_account_quotas(_negative)?\.",
+                "swift's /info lists no account_quotas (the guide's proxy pipeline has none): "
+                "every test would skip, after a setUp that needs a ResellerAdmin role the guide "
+                "does not create",
+            )
+        )
+    return tuple(skips)
 
 
 def _value(value: object) -> str:
