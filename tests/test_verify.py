@@ -152,6 +152,7 @@ def test_account_quota_classes_are_left_out_only_where_swift_has_no_account_quot
     assert "account_quotas" in skip.why and "ResellerAdmin" in skip.why
     with_quotas = CloudFacts(**{**swift.__dict__, "object_apis": ("account_quotas", "swift")})
     assert cloud_skips(with_quotas) == ()
+    assert cloud_skips(CloudFacts(**{**swift.__dict__, "object_apis": ()})) == ()  # "all"
     assert cloud_skips(FACTS) == ()  # no swift: Tempest skips its classes itself
 
 
