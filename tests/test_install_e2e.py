@@ -152,6 +152,31 @@ def test_verify_runs_tempests_identity_and_image_tests_against_the_lab(
     assert secrets["ADMIN_PASS"] in conf.read_text()
 
 
+def test_a_suite_of_expected_skips_only_is_reported_without_running_tempest(
+    lab: dict[str, Any],
+) -> None:
+    """A suite whose every test is one of the recipe's expected skips (here the SSH scenario
+    that the offline test image cannot serve) passes with each test skipped for the recipe's
+    reason; Tempest itself is not run (it fails a run that selects nothing)."""
+    suite = r"^tempest\.scenario\.test_server_basic_ops\."
+    result = labbuilder("verify", lab["file"], "--suite", suite, "--json", env=lab["env"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["result"] == "passed" and report["tempest_exit_code"] == 0, report
+    tests = report["tests"]
+    assert tests and {t["status"] for t in tests} == {"skipped"}, tests
+    assert all("test_server_basic_ops" in t["test"] for t in tests), tests
+    assert all("curl" in t["reason"] for t in tests), tests  # the recipe's own reason
+    assert report["summary"] == {"scenario": {"passed": 0, "failed": 0, "skipped": len(tests)}}
+    workspace = max((lab["state"] / "verify").iterdir())
+    assert not (workspace / ".stestr").exists() or not any(
+        p.name.isdigit() for p in (workspace / ".stestr").iterdir()
+    ), "Tempest ran"
+    junit = ET.parse(lab["state"] / "reports" / "verify-latest.xml").getroot()
+    cases = junit.findall("testsuite/testcase")
+    assert len(cases) == len(tests) and all(c.find("skipped") is not None for c in cases)
+
+
 def test_the_faithful_path_runs_the_guides_commands(lab: dict[str, Any]) -> None:
     """The identity stage again on the faithful path: its API steps run as the guide's CLI
     commands (their markers differ from the fast path's merged step); the rest is done."""

@@ -200,6 +200,19 @@ def test_tempest_results_are_read_from_its_subunit_stream() -> None:
     assert by_id[IDENTITY].name == IDENTITY.split("[")[0]
 
 
+def test_a_run_passes_only_with_every_test_reported_and_none_failed() -> None:
+    """Exit 0 and "result": "passed" share one rule: Tempest ended well (or was not run,
+    every test selected being an expected skip), nothing failed, something was reported."""
+    ok = results.TestCase(IDENTITY, results.PASSED, 1.0)
+    skip = ExpectedSkip(test=r"^tempest\.scenario\.", why="no SSH server")
+    only_skips = results.with_expected_skips([], [("tempest.scenario.test_x.T.test_y", skip)])
+    assert results.passed([ok], 0)
+    assert results.passed(only_skips, 0)  # nothing ran, each test skipped with its reason
+    assert not results.passed([], 0)  # an empty stream: nothing said what happened
+    assert not results.passed([ok], 1)  # Tempest's own exit code counts
+    assert not results.passed([ok, results.TestCase(IMAGE, results.FAILED, 1.0)], 0)
+
+
 def test_junit_has_a_case_per_test_and_a_suite_per_service_with_expected_skips() -> None:
     cases = results.read_subunit(
         stream((IDENTITY, "success", {}), (IMAGE, "fail", {"traceback": "AssertionError: no"}))

@@ -61,11 +61,7 @@ class VerifyResult:
 
     @property
     def passed(self) -> bool:
-        return (
-            not self.failed
-            and self.exit_code == 0
-            and any(case.status == results.PASSED for case in self.cases)
-        )
+        return results.passed(self.cases, self.exit_code)
 
 
 def check_tempest(spec: VerifySpec) -> str:
@@ -290,7 +286,7 @@ def _write_reports(
         "suite": suite,
         "tempest": spec.tempest,
         "seconds": round(seconds, 1),
-        "result": "passed" if not failed and code == 0 and cases else "failed",
+        "result": "passed" if results.passed(cases, code) else "failed",
         "tempest_exit_code": code,
         "ssh_validation": spec.ssh_validation or "on",
         "summary": results.summary(cases),

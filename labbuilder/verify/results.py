@@ -119,6 +119,13 @@ def with_expected_skips(
     return [*cases, *extra]
 
 
+def passed(cases: Sequence[TestCase], exit_code: int) -> bool:
+    """A run passes when Tempest ended well (0, or not run at all when every test selected is
+    an expected skip), no test failed, and every test selected was reported: passed, or
+    skipped with a reason (an empty stream never passes)."""
+    return exit_code == 0 and bool(cases) and not any(c.status == FAILED for c in cases)
+
+
 def summary(cases: Sequence[TestCase]) -> dict[str, dict[str, int]]:
     """Per service: how many tests passed, failed and were skipped."""
     out: dict[str, dict[str, int]] = {}
