@@ -9,11 +9,13 @@ starts with ``lbtest-``, and everything is removed even when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import secrets
 import shutil
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,13 @@ from typing import Any
 import pytest
 from lablib import lab_environment, lab_leftovers, one_node_lab, remove_labs
 from lablib import run_labbuilder as labbuilder
+from pyroute2 import IPRoute
 
 from labbuilder.adapters import libvirt as lv
 from labbuilder.adapters import storage
 from labbuilder.adapters.ssh import SSHSession
 from labbuilder.api import install as installer
-from labbuilder.common.errors import DiskSpaceError, HypervisorError
+from labbuilder.common.errors import DiskSpaceError, HypervisorError, LabbuilderError
 from labbuilder.common.paths import pool_dir
 from labbuilder.install.engine import StageOutcome, Status, StepOutcome
 from labbuilder.lab.files import load_lab_file
@@ -201,6 +204,59 @@ def test_a_take_that_would_fill_the_disk_is_refused_before_pausing(
         "snapshot skipped: snapshot environment of lab lbtest-snap needs about"
     )
     assert [info.name for info in snapshots.list_snapshots(hv, LAB)] == ["stage1"]
+
+
+def test_a_node_silent_after_a_stage_snapshot_is_brought_back_from_it(
+    lab: dict[str, Any],
+    env: dict[str, str],
+    conn: Any,
+    hv: lv.LibvirtHypervisor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node that does not answer once the lab resumes from a stage's snapshot (here its
+    host-side link is taken down as the take ends) fails the clock sync; the install brings
+    the lab back from the snapshot just taken, says so in the stage's report, and goes on."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(snapshots, "CLOCK_SYNC_TIMEOUT", 10.0)
+    ((node, domain),) = snapshots.lab_nodes(hv, LAB)
+    devices = [
+        target.get("dev")
+        for target in ET.fromstring(conn.lookupByName(domain).XMLDesc()).iterfind(
+            "devices/interface/target"
+        )
+    ]
+    assert devices and all(devices), devices
+    real_take = snapshots.take_snapshot
+
+    def take_then_cut(*args: Any, **kwargs: Any) -> snapshots.SnapshotInfo:
+        info = real_take(*args, **kwargs)
+        with IPRoute() as ip:
+            for device in devices:
+                ip.link("set", index=ip.link_lookup(ifname=device)[0], state="down")
+        return info
+
+    monkeypatch.setattr(snapshots, "take_snapshot", take_then_cut)
+    token = secrets.token_hex(8)
+    ssh(lab, f"echo {token} > silent-marker")
+    outcome = StageOutcome("identity", "t", "g", 1.0, [])
+    outcome.steps.append(StepOutcome("identity", "bootstrap", node, "t", "g", Status.OK))
+    try:
+        seconds = installer.snapshot_stage(
+            load_lab_file(Path(lab["file"])), outcome, load_recipe("zed-debian-12")
+        )
+        assert seconds is not None
+        assert f"cannot set the clock of node {node}" in outcome.snapshot_note
+        assert outcome.snapshot_note.endswith("the lab was brought back from snapshot identity")
+        assert ssh(lab, "cat silent-marker").strip() == token  # the lab as it was, answering
+        assert hv.domain_state(domain) == "running"
+    finally:
+        with contextlib.suppress(LabbuilderError):
+            snapshots.delete_snapshot(hv, LAB, "identity")
+        with IPRoute() as ip:  # still down only if the restore did not make the node anew
+            for device in devices:
+                for index in ip.link_lookup(ifname=device):
+                    ip.link("set", index=index, state="up")
 
 
 def test_take_again_replaces_and_delete_after_and_all(

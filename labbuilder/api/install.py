@@ -478,7 +478,9 @@ def snapshot_stage(
             return None
         # The guests' clocks stood still while they were paused (and emulated guests fall
         # behind under load): the next stage starts with every clock at the host's.
-        snapshots.sync_clocks(lab_state(lab.name))
+        stage.snapshot_note = snapshots.sync_clocks_after_take(
+            hypervisor, lab_state(lab.name), stage.name
+        )
         return time.monotonic() - start
     finally:
         hypervisor.close()

@@ -102,7 +102,8 @@ class StageOutcome:
     seconds: float
     steps: list[StepOutcome]
     snapshot_seconds: float | None = None
-    snapshot_note: str = ""  # why no snapshot was taken after a completed stage, if one was due
+    snapshot_note: str = ""  # why no snapshot was taken after a completed stage, if one was
+    # due, or how a node that did not answer after it was brought back
 
     @property
     def failed(self) -> bool:
